@@ -1,0 +1,168 @@
+//! `Uplink`: where a gateway forwards readings, and how much it may buffer meanwhile.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A cloud endpoint that receives the readings of the devices it selects.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "fieldgate.io",
+    version = "v1alpha1",
+    kind = "Uplink",
+    plural = "uplinks",
+    shortname = "fgu",
+    category = "fieldgate",
+    namespaced,
+    status = "UplinkStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UplinkSpec {
+    /// Devices of this namespace whose readings go to this uplink. Empty: every Device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_selector: Option<LabelSelector>,
+    /// An MQTT broker (3.1.1 or 5) receiving readings with QoS 1.
+    pub mqtt: MqttUplink,
+    /// Encoding of each message. Defaults to `json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+    /// Limits of the local buffer that holds readings until the broker acknowledges them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<BufferSpec>,
+}
+
+/// Connection to an MQTT broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttUplink {
+    /// Broker address: `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// MQTT protocol version: 3 (3.1.1) or 5. Defaults to 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u8>,
+    /// Topic of each reading; `{namespace}`, `{device}`, `{uplink}` and `{node}` are replaced.
+    /// Defaults to `fieldgate/{namespace}/{device}/telemetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Topic template the gateway subscribes to for commands (same placeholders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_topic: Option<String>,
+    /// Quality of service of each publish. Only 1 is accepted: QoS 0 cannot be confirmed
+    /// and QoS 2 adds a round trip the message id already makes unnecessary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+    /// MQTT client identifier. Defaults to `fieldgate-{node}-{namespace}-{uplink}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Keep-alive interval, such as `30s`. Defaults to `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<String>,
+    /// Publishes awaiting the broker's acknowledgement at once (1-65535). Defaults to 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u16>,
+    /// Username and password, from a Secret (keys `username` and `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<MqttAuth>,
+    /// TLS settings; only with an `mqtts://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTls>,
+}
+
+/// Credentials for the broker. Never inline: always a Secret reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttAuth {
+    /// Secret in the Uplink's namespace with the keys `username` and `password`.
+    pub secret_ref: SecretRef,
+}
+
+/// TLS settings of a broker connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttTls {
+    /// Secret with the CA bundle (key `ca.crt`) that signed the broker's certificate.
+    /// Without it the platform's web PKI roots are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Secret of type kubernetes.io/tls (keys `tls.crt`, `tls.key`) for client authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+    /// Name the broker's certificate must carry, when it differs from the URL's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// A reference to a Secret in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    pub name: String,
+}
+
+/// A reference to one key of a Secret in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret. Defaults to `ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Encoding of the messages sent to the cloud (schema: `proto/fieldgate/v1/reading.proto`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Encoding {
+    /// The reading envelope as a JSON object.
+    #[default]
+    Json,
+    /// The reading envelope as a protobuf `fieldgate.v1.Reading`.
+    Protobuf,
+}
+
+/// Limits of an uplink's local buffer (a JetStream stream on the node's disk).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferSpec {
+    /// Most bytes kept, as a quantity such as `512Mi` or `1Gi`. Defaults to `1Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<String>,
+    /// Oldest reading kept, such as `72h`. Defaults to `72h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    /// What happens when the buffer is full. Defaults to `dropOldest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_full: Option<OnFull>,
+    /// Time after which a reading sent but not acknowledged by the broker is sent again,
+    /// such as `30s`. Defaults to `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redeliver_after: Option<String>,
+}
+
+/// Policy of a full buffer. Every dropped reading is counted with its reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFull {
+    /// Evict the oldest unsent readings to make room for new ones.
+    #[default]
+    DropOldest,
+    /// Keep the unsent readings and refuse new ones.
+    RejectNew,
+}
+
+/// Observed state of an Uplink: health and counters only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UplinkStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, written on transitions only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

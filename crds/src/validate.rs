@@ -1,0 +1,501 @@
+//! Checks shared by the operator and the gateway.
+//!
+//! Every check reports the field path of the value it refuses, and a validation reports every
+//! problem it finds, not just the first.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use crate::device::{Connection, DeviceSpec, ModbusTcpConnection};
+use crate::gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
+use crate::point::{Access, Point, ValueType};
+use crate::quantity::parse_bytes;
+use crate::uplink::{BufferSpec, MqttUplink, UplinkSpec};
+
+/// One refused value: where it is and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, such as `devices[2].connection.modbusTcp.port`.
+    pub path: String,
+    /// What is wrong, as a sentence fragment.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// All problems found in one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} invalid field{}", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ValidationErrors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() { Ok(()) } else { Err(self) }
+    }
+}
+
+/// Parses a duration such as `500ms`, `1s`, `2m30s` or `72h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration such as 500ms, 1s or 72h ({e})"))
+}
+
+/// Smallest poll interval accepted.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Placeholders a topic template may contain.
+pub const TOPIC_PLACEHOLDERS: [&str; 4] = ["namespace", "device", "uplink", "node"];
+
+fn check_duration(
+    errs: &mut ValidationErrors,
+    path: &str,
+    value: Option<&String>,
+    min: Duration,
+) -> Option<Duration> {
+    let text = value?;
+    match parse_duration(text) {
+        Ok(d) if d < min => {
+            errs.push(path, format!("{text:?} is shorter than the minimum {min:?}"));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(path, e);
+            None
+        }
+    }
+}
+
+/// Whether `name` is a DNS-1123 subdomain (the rule for object names).
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Whether `name` is a DNS-1123 label (the rule for namespaces).
+pub fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
+}
+
+/// Checks a list of points as one device will use it.
+pub fn validate_points(errs: &mut ValidationErrors, path: &str, points: &[Point], modbus: bool) {
+    let mut names = BTreeSet::new();
+    for (i, p) in points.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        if p.name.is_empty() {
+            errs.push(format!("{at}.name"), "must not be empty");
+        } else if !names.insert(p.name.as_str()) {
+            errs.push(format!("{at}.name"), format!("duplicate point name {:?}", p.name));
+        }
+        if p.is_scaled() && !p.value_type.is_numeric() {
+            errs.push(
+                format!("{at}.scale"),
+                format!("scale and offset apply to numbers, not to {:?}", p.value_type),
+            );
+        }
+        for (field, v) in [("scale", p.scale), ("offset", p.offset)] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                errs.push(format!("{at}.{field}"), "must be a finite number");
+            }
+        }
+        if p.scale == Some(0.0) {
+            errs.push(format!("{at}.scale"), "must not be 0");
+        }
+        if !modbus {
+            continue;
+        }
+        let Some(m) = &p.modbus else {
+            errs.push(format!("{at}.modbus"), "required for a Modbus device");
+            continue;
+        };
+        let mat = format!("{at}.modbus");
+        if !m.table.is_register() && p.value_type != ValueType::Bool {
+            errs.push(
+                format!("{at}.type"),
+                format!("a {:?} table holds single bits: type must be bool", m.table),
+            );
+        }
+        if !m.table.is_writable() && p.access == Access::ReadWrite {
+            errs.push(
+                format!("{at}.access"),
+                format!("the {:?} table is read-only", m.table),
+            );
+        }
+        match (p.value_type, m.length) {
+            (ValueType::String, None | Some(0)) => {
+                errs.push(format!("{mat}.length"), "a string point needs a length of 1-125 registers")
+            }
+            (ValueType::String, Some(l)) if l > 125 => {
+                errs.push(format!("{mat}.length"), format!("{l} registers exceed one request (125)"))
+            }
+            (t, Some(_)) if t != ValueType::String => {
+                errs.push(format!("{mat}.length"), "only string points have a length")
+            }
+            _ => {}
+        }
+        if let Some(bit) = m.bit {
+            if p.value_type != ValueType::Bool || !m.table.is_register() {
+                errs.push(format!("{mat}.bit"), "only a bool point in a register table has a bit");
+            } else if bit > 15 {
+                errs.push(format!("{mat}.bit"), format!("{bit} is not a bit of a 16-bit register (0-15)"));
+            }
+        }
+        if m.word_order.is_some() && p.value_type.registers().unwrap_or(0) < 2 {
+            errs.push(format!("{mat}.wordOrder"), "only values of 2 or 4 registers have a word order");
+        }
+        let end = u32::from(m.address) + u32::from(m.span(p.value_type));
+        if end > 65_536 {
+            errs.push(
+                format!("{mat}.address"),
+                format!("the value runs past the last address 65535 (ends at {end})"),
+            );
+        }
+    }
+}
+
+fn validate_modbus_tcp(errs: &mut ValidationErrors, path: &str, c: &ModbusTcpConnection) {
+    if c.host.trim().is_empty() {
+        errs.push(format!("{path}.host"), "must not be empty");
+    }
+    if c.port == Some(0) {
+        errs.push(format!("{path}.port"), "must be 1-65535");
+    }
+    check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
+}
+
+fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection) {
+    match c {
+        Connection::ModbusTcp(m) => validate_modbus_tcp(errs, &format!("{path}.modbusTcp"), m),
+    }
+}
+
+/// Checks a topic template: no wildcards, known placeholders only.
+pub fn validate_topic(errs: &mut ValidationErrors, path: &str, topic: &str) {
+    if topic.is_empty() {
+        errs.push(path, "must not be empty");
+        return;
+    }
+    if topic.contains(['#', '+']) {
+        errs.push(path, format!("{topic:?} contains an MQTT wildcard"));
+    }
+    let mut rest = topic;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            errs.push(path, format!("{topic:?} has an unclosed '{{'"));
+            return;
+        };
+        let name = &rest[open + 1..open + close];
+        if !TOPIC_PLACEHOLDERS.contains(&name) {
+            errs.push(
+                path,
+                format!("unknown placeholder {{{name}}} (known: {{namespace}}, {{device}}, {{uplink}}, {{node}})"),
+            );
+        }
+        rest = &rest[open + close + 1..];
+    }
+}
+
+fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink) {
+    let tls_url = match m.url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) if !rest.is_empty() => false,
+        Some(("mqtts" | "ssl", rest)) if !rest.is_empty() => true,
+        _ => {
+            errs.push(
+                format!("{path}.url"),
+                format!("{:?} is not an mqtt://host:port or mqtts://host:port URL", m.url),
+            );
+            false
+        }
+    };
+    if let Some(v) = m.protocol_version
+        && v != 3
+        && v != 5
+    {
+        errs.push(format!("{path}.protocolVersion"), format!("{v} is not 3 (3.1.1) or 5"));
+    }
+    if let Some(q) = m.qos
+        && q != 1
+    {
+        errs.push(
+            format!("{path}.qos"),
+            format!("{q} is not supported: readings are published with QoS 1 and acknowledged"),
+        );
+    }
+    if let Some(t) = &m.topic {
+        validate_topic(errs, &format!("{path}.topic"), t);
+    }
+    if let Some(t) = &m.command_topic {
+        validate_topic(errs, &format!("{path}.commandTopic"), t);
+    }
+    if m.max_in_flight == Some(0) {
+        errs.push(format!("{path}.maxInFlight"), "must be at least 1");
+    }
+    check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
+    if let Some(a) = &m.auth
+        && a.secret_ref.name.is_empty()
+    {
+        errs.push(format!("{path}.auth.secretRef.name"), "must not be empty");
+    }
+    if m.tls.is_some() && !tls_url {
+        errs.push(format!("{path}.tls"), "TLS settings need an mqtts:// URL");
+    }
+}
+
+fn validate_buffer(errs: &mut ValidationErrors, path: &str, b: &BufferSpec) {
+    if let Some(max) = &b.max_bytes {
+        match parse_bytes(max) {
+            Ok(n) if n < 64 * 1024 => {
+                errs.push(format!("{path}.maxBytes"), format!("{max:?} is below the minimum 64Ki"))
+            }
+            Ok(_) => {}
+            Err(e) => errs.push(format!("{path}.maxBytes"), e),
+        }
+    }
+    check_duration(errs, &format!("{path}.maxAge"), b.max_age.as_ref(), Duration::from_secs(1));
+    check_duration(
+        errs,
+        &format!("{path}.redeliverAfter"),
+        b.redeliver_after.as_ref(),
+        Duration::from_millis(100),
+    );
+}
+
+impl UplinkSpec {
+    /// Checks an Uplink's spec; paths start at `spec`.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        validate_mqtt(&mut errs, "spec.mqtt", &self.mqtt);
+        if let Some(b) = &self.buffer {
+            validate_buffer(&mut errs, "spec.buffer", b);
+        }
+        errs.into_result()
+    }
+}
+
+impl DeviceSpec {
+    /// Checks a Device's own spec (before its profile is merged in); paths start at `spec`.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        validate_connection(&mut errs, "spec.connection", &self.connection);
+        check_duration(&mut errs, "spec.pollInterval", self.poll_interval.as_ref(), MIN_POLL_INTERVAL);
+        let modbus = matches!(self.connection, Connection::ModbusTcp(_));
+        validate_points(&mut errs, "spec.points", &self.points, modbus);
+        errs.into_result()
+    }
+}
+
+fn validate_device(errs: &mut ValidationErrors, path: &str, d: &GatewayDevice) {
+    if !is_dns_label(&d.namespace) {
+        errs.push(format!("{path}.namespace"), format!("{:?} is not a DNS-1123 label", d.namespace));
+    }
+    if !is_dns_subdomain(&d.name) {
+        errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", d.name));
+    }
+    validate_connection(errs, &format!("{path}.connection"), &d.connection);
+    check_duration(errs, &format!("{path}.pollInterval"), d.poll_interval.as_ref(), MIN_POLL_INTERVAL);
+    if d.points.is_empty() {
+        errs.push(format!("{path}.points"), "a device needs at least one point");
+    }
+    let modbus = matches!(d.connection, Connection::ModbusTcp(_));
+    validate_points(errs, &format!("{path}.points"), &d.points, modbus);
+}
+
+fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, cfg: &GatewayConfig) {
+    if !is_dns_label(&u.namespace) {
+        errs.push(format!("{path}.namespace"), format!("{:?} is not a DNS-1123 label", u.namespace));
+    }
+    if !is_dns_subdomain(&u.name) {
+        errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", u.name));
+    }
+    validate_mqtt(errs, &format!("{path}.mqtt"), &u.mqtt);
+    if let Some(b) = &u.buffer {
+        validate_buffer(errs, &format!("{path}.buffer"), b);
+    }
+    for (i, name) in u.devices.iter().flatten().enumerate() {
+        let known = cfg
+            .devices
+            .iter()
+            .any(|d| d.namespace == u.namespace && d.name == *name);
+        if !known {
+            errs.push(
+                format!("{path}.devices[{i}]"),
+                format!("no device {name:?} in namespace {:?}", u.namespace),
+            );
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks the whole document; paths start at the document root.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.api_version != Self::API_VERSION {
+            errs.push("apiVersion", format!("{:?} is not {:?}", self.api_version, Self::API_VERSION));
+        }
+        if self.kind != Self::KIND {
+            errs.push("kind", format!("{:?} is not {:?}", self.kind, Self::KIND));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let path = format!("devices[{i}]");
+            if !seen.insert((d.namespace.as_str(), d.name.as_str())) {
+                errs.push(format!("{path}.name"), format!("duplicate device {}/{}", d.namespace, d.name));
+            }
+            validate_device(&mut errs, &path, d);
+        }
+        let mut seen = BTreeSet::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let path = format!("uplinks[{i}]");
+            if !seen.insert((u.namespace.as_str(), u.name.as_str())) {
+                errs.push(format!("{path}.name"), format!("duplicate uplink {}/{}", u.namespace, u.name));
+            }
+            validate_uplink(&mut errs, &path, u, self);
+        }
+        errs.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::ModbusTable;
+
+    const VALID: &str = r#"
+apiVersion: fieldgate.io/v1alpha1
+kind: GatewayConfig
+devices:
+- name: meter-1
+  connection:
+    modbusTcp: {host: 127.0.0.1, port: 5020, unitId: 1, timeout: 500ms}
+  pollInterval: 1s
+  points:
+  - {name: energy, type: float64, unit: kW.h, modbus: {table: holding, address: 0, wordOrder: littleEndian}}
+  - {name: running, type: bool, modbus: {table: coil, address: 3}}
+  - {name: label, type: string, modbus: {table: input, address: 10, length: 4}}
+uplinks:
+- name: cloud
+  mqtt: {url: "mqtt://127.0.0.1:1883", protocolVersion: 5, topic: "t/{namespace}/{device}"}
+  buffer: {maxBytes: 1Gi, maxAge: 72h, onFull: rejectNew}
+"#;
+
+    fn parse(text: &str) -> GatewayConfig {
+        GatewayConfig::from_yaml(text).unwrap()
+    }
+
+    fn paths(cfg: &GatewayConfig) -> Vec<String> {
+        cfg.validate().unwrap_err().0.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn a_complete_config_is_valid() {
+        parse(VALID).validate().unwrap();
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let mut cfg = parse(VALID);
+        cfg.devices[0].poll_interval = Some("fast".into());
+        cfg.devices[0].points[1].value_type = ValueType::Float32;
+        cfg.devices[0].points[2].modbus.as_mut().unwrap().length = None;
+        cfg.uplinks[0].mqtt.qos = Some(0);
+        cfg.uplinks[0].mqtt.topic = Some("t/{site}/#".into());
+        cfg.uplinks[0].buffer.as_mut().unwrap().max_bytes = Some("1GB".into());
+        assert_eq!(
+            paths(&cfg),
+            [
+                "devices[0].pollInterval",
+                "devices[0].points[1].type",
+                "devices[0].points[2].modbus.length",
+                "uplinks[0].mqtt.qos",
+                "uplinks[0].mqtt.topic",
+                "uplinks[0].mqtt.topic",
+                "uplinks[0].buffer.maxBytes",
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_name_the_offending_value() {
+        let mut cfg = parse(VALID);
+        cfg.devices[0].connection = Connection::ModbusTcp(ModbusTcpConnection {
+            host: "h".into(),
+            port: Some(0),
+            unit_id: None,
+            timeout: Some("1 fortnight".into()),
+        });
+        let text = cfg.validate().unwrap_err().to_string();
+        assert!(text.contains("devices[0].connection.modbusTcp.port: must be 1-65535"), "{text}");
+        assert!(text.contains("devices[0].connection.modbusTcp.timeout"), "{text}");
+        assert!(text.contains("1 fortnight"), "{text}");
+    }
+
+    #[test]
+    fn values_past_the_address_space_are_refused() {
+        let mut cfg = parse(VALID);
+        cfg.devices[0].points[0].modbus.as_mut().unwrap().address = 65_533;
+        assert_eq!(paths(&cfg), ["devices[0].points[0].modbus.address"]);
+    }
+
+    #[test]
+    fn duplicates_and_unknown_devices_are_refused() {
+        let mut cfg = parse(VALID);
+        cfg.devices[0].points[1].name = "energy".into();
+        cfg.devices.push(cfg.devices[0].clone());
+        cfg.uplinks[0].devices = Some(vec!["meter-1".into(), "ghost".into()]);
+        let p = paths(&cfg);
+        assert!(p.contains(&"devices[1].name".to_string()), "{p:?}");
+        assert!(p.contains(&"devices[0].points[1].name".to_string()), "{p:?}");
+        assert!(p.contains(&"uplinks[0].devices[1]".to_string()), "{p:?}");
+    }
+
+    #[test]
+    fn read_only_tables_cannot_be_read_write() {
+        let mut cfg = parse(VALID);
+        cfg.devices[0].points[2].access = Access::ReadWrite;
+        assert_eq!(paths(&cfg), ["devices[0].points[2].access"]);
+        assert_eq!(ModbusTable::Input.max_read(), 125);
+    }
+
+    #[test]
+    fn tls_needs_a_tls_url() {
+        let mut cfg = parse(VALID);
+        cfg.uplinks[0].mqtt.tls = Some(Default::default());
+        assert_eq!(paths(&cfg), ["uplinks[0].mqtt.tls"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_parse_time() {
+        let err = GatewayConfig::from_yaml("apiVersion: x\nkind: y\ndevicez: []\n").unwrap_err();
+        assert!(err.to_string().contains("devicez"), "{err}");
+    }
+}

@@ -1,0 +1,15 @@
+//! The Fieldgate gateway: field devices in, a JetStream buffer on the node's disk, the cloud
+//! MQTT broker out, and nothing accepted lost on the way.
+//!
+//! `app` is the wiring diagram; read it first.
+
+pub mod adapters;
+pub mod app;
+pub mod buffer;
+pub mod management;
+pub mod metrics;
+pub mod reading;
+pub mod secrets;
+pub mod sim;
+pub mod supervise;
+pub mod uplinks;

@@ -1,0 +1,213 @@
+//! The gateway's metrics: one registry, built once and passed down (no globals).
+//!
+//! Labels are bounded: device and uplink names (`namespace/name`), protocol, and fixed sets of
+//! kinds, reasons and outcomes. Never an address, an error text or a topic.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Labels of a device's metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// `namespace/name` of the device.
+    pub device: String,
+    /// Protocol label, such as `modbus_tcp`.
+    pub protocol: &'static str,
+}
+
+/// Labels of a device error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceErrorLabels {
+    /// `namespace/name` of the device.
+    pub device: String,
+    /// Protocol label.
+    pub protocol: &'static str,
+    /// What went wrong, from a fixed set (`timeout`, `exception`, `protocol`, `connect`, `io`).
+    pub kind: &'static str,
+}
+
+/// Labels of an uplink's metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UplinkLabels {
+    /// `namespace/name` of the uplink.
+    pub uplink: String,
+}
+
+/// Why a reading was dropped.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DropReason {
+    /// `onFull: rejectNew` and the uplink's buffer was full: the reading was not accepted.
+    buffer_full_rejected,
+    /// `onFull: dropOldest` and the buffer was full: an accepted, unsent reading was evicted.
+    buffer_full_evicted,
+    /// An accepted, unsent reading outlived the buffer's `maxAge`.
+    max_age_expired,
+    /// JetStream did not accept the reading in time (NATS down or overloaded).
+    buffer_unavailable,
+    /// The reading was larger than JetStream accepts.
+    too_large,
+    /// No uplink selects the device, so the reading has nowhere to go.
+    no_uplink,
+}
+
+/// Labels of a dropped reading.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `namespace/name` of the uplink (`none` for `no_uplink`).
+    pub uplink: String,
+    /// Why.
+    pub reason: DropReason,
+}
+
+/// Outcome of one delivery attempt to the cloud.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DeliveryOutcome {
+    /// The broker acknowledged with a success reason; the buffer entry was acked.
+    acked,
+    /// The broker answered with a failure reason code; the reading will be sent again.
+    refused,
+    /// The connection dropped before the acknowledgement; the reading will be sent again.
+    interrupted,
+}
+
+/// Labels of a delivery.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `namespace/name` of the uplink.
+    pub uplink: String,
+    /// Outcome.
+    pub outcome: DeliveryOutcome,
+}
+
+/// Labels of a restarted task.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// Task name, such as `device default/meter-1` or `uplink default/cloud`.
+    pub task: String,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    /// Device polls that read at least one point.
+    pub polls: Family<DeviceLabels, Counter>,
+    /// Failed requests to devices, by kind.
+    pub device_errors: Family<DeviceErrorLabels, Counter>,
+    /// Time of one whole device poll.
+    pub poll_duration: Family<DeviceLabels, Histogram>,
+    /// Whether the device's connection is up (1) or not (0).
+    pub device_connected: Family<DeviceLabels, Gauge>,
+    /// Readings produced by adapters.
+    pub readings_received: Family<DeviceLabels, Counter>,
+    /// Readings acknowledged by JetStream (accepted), per uplink buffer.
+    pub readings_accepted: Family<UplinkLabels, Counter>,
+    /// Readings dropped, by uplink and reason.
+    pub readings_dropped: Family<DropLabels, Counter>,
+    /// Delivery attempts to the cloud, by outcome.
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// Readings delivered by JetStream more than once (after an outage, crash or refusal).
+    pub redeliveries: Family<UplinkLabels, Counter>,
+    /// Time from publish to the broker's acknowledgement.
+    pub delivery_latency: Family<UplinkLabels, Histogram>,
+    /// Time from the device sample to the broker's acknowledgement.
+    pub sample_to_cloud_latency: Family<UplinkLabels, Histogram>,
+    /// Readings in the uplink's buffer not yet acknowledged by the cloud.
+    pub buffer_messages: Family<UplinkLabels, Gauge>,
+    /// Bytes in the uplink's buffer.
+    pub buffer_bytes: Family<UplinkLabels, Gauge>,
+    /// Age of the oldest reading not yet acknowledged by the cloud.
+    pub buffer_oldest_unsent_age: Family<UplinkLabels, Gauge<f64, AtomicU64>>,
+    /// Whether the uplink's broker connection is up (1) or not (0).
+    pub uplink_connected: Family<UplinkLabels, Gauge>,
+    /// Broker connections established.
+    pub uplink_connects: Family<UplinkLabels, Counter>,
+    /// Tasks restarted by their supervisor after a panic or an unexpected end.
+    pub task_restarts: Family<TaskLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~105 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry` under the `fieldgate` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            polls: Family::default(),
+            device_errors: Family::default(),
+            poll_duration: Family::new_with_constructor(latency_histogram),
+            device_connected: Family::default(),
+            readings_received: Family::default(),
+            readings_accepted: Family::default(),
+            readings_dropped: Family::default(),
+            deliveries: Family::default(),
+            redeliveries: Family::default(),
+            delivery_latency: Family::new_with_constructor(latency_histogram),
+            sample_to_cloud_latency: Family::new_with_constructor(latency_histogram),
+            buffer_messages: Family::default(),
+            buffer_bytes: Family::default(),
+            buffer_oldest_unsent_age: Family::default(),
+            uplink_connected: Family::default(),
+            uplink_connects: Family::default(),
+            task_restarts: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("fieldgate");
+        r.register("device_polls", "Device polls that read at least one point", m.polls.clone());
+        r.register("device_errors", "Failed device requests by kind", m.device_errors.clone());
+        r.register_with_unit(
+            "device_poll_duration",
+            "Time of one whole device poll",
+            prometheus_client::registry::Unit::Seconds,
+            m.poll_duration.clone(),
+        );
+        r.register("device_connected", "Whether the device connection is up", m.device_connected.clone());
+        r.register("readings_received", "Readings produced by device adapters", m.readings_received.clone());
+        r.register("readings_accepted", "Readings acknowledged by JetStream, per uplink buffer", m.readings_accepted.clone());
+        r.register("readings_dropped", "Readings dropped, by uplink and reason", m.readings_dropped.clone());
+        r.register("deliveries", "Delivery attempts to the cloud broker by outcome", m.deliveries.clone());
+        r.register("redeliveries", "Readings delivered from the buffer more than once", m.redeliveries.clone());
+        r.register_with_unit(
+            "delivery_latency",
+            "Time from publish to the broker's acknowledgement",
+            prometheus_client::registry::Unit::Seconds,
+            m.delivery_latency.clone(),
+        );
+        r.register_with_unit(
+            "sample_to_cloud_latency",
+            "Time from the device sample to the broker's acknowledgement",
+            prometheus_client::registry::Unit::Seconds,
+            m.sample_to_cloud_latency.clone(),
+        );
+        r.register("buffer_messages", "Readings buffered and not yet acknowledged by the cloud", m.buffer_messages.clone());
+        r.register_with_unit(
+            "buffer",
+            "Bytes held in the uplink buffer",
+            prometheus_client::registry::Unit::Bytes,
+            m.buffer_bytes.clone(),
+        );
+        r.register_with_unit(
+            "buffer_oldest_unsent_age",
+            "Age of the oldest reading not yet acknowledged by the cloud",
+            prometheus_client::registry::Unit::Seconds,
+            m.buffer_oldest_unsent_age.clone(),
+        );
+        r.register("uplink_connected", "Whether the uplink broker connection is up", m.uplink_connected.clone());
+        r.register("uplink_connects", "Broker connections established", m.uplink_connects.clone());
+        r.register("task_restarts", "Tasks restarted by their supervisor", m.task_restarts.clone());
+        m
+    }
+
+    /// Counts a dropped reading.
+    pub fn dropped(&self, uplink: &str, reason: DropReason) {
+        self.readings_dropped
+            .get_or_create(&DropLabels { uplink: uplink.to_string(), reason })
+            .inc();
+    }
+}

