@@ -84,15 +84,12 @@ pub struct MqttAuth {
 #[serde(rename_all = "camelCase")]
 pub struct MqttTls {
     /// Secret with the CA bundle (key `ca.crt`) that signed the broker's certificate.
-    /// Without it the platform's web PKI roots are used.
+    /// Without it the trust roots of the gateway's operating system are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
     /// Secret of type kubernetes.io/tls (keys `tls.crt`, `tls.key`) for client authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretRef>,
-    /// Name the broker's certificate must carry, when it differs from the URL's host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_name: Option<String>,
 }
 
 /// A reference to a Secret in the same namespace.

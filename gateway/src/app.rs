@@ -1,1 +1,297 @@
-//! (being written)
+//! The wiring diagram of the gateway, top to bottom: load and check the config, open the
+//! buffer, start the uplinks, the buffer writer and the device adapters, serve management,
+//! wait for a signal, then stop in order.
+//!
+//! Shutdown order: not ready -> adapters stop -> the writer drains and awaits every PubAck ->
+//! uplinks finish in-flight deliveries -> exit, all within `--shutdown-grace`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fieldgate_crds::GatewayConfig;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::adapters::{self, DeviceTask};
+use crate::buffer::{self, Routes, WriterSettings};
+use crate::management::{self, Management};
+use crate::metrics::Metrics;
+use crate::reading::ReadingSink;
+use crate::secrets::SecretStore;
+use crate::supervise::{backoff, supervise};
+use crate::uplinks::{self, UplinkTask, mqtt::MqttSettings};
+
+/// Command-line arguments and their environment variables.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "fieldgate-gateway", version, about = "The Fieldgate edge gateway")]
+pub struct Args {
+    /// GatewayConfig file to run from.
+    #[arg(long, env = "FIELDGATE_CONFIG")]
+    pub config: PathBuf,
+    /// NATS server holding the JetStream buffer.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Address of the management server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "FIELDGATE_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Directory of Secrets, laid out as `<dir>/<secret>/<key>` (like mounted Secrets).
+    #[arg(long, env = "FIELDGATE_SECRETS_DIR", default_value = "/etc/fieldgate/secrets")]
+    pub secrets_dir: PathBuf,
+    /// Name of this gateway node, carried in every reading.
+    #[arg(long, env = "NODE_NAME", default_value = "standalone")]
+    pub node: String,
+    /// Time allowed for a graceful stop after SIGTERM.
+    #[arg(long, env = "FIELDGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "FIELDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The configuration is unreadable or invalid; nothing was started.
+    #[error("invalid config {path}: {message}")]
+    Config {
+        /// The config file.
+        path: String,
+        /// Every problem found, with field paths.
+        message: String,
+    },
+    /// The management address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting to NATS failed in a way retrying cannot fix.
+    #[error("NATS {url}: {source}")]
+    Nats {
+        /// The URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+impl AppError {
+    /// The process exit code for this error: 2 for configuration errors, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A checked config with every uplink's settings (secrets included) resolved.
+pub struct LoadedConfig {
+    /// The document.
+    pub config: GatewayConfig,
+    /// Broker settings, in `config.uplinks` order.
+    pub mqtt: Vec<MqttSettings>,
+}
+
+/// Reads, parses, validates and resolves a config file. Touches nothing else.
+pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) -> Result<LoadedConfig, AppError> {
+    let err = |message: String| AppError::Config { path: path.display().to_string(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let config = GatewayConfig::from_yaml(&text).map_err(|e| err(e.to_string()))?;
+    config.validate().map_err(|e| err(e.to_string()))?;
+    let mut mqtt = Vec::new();
+    let mut problems = Vec::new();
+    for (i, u) in config.uplinks.iter().enumerate() {
+        match MqttSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
+            Ok(s) => mqtt.push(s),
+            Err(e) => problems.push(format!("\n  {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(err(format!("{} invalid field(s){}", problems.len(), problems.concat())));
+    }
+    Ok(LoadedConfig { config, mqtt })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Prepares every uplink's stream and consumer. Consumers must exist before the first
+/// publish: the streams keep entries only while a consumer is interested in them.
+async fn open_buffers(js: &jetstream::Context, routes: &Routes, mqtt: &[MqttSettings], stop: &CancellationToken) -> bool {
+    let mut delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
+    'retry: loop {
+        for (b, m) in routes.buffers().iter().zip(mqtt) {
+            let result = async {
+                let mut s = b.ensure_stream(js).await?;
+                uplinks::ensure_consumer(&mut s, b, m.max_in_flight).await
+            }
+            .await;
+            if let Err(e) = result {
+                warn!(uplink = %b.uplink, error = %e, "buffer not ready; retrying");
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tokio::select! {
+                    () = stop.cancelled() => return false,
+                    () = tokio::time::sleep(delay) => continue 'retry,
+                }
+            }
+        }
+        return true;
+    }
+}
+
+/// Runs the gateway until SIGTERM or Ctrl-C.
+pub async fn run(args: Args) -> Result<(), AppError> {
+    let secrets = SecretStore::new(&args.secrets_dir);
+    let LoadedConfig { config, mqtt } = load_config(&args.config, &args.node, &secrets)?;
+    info!(
+        config = %args.config.display(),
+        version = config.version.as_deref().unwrap_or("-"),
+        devices = config.devices.len(),
+        uplinks = config.uplinks.len(),
+        "configuration loaded"
+    );
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let management = Management::new(registry);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| AppError::Listen { addr: args.listen, source })?;
+    let stop_serving = CancellationToken::new();
+    let server = tokio::spawn(management::serve(listener, Arc::clone(&management), stop_serving.clone()));
+    info!(listen = %args.listen, "management server listening");
+
+    let signal = CancellationToken::new();
+    {
+        let signal = signal.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("stop requested");
+            signal.cancel();
+        });
+    }
+
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("fieldgate-gateway {}", args.node))
+        .retry_on_initial_connect()
+        .connect(args.nats_url.as_str())
+        .await
+        .map_err(|source| AppError::Nats { url: args.nats_url.clone(), source })?;
+    let js = jetstream::new(client.clone());
+    let routes = Arc::new(Routes::new(&config));
+
+    if !open_buffers(&js, &routes, &mqtt, &signal).await {
+        stop_serving.cancel();
+        let _ = server.await;
+        return Ok(());
+    }
+
+    // Uplinks: buffer -> cloud.
+    let uplink_stop = CancellationToken::new();
+    let mut uplink_tasks = JoinSet::new();
+    for ((u, b), m) in config.uplinks.iter().zip(routes.buffers()).zip(&mqtt) {
+        let task = UplinkTask {
+            uplink: Arc::new(u.clone()),
+            buffer: b.clone(),
+            mqtt: m.clone(),
+            js: js.clone(),
+            metrics: Arc::clone(&metrics),
+            node: args.node.clone(),
+            cancel: uplink_stop.clone(),
+            grace: args.shutdown_grace / 2,
+        };
+        let name = format!("uplink {}", b.uplink);
+        uplink_tasks.spawn(supervise(name, Arc::clone(&metrics), uplink_stop.clone(), move || {
+            uplinks::run(task.clone())
+        }));
+    }
+
+    // The buffer writer: adapters -> JetStream.
+    let (sink, rx) = ReadingSink::channel(4096);
+    let abandon = CancellationToken::new();
+    let writer = tokio::spawn(buffer::run_writer(
+        js.clone(),
+        Arc::clone(&routes),
+        Arc::clone(&metrics),
+        WriterSettings::default(),
+        rx,
+        abandon.clone(),
+    ));
+
+    // Devices.
+    let device_stop = CancellationToken::new();
+    let mut device_tasks = JoinSet::new();
+    for d in &config.devices {
+        let task = DeviceTask {
+            device: Arc::new(d.clone()),
+            node: args.node.clone(),
+            sink: sink.clone(),
+            metrics: Arc::clone(&metrics),
+            cancel: device_stop.clone(),
+        };
+        let name = format!("device {}", task.key());
+        device_tasks.spawn(supervise(name, Arc::clone(&metrics), device_stop.clone(), move || {
+            adapters::run(task.clone())
+        }));
+    }
+    drop(sink);
+    management.set_ready(true);
+    info!(node = %args.node, "gateway running");
+
+    signal.cancelled().await;
+    let deadline = Instant::now() + args.shutdown_grace;
+    management.set_ready(false);
+
+    device_stop.cancel();
+    while device_tasks.join_next().await.is_some() {}
+    info!("devices stopped");
+
+    let writer_deadline = deadline - args.shutdown_grace / 2;
+    let mut writer = writer;
+    tokio::select! {
+        _ = &mut writer => {}
+        () = tokio::time::sleep_until(writer_deadline) => {
+            abandon.cancel();
+            let _ = writer.await;
+        }
+    }
+    info!("buffer writer drained");
+
+    uplink_stop.cancel();
+    while uplink_tasks.join_next().await.is_some() {}
+    let _ = tokio::time::timeout_at(deadline, client.flush()).await;
+    stop_serving.cancel();
+    let _ = server.await;
+    info!("gateway stopped");
+    Ok(())
+}

@@ -54,6 +54,8 @@ pub enum DropReason {
     too_large,
     /// No uplink selects the device, so the reading has nowhere to go.
     no_uplink,
+    /// A buffered entry could not be decoded (written by an incompatible version).
+    undecodable,
 }
 
 /// Labels of a dropped reading.

@@ -1,1 +1,492 @@
-//! (being written)
+//! Uplinks: the shared driver that moves readings from an uplink's JetStream buffer to the
+//! cloud, and one file per uplink kind that builds the link doing the delivery.
+//!
+//! The driver pulls from the uplink's durable consumer, keeps a bounded window of deliveries in
+//! flight, and acks a JetStream message only when the link *confirms* its delivery (for MQTT:
+//! a PUBACK with a success reason). A refused delivery is NAKed with a delay; a lost connection
+//! NAKs everything in flight and a new link is built after a capped, jittered backoff. A gap
+//! in the buffer's sequence seen by the consumer is an entry the buffer policy evicted, and is
+//! counted as a drop with its reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::{self, AckKind, stream};
+use fieldgate_crds::{Encoding, GatewayUplink, OnFull};
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::buffer::{BufferError, UplinkBuffer};
+use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
+use crate::reading::{self, Reading};
+use crate::supervise::backoff;
+
+pub mod mqtt;
+
+use mqtt::{MqttLink, MqttSettings};
+
+/// Identifies one delivery on a link.
+pub type Token = u64;
+
+/// What a link reports.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The connection is up; deliveries may be sent.
+    Connected,
+    /// The remote side confirmed the delivery.
+    Confirmed(Token),
+    /// The remote side refused the delivery (reason code).
+    Refused(Token, String),
+    /// The connection is gone; unconfirmed deliveries will never be confirmed.
+    Lost(String),
+}
+
+/// An uplink failure.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// The link's send queue refused a delivery.
+    #[error("send queue: {0}")]
+    Queue(String),
+    /// The buffer side failed.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+}
+
+impl UplinkError {
+    /// A static label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UplinkError::Queue(_) => "queue",
+            UplinkError::Buffer(e) => e.kind(),
+        }
+    }
+}
+
+/// Name of each uplink's durable consumer (one stream per uplink, so one name suffices).
+pub const CONSUMER: &str = "uplink";
+
+/// Everything the driver needs to run one uplink.
+#[derive(Clone)]
+pub struct UplinkTask {
+    /// The uplink.
+    pub uplink: Arc<GatewayUplink>,
+    /// Its buffer.
+    pub buffer: UplinkBuffer,
+    /// Its resolved broker settings.
+    pub mqtt: MqttSettings,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The gateway node, for topics and messages.
+    pub node: String,
+    /// Cancelled at shutdown: stop pulling, finish in-flight deliveries within `grace`.
+    pub cancel: CancellationToken,
+    /// Time allowed to finish in-flight deliveries at shutdown.
+    pub grace: Duration,
+}
+
+/// Creates (or updates) the uplink's durable consumer. Returns it with the first stream
+/// sequence this run has not seen delivered before (for gap detection).
+pub async fn ensure_consumer(
+    stream: &mut stream::Stream,
+    buffer: &UplinkBuffer,
+    window: u16,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), BufferError> {
+    let err = |e: async_nats::Error| BufferError::Consumer {
+        stream: buffer.stream.clone(),
+        source: e,
+    };
+    let expected = match stream.consumer_info(CONSUMER).await {
+        Ok(info) => info.delivered.stream_sequence + 1,
+        Err(_) => stream.info().await.map_err(|e| err(e.into()))?.state.first_sequence.max(1),
+    };
+    let config = pull::Config {
+        durable_name: Some(CONSUMER.to_string()),
+        description: Some(format!("Fieldgate uplink {}", buffer.uplink)),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: buffer.redeliver_after,
+        deliver_policy: DeliverPolicy::All,
+        max_ack_pending: i64::from(window) * 4,
+        ..Default::default()
+    };
+    let consumer = match stream.create_consumer(config).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(stream = %buffer.stream, error = %e, "could not update the uplink consumer; using it as it is");
+            stream.get_consumer(CONSUMER).await.map_err(err)?
+        }
+    };
+    Ok((consumer, expected))
+}
+
+struct InFlight {
+    msg: jetstream::Message,
+    sent: Instant,
+    sampled_unix_nano: u64,
+}
+
+/// Everything the driver loop keeps between events.
+struct Driver {
+    task: UplinkTask,
+    labels: UplinkLabels,
+    encoding: Encoding,
+    window: usize,
+    in_flight: HashMap<Token, InFlight>,
+    next_token: Token,
+    expected_seq: u64,
+    topics: HashMap<String, String>,
+    stream: Option<stream::Stream>,
+}
+
+async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, String>> {
+    match m {
+        Some(s) => s.next().await.map(|r| r.map_err(|e| e.to_string())),
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<LinkEvent>>) -> LinkEvent {
+    match rx {
+        Some(r) => r.recv().await.unwrap_or(LinkEvent::Lost("link task ended".into())),
+        None => std::future::pending().await,
+    }
+}
+
+/// Fills a topic template.
+pub fn render_topic(template: &str, namespace: &str, device: &str, uplink: &str, node: &str) -> String {
+    template
+        .replace("{namespace}", namespace)
+        .replace("{device}", device)
+        .replace("{uplink}", uplink)
+        .replace("{node}", node)
+}
+
+impl Driver {
+    fn outcome(&self, outcome: DeliveryOutcome) {
+        self.task
+            .metrics
+            .deliveries
+            .get_or_create(&DeliveryLabels { uplink: self.labels.uplink.clone(), outcome })
+            .inc();
+    }
+
+    /// Gives every unconfirmed delivery back to JetStream for immediate redelivery.
+    async fn release_all(&mut self) {
+        for (_, f) in self.in_flight.drain() {
+            let _ = f.msg.ack_with(AckKind::Nak(None)).await;
+            self.task
+                .metrics
+                .deliveries
+                .get_or_create(&DeliveryLabels {
+                    uplink: self.labels.uplink.clone(),
+                    outcome: DeliveryOutcome::interrupted,
+                })
+                .inc();
+        }
+    }
+
+    async fn count_gap(&mut self, missing: u64) {
+        let full = match (&mut self.stream, self.task.buffer.on_full) {
+            (Some(s), OnFull::DropOldest) => s
+                .info()
+                .await
+                .map(|i| i.state.bytes.saturating_mul(10) >= self.task.buffer.max_bytes.saturating_mul(9))
+                .unwrap_or(true),
+            _ => false,
+        };
+        let reason = if full { DropReason::buffer_full_evicted } else { DropReason::max_age_expired };
+        self.task
+            .metrics
+            .readings_dropped
+            .get_or_create(&crate::metrics::DropLabels { uplink: self.labels.uplink.clone(), reason })
+            .inc_by(missing);
+        warn!(uplink = %self.labels.uplink, dropped = missing, ?reason, "buffered readings were dropped by the buffer policy");
+    }
+
+    /// Turns a buffered entry into a delivery on `link`.
+    async fn deliver(&mut self, link: &MqttLink, msg: jetstream::Message) {
+        let (seq, delivered) = match msg.info() {
+            Ok(i) => (i.stream_sequence, i.delivered),
+            Err(e) => {
+                debug!(error = %e, "message without JetStream metadata");
+                return;
+            }
+        };
+        if delivered > 1 {
+            self.task.metrics.redeliveries.get_or_create(&self.labels).inc();
+        } else {
+            if seq > self.expected_seq {
+                self.count_gap(seq - self.expected_seq).await;
+            }
+            self.expected_seq = self.expected_seq.max(seq + 1);
+        }
+        let mut reading = match Reading::decode(msg.payload.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(uplink = %self.labels.uplink, seq, error = %e, "undecodable buffer entry dropped");
+                self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        reading.buffer_seq = seq;
+        let topic = match self.topics.get(&reading.device) {
+            Some(t) => t.clone(),
+            None => {
+                let t = render_topic(
+                    &self.task.mqtt.topic,
+                    &reading.namespace,
+                    &reading.device,
+                    &self.task.uplink.name,
+                    &self.task.node,
+                );
+                self.topics.insert(reading.device.clone(), t.clone());
+                t
+            }
+        };
+        let payload = reading::encode(&reading, self.encoding);
+        let token = self.next_token;
+        self.next_token += 1;
+        match link.send(token, topic, payload.into()) {
+            Ok(()) => {
+                self.in_flight.insert(
+                    token,
+                    InFlight { msg, sent: Instant::now(), sampled_unix_nano: reading.time_unix_nano },
+                );
+            }
+            Err(e) => {
+                debug!(uplink = %self.labels.uplink, error = %e, "delivery not queued");
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                self.outcome(DeliveryOutcome::interrupted);
+            }
+        }
+    }
+
+    async fn confirmed(&mut self, token: Token) {
+        let Some(f) = self.in_flight.remove(&token) else { return };
+        if let Err(e) = f.msg.ack().await {
+            // The broker has it; if the ack is lost JetStream redelivers: a duplicate, same id.
+            debug!(uplink = %self.labels.uplink, error = %e, "JetStream ack failed");
+        }
+        let m = &self.task.metrics;
+        self.outcome(DeliveryOutcome::acked);
+        m.delivery_latency.get_or_create(&self.labels).observe(f.sent.elapsed().as_secs_f64());
+        m.sample_to_cloud_latency
+            .get_or_create(&self.labels)
+            .observe(reading::age(f.sampled_unix_nano).as_secs_f64());
+    }
+
+    async fn refused(&mut self, token: Token, reason: &str) {
+        let Some(f) = self.in_flight.remove(&token) else { return };
+        debug!(uplink = %self.labels.uplink, reason, "broker refused a delivery; it will be sent again");
+        let _ = f.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        self.outcome(DeliveryOutcome::refused);
+    }
+
+    async fn report_buffer(&mut self) {
+        let Some(s) = &mut self.stream else { return };
+        let Ok(info) = s.info().await else { return };
+        let st = &info.state;
+        let m = &self.task.metrics;
+        m.buffer_messages
+            .get_or_create(&self.labels)
+            .set(i64::try_from(st.messages).unwrap_or(i64::MAX));
+        m.buffer_bytes
+            .get_or_create(&self.labels)
+            .set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
+        let age = if st.messages == 0 {
+            0.0
+        } else {
+            let first = st.first_timestamp.unix_timestamp_nanos();
+            let now = i128::from(reading::unix_nanos(std::time::SystemTime::now()) as i64);
+            ((now - first).max(0) as f64) / 1e9
+        };
+        m.buffer_oldest_unsent_age.get_or_create(&self.labels).set(age);
+    }
+}
+
+/// Runs one uplink until `task.cancel` fires, then finishes in-flight deliveries within
+/// `task.grace`. Failures of NATS or the broker are retried forever with backoff.
+pub async fn run(task: UplinkTask) {
+    let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
+    let window = usize::from(task.mqtt.max_in_flight);
+    let mut d = Driver {
+        encoding: task.uplink.encoding.unwrap_or_default(),
+        labels,
+        window,
+        in_flight: HashMap::new(),
+        next_token: 0,
+        expected_seq: 1,
+        topics: HashMap::new(),
+        stream: None,
+        task,
+    };
+    let metrics = Arc::clone(&d.task.metrics);
+    let connected_gauge = metrics.uplink_connected.get_or_create(&d.labels).clone();
+    connected_gauge.set(0);
+
+    let mut link: Option<MqttLink> = None;
+    let mut events: Option<mpsc::UnboundedReceiver<LinkEvent>> = None;
+    let mut connected = false;
+    let mut was_connected = true; // log the first failure too
+    let mut link_delays = backoff(Duration::from_millis(200), Duration::from_secs(30));
+    let mut link_retry_at = Instant::now();
+
+    let mut messages: Option<pull::Stream> = None;
+    let mut buffer_delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
+    let mut buffer_retry_at = Instant::now();
+    let mut buffer_ok = true;
+
+    let mut report = tokio::time::interval(Duration::from_secs(2));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut drain_deadline: Option<Instant> = None;
+
+    loop {
+        let now = Instant::now();
+        if let Some(deadline) = drain_deadline
+            && (d.in_flight.is_empty() || now >= deadline)
+        {
+            break;
+        }
+        if drain_deadline.is_none() && link.is_none() && now >= link_retry_at {
+            let (tx, rx) = mpsc::unbounded_channel();
+            link = Some(MqttLink::open(&d.task.mqtt, tx));
+            events = Some(rx);
+        }
+        if drain_deadline.is_none() && messages.is_none() && now >= buffer_retry_at {
+            match open_messages(&mut d).await {
+                Ok(m) => {
+                    messages = Some(m);
+                    buffer_delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
+                    if !buffer_ok {
+                        info!(uplink = %d.labels.uplink, "buffer reachable again");
+                    }
+                    buffer_ok = true;
+                }
+                Err(e) => {
+                    if buffer_ok {
+                        warn!(uplink = %d.labels.uplink, error = %e, "buffer unreachable; retrying");
+                    }
+                    buffer_ok = false;
+                    buffer_retry_at = now + buffer_delays.next().unwrap_or(Duration::from_secs(10));
+                }
+            }
+        }
+        let mut wake = now + Duration::from_secs(3600);
+        if link.is_none() {
+            wake = wake.min(link_retry_at);
+        }
+        if messages.is_none() {
+            wake = wake.min(buffer_retry_at);
+        }
+        if let Some(deadline) = drain_deadline {
+            wake = wake.min(deadline);
+        }
+        let can_pull = connected && drain_deadline.is_none() && d.in_flight.len() < d.window;
+
+        tokio::select! {
+            biased;
+            () = d.task.cancel.cancelled(), if drain_deadline.is_none() => {
+                info!(uplink = %d.labels.uplink, in_flight = d.in_flight.len(), "uplink finishing in-flight deliveries");
+                drain_deadline = Some(Instant::now() + d.task.grace);
+                messages = None;
+            }
+            ev = next_event(&mut events) => match ev {
+                LinkEvent::Connected => {
+                    connected = true;
+                    connected_gauge.set(1);
+                    metrics.uplink_connects.get_or_create(&d.labels).inc();
+                    link_delays = backoff(Duration::from_millis(200), Duration::from_secs(30));
+                    info!(uplink = %d.labels.uplink, host = %d.task.mqtt.host, "uplink connected");
+                    was_connected = true;
+                }
+                LinkEvent::Confirmed(token) => d.confirmed(token).await,
+                LinkEvent::Refused(token, reason) => d.refused(token, &reason).await,
+                LinkEvent::Lost(error) => {
+                    if was_connected {
+                        warn!(uplink = %d.labels.uplink, error = %error, "uplink disconnected; reconnecting with backoff");
+                    } else {
+                        debug!(uplink = %d.labels.uplink, error = %error, "uplink connect failed");
+                    }
+                    was_connected = false;
+                    connected = false;
+                    connected_gauge.set(0);
+                    link = None;
+                    events = None;
+                    d.release_all().await;
+                    link_retry_at = Instant::now() + link_delays.next().unwrap_or(Duration::from_secs(30));
+                }
+            },
+            next = next_message(&mut messages), if can_pull => match next {
+                Some(Ok(msg)) => {
+                    if let Some(l) = &link {
+                        d.deliver(l, msg).await;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(uplink = %d.labels.uplink, error = %e, "buffer consumer error");
+                    if !e.contains("heartbeat") {
+                        messages = None;
+                        buffer_retry_at = Instant::now() + buffer_delays.next().unwrap_or(Duration::from_secs(10));
+                    }
+                }
+                None => {
+                    messages = None;
+                    buffer_retry_at = Instant::now() + buffer_delays.next().unwrap_or(Duration::from_secs(10));
+                }
+            },
+            _ = report.tick() => d.report_buffer().await,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    let left = d.in_flight.len();
+    d.release_all().await;
+    if let Some(l) = link {
+        l.close().await;
+    }
+    connected_gauge.set(0);
+    info!(uplink = %d.labels.uplink, unconfirmed = left, "uplink stopped");
+}
+
+async fn open_messages(d: &mut Driver) -> Result<pull::Stream, UplinkError> {
+    let mut stream = d.task.buffer.ensure_stream(&d.task.js).await?;
+    let window = u16::try_from(d.window).unwrap_or(u16::MAX);
+    let (consumer, expected) = ensure_consumer(&mut stream, &d.task.buffer, window).await?;
+    if d.stream.is_none() {
+        d.expected_seq = expected;
+    }
+    d.stream = Some(stream);
+    consumer
+        .stream()
+        .max_messages_per_batch(d.window)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| {
+            UplinkError::Buffer(BufferError::Consumer {
+                stream: d.task.buffer.stream.clone(),
+                source: e.into(),
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_fill_every_placeholder() {
+        assert_eq!(
+            render_topic("fg/{namespace}/{node}/{uplink}/{device}", "ns", "d1", "up", "edge-7"),
+            "fg/ns/edge-7/up/d1"
+        );
+    }
+}

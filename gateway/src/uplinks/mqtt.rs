@@ -1,0 +1,413 @@
+//! The MQTT uplink (rumqttc, MQTT 3.1.1 and 5, QoS 1, optional TLS and credentials).
+//!
+//! rumqttc's `publish()` returning Ok only means *queued*. Delivery is confirmed here, in the
+//! task that polls the event loop: each queued publish gets the driver's token; the event loop
+//! reports publishes in the order they were queued (`Outgoing::Publish(pkid)`), which binds the
+//! token to a packet id, and the broker's PUBACK for that packet id confirms the token.
+//! A connection error ends the link: its unconfirmed tokens are never confirmed, the driver
+//! gives them back to JetStream, and a *new* link is built after a backoff (rumqttc has no
+//! backoff of its own, and its in-flight replay is not used: JetStream redelivery is the one
+//! retry mechanism).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fieldgate_crds::GatewayUplink;
+use fieldgate_crds::validate::parse_duration;
+use rumqttc::{TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::{LinkEvent, Token, UplinkError};
+use crate::secrets::{SecretBytes, SecretStore};
+
+/// Default topic template.
+pub const DEFAULT_TOPIC: &str = "fieldgate/{namespace}/{device}/telemetry";
+/// Default publishes awaiting acknowledgement.
+pub const DEFAULT_MAX_IN_FLIGHT: u16 = 256;
+
+/// Everything needed to open connections to one broker, secrets resolved.
+#[derive(Clone)]
+pub struct MqttSettings {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// 3 (3.1.1) or 5.
+    pub version: u8,
+    /// Client identifier.
+    pub client_id: String,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Publishes awaiting acknowledgement at once.
+    pub max_in_flight: u16,
+    /// Username and password.
+    pub credentials: Option<(String, SecretBytes)>,
+    /// TLS client configuration, for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Topic template of readings.
+    pub topic: String,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("version", &self.version)
+            .field("client_id", &self.client_id)
+            .field("tls", &self.tls.is_some())
+            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A problem with an uplink's settings found while resolving them (with its field path).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SettingsError {
+    /// Field path, such as `uplinks[0].mqtt.auth.secretRef`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn settings_err(path: String, message: impl Into<String>) -> SettingsError {
+    SettingsError { path, message: message.into() }
+}
+
+fn split_url(url: &str) -> Option<(bool, String, Option<u16>)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let tls = matches!(scheme, "mqtts" | "ssl");
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h.to_string(), after.strip_prefix(':').map(str::parse).transpose().ok()?)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((tls, host, port))
+}
+
+impl MqttSettings {
+    /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
+    /// `path` is the uplink's field path, for errors.
+    pub fn resolve(
+        u: &GatewayUplink,
+        node: &str,
+        secrets: &SecretStore,
+        path: &str,
+    ) -> Result<Self, SettingsError> {
+        let m = &u.mqtt;
+        let (tls_url, host, port) = split_url(&m.url)
+            .ok_or_else(|| settings_err(format!("{path}.mqtt.url"), format!("cannot parse {:?}", m.url)))?;
+        let port = port.unwrap_or(if tls_url { 8883 } else { 1883 });
+        let credentials = match &m.auth {
+            None => None,
+            Some(a) => {
+                let at = format!("{path}.mqtt.auth.secretRef");
+                let user = secrets
+                    .read(&a.secret_ref.name, "username")
+                    .map_err(|e| settings_err(at.clone(), e.to_string()))?;
+                let user = user
+                    .expose_str()
+                    .map_err(|_| settings_err(at.clone(), "username is not UTF-8"))?
+                    .to_string();
+                let password = secrets
+                    .read(&a.secret_ref.name, "password")
+                    .map_err(|e| settings_err(at, e.to_string()))?;
+                Some((user, password))
+            }
+        };
+        let tls = if tls_url {
+            Some(Arc::new(tls_config(u, secrets, path)?))
+        } else {
+            None
+        };
+        let client_id = m.client_id.clone().unwrap_or_else(|| {
+            let mut id = format!("fieldgate-{node}-{}-{}", u.namespace, u.name);
+            id.truncate(64);
+            id
+        });
+        Ok(Self {
+            host,
+            port,
+            version: m.protocol_version.unwrap_or(5),
+            client_id,
+            keep_alive: m
+                .keep_alive
+                .as_deref()
+                .and_then(|k| parse_duration(k).ok())
+                .unwrap_or(Duration::from_secs(30)),
+            max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            credentials,
+            tls,
+            topic: m.topic.clone().unwrap_or_else(|| DEFAULT_TOPIC.to_string()),
+        })
+    }
+
+    fn transport(&self) -> Transport {
+        match &self.tls {
+            Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(cfg))),
+            None => Transport::tcp(),
+        }
+    }
+}
+
+fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<rustls::ClientConfig, SettingsError> {
+    let tls = u.mqtt.tls.clone().unwrap_or_default();
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_secret_ref {
+        Some(r) => {
+            let at = format!("{path}.mqtt.tls.caSecretRef");
+            let key = r.key.as_deref().unwrap_or("ca.crt");
+            let pem = secrets.read(&r.name, key).map_err(|e| settings_err(at.clone(), e.to_string()))?;
+            let mut n = 0;
+            for cert in CertificateDer::pem_slice_iter(pem.expose()) {
+                let cert = cert.map_err(|e| settings_err(at.clone(), format!("bad PEM in key {key:?}: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| settings_err(at.clone(), format!("bad CA certificate: {e}")))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(settings_err(at, format!("no certificate in key {key:?}")));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // Unparseable system certificates are skipped, as every TLS client does.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| settings_err(format!("{path}.mqtt.tls"), e.to_string()))?
+        .with_root_certificates(roots);
+    match &tls.client_cert_secret_ref {
+        None => Ok(builder.with_no_client_auth()),
+        Some(r) => {
+            let at = format!("{path}.mqtt.tls.clientCertSecretRef");
+            let crt = secrets.read(&r.name, "tls.crt").map_err(|e| settings_err(at.clone(), e.to_string()))?;
+            let key = secrets.read(&r.name, "tls.key").map_err(|e| settings_err(at.clone(), e.to_string()))?;
+            let chain = CertificateDer::pem_slice_iter(crt.expose())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| settings_err(at.clone(), format!("bad PEM in tls.crt: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key.expose())
+                .map_err(|e| settings_err(at.clone(), format!("bad PEM in tls.key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| settings_err(at, format!("client certificate refused: {e}")))
+        }
+    }
+}
+
+/// Tokens of queued publishes whose packet id is not known yet, in queue order.
+type Queued = Arc<Mutex<VecDeque<Token>>>;
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// One connection attempt to the broker and everything sent over it.
+pub struct MqttLink {
+    client: Client,
+    queued: Queued,
+    task: JoinHandle<()>,
+}
+
+impl MqttLink {
+    /// Opens a link; events (connected, confirmed, refused, lost) arrive on `events`.
+    pub fn open(s: &MqttSettings, events: mpsc::UnboundedSender<LinkEvent>) -> Self {
+        let queued: Queued = Arc::default();
+        let capacity = usize::from(s.max_in_flight) + 16;
+        let (client, task) = if s.version == 3 {
+            let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_session(true)
+                .set_inflight(s.max_in_flight)
+                .set_request_channel_capacity(capacity)
+                .set_transport(s.transport());
+            if let Some((u, p)) = &s.credentials {
+                o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
+            }
+            let (client, eventloop) = rumqttc::AsyncClient::new(o, capacity);
+            let task = tokio::spawn(poll_v4(eventloop, Arc::clone(&queued), events));
+            (Client::V4(client), task)
+        } else {
+            let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.host, s.port);
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(s.max_in_flight)
+                .set_request_channel_capacity(capacity)
+                .set_transport(s.transport());
+            if let Some((u, p)) = &s.credentials {
+                o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
+            }
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, capacity);
+            let task = tokio::spawn(poll_v5(eventloop, Arc::clone(&queued), events));
+            (Client::V5(client), task)
+        };
+        Self { client, queued, task }
+    }
+
+    /// Queues a QoS 1 publish tagged with `token`. Confirmation comes as an event.
+    pub fn send(&self, token: Token, topic: String, payload: Bytes) -> Result<(), UplinkError> {
+        let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        q.push_back(token);
+        let sent = match &self.client {
+            Client::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .map_err(|e| UplinkError::Queue(e.to_string())),
+            Client::V5(c) => c
+                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .map_err(|e| UplinkError::Queue(e.to_string())),
+        };
+        if sent.is_err() {
+            q.pop_back();
+        }
+        sent
+    }
+
+    /// Disconnects politely (after in-flight publishes were confirmed or given up).
+    pub async fn close(mut self) {
+        let _ = match &self.client {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        tokio::select! {
+            _ = &mut self.task => {}
+            () = &mut deadline => {}
+        }
+    }
+}
+
+impl Drop for MqttLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds tokens to packet ids and turns acknowledgements into confirmations.
+struct Correlator {
+    queued: Queued,
+    by_pkid: HashMap<u16, Token>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+}
+
+impl Correlator {
+    fn published(&mut self, pkid: u16) {
+        let token = self.queued.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+        if let Some(token) = token {
+            self.by_pkid.insert(pkid, token);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16, refusal: Option<String>) {
+        if let Some(token) = self.by_pkid.remove(&pkid) {
+            let ev = match refusal {
+                None => LinkEvent::Confirmed(token),
+                Some(reason) => LinkEvent::Refused(token, reason),
+            };
+            let _ = self.events.send(ev);
+        }
+    }
+
+    fn send(&self, ev: LinkEvent) -> bool {
+        self.events.send(ev).is_ok()
+    }
+}
+
+async fn poll_v4(mut el: rumqttc::EventLoop, queued: Queued, events: mpsc::UnboundedSender<LinkEvent>) {
+    use rumqttc::{Event, Outgoing, Packet};
+    let mut c = Correlator { queued, by_pkid: HashMap::new(), events };
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if !c.send(LinkEvent::Connected) {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => c.published(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => c.acked(ack.pkid, None),
+            Ok(other) => debug!(event = ?other, "mqtt event"),
+            Err(e) => {
+                c.send(LinkEvent::Lost(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::UnboundedSender<LinkEvent>) {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    let mut c = Correlator { queued, by_pkid: HashMap::new(), events };
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if !c.send(LinkEvent::Connected) {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => c.published(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let refusal = match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                    other => Some(format!("{other:?}")),
+                };
+                c.acked(ack.pkid, refusal);
+            }
+            Ok(other) => debug!(event = ?other, "mqtt event"),
+            Err(e) => {
+                c.send(LinkEvent::Lost(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_give_host_port_and_tls() {
+        assert_eq!(split_url("mqtt://broker:1884"), Some((false, "broker".into(), Some(1884))));
+        assert_eq!(split_url("mqtts://broker.example.com"), Some((true, "broker.example.com".into(), None)));
+        assert_eq!(split_url("mqtt://[::1]:1883/"), Some((false, "::1".into(), Some(1883))));
+        assert_eq!(split_url("mqtt://:1883"), None);
+        assert_eq!(split_url("broker:1883"), None);
+    }
+
+    #[test]
+    fn missing_secrets_name_the_field() {
+        let u: GatewayUplink = serde_json::from_value(serde_json::json!({
+            "name": "cloud",
+            "mqtt": {"url": "mqtt://h:1883", "auth": {"secretRef": {"name": "creds"}}}
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = MqttSettings::resolve(&u, "n", &SecretStore::new(dir.path()), "uplinks[0]").unwrap_err();
+        assert_eq!(err.path, "uplinks[0].mqtt.auth.secretRef");
+        assert!(err.message.contains("creds"), "{err}");
+    }
+}
