@@ -18,7 +18,6 @@ use crate::point::Point;
     shortname = "fgdp",
     category = "fieldgate",
     namespaced,
-    printcolumn = r#"{"name":"Points","type":"integer","jsonPath":".spec.points.length()"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
