@@ -51,10 +51,16 @@ PY
 }
 
 pids=()
+gateway_pid=""
 cleanup() {
   trap - INT TERM EXIT
   echo
   echo "demo: stopping"
+  # The gateway first, so it can finish its in-flight deliveries while the brokers still run.
+  if [ -n "$gateway_pid" ]; then
+    kill -TERM "$gateway_pid" 2>/dev/null || true
+    wait "$gateway_pid" 2>/dev/null || true
+  fi
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "demo: stopped everything it started (logs in .demo/)"
@@ -115,7 +121,8 @@ PY
 "$root/target/debug/fieldgate-gateway" --config "$work/gateway.yaml" \
   --nats-url "nats://127.0.0.1:$nats_port" --listen "127.0.0.1:$mgmt_port" \
   --secrets-dir "$work/secrets" --node demo-node >"$work/gateway.log" 2>&1 &
-pids+=($!)
+gateway_pid=$!
+pids+=("$gateway_pid")
 
 echo "demo: $devices simulated devices on 127.0.0.1:$sim_port.. polled every $poll"
 echo "demo: nats-server :$nats_port, cloud mosquitto :$mqtt_port, gateway metrics http://127.0.0.1:$mgmt_port/metrics"
@@ -124,23 +131,6 @@ echo
 
 # The cloud side: count what arrives and show a sample value, live.
 mosquitto_sub -h 127.0.0.1 -p "$mqtt_port" -q 1 -v -t 'fieldgate/#' 2>/dev/null \
-  | "$py" -u -c '
-import json, sys, time
-count, last, start, ids, sample = 0, time.time(), time.time(), set(), ""
-for line in sys.stdin:
-    topic, _, payload = line.partition(" ")
-    count += 1
-    try:
-        r = json.loads(payload)
-        ids.add(r["id"])
-        pts = {p["name"]: p["value"] for p in r["points"]}
-        sample = f"{r[\"device\"]}: u16={pts.get(\"u16\")} f32={pts.get(\"f32\")} i64={pts.get(\"i64\")} label={pts.get(\"label\")!r}"
-    except Exception:
-        sample = f"{topic}: {len(payload)} bytes (protobuf)"
-    now = time.time()
-    if now - last >= 1:
-        last = now
-        print(f"cloud received {count} readings ({len(ids) or count} unique) in {now-start:.0f}s | {sample}", flush=True)
-' &
+  | "$py" -u "$root/scripts/cloud_watch.py" &
 pids+=($!)
 wait "${pids[-1]}"
