@@ -13,19 +13,19 @@ use std::time::Duration;
 use async_nats::jetstream;
 use fieldgate_crds::GatewayConfig;
 use prometheus_client::registry::Registry;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::adapters::{self, DeviceTask};
 use crate::buffer::{self, Routes, WriterSettings};
+use crate::config_watch;
 use crate::management::{self, Management};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReloadLabels, ReloadOutcome};
 use crate::reading::ReadingSink;
+use crate::reconcile::{Interrupted, Running, Shared};
 use crate::secrets::SecretStore;
-use crate::supervise::{backoff, supervise};
-use crate::uplinks::{self, UplinkTask, mqtt::MqttSettings};
+use crate::uplinks::mqtt::MqttSettings;
 
 /// Command-line arguments and their environment variables.
 #[derive(Clone, Debug, clap::Parser)]
@@ -52,6 +52,9 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "FIELDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Listeners field devices connect to (CoAP push, raw TCP and UDP).
+    #[command(flatten)]
+    pub hub: crate::adapters::hub::HubArgs,
 }
 
 /// Why the gateway could not run.
@@ -96,6 +99,7 @@ impl AppError {
 }
 
 /// A checked config with every uplink's settings (secrets included) resolved.
+#[derive(Clone)]
 pub struct LoadedConfig {
     /// The document.
     pub config: GatewayConfig,
@@ -145,39 +149,16 @@ async fn wait_for_signal() {
     }
 }
 
-/// Prepares every uplink's stream and consumer. Consumers must exist before the first
-/// publish: the streams keep entries only while a consumer is interested in them.
-async fn open_buffers(js: &jetstream::Context, routes: &Routes, mqtt: &[MqttSettings], stop: &CancellationToken) -> bool {
-    let mut delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
-    'retry: loop {
-        for (b, m) in routes.buffers().iter().zip(mqtt) {
-            let result = async {
-                let mut s = b.ensure_stream(js).await?;
-                uplinks::ensure_consumer(&mut s, b, m.max_in_flight).await
-            }
-            .await;
-            if let Err(e) = result {
-                warn!(uplink = %b.uplink, error = %e, "buffer not ready; retrying");
-                let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tokio::select! {
-                    () = stop.cancelled() => return false,
-                    () = tokio::time::sleep(delay) => continue 'retry,
-                }
-            }
-        }
-        return true;
-    }
-}
-
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), AppError> {
     let secrets = SecretStore::new(&args.secrets_dir);
-    let LoadedConfig { config, mqtt } = load_config(&args.config, &args.node, &secrets)?;
+    let loaded = load_config(&args.config, &args.node, &secrets)?;
+    let initial_digest = config_watch::file_digest(&args.config, &Ok(loaded.clone()));
     info!(
         config = %args.config.display(),
-        version = config.version.as_deref().unwrap_or("-"),
-        devices = config.devices.len(),
-        uplinks = config.uplinks.len(),
+        version = loaded.config.version.as_deref().unwrap_or("-"),
+        devices = loaded.config.devices.len(),
+        uplinks = loaded.config.uplinks.len(),
         "configuration loaded"
     );
 
@@ -208,76 +189,87 @@ pub async fn run(args: Args) -> Result<(), AppError> {
         .await
         .map_err(|source| AppError::Nats { url: args.nats_url.clone(), source })?;
     let js = jetstream::new(client.clone());
-    let routes = Arc::new(Routes::new(&config));
 
-    if !open_buffers(&js, &routes, &mqtt, &signal).await {
-        stop_serving.cancel();
-        let _ = server.await;
-        return Ok(());
-    }
-
-    // Uplinks: buffer -> cloud.
-    let uplink_stop = CancellationToken::new();
-    let mut uplink_tasks = JoinSet::new();
-    for ((u, b), m) in config.uplinks.iter().zip(routes.buffers()).zip(&mqtt) {
-        let task = UplinkTask {
-            uplink: Arc::new(u.clone()),
-            buffer: b.clone(),
-            mqtt: m.clone(),
-            js: js.clone(),
-            metrics: Arc::clone(&metrics),
-            node: args.node.clone(),
-            cancel: uplink_stop.clone(),
-            grace: args.shutdown_grace / 2,
-        };
-        let name = format!("uplink {}", b.uplink);
-        uplink_tasks.spawn(supervise(name, Arc::clone(&metrics), uplink_stop.clone(), move || {
-            uplinks::run(task.clone())
-        }));
-    }
-
-    // The buffer writer: adapters -> JetStream.
-    let (sink, rx) = ReadingSink::channel(4096);
+    // The buffer writer: adapters -> JetStream, along the routes in force.
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
+    let (sink, rx) = ReadingSink::buffered(4096);
     let abandon = CancellationToken::new();
-    let writer = tokio::spawn(buffer::run_writer(
+    let mut writer = tokio::spawn(buffer::run_writer(
         js.clone(),
-        Arc::clone(&routes),
+        routes_rx,
         Arc::clone(&metrics),
         WriterSettings::default(),
         rx,
         abandon.clone(),
     ));
 
-    // Devices.
-    let device_stop = CancellationToken::new();
-    let mut device_tasks = JoinSet::new();
-    for d in &config.devices {
-        let task = DeviceTask {
-            device: Arc::new(d.clone()),
-            node: args.node.clone(),
-            sink: sink.clone(),
-            metrics: Arc::clone(&metrics),
-            cancel: device_stop.clone(),
-        };
-        let name = format!("device {}", task.key());
-        device_tasks.spawn(supervise(name, Arc::clone(&metrics), device_stop.clone(), move || {
-            adapters::run(task.clone())
-        }));
+    // Devices and uplinks, applied per device from the config and every later change.
+    let shared = Shared {
+        js: js.clone(),
+        metrics: Arc::clone(&metrics),
+        node: args.node.clone(),
+        uplink_grace: args.shutdown_grace / 2,
+        // Device listeners stop taking new messages at the signal; devices stop after.
+        hub: crate::adapters::hub::DeviceHub::new(args.hub.clone(), secrets.clone(), Arc::clone(&metrics), signal.clone()),
+    };
+    let mut running = Running::new(shared, sink, routes_tx);
+    let reloads = metrics.config_reloads.clone();
+    match running.apply(loaded, &signal).await {
+        Ok(applied) => {
+            info!(node = %args.node, devices = applied.added.len(), "gateway running");
+            reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::applied }).inc();
+            management.set_ready(true);
+        }
+        Err(Interrupted) => info!("stopped before the buffer was ready"),
     }
-    drop(sink);
-    management.set_ready(true);
-    info!(node = %args.node, "gateway running");
 
-    signal.cancelled().await;
+    let (config_tx, mut config_rx) = mpsc::channel(1);
+    let watcher_stop = CancellationToken::new();
+    tokio::spawn(config_watch::watch_file(
+        args.config.clone(),
+        args.node.clone(),
+        secrets.clone(),
+        Duration::from_secs(2),
+        initial_digest,
+        config_tx,
+        watcher_stop.clone(),
+    ));
+
+    while !signal.is_cancelled() {
+        tokio::select! {
+            () = signal.cancelled() => {}
+            Some(candidate) = config_rx.recv() => match candidate {
+                Ok(loaded) => match running.apply(loaded, &signal).await {
+                    Ok(applied) if applied.is_empty() => {}
+                    Ok(applied) => {
+                        info!(
+                            added = ?applied.added,
+                            changed = ?applied.changed,
+                            removed = ?applied.removed,
+                            unchanged = applied.unchanged,
+                            version = running.version().unwrap_or("-"),
+                            "new configuration applied"
+                        );
+                        reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::applied }).inc();
+                        management.set_ready(true);
+                    }
+                    Err(Interrupted) => {}
+                },
+                Err(e) => {
+                    warn!(error = %e, "new configuration refused; the running one stays");
+                    reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::refused }).inc();
+                }
+            },
+        }
+    }
+
+    // Shutdown, in order.
+    watcher_stop.cancel();
     let deadline = Instant::now() + args.shutdown_grace;
     management.set_ready(false);
-
-    device_stop.cancel();
-    while device_tasks.join_next().await.is_some() {}
+    running.stop_devices().await;
     info!("devices stopped");
-
     let writer_deadline = deadline - args.shutdown_grace / 2;
-    let mut writer = writer;
     tokio::select! {
         _ = &mut writer => {}
         () = tokio::time::sleep_until(writer_deadline) => {
@@ -286,9 +278,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
         }
     }
     info!("buffer writer drained");
-
-    uplink_stop.cancel();
-    while uplink_tasks.join_next().await.is_some() {}
+    running.stop_uplinks().await;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     stop_serving.cancel();
     let _ = server.await;

@@ -6,9 +6,11 @@
 pub mod adapters;
 pub mod app;
 pub mod buffer;
+pub mod config_watch;
 pub mod management;
 pub mod metrics;
 pub mod reading;
+pub mod reconcile;
 pub mod secrets;
 pub mod sim;
 pub mod supervise;

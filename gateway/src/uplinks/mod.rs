@@ -8,7 +8,7 @@
 //! in the buffer's sequence seen by the consumer is an entry the buffer policy evicted, and is
 //! counted as a drop with its reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,6 +143,9 @@ struct Driver {
     expected_seq: u64,
     topics: HashMap<String, String>,
     stream: Option<stream::Stream>,
+    /// Sequences given back to JetStream (NAKed) and not delivered again yet: if the buffer
+    /// policy evicts one of them meanwhile, it is counted as dropped.
+    released: BTreeSet<u64>,
 }
 
 async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, String>> {
@@ -180,6 +183,9 @@ impl Driver {
     /// Gives every unconfirmed delivery back to JetStream for immediate redelivery.
     async fn release_all(&mut self) {
         for (_, f) in self.in_flight.drain() {
+            if let Ok(info) = f.msg.info() {
+                self.released.insert(info.stream_sequence);
+            }
             let _ = f.msg.ack_with(AckKind::Nak(None)).await;
             self.task
                 .metrics
@@ -193,6 +199,9 @@ impl Driver {
     }
 
     async fn count_gap(&mut self, missing: u64) {
+        if missing == 0 {
+            return;
+        }
         let full = match (&mut self.stream, self.task.buffer.on_full) {
             (Some(s), OnFull::DropOldest) => s
                 .info()
@@ -219,6 +228,7 @@ impl Driver {
                 return;
             }
         };
+        self.released.remove(&seq);
         if delivered > 1 {
             self.task.metrics.redeliveries.get_or_create(&self.labels).inc();
         } else {
@@ -291,9 +301,32 @@ impl Driver {
     }
 
     async fn report_buffer(&mut self) {
+        if self.stream.is_none() {
+            // Not connected since start: look at the buffer anyway (backlog, evictions).
+            let Ok(mut s) = self.task.buffer.ensure_stream(&self.task.js).await else { return };
+            let window = u16::try_from(self.window).unwrap_or(u16::MAX);
+            let Ok((_, expected)) = ensure_consumer(&mut s, &self.task.buffer, window).await else { return };
+            self.expected_seq = expected;
+            self.stream = Some(s);
+        }
         let Some(s) = &mut self.stream else { return };
         let Ok(info) = s.info().await else { return };
-        let st = &info.state;
+        let st = info.state.clone();
+        // Entries below the stream's first sequence are gone. Those this driver never received
+        // (from `expected_seq` on) or gave back and never got again were evicted: count them
+        // now, while the outage lasts, not when the link is back.
+        if st.first_sequence > self.expected_seq {
+            let missing = st.first_sequence - self.expected_seq;
+            self.expected_seq = st.first_sequence;
+            self.count_gap(missing).await;
+        }
+        let lost: Vec<u64> = self.released.range(..st.first_sequence).copied().collect();
+        if !lost.is_empty() {
+            for s in &lost {
+                self.released.remove(s);
+            }
+            self.count_gap(lost.len() as u64).await;
+        }
         let m = &self.task.metrics;
         m.buffer_messages
             .get_or_create(&self.labels)
@@ -326,6 +359,7 @@ pub async fn run(task: UplinkTask) {
         expected_seq: 1,
         topics: HashMap::new(),
         stream: None,
+        released: BTreeSet::new(),
         task,
     };
     let metrics = Arc::clone(&d.task.metrics);
@@ -360,7 +394,9 @@ pub async fn run(task: UplinkTask) {
             link = Some(MqttLink::open(&d.task.mqtt, tx));
             events = Some(rx);
         }
-        if drain_deadline.is_none() && messages.is_none() && now >= buffer_retry_at {
+        // The pull stream exists only while the link is up: a pull stream prefetches, and
+        // entries prefetched during an outage would outlive `redeliverAfter` and be sent twice.
+        if drain_deadline.is_none() && connected && messages.is_none() && now >= buffer_retry_at {
             match open_messages(&mut d).await {
                 Ok(m) => {
                     messages = Some(m);
@@ -383,7 +419,7 @@ pub async fn run(task: UplinkTask) {
         if link.is_none() {
             wake = wake.min(link_retry_at);
         }
-        if messages.is_none() {
+        if messages.is_none() && connected {
             wake = wake.min(buffer_retry_at);
         }
         if let Some(deadline) = drain_deadline {
@@ -420,6 +456,7 @@ pub async fn run(task: UplinkTask) {
                     connected_gauge.set(0);
                     link = None;
                     events = None;
+                    messages = None;
                     d.release_all().await;
                     link_retry_at = Instant::now() + link_delays.next().unwrap_or(Duration::from_secs(30));
                 }

@@ -52,6 +52,9 @@ pub struct MqttSettings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Topic template of readings.
     pub topic: String,
+    /// Hash of everything these settings were resolved from, secrets included: a change
+    /// (such as a rotated password) restarts the uplink.
+    pub fingerprint: u64,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -140,7 +143,9 @@ impl MqttSettings {
             id.truncate(64);
             id
         });
+        let fingerprint = fingerprint(u, secrets);
         Ok(Self {
+            fingerprint,
             host,
             port,
             version: m.protocol_version.unwrap_or(5),
@@ -163,6 +168,33 @@ impl MqttSettings {
             None => Transport::tcp(),
         }
     }
+}
+
+/// Hash of the uplink's spec and of every secret value it references.
+fn fingerprint(u: &GatewayUplink, secrets: &SecretStore) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(u).unwrap_or_default().hash(&mut h);
+    let mut refs: Vec<(String, &str)> = Vec::new();
+    if let Some(a) = &u.mqtt.auth {
+        refs.push((a.secret_ref.name.clone(), "username"));
+        refs.push((a.secret_ref.name.clone(), "password"));
+    }
+    if let Some(t) = &u.mqtt.tls {
+        if let Some(c) = &t.ca_secret_ref {
+            refs.push((c.name.clone(), c.key.as_deref().unwrap_or("ca.crt")));
+        }
+        if let Some(c) = &t.client_cert_secret_ref {
+            refs.push((c.name.clone(), "tls.crt"));
+            refs.push((c.name.clone(), "tls.key"));
+        }
+    }
+    for (name, key) in refs {
+        if let Ok(v) = secrets.read(&name, key) {
+            v.expose().hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<rustls::ClientConfig, SettingsError> {
