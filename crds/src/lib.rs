@@ -14,14 +14,14 @@ pub mod uplink;
 pub mod validate;
 
 pub use device::{
-    Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSpec, DeviceStatus,
-    ModbusTcpConnection, Placement,
+    CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef,
+    DeviceSpec, DeviceStatus, ModbusTcpConnection, MqttDeviceConnection, Placement, RawConnection,
 };
 pub use gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
-pub use point::{Access, ModbusPoint, ModbusTable, Point, ValueType, WordOrder};
+pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};
 pub use uplink::{
     BufferSpec, Encoding, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef, Uplink,
-    UplinkSpec, UplinkStatus,
+    UplinkGatewayStatus, UplinkSpec, UplinkStatus,
 };
 pub use validate::{FieldError, ValidationErrors};
 
@@ -29,6 +29,9 @@ pub use validate::{FieldError, ValidationErrors};
 pub const GROUP: &str = "fieldgate.io";
 /// The API version served now.
 pub const VERSION: &str = "v1alpha1";
+
+/// Label that marks a Node as a gateway node (value `true`).
+pub const GATEWAY_NODE_LABEL: &str = "fieldgate.io/gateway";
 
 /// Every custom resource definition, in a stable order, as YAML documents.
 pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Error> {
@@ -38,4 +41,72 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Erro
         ("deviceprofile", serde_saphyr::to_string(&DeviceProfile::crd())?),
         ("uplink", serde_saphyr::to_string(&Uplink::crd())?),
     ])
+}
+
+/// The per-node objects the operator writes and the gateway reads: names, keys and the layout
+/// of the per-node Secret.
+///
+/// In the operator's namespace, for every gateway node that serves at least one device:
+///
+/// - ConfigMap `fieldgate-gateway-<node>`: key [`CONFIG_KEY`] holds the node's
+///   [`GatewayConfig`] as YAML; annotation [`CONFIG_HASH_ANNOTATION`] carries its version.
+/// - Secret `fieldgate-gateway-<node>`: only the credentials that node's uplinks reference.
+///   Data key `<namespace>_<secret>_<key>` holds key `<key>` of Secret `<secret>` in namespace
+///   `<namespace>`. The rendered config refers to that Secret as `<namespace>_<secret>`, so the
+///   gateway writes data key `k` to `<secrets-dir>/<dir>/<file>` where
+///   `(dir, file) = `[`node_objects::split_secret_key`]`(k)` and its usual
+///   `<secrets-dir>/<secret>/<key>` lookup works unchanged. (Namespaces and Secret names cannot
+///   contain `_`, so the split is unambiguous; two namespaces' Secrets of one name cannot clash.)
+pub mod node_objects {
+    /// Key of the GatewayConfig YAML in the per-node ConfigMap.
+    pub const CONFIG_KEY: &str = "gateway.yaml";
+    /// Annotation on the per-node ConfigMap with the config's content hash (its `version`).
+    pub const CONFIG_HASH_ANNOTATION: &str = "fieldgate.io/config-hash";
+    /// Annotation on the per-node Secret with a hash of its content.
+    pub const SECRET_HASH_ANNOTATION: &str = "fieldgate.io/secret-hash";
+    /// Annotation on both per-node objects naming the node (node names may exceed the
+    /// 63 characters of a label value).
+    pub const NODE_ANNOTATION: &str = "fieldgate.io/node";
+    /// Label (with value [`ROLE_CONFIG`]) that marks the per-node ConfigMaps and Secrets.
+    pub const ROLE_LABEL: &str = "fieldgate.io/role";
+    /// Value of [`ROLE_LABEL`] on the per-node objects.
+    pub const ROLE_CONFIG: &str = "gateway-config";
+
+    /// Name of the ConfigMap and of the Secret of one node.
+    pub fn object_name(node: &str) -> String {
+        format!("fieldgate-gateway-{node}")
+    }
+
+    /// The name under which a rendered config refers to Secret `name` of `namespace`.
+    pub fn secret_dir(namespace: &str, name: &str) -> String {
+        format!("{namespace}_{name}")
+    }
+
+    /// Data key in the per-node Secret for `key` of Secret `name` in `namespace`.
+    pub fn secret_key(namespace: &str, name: &str, key: &str) -> String {
+        format!("{namespace}_{name}_{key}")
+    }
+
+    /// Splits a per-node Secret data key into the directory (as the rendered config names
+    /// the Secret) and the file (the original key). `None` for keys not written by the operator.
+    pub fn split_secret_key(data_key: &str) -> Option<(&str, &str)> {
+        let first = data_key.find('_')?;
+        let second = first + 1 + data_key[first + 1..].find('_')?;
+        let (dir, file) = (&data_key[..second], &data_key[second + 1..]);
+        (first > 0 && second > first + 1 && !file.is_empty()).then_some((dir, file))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn secret_keys_split_back_into_directory_and_file() {
+            let k = secret_key("plant-a", "cloud.creds", "tls_extra.key");
+            assert_eq!(split_secret_key(&k), Some(("plant-a_cloud.creds", "tls_extra.key")));
+            assert_eq!(secret_dir("plant-a", "cloud.creds"), "plant-a_cloud.creds");
+            assert_eq!(split_secret_key("nounderscore"), None);
+            assert_eq!(split_secret_key("a_b_"), None);
+        }
+    }
 }

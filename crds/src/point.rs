@@ -27,6 +27,37 @@ pub struct Point {
     /// Where the point lives on a Modbus device. Required for Modbus connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modbus: Option<ModbusPoint>,
+    /// Where the value is in a JSON message (CoAP, MQTT, TCP, UDP): a dotted path such as
+    /// `env.temp` or `values.0`. Defaults to the point's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// When a new value is reported. Without it every value read is reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportRule>,
+}
+
+/// Reporting rule of a point: which values read are sent on.
+///
+/// A value is reported when it is the first, when `onChange` is set and it moved by more than
+/// `deadband` from the last reported value (any change for non-numbers), or when `maxInterval`
+/// passed since the last report. `sampling` keeps at most one value per period.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportRule {
+    /// Report only values that changed. Defaults to false (every value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_change: Option<bool>,
+    /// Smallest change of a number that counts as a change (absolute, after scale and
+    /// offset). Defaults to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadband: Option<f64>,
+    /// Longest time without a report, such as `60s`: the value is reported then even if
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<String>,
+    /// Shortest time between two reports, such as `5s`: values in between are skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
 }
 
 impl Point {

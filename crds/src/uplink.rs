@@ -1,7 +1,7 @@
 //! `Uplink`: where a gateway forwards readings, and how much it may buffer meanwhile.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +16,11 @@ use serde::{Deserialize, Serialize};
     category = "fieldgate",
     namespaced,
     status = "UplinkStatus",
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.mqtt.url"}"#,
+    printcolumn = r#"{"name":"Configured","type":"string","jsonPath":".status.conditions[?(@.type==\"Configured\")].status"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.gateways[*].connected"}"#,
+    printcolumn = r#"{"name":"Backlog","type":"string","jsonPath":".status.gateways[*].backlogMessages"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -35,7 +39,10 @@ pub struct UplinkSpec {
 }
 
 /// Connection to an MQTT broker.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('mqtts://') || self.url.startsWith('ssl://')").message("tls needs an mqtts:// url"))]
+#[x_kube(validation = Rule::new("!has(self.qos) || self.qos == 1").message("only QoS 1 is supported"))]
+#[x_kube(validation = Rule::new("!has(self.protocolVersion) || self.protocolVersion == 3 || self.protocolVersion == 5").message("protocolVersion is 3 (3.1.1) or 5"))]
 #[serde(rename_all = "camelCase")]
 pub struct MqttUplink {
     /// Broker address: `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
@@ -159,7 +166,40 @@ pub struct UplinkStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, written on transitions only.
+    /// `Configured` (written by the operator) and `Ready`, written on transitions only.
+    /// Each writer owns its own entries (server-side apply).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// One entry per gateway node running this uplink, written by that node's gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub gateways: Vec<UplinkGatewayStatus>,
+}
+
+impl UplinkStatus {
+    /// The condition of this type, if any.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// How one gateway node's connection to the broker is doing. Counters and health only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UplinkGatewayStatus {
+    /// The gateway node.
+    pub node: String,
+    /// Whether the gateway is connected to the broker.
+    #[serde(default)]
+    pub connected: bool,
+    /// Readings buffered on the node and not yet acknowledged by the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_messages: Option<u64>,
+    /// Age of the oldest unsent reading, such as `0s` or `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unsent_age: Option<String>,
+    /// When the broker last acknowledged a reading (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack_time: Option<String>,
 }

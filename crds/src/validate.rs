@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
-use crate::device::{Connection, DeviceSpec, ModbusTcpConnection};
+use crate::device::{Connection, DeviceProfileSpec, DeviceSpec, ModbusTcpConnection};
 use crate::gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 use crate::point::{Access, Point, ValueType};
 use crate::quantity::parse_bytes;
@@ -44,14 +44,16 @@ impl fmt::Display for ValidationErrors {
 }
 
 impl ValidationErrors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    /// Records one problem.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             message: message.into(),
         });
     }
 
-    fn into_result(self) -> Result<(), ValidationErrors> {
+    /// `Ok` when no problem was recorded.
+    pub fn into_result(self) -> Result<(), ValidationErrors> {
         if self.0.is_empty() { Ok(()) } else { Err(self) }
     }
 }
@@ -131,55 +133,64 @@ pub fn validate_points(errs: &mut ValidationErrors, path: &str, points: &[Point]
         if p.scale == Some(0.0) {
             errs.push(format!("{at}.scale"), "must not be 0");
         }
+        if p.path.as_deref().is_some_and(|s| s.is_empty() || s.split('.').any(str::is_empty)) {
+            errs.push(format!("{at}.path"), "must be a dotted path such as env.temp");
+        }
+        validate_report(errs, &at, p);
         if !modbus {
             continue;
         }
-        let Some(m) = &p.modbus else {
-            errs.push(format!("{at}.modbus"), "required for a Modbus device");
-            continue;
-        };
-        let mat = format!("{at}.modbus");
-        if !m.table.is_register() && p.value_type != ValueType::Bool {
-            errs.push(
-                format!("{at}.type"),
-                format!("a {:?} table holds single bits: type must be bool", m.table),
-            );
+        validate_modbus_point(errs, &at, p);
+    }
+}
+
+/// Checks where a point lives on a Modbus device (`at` is the point's path).
+pub fn validate_modbus_point(errs: &mut ValidationErrors, at: &str, p: &Point) {
+    let Some(m) = &p.modbus else {
+        errs.push(format!("{at}.modbus"), "required for a Modbus device");
+        return;
+    };
+    let mat = format!("{at}.modbus");
+    if !m.table.is_register() && p.value_type != ValueType::Bool {
+        errs.push(
+            format!("{at}.type"),
+            format!("a {:?} table holds single bits: type must be bool", m.table),
+        );
+    }
+    if !m.table.is_writable() && p.access == Access::ReadWrite {
+        errs.push(
+            format!("{at}.access"),
+            format!("the {:?} table is read-only", m.table),
+        );
+    }
+    match (p.value_type, m.length) {
+        (ValueType::String, None | Some(0)) => {
+            errs.push(format!("{mat}.length"), "a string point needs a length of 1-125 registers")
         }
-        if !m.table.is_writable() && p.access == Access::ReadWrite {
-            errs.push(
-                format!("{at}.access"),
-                format!("the {:?} table is read-only", m.table),
-            );
+        (ValueType::String, Some(l)) if l > 125 => {
+            errs.push(format!("{mat}.length"), format!("{l} registers exceed one request (125)"))
         }
-        match (p.value_type, m.length) {
-            (ValueType::String, None | Some(0)) => {
-                errs.push(format!("{mat}.length"), "a string point needs a length of 1-125 registers")
-            }
-            (ValueType::String, Some(l)) if l > 125 => {
-                errs.push(format!("{mat}.length"), format!("{l} registers exceed one request (125)"))
-            }
-            (t, Some(_)) if t != ValueType::String => {
-                errs.push(format!("{mat}.length"), "only string points have a length")
-            }
-            _ => {}
+        (t, Some(_)) if t != ValueType::String => {
+            errs.push(format!("{mat}.length"), "only string points have a length")
         }
-        if let Some(bit) = m.bit {
-            if p.value_type != ValueType::Bool || !m.table.is_register() {
-                errs.push(format!("{mat}.bit"), "only a bool point in a register table has a bit");
-            } else if bit > 15 {
-                errs.push(format!("{mat}.bit"), format!("{bit} is not a bit of a 16-bit register (0-15)"));
-            }
+        _ => {}
+    }
+    if let Some(bit) = m.bit {
+        if p.value_type != ValueType::Bool || !m.table.is_register() {
+            errs.push(format!("{mat}.bit"), "only a bool point in a register table has a bit");
+        } else if bit > 15 {
+            errs.push(format!("{mat}.bit"), format!("{bit} is not a bit of a 16-bit register (0-15)"));
         }
-        if m.word_order.is_some() && p.value_type.registers().unwrap_or(0) < 2 {
-            errs.push(format!("{mat}.wordOrder"), "only values of 2 or 4 registers have a word order");
-        }
-        let end = u32::from(m.address) + u32::from(m.span(p.value_type));
-        if end > 65_536 {
-            errs.push(
-                format!("{mat}.address"),
-                format!("the value runs past the last address 65535 (ends at {end})"),
-            );
-        }
+    }
+    if m.word_order.is_some() && p.value_type.registers().unwrap_or(0) < 2 {
+        errs.push(format!("{mat}.wordOrder"), "only values of 2 or 4 registers have a word order");
+    }
+    let end = u32::from(m.address) + u32::from(m.span(p.value_type));
+    if end > 65_536 {
+        errs.push(
+            format!("{mat}.address"),
+            format!("the value runs past the last address 65535 (ends at {end})"),
+        );
     }
 }
 
@@ -196,6 +207,109 @@ fn validate_modbus_tcp(errs: &mut ValidationErrors, path: &str, c: &ModbusTcpCon
 fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection) {
     match c {
         Connection::ModbusTcp(m) => validate_modbus_tcp(errs, &format!("{path}.modbusTcp"), m),
+        Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c),
+        Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m),
+        Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r),
+        Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r),
+    }
+}
+
+fn validate_secret_ref(errs: &mut ValidationErrors, path: &str, r: &crate::device::DeviceSecretRef) {
+    if !is_dns_subdomain(&r.name) {
+        errs.push(format!("{path}.name"), format!("{:?} is not a Secret name", r.name));
+    }
+    if r.key.as_deref().is_some_and(|k| k.is_empty() || k.contains('/')) {
+        errs.push(format!("{path}.key"), "must be a non-empty Secret key without '/'");
+    }
+}
+
+fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection) {
+    if c.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        errs.push(format!("{path}.host"), "must not be empty");
+    }
+    if c.port == Some(0) {
+        errs.push(format!("{path}.port"), "must be 1-65535");
+    }
+    for (field, p) in [("path", &c.path), ("pushPath", &c.push_path)] {
+        if let Some(p) = p
+            && (!p.starts_with('/') || p.contains(['?', '#']))
+        {
+            errs.push(format!("{path}.{field}"), format!("{p:?} is not an absolute path such as /sensors/env"));
+        }
+    }
+    if c.host.is_none() && (c.path.is_some() || c.observe.is_some()) {
+        errs.push(format!("{path}.host"), "path and observe need the device's host");
+    }
+    if let Some(n) = c.max_body_bytes
+        && !(16..=1_048_576).contains(&n)
+    {
+        errs.push(format!("{path}.maxBodyBytes"), format!("{n} is not within 16-1048576"));
+    }
+    if let Some(r) = &c.token_secret_ref {
+        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), r);
+    }
+    check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
+}
+
+fn validate_mqtt_device(errs: &mut ValidationErrors, path: &str, m: &crate::device::MqttDeviceConnection) {
+    match m.url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) if !rest.is_empty() => {}
+        _ => errs.push(format!("{path}.url"), format!("{:?} is not an mqtt://host:port URL", m.url)),
+    }
+    if m.topics.is_empty() {
+        errs.push(format!("{path}.topics"), "needs at least one topic filter");
+    }
+    for (i, t) in m.topics.iter().enumerate() {
+        let bad_hash = t.find('#').is_some_and(|at| at + 1 != t.len() || (at > 0 && !t[..at].ends_with('/')));
+        let bad_plus = t.split('/').any(|level| level.contains('+') && level != "+");
+        if t.is_empty() || bad_hash || bad_plus {
+            errs.push(format!("{path}.topics[{i}]"), format!("{t:?} is not a valid MQTT topic filter"));
+        }
+    }
+    if let Some(t) = &m.command_topic
+        && (t.is_empty() || t.contains(['#', '+']))
+    {
+        errs.push(format!("{path}.commandTopic"), format!("{t:?} must be a topic without wildcards"));
+    }
+    if let Some(v) = m.protocol_version
+        && v != 3
+        && v != 5
+    {
+        errs.push(format!("{path}.protocolVersion"), format!("{v} is not 3 (3.1.1) or 5"));
+    }
+    if let Some(a) = &m.auth
+        && a.secret_ref.name.is_empty()
+    {
+        errs.push(format!("{path}.auth.secretRef.name"), "must not be empty");
+    }
+    check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
+}
+
+fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawConnection) {
+    if let Some(id) = &r.id
+        && (id.is_empty() || id.len() > 128 || id.contains(|c: char| c.is_whitespace() || c.is_control()))
+    {
+        errs.push(format!("{path}.id"), format!("{id:?} must be 1-128 characters without spaces"));
+    }
+    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.token_secret_ref);
+}
+
+/// Checks the reporting rule of a point (`at` is the point's path).
+fn validate_report(errs: &mut ValidationErrors, at: &str, p: &Point) {
+    let Some(r) = &p.report else { return };
+    if let Some(d) = r.deadband {
+        if !d.is_finite() || d < 0.0 {
+            errs.push(format!("{at}.report.deadband"), "must be a finite number >= 0");
+        } else if d > 0.0 && !p.value_type.is_numeric() {
+            errs.push(format!("{at}.report.deadband"), "a deadband applies to numbers only");
+        }
+    }
+    let max = check_duration(errs, &format!("{at}.report.maxInterval"), r.max_interval.as_ref(), Duration::from_millis(1));
+    let sampling = check_duration(errs, &format!("{at}.report.sampling"), r.sampling.as_ref(), Duration::from_millis(1));
+    if let (Some(max), Some(sampling)) = (max, sampling)
+        && sampling > max
+    {
+        errs.push(format!("{at}.report.sampling"), "must not be longer than maxInterval");
     }
 }
 
@@ -310,6 +424,33 @@ impl DeviceSpec {
         check_duration(&mut errs, "spec.pollInterval", self.poll_interval.as_ref(), MIN_POLL_INTERVAL);
         let modbus = matches!(self.connection, Connection::ModbusTcp(_));
         validate_points(&mut errs, "spec.points", &self.points, modbus);
+        errs.into_result()
+    }
+}
+
+impl DeviceProfileSpec {
+    /// Checks a DeviceProfile's spec; paths start at `spec`. Profiles do not know the
+    /// protocol of the devices using them, so Modbus locations are checked where given.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.points.is_empty() {
+            errs.push("spec.points", "a profile needs at least one point");
+        }
+        validate_points(&mut errs, "spec.points", &self.points, false);
+        for (i, p) in self.points.iter().enumerate() {
+            if p.modbus.is_some() {
+                validate_modbus_point(&mut errs, &format!("spec.points[{i}]"), p);
+            }
+        }
+        errs.into_result()
+    }
+}
+
+impl GatewayDevice {
+    /// Checks one device as a gateway would run it; paths start at `path`.
+    pub fn validate_at(&self, path: &str) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        validate_device(&mut errs, path, self);
         errs.into_result()
     }
 }

@@ -1,5 +1,5 @@
 //! The committed CRD YAML (`crds/yaml/`) must match what the Rust types generate.
-//! After changing the types, regenerate with:
+//! After changing the types, regenerate with (also updates the chart's copies):
 //!     FIELDGATE_BLESS=1 cargo test -p fieldgate-crds --test generated_yaml
 
 use std::path::PathBuf;
@@ -13,6 +13,11 @@ fn committed_crd_yaml_matches_the_rust_types() {
         let path = dir.join(format!("{name}.yaml"));
         if bless {
             std::fs::write(&path, &yaml).unwrap();
+            // The Helm chart ships the same files (operator/tests/chart.rs checks they match).
+            let chart = dir.join("../../charts/fieldgate/crds");
+            if chart.is_dir() {
+                std::fs::write(chart.join(format!("{name}.yaml")), &yaml).unwrap();
+            }
             continue;
         }
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
@@ -66,4 +71,16 @@ fn every_spec_field_is_documented() {
         }
     }
     assert!(missing.is_empty(), "fields without a description: {missing:#?}");
+}
+
+#[test]
+fn cel_rules_and_list_keys_are_in_the_schemas() {
+    // The API server enforces these; this checks they reach the generated CRDs.
+    use kube::CustomResourceExt;
+    let device = serde_json::to_string(&fieldgate_crds::Device::crd()).unwrap();
+    assert!(device.contains("!(has(self.nodeName) && has(self.nodeSelector))"), "{device}");
+    assert!(device.contains(r#""x-kubernetes-list-map-keys":["type"]"#), "{device}");
+    let uplink = serde_json::to_string(&fieldgate_crds::Uplink::crd()).unwrap();
+    assert!(uplink.contains("self.url.startsWith('mqtts://')"), "{uplink}");
+    assert!(uplink.contains(r#""x-kubernetes-list-map-keys":["node"]"#), "{uplink}");
 }

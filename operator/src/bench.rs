@@ -1,0 +1,190 @@
+//! `fieldgate-operator bench`: render time and memory on a synthetic world (by default 10,000
+//! Devices over 100 gateway nodes, 10 profiles, 5 uplinks, in 10 namespaces).
+//!
+//! Prints figures; asserts nothing. Memory is the process's resident set from
+//! `/proc/self/status` (VmRSS now, VmHWM peak), so it includes the synthetic objects as the
+//! operator's watch caches would hold them.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fieldgate_crds::{
+    Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSpec, ModbusPoint, ModbusTable, ModbusTcpConnection,
+    MqttUplink, Point, Uplink, UplinkSpec, ValueType,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ObjectMeta;
+
+use crate::offline::assumed_gateway_node;
+use crate::render::{self, Placements, Settings, World};
+
+/// Arguments of `bench`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Devices.
+    #[arg(long, default_value_t = 10_000)]
+    pub devices: usize,
+    /// Gateway nodes.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// Render repetitions (the figure is the median).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+}
+
+fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        generation: Some(1),
+        labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn point(name: String, address: u16) -> Point {
+    Point {
+        name,
+        value_type: ValueType::Float32,
+        access: Default::default(),
+        unit: Some("Cel".into()),
+        scale: Some(0.1),
+        offset: None,
+        modbus: Some(ModbusPoint { table: ModbusTable::Holding, address, word_order: None, length: None, bit: None }),
+        path: None,
+        report: None,
+    }
+}
+
+/// The synthetic world.
+pub fn world(devices: usize, nodes: usize) -> World {
+    let namespaces = 10;
+    let mut w = World::default();
+    for n in 0..nodes {
+        let mut node = assumed_gateway_node(&format!("edge-{n:04}"));
+        node.metadata.uid = Some(format!("uid-{n}"));
+        w.nodes.push(Arc::new(node));
+    }
+    for ns in 0..namespaces {
+        let ns_name = format!("site-{ns}");
+        let profile = DeviceProfile {
+            metadata: meta(&ns_name, "meter", &[]),
+            spec: DeviceProfileSpec { points: (0..10).map(|i| point(format!("p{i}"), i * 2)).collect() },
+        };
+        w.profiles.push(Arc::new(profile));
+        let uplink = |name: &str, selector: Option<LabelSelector>| Uplink {
+            metadata: meta(&ns_name, name, &[]),
+            spec: UplinkSpec {
+                device_selector: selector,
+                mqtt: MqttUplink {
+                    url: "mqtts://broker.example.com:8883".into(),
+                    protocol_version: Some(5),
+                    topic: None,
+                    command_topic: None,
+                    qos: None,
+                    client_id: None,
+                    keep_alive: None,
+                    max_in_flight: None,
+                    auth: None,
+                    tls: None,
+                },
+                encoding: None,
+                buffer: None,
+            },
+            status: None,
+        };
+        w.uplinks.push(Arc::new(uplink("cloud", None)));
+        if ns < 5 {
+            let sel = LabelSelector { match_labels: Some([("tier".to_string(), "gold".to_string())].into()), match_expressions: None };
+            w.uplinks.push(Arc::new(uplink("gold", Some(sel))));
+        }
+    }
+    for d in 0..devices {
+        let ns_name = format!("site-{}", d % namespaces);
+        let tier = if d % 3 == 0 { "gold" } else { "silver" };
+        let device = Device {
+            metadata: meta(&ns_name, &format!("meter-{d:05}"), &[("tier", tier)]),
+            spec: DeviceSpec {
+                profile: Some("meter".into()),
+                points: vec![point("p0".into(), 100)],
+                connection: Connection::ModbusTcp(ModbusTcpConnection {
+                    host: format!("10.{}.{}.{}", d / 65_536 % 256, d / 256 % 256, d % 256),
+                    port: Some(502),
+                    unit_id: Some(1),
+                    timeout: Some("500ms".into()),
+                }),
+                poll_interval: Some("1s".into()),
+                placement: None,
+            },
+            status: None,
+        };
+        w.devices.push(Arc::new(device));
+    }
+    w
+}
+
+fn proc_status(field: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l[field.len()..].trim().to_string()))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// Runs the benchmark; returns the figures as text.
+pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let profile = if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
+    writeln!(out, "fieldgate-operator bench: {} devices, {} gateway nodes, {profile}", args.devices, args.nodes)?;
+    writeln!(out, "RSS at start: {}", proc_status("VmRSS:"))?;
+    let t = Instant::now();
+    let w = world(args.devices, args.nodes);
+    writeln!(out, "build synthetic objects: {:?}; RSS {}", t.elapsed(), proc_status("VmRSS:"))?;
+
+    let settings = Settings::at(Timestamp::now());
+    // Like the controller: one render result alive at a time, configs serialised one by one.
+    let t = Instant::now();
+    let cold = render::render(&w, &Placements::new(), &settings);
+    writeln!(out, "cold render: {:?} -> {} node configs", t.elapsed(), cold.nodes.len())?;
+    let per_node: Vec<usize> = cold.nodes.values().map(|n| n.config.devices.len()).collect();
+    writeln!(
+        out,
+        "devices per node: min {} max {}",
+        per_node.iter().min().copied().unwrap_or(0),
+        per_node.iter().max().copied().unwrap_or(0)
+    )?;
+    let t = Instant::now();
+    let mut bytes = 0;
+    for nc in cold.nodes.values() {
+        bytes += serde_saphyr::to_string(&nc.config)?.len();
+    }
+    writeln!(out, "serialise every ConfigMap (YAML, one at a time): {:?}, {} KiB total", t.elapsed(), bytes / 1024)?;
+    writeln!(out, "RSS with the objects and one render result: {}", proc_status("VmRSS:"))?;
+    let previous = cold.placements();
+    drop(cold);
+    let mut times = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let t = Instant::now();
+        let r = render::render(&w, &previous, &settings);
+        times.push(t.elapsed());
+        drop(r);
+    }
+    times.sort();
+    writeln!(out, "warm render (median of {}): {:?}", times.len(), times[times.len() / 2])?;
+    writeln!(
+        out,
+        "RSS after {} more renders: {}; peak (VmHWM): {}",
+        times.len(),
+        proc_status("VmRSS:"),
+        proc_status("VmHWM:")
+    )?;
+    writeln!(
+        out,
+        "sizes: Device {} B, Point {} B, GatewayDevice {} B (stack part; strings and vectors extra)",
+        std::mem::size_of::<Device>(),
+        std::mem::size_of::<Point>(),
+        std::mem::size_of::<fieldgate_crds::GatewayDevice>()
+    )?;
+    Ok(out)
+}

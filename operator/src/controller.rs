@@ -1,0 +1,466 @@
+//! The control loop: watch every input, and on any change (debounced) render the whole world
+//! and write the difference.
+//!
+//! Whole-world reconciles fit this problem: placement and uplink selection couple every
+//! Device to every Node and Uplink, and render of 10,000 devices takes milliseconds. The loop
+//! runs only while this replica holds the Lease; the watch caches stay warm on standbys.
+//!
+//! Inputs: Devices, DeviceProfiles, Uplinks (all namespaces), Nodes labelled
+//! `fieldgate.io/gateway=true`, and Secret *metadata* (all namespaces). Secret values are
+//! fetched only for Secrets that Uplinks reference, and again only when their
+//! resourceVersion changes, so the operator never caches every Secret of the cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fieldgate_crds::{Device, DeviceProfile, GATEWAY_NODE_LABEL, Uplink};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::{KindLabels, Metrics, ObjectStateLabels, OutcomeLabels};
+use crate::render::{self, ObjectKey, Placements, Rendered, SecretIndex, Settings, World};
+use crate::writer::{SecretValues, WriteError, WriteSummary, Writer};
+
+/// The watch caches render reads.
+#[derive(Clone)]
+pub struct Stores {
+    /// Devices.
+    pub devices: Store<Device>,
+    /// Profiles.
+    pub profiles: Store<DeviceProfile>,
+    /// Uplinks.
+    pub uplinks: Store<Uplink>,
+    /// Gateway nodes.
+    pub nodes: Store<Node>,
+    /// Metadata of every Secret.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+impl Stores {
+    /// Waits until every cache has been filled once.
+    pub async fn ready(&self) -> bool {
+        self.devices.wait_until_ready().await.is_ok()
+            && self.profiles.wait_until_ready().await.is_ok()
+            && self.uplinks.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+            && self.secrets.wait_until_ready().await.is_ok()
+    }
+}
+
+fn forward<K, S>(stream: S, trigger: Arc<Notify>, metrics: Arc<Metrics>) -> impl std::future::Future<Output = ()> + Send
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    K: Send,
+{
+    stream.for_each(move |ev| {
+        match ev {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => trigger.notify_one(),
+            Ok(_) => {}
+            Err(e) => {
+                metrics.watch_errors.inc();
+                warn!(error = %e, "watch error; retrying with backoff");
+            }
+        }
+        futures::future::ready(())
+    })
+}
+
+/// managedFields are never read and can double an object's size: dropped before caching.
+fn slim<K: kube::Resource>(o: &mut K) {
+    o.managed_fields_mut().clear();
+}
+
+/// Starts the watches; every change notifies `trigger`. The returned future runs them all.
+pub fn watch_all(client: &Client, trigger: Arc<Notify>, metrics: Arc<Metrics>) -> (Stores, impl std::future::Future<Output = ()> + Send + use<>) {
+    let (devices, w_devices) = reflector::store();
+    let (profiles, w_profiles) = reflector::store();
+    let (uplinks, w_uplinks) = reflector::store();
+    let (nodes, w_nodes) = reflector::store();
+    let (secrets, w_secrets) = reflector::store();
+    let cfg = watcher::Config::default;
+    let node_cfg = cfg().labels(&format!("{GATEWAY_NODE_LABEL}=true"));
+    let t = || Arc::clone(&trigger);
+    let m = || Arc::clone(&metrics);
+    let run = futures::future::join5(
+        forward(reflector::reflector(w_devices, watcher(Api::<Device>::all(client.clone()), cfg()).modify(slim)).default_backoff(), t(), m()),
+        forward(
+            reflector::reflector(w_profiles, watcher(Api::<DeviceProfile>::all(client.clone()), cfg()).modify(slim)).default_backoff(),
+            t(),
+            m(),
+        ),
+        forward(reflector::reflector(w_uplinks, watcher(Api::<Uplink>::all(client.clone()), cfg()).modify(slim)).default_backoff(), t(), m()),
+        forward(reflector::reflector(w_nodes, watcher(Api::<Node>::all(client.clone()), node_cfg).modify(slim)).default_backoff(), t(), m()),
+        forward(
+            reflector::reflector(w_secrets, watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), cfg()).modify(slim))
+                .default_backoff(),
+            t(),
+            m(),
+        ),
+    );
+    let stores = Stores { devices, profiles, uplinks, nodes, secrets };
+    (stores, async move {
+        run.await;
+    })
+}
+
+/// Knobs of the loop.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopSettings {
+    /// Quiet time after a change before reconciling (changes come in bursts).
+    pub debounce: Duration,
+    /// Reconcile at least this often, changes or not.
+    pub resync: Duration,
+    /// How long a node may be NotReady before its network devices move.
+    pub failover_grace: Duration,
+    /// Whether failed-over devices return home.
+    pub fail_back: bool,
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Reading a referenced Secret failed.
+    #[error("read Secret {secret}: {source}")]
+    ReadSecret {
+        /// The Secret.
+        secret: ObjectKey,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl ReconcileError {
+    /// Metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReconcileError::ReadSecret { .. } => "read_secret",
+            ReconcileError::Write(e) => e.kind(),
+        }
+    }
+}
+
+/// The controller's state between reconciles.
+pub struct Reconciler {
+    client: Client,
+    stores: Stores,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    settings: LoopSettings,
+    secret_cache: BTreeMap<ObjectKey, (String, Arc<Secret>)>,
+    placements: Placements,
+}
+
+impl Reconciler {
+    /// A reconciler over filled (or filling) stores.
+    pub fn new(client: Client, stores: Stores, writer: Writer, metrics: Arc<Metrics>, settings: LoopSettings) -> Self {
+        Self { client, stores, writer, metrics, settings, secret_cache: BTreeMap::new(), placements: Placements::new() }
+    }
+
+    /// Forget everything remembered about the cluster (on gaining leadership).
+    pub fn forget(&mut self) {
+        self.writer.forget();
+        self.placements.clear();
+    }
+
+    /// The world as the caches show it.
+    fn snapshot(&self) -> World {
+        World {
+            devices: self.stores.devices.state(),
+            profiles: self.stores.profiles.state(),
+            uplinks: self.stores.uplinks.state(),
+            nodes: self.stores.nodes.state(),
+            secrets: None,
+        }
+    }
+
+    /// Reads the Secrets uplinks reference (cached by resourceVersion).
+    async fn referenced_secrets(&mut self, world: &World) -> Result<(SecretIndex, SecretValues), ReconcileError> {
+        let mut wanted: Vec<ObjectKey> = world.uplinks.iter().flat_map(|u| render::secret_refs(u)).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut index = SecretIndex::new();
+        let mut values = SecretValues::new();
+        let mut cache = BTreeMap::new();
+        for key in wanted {
+            let meta = self.stores.secrets.get(&reflector::ObjectRef::new(&key.name).within(&key.namespace));
+            let Some(meta) = meta else { continue };
+            let rv = meta.resource_version().unwrap_or_default();
+            let secret = match self.secret_cache.remove(&key) {
+                Some((cached_rv, s)) if cached_rv == rv => s,
+                _ => {
+                    let api = Api::<Secret>::namespaced(self.client.clone(), &key.namespace);
+                    match api.get_opt(&key.name).await {
+                        Ok(Some(s)) => Arc::new(s),
+                        Ok(None) => continue,
+                        Err(source) => return Err(ReconcileError::ReadSecret { secret: key, source }),
+                    }
+                }
+            };
+            let mut data: BTreeMap<String, k8s_openapi::ByteString> = secret.data.clone().unwrap_or_default();
+            for (k, v) in secret.string_data.iter().flatten() {
+                data.insert(k.clone(), k8s_openapi::ByteString(v.clone().into_bytes()));
+            }
+            index.insert(key.clone(), data.keys().cloned().collect());
+            values.insert(key.clone(), data);
+            cache.insert(key, (rv, secret));
+        }
+        self.secret_cache = cache;
+        Ok((index, values))
+    }
+
+    /// Renders the world as the caches show it and writes the difference.
+    pub async fn reconcile(&mut self) -> Result<(Rendered, WriteSummary), ReconcileError> {
+        let mut world = self.snapshot();
+        let (index, values) = self.referenced_secrets(&world).await?;
+        world.secrets = Some(index);
+        let mut previous = render::placements_from_status(&world.devices);
+        previous.extend(self.placements.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let settings = Settings {
+            now: Timestamp::now(),
+            failover_grace: self.settings.failover_grace,
+            fail_back: self.settings.fail_back,
+        };
+        let started = Instant::now();
+        let rendered = render::render(&world, &previous, &settings);
+        self.metrics.render_duration.observe(started.elapsed().as_secs_f64());
+        self.record(&rendered);
+        let summary = self.writer.write(&rendered, &world, &values).await?;
+        self.placements = rendered.placements();
+        Ok((rendered, summary))
+    }
+
+    fn record(&self, r: &Rendered) {
+        let count = |resource, state, n: usize| {
+            self.metrics.objects.get_or_create(&ObjectStateLabels { resource, state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        let ok_devices = r.devices.values().filter(|v| v.verdict.configured()).count();
+        count("device", "configured", ok_devices);
+        count("device", "invalid", r.devices.len() - ok_devices);
+        let ok_uplinks = r.uplinks.values().filter(|v| v.verdict.configured()).count();
+        count("uplink", "configured", ok_uplinks);
+        count("uplink", "invalid", r.uplinks.len() - ok_uplinks);
+        self.metrics.gateway_nodes.set(i64::try_from(r.gateway_nodes.len()).unwrap_or(i64::MAX));
+        self.metrics.configured_nodes.set(i64::try_from(r.nodes.len()).unwrap_or(i64::MAX));
+    }
+}
+
+fn next_wake(next_review: Option<Timestamp>, resync: Duration) -> Instant {
+    let resync_at = Instant::now() + resync;
+    let Some(at) = next_review else { return resync_at };
+    let until = at.duration_since(Timestamp::now());
+    let until = Duration::try_from(until).unwrap_or(Duration::ZERO) + Duration::from_millis(100);
+    resync_at.min(Instant::now() + until)
+}
+
+/// Runs the loop until `stop`: reconciles on changes (debounced), at the end of a node's grace
+/// period, every `resync`, and retries failures with backoff. Writes only while `leading`.
+pub async fn run(mut reconciler: Reconciler, trigger: Arc<Notify>, mut leading: watch::Receiver<bool>, stop: CancellationToken) {
+    let settings = reconciler.settings;
+    // Never render a half-filled cache: it would look like every object was deleted.
+    tokio::select! {
+        () = stop.cancelled() => return,
+        filled = reconciler.stores.ready() => if !filled { return },
+    }
+    let mut wake = Instant::now();
+    let mut failures: u32 = 0;
+    let mut was_leading = false;
+    loop {
+        let is_leading = *leading.borrow_and_update();
+        reconciler.metrics.leader.set(i64::from(is_leading));
+        if is_leading && !was_leading {
+            info!("leading: reconciling every object");
+            reconciler.forget();
+            wake = Instant::now();
+        }
+        was_leading = is_leading;
+        if !is_leading {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = leading.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = trigger.notified() => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(settings.debounce) => {}
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {}
+            _ = leading.changed() => continue,
+        }
+        if !*leading.borrow() {
+            continue;
+        }
+        let started = Instant::now();
+        let result = reconciler.reconcile().await;
+        reconciler.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((rendered, summary)) => {
+                failures = 0;
+                reconciler.metrics.reconciles.get_or_create(&OutcomeLabels { outcome: "ok" }).inc();
+                if summary != WriteSummary::default() {
+                    info!(
+                        configmaps = summary.configmaps,
+                        secrets = summary.secrets,
+                        deleted = summary.deleted,
+                        statuses = summary.statuses,
+                        nodes = rendered.nodes.len(),
+                        devices = rendered.devices.len(),
+                        "reconciled"
+                    );
+                }
+                wake = next_wake(rendered.next_review, settings.resync);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let m = &reconciler.metrics;
+                m.reconciles.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
+                m.reconcile_errors.get_or_create(&KindLabels { kind: e.kind() }).inc();
+                let delay = Duration::from_millis(500).saturating_mul(2u32.saturating_pow(failures.min(7))).min(Duration::from_secs(60));
+                warn!(error = %e, kind = e.kind(), retry_in = ?delay, "reconcile failed");
+                wake = Instant::now() + delay;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::fixtures::*;
+    use crate::writer::WriterSettings;
+    use fieldgate_crds::Uplink;
+    use http::{Request, Response, StatusCode};
+    use kube::api::ObjectMeta;
+    use kube::client::Body;
+    use kube::core::PartialObjectMetaExt;
+    use prometheus_client::registry::Registry;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    fn filled<K>(objects: Vec<K>) -> Store<K>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (store, mut writer) = reflector::store();
+        for o in objects {
+            writer.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        store
+    }
+
+    fn secret_meta(ns: &str, name: &str, rv: &str) -> PartialObjectMeta<Secret> {
+        ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), resource_version: Some(rv.into()), ..ObjectMeta::default() }
+            .into_response_partial::<Secret>()
+    }
+
+    #[tokio::test]
+    async fn only_referenced_secrets_are_read_and_only_when_they_changed() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let stores = Stores {
+            devices: filled(vec![Device::test("meter-1")]),
+            profiles: filled(vec![]),
+            uplinks: filled(vec![Uplink::test("cloud").auth("creds")]),
+            nodes: filled(vec![Node::gateway("edge-1")]),
+            secrets: filled(vec![secret_meta("default", "creds", "10"), secret_meta("default", "unrelated", "3")]),
+        };
+        let writer = Writer::new(
+            client.clone(),
+            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
+            Arc::clone(&metrics),
+        );
+        let settings = LoopSettings {
+            debounce: Duration::ZERO,
+            resync: Duration::from_secs(300),
+            failover_grace: Duration::from_secs(300),
+            fail_back: false,
+        };
+        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+
+        let server = tokio::spawn(async move {
+            let mut gets = Vec::new();
+            // Two passes: 1 GET + 8 writes, then nothing new to read (same resourceVersion)
+            // and, with statuses not updated in the stores, the same status writes again.
+            for _ in 0..9 {
+                let (req, send) = handle.next_request().await.unwrap();
+                let uri = req.uri().to_string();
+                let method = req.method().clone();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+                let reply = if method == http::Method::GET && uri.contains("/secrets/") {
+                    gets.push(uri.clone());
+                    serde_json::to_value(secret("default", "creds", &[("username", "u"), ("password", "p")])).unwrap()
+                } else if uri.contains("labelSelector") {
+                    json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []})
+                } else if uri.contains("/devices/") {
+                    let mut d = serde_json::to_value(Device::test("meter-1")).unwrap();
+                    d["status"] = body["status"].clone();
+                    d
+                } else if uri.contains("/uplinks/") {
+                    let mut u = serde_json::to_value(Uplink::test("cloud").auth("creds")).unwrap();
+                    u["status"] = body["status"].clone();
+                    u
+                } else {
+                    body
+                };
+                send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+            }
+            (handle, gets)
+        });
+        let (rendered, summary) = reconciler.reconcile().await.unwrap();
+        assert!(rendered.uplinks.values().all(|v| v.verdict.configured()));
+        assert_eq!((summary.configmaps, summary.secrets), (1, 1));
+        let (mut handle, gets) = server.await.unwrap();
+        assert_eq!(gets, ["/api/v1/namespaces/default/secrets/creds"]);
+
+        // Second pass: the Secret is cached (same resourceVersion); only status writes remain
+        // (the stores here do not see the first pass's writes).
+        let server = tokio::spawn(async move {
+            let mut uris = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let uri = req.uri().to_string();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let reply = if uri.contains("/devices/") {
+                    let mut d = serde_json::to_value(Device::test("meter-1")).unwrap();
+                    d["status"] = body["status"].clone();
+                    d
+                } else if uri.contains("/uplinks/") {
+                    let mut u = serde_json::to_value(Uplink::test("cloud").auth("creds")).unwrap();
+                    u["status"] = body["status"].clone();
+                    u
+                } else {
+                    body
+                };
+                send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+                uris.push(uri);
+            }
+            uris
+        });
+        reconciler.reconcile().await.unwrap();
+        drop(reconciler);
+        let uris = server.await.unwrap();
+        assert!(uris.iter().all(|u| !u.contains("/secrets/") && !u.contains("/configmaps")), "{uris:?}");
+    }
+}

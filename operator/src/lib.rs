@@ -1,0 +1,24 @@
+//! The Fieldgate operator: `Device`, `DeviceProfile` and `Uplink` objects in, one
+//! `GatewayConfig` per gateway node out.
+//!
+//! - [`render`] is the brain: a pure function from every object to per-node configs and
+//!   per-object verdicts; [`placement`] decides which node serves which device.
+//! - [`writer`] does the API writes for one render (server-side apply, status, events);
+//!   [`controller`] watches the inputs and runs render + writer on every change;
+//!   [`lease`] makes sure only one replica writes.
+//! - [`app`] wires `fieldgate-operator run`; [`offline`] is `render -f`; [`bench`] measures.
+
+pub mod app;
+pub mod bench;
+pub mod controller;
+pub mod lease;
+pub mod management;
+pub mod metrics;
+pub mod offline;
+pub mod placement;
+pub mod render;
+pub mod writer;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod fixtures;

@@ -1,0 +1,221 @@
+//! Tests against a real cluster; they run only when `KUBECONFIG` is set (else they print
+//! `SKIPPED: KUBECONFIG not set` and pass).
+//!
+//! They apply the generated CRDs, label one node `fieldgate.io/gateway=true` (and remove the
+//! label afterwards if they added it), run the operator as a local process for a fresh
+//! namespace, and check: the per-node ConfigMap, the Device conditions, a change propagating,
+//! an invalid Device refused with its field path, and deletion cleaning up. Use a cluster
+//! without another Fieldgate operator: both would write Device status.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fieldgate_crds::{Device, DeviceProfile, Uplink};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+use tokio::time::Instant;
+
+const MANAGER: &str = "fieldgate-cluster-test";
+
+fn skip() -> bool {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        println!("SKIPPED: KUBECONFIG not set");
+        return true;
+    }
+    false
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, or fails after `timeout`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The operator process; killed by PID when dropped.
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cleanup {
+    client: Client,
+    namespace: String,
+    unlabel: Option<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (client, ns, unlabel) = (self.client.clone(), self.namespace.clone(), self.unlabel.take());
+        // Best effort, on a fresh runtime (Drop cannot be async).
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+                if let Some(node) = unlabel {
+                    let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": null}}});
+                    let _ = Api::<Node>::all(client).patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn apply_crds(client: &Client) {
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in [Device::crd(), DeviceProfile::crd(), Uplink::crd()] {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await.unwrap();
+        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let c = crds.get(&name).await.ok()?;
+                let ok = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                ok.then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+fn device(name: &str, poll: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "fieldgate.io/v1alpha1", "kind": "Device",
+        "metadata": {"name": name, "labels": {"site": "test"}},
+        "spec": {
+            "profile": "meter",
+            "connection": {"modbusTcp": {"host": "10.0.0.7", "port": 502}},
+            "pollInterval": poll
+        }
+    })
+}
+
+#[tokio::test]
+async fn operator_renders_configures_propagates_refuses_and_cleans_up() {
+    if skip() {
+        return;
+    }
+    let client = Client::try_default().await.unwrap();
+    apply_crds(&client).await;
+
+    let ns = format!("fieldgate-test-{}", std::process::id());
+    let nss = Api::<Namespace>::all(client.clone());
+    nss.patch(&ns, &PatchParams::apply(MANAGER), &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})))
+        .await
+        .unwrap();
+
+    // A gateway node: one already labelled, else the first node (label removed afterwards).
+    let nodes = Api::<Node>::all(client.clone());
+    let list = nodes.list(&Default::default()).await.unwrap();
+    let labelled = list.items.iter().find(|n| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true"));
+    let (node, unlabel) = match labelled {
+        Some(n) => (n.name_any(), None),
+        None => {
+            let n = list.items.first().expect("the cluster has a node").name_any();
+            let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": "true"}}});
+            nodes.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            (n.clone(), Some(n))
+        }
+    };
+    let _cleanup = Cleanup { client: client.clone(), namespace: ns.clone(), unlabel };
+
+    let _operator = Operator(
+        Command::new(env!("CARGO_BIN_EXE_fieldgate-operator"))
+            .args(["run", "--namespace", &ns, "--leader-election=false", "--listen", "127.0.0.1:0", "--debounce", "100ms"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let pp = PatchParams::apply(MANAGER).force();
+    let profiles = Api::<DeviceProfile>::namespaced(client.clone(), &ns);
+    let profile = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "DeviceProfile", "metadata": {"name": "meter"},
+        "spec": {"points": [{"name": "energy", "type": "uint32", "modbus": {"table": "holding", "address": 0}}]}});
+    profiles.patch("meter", &pp, &Patch::Apply(&profile)).await.unwrap();
+    let uplinks = Api::<Uplink>::namespaced(client.clone(), &ns);
+    let uplink = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "Uplink", "metadata": {"name": "cloud"},
+        "spec": {"deviceSelector": {"matchLabels": {"site": "test"}}, "mqtt": {"url": "mqtt://broker.example:1883"}}});
+    uplinks.patch("cloud", &pp, &Patch::Apply(&uplink)).await.unwrap();
+    let devices = Api::<Device>::namespaced(client.clone(), &ns);
+    devices.patch("meter-1", &pp, &Patch::Apply(device("meter-1", "1s"))).await.unwrap();
+
+    // 1. The node's ConfigMap holds the device, and the Device says where and that it is configured.
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let cm_name = format!("fieldgate-gateway-{node}");
+    let first_version = eventually("the node's ConfigMap with meter-1", Duration::from_secs(60), || {
+        let (cms, cm_name) = (cms.clone(), cm_name.clone());
+        async move {
+            let cm = cms.get_opt(&cm_name).await.ok()??;
+            let yaml = cm.data.as_ref()?.get("gateway.yaml")?.clone();
+            let cfg = fieldgate_crds::GatewayConfig::from_yaml(&yaml).ok()?;
+            cfg.devices.iter().any(|d| d.name == "meter-1").then_some(cfg.version?)
+        }
+    })
+    .await;
+    eventually("meter-1 Configured=True on the node", Duration::from_secs(30), || {
+        let (devices, node) = (devices.clone(), node.clone());
+        async move {
+            let s = devices.get("meter-1").await.ok()?.status?;
+            (s.node.as_deref() == Some(node.as_str()) && s.condition("Configured")?.status == "True").then_some(())
+        }
+    })
+    .await;
+
+    // 2. A change propagates: new version, new poll interval.
+    devices.patch("meter-1", &pp, &Patch::Apply(device("meter-1", "5s"))).await.unwrap();
+    eventually("the change in the ConfigMap", Duration::from_secs(30), || {
+        let (cms, cm_name, first) = (cms.clone(), cm_name.clone(), first_version.clone());
+        async move {
+            let cm = cms.get_opt(&cm_name).await.ok()??;
+            let cfg = fieldgate_crds::GatewayConfig::from_yaml(cm.data.as_ref()?.get("gateway.yaml")?).ok()?;
+            let d = cfg.devices.iter().find(|d| d.name == "meter-1")?;
+            (cfg.version? != first && d.poll_interval.as_deref() == Some("5s")).then_some(())
+        }
+    })
+    .await;
+
+    // 3. An invalid Device is refused with its field path and never reaches the node.
+    devices.patch("broken", &pp, &Patch::Apply(device("broken", "fast"))).await.unwrap();
+    let message = eventually("broken Configured=False", Duration::from_secs(30), || {
+        let devices = devices.clone();
+        async move {
+            let s = devices.get("broken").await.ok()?.status?;
+            let c = s.condition("Configured")?;
+            (c.status == "False").then(|| c.message.clone())
+        }
+    })
+    .await;
+    assert!(message.contains("spec.pollInterval"), "{message}");
+    let cm = cms.get(&cm_name).await.unwrap();
+    assert!(!cm.data.unwrap()["gateway.yaml"].contains("broken"));
+
+    // 4. Deleting every Device deletes the node's ConfigMap.
+    for name in ["meter-1", "broken"] {
+        devices.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("the ConfigMap deleted", Duration::from_secs(30), || {
+        let (cms, cm_name) = (cms.clone(), cm_name.clone());
+        async move { cms.get_opt(&cm_name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}
