@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::buffer::{self, Routes, WriterSettings};
+use crate::cluster;
 use crate::config_watch;
 use crate::management::{self, Management};
 use crate::metrics::{Metrics, ReloadLabels, ReloadOutcome};
@@ -49,6 +50,20 @@ pub struct Args {
     /// Time allowed for a graceful stop after SIGTERM.
     #[arg(long, env = "FIELDGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// In-cluster mode: name of this node's ConfigMap (rendered by the operator). The config
+    /// is then watched through the API and `--config` holds its local copy.
+    #[arg(long, env = "FIELDGATE_CONFIGMAP")]
+    pub configmap: Option<String>,
+    /// In-cluster mode: name of this node's Secret (defaults to the ConfigMap's name).
+    #[arg(long, env = "FIELDGATE_SECRET")]
+    pub secret: Option<String>,
+    /// In-cluster mode: namespace of the ConfigMap and Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Runtime worker threads. One is plenty for hundreds of devices and spends the least CPU
+    /// on thread hand-offs; raise it for very large gateways.
+    #[arg(long, env = "FIELDGATE_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// Log format.
     #[arg(long, env = "FIELDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -127,6 +142,30 @@ pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) ->
     Ok(LoadedConfig { config, mqtt })
 }
 
+/// Prepares in-cluster mode: builds the API client and writes the local copies of this node's
+/// ConfigMap and Secret (or keeps the last ones when the API server is unreachable).
+async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<(Option<kube::Client>, cluster::Mirror), AppError> {
+    let settings = cluster::ClusterSettings {
+        namespace: args.namespace.clone(),
+        configmap: configmap.to_string(),
+        secret: args.secret.clone().unwrap_or_else(|| configmap.to_string()),
+        node: args.node.clone(),
+        config_path: args.config.clone(),
+        secrets_dir: args.secrets_dir.clone(),
+    };
+    let mirror = cluster::Mirror::new(settings);
+    let client = match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "no Kubernetes client configuration; running on the local copy only");
+            None
+        }
+    };
+    let err = |e: cluster::ClusterError| AppError::Config { path: args.config.display().to_string(), message: e.to_string() };
+    cluster::bootstrap(client.as_ref(), &mirror).await.map_err(err)?;
+    Ok((client, mirror))
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -152,6 +191,10 @@ async fn wait_for_signal() {
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(args: Args) -> Result<(), AppError> {
     let secrets = SecretStore::new(&args.secrets_dir);
+    let cluster = match &args.configmap {
+        Some(configmap) => Some(start_cluster_mode(&args, configmap).await?),
+        None => None,
+    };
     let loaded = load_config(&args.config, &args.node, &secrets)?;
     let initial_digest = config_watch::file_digest(&args.config, &Ok(loaded.clone()));
     info!(
@@ -213,7 +256,23 @@ pub async fn run(args: Args) -> Result<(), AppError> {
         hub: crate::adapters::hub::DeviceHub::new(args.hub.clone(), secrets.clone(), Arc::clone(&metrics), signal.clone()),
     };
     let mut running = Running::new(shared, sink, routes_tx);
+    let (applied_tx, applied_rx) = watch::channel(None);
+    let background = CancellationToken::new();
+    if let Some((client, mirror)) = cluster {
+        if let Some(client) = client {
+            tokio::spawn(cluster::mirror(client.clone(), mirror, background.clone()));
+            tokio::spawn(cluster::report_status(
+                client,
+                args.node.clone(),
+                Arc::clone(&metrics),
+                applied_rx,
+                background.clone(),
+            ));
+        }
+    }
     let reloads = metrics.config_reloads.clone();
+    let config_of = |l: &LoadedConfig| Some(Arc::new(l.config.clone()));
+    applied_tx.send_replace(config_of(&loaded));
     match running.apply(loaded, &signal).await {
         Ok(applied) => {
             info!(node = %args.node, devices = applied.added.len(), "gateway running");
@@ -239,22 +298,25 @@ pub async fn run(args: Args) -> Result<(), AppError> {
         tokio::select! {
             () = signal.cancelled() => {}
             Some(candidate) = config_rx.recv() => match candidate {
-                Ok(loaded) => match running.apply(loaded, &signal).await {
-                    Ok(applied) if applied.is_empty() => {}
-                    Ok(applied) => {
-                        info!(
-                            added = ?applied.added,
-                            changed = ?applied.changed,
-                            removed = ?applied.removed,
-                            unchanged = applied.unchanged,
-                            version = running.version().unwrap_or("-"),
-                            "new configuration applied"
-                        );
-                        reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::applied }).inc();
-                        management.set_ready(true);
+                Ok(loaded) => {
+                    applied_tx.send_replace(config_of(&loaded));
+                    match running.apply(loaded, &signal).await {
+                        Ok(applied) if applied.is_empty() => {}
+                        Ok(applied) => {
+                            info!(
+                                added = ?applied.added,
+                                changed = ?applied.changed,
+                                removed = ?applied.removed,
+                                unchanged = applied.unchanged,
+                                version = running.version().unwrap_or("-"),
+                                "new configuration applied"
+                            );
+                            reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::applied }).inc();
+                            management.set_ready(true);
+                        }
+                        Err(Interrupted) => {}
                     }
-                    Err(Interrupted) => {}
-                },
+                }
                 Err(e) => {
                     warn!(error = %e, "new configuration refused; the running one stays");
                     reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::refused }).inc();
@@ -265,6 +327,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
 
     // Shutdown, in order.
     watcher_stop.cancel();
+    background.cancel();
     let deadline = Instant::now() + args.shutdown_grace;
     management.set_ready(false);
     running.stop_devices().await;

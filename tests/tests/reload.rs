@@ -107,3 +107,49 @@ async fn a_config_change_touches_only_the_devices_it_changes() -> Result<()> {
     assert!(status.success(), "gateway exited with {status}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_unreachable_the_gateway_runs_its_last_applied_config() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-autonomy", "fieldgate/#").await?;
+    let fleet = SimFleet::healthy(1).await?;
+    let device = format!("default/{}", fleet.devices()[0].name);
+    let gw = Gateway::new(&nats.url())?;
+    // The last applied config, as the mirror left it on the node's disk.
+    gw.write_config(
+        &ConfigBuilder::new()
+            .devices(fleet.gateway_devices("200ms"))
+            .cloud(&broker.url(), |_| {})
+            .yaml()?,
+    )?;
+    // A kubeconfig whose API server does not exist.
+    let dead = fieldgate_tests::free_port()?;
+    let kubeconfig = gw.dir().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:{dead}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: c, user: u, namespace: fieldgate}}}}]\n"
+        ),
+    )?;
+    let mut cmd = gw.command();
+    cmd.args(["--configmap", "fieldgate-gateway-test-node", "--namespace", "fieldgate"])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(gw.dir().join("cluster.stderr"))?);
+    let mut child = cmd.spawn()?;
+    let got = wait_until("readings at the cloud", WAIT, || {
+        let n = per_device(&cloud).map(|c| c.get(&device).copied().unwrap_or(0));
+        async move { Ok((n? >= 3).then_some(())) }
+    })
+    .await;
+    let log = std::fs::read_to_string(gw.dir().join("cluster.stderr")).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    got.map_err(|e| e.context(log.clone()))?;
+    assert!(log.contains("starting from the last applied configuration"), "{log}");
+    Ok(())
+}
