@@ -28,12 +28,12 @@ use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{DropReason, Metrics, UplinkLabels};
-use crate::reading::Reading;
+use crate::reading::{AcceptanceTracker, Submission};
 use crate::supervise::backoff;
 
 /// Default `maxBytes` of an uplink buffer.
@@ -165,14 +165,15 @@ impl UplinkBuffer {
 /// Where each device's readings go: the buffers of the uplinks that select it.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
-    buffers: Vec<UplinkBuffer>,
+    buffers: Vec<Arc<UplinkBuffer>>,
     by_device: HashMap<String, Vec<usize>>,
 }
 
 impl Routes {
     /// The routes of a validated config.
     pub fn new(cfg: &GatewayConfig) -> Self {
-        let buffers: Vec<UplinkBuffer> = cfg.uplinks.iter().map(UplinkBuffer::new).collect();
+        let buffers: Vec<Arc<UplinkBuffer>> =
+            cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
         let mut by_device = HashMap::new();
         for d in &cfg.devices {
             let targets: Vec<usize> = cfg
@@ -188,7 +189,7 @@ impl Routes {
     }
 
     /// The uplink buffers.
-    pub fn buffers(&self) -> &[UplinkBuffer] {
+    pub fn buffers(&self) -> &[Arc<UplinkBuffer>] {
         &self.buffers
     }
 
@@ -286,68 +287,82 @@ impl Default for WriterSettings {
 /// outstanding PubAcks: nothing handed to the writer is left unresolved in memory. If
 /// `abandon` fires first (the shutdown grace period ran out), the publishes still awaiting a
 /// PubAck are counted as dropped (`buffer_unavailable`) before it returns.
+///
+/// `routes` may change while it runs (a config reload): each reading goes to the routes in
+/// force when the writer takes it.
 pub async fn run_writer(
     js: jetstream::Context,
-    routes: Arc<Routes>,
+    routes: watch::Receiver<Arc<Routes>>,
     metrics: Arc<Metrics>,
     settings: WriterSettings,
-    mut rx: mpsc::Receiver<Reading>,
+    mut rx: mpsc::Receiver<Submission>,
     abandon: tokio_util::sync::CancellationToken,
 ) {
     let mut in_flight = FuturesUnordered::new();
-    let labels: Vec<UplinkLabels> = routes
-        .buffers()
-        .iter()
-        .map(|b| UplinkLabels { uplink: b.uplink.clone() })
-        .collect();
-    let mut pending = vec![0u64; routes.buffers().len()];
+    // Publishes awaiting their PubAck, per uplink: counted as drops if the grace runs out.
+    let mut pending: HashMap<String, u64> = HashMap::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             biased;
             () = abandon.cancelled() => {
                 rx.close();
+                let current = Arc::clone(&routes.borrow());
                 while let Ok(reading) = rx.try_recv() {
-                    for &route in routes.targets(&reading.namespace, &reading.device) {
-                        pending[route] += 1;
+                    for &route in current.targets(&reading.namespace, &reading.device) {
+                        *pending.entry(current.buffers()[route].uplink.clone()).or_default() += 1;
                     }
                 }
-                for (route, n) in pending.iter().enumerate().filter(|(_, n)| **n > 0) {
-                    warn!(uplink = %labels[route].uplink, dropped = n, "shutdown grace ran out: readings not yet accepted are dropped");
+                for (uplink, n) in pending.iter().filter(|(_, n)| **n > 0) {
+                    warn!(uplink = %uplink, dropped = n, "shutdown grace ran out: readings not yet accepted are dropped");
                     metrics
                         .readings_dropped
                         .get_or_create(&crate::metrics::DropLabels {
-                            uplink: labels[route].uplink.clone(),
+                            uplink: uplink.clone(),
                             reason: DropReason::buffer_unavailable,
                         })
                         .inc_by(*n);
                 }
                 return;
             }
-            Some((route, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let route: usize = route;
-                pending[route] -= 1;
+            Some((buffer, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let buffer: Arc<UplinkBuffer> = buffer;
+                if let Some(n) = pending.get_mut(&buffer.uplink) {
+                    *n = n.saturating_sub(1);
+                }
                 match result {
                     Ok(()) => {
-                        metrics.readings_accepted.get_or_create(&labels[route]).inc();
+                        metrics
+                            .readings_accepted
+                            .get_or_create(&UplinkLabels { uplink: buffer.uplink.clone() })
+                            .inc();
                     }
-                    Err(reason) => metrics.dropped(&labels[route].uplink, reason),
+                    Err(reason) => metrics.dropped(&buffer.uplink, reason),
                 }
             }
             next = rx.recv(), if open && in_flight.len() < settings.max_in_flight => {
-                let Some(reading) = next else {
+                let Some(mut reading) = next else {
                     open = false;
                     info!(pending = in_flight.len(), "buffer writer draining");
                     continue;
                 };
-                let targets = routes.targets(&reading.namespace, &reading.device);
+                let current = Arc::clone(&routes.borrow());
+                let targets = current.targets(&reading.namespace, &reading.device);
                 if targets.is_empty() {
                     metrics.dropped("none", DropReason::no_uplink);
+                    if let Some(tx) = reading.accepted.take() {
+                        let _ = tx.send(Err(DropReason::no_uplink));
+                    }
                     continue;
                 }
                 let payload = Bytes::from(reading.encode_to_vec());
+                // Tells a waiting adapter once every route resolved (see `submit_confirmed`).
+                let tracker = reading
+                    .accepted
+                    .take()
+                    .map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
                 for &route in targets {
-                    let b = &routes.buffers()[route];
+                    let b = Arc::clone(&current.buffers()[route]);
                     let fut = publish_until_accepted(
                         js.clone(),
                         b.subject.clone(),
@@ -355,15 +370,20 @@ pub async fn run_writer(
                         payload.clone(),
                         settings.give_up_after,
                     );
-                    pending[route] += 1;
-                    in_flight.push(async move { (route, fut.await) });
+                    *pending.entry(b.uplink.clone()).or_default() += 1;
+                    let tracker = tracker.clone();
+                    in_flight.push(async move {
+                        let outcome = fut.await;
+                        if let Some(t) = tracker {
+                            t.resolve(outcome);
+                        }
+                        (b, outcome)
+                    });
                 }
             }
         }
     }
-    if !routes.buffers().is_empty() {
-        warn_if_dropped(&metrics, &routes);
-    }
+    warn_if_dropped(&metrics, &routes.borrow());
     info!("buffer writer stopped");
 }
 

@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod app;
 pub mod buffer;
+pub mod cluster;
 pub mod config_watch;
 pub mod management;
 pub mod metrics;

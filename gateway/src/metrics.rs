@@ -88,11 +88,45 @@ pub struct DeliveryLabels {
     pub outcome: DeliveryOutcome,
 }
 
+/// Outcome of a configuration change.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadOutcome {
+    /// Checked and applied.
+    applied,
+    /// Refused (invalid); the running configuration stays.
+    refused,
+}
+
+/// Labels of a configuration change.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// Outcome.
+    pub outcome: ReloadOutcome,
+}
+
 /// Labels of a restarted task.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     /// Task name, such as `device default/meter-1` or `uplink default/cloud`.
     pub task: String,
+}
+
+/// Labels of a refused or counted inbound message (CoAP, MQTT, TCP, UDP) that is not yet
+/// tied to a device (unknown device, bad credentials, malformed frame).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngressLabels {
+    /// Protocol label, such as `coap`.
+    pub protocol: &'static str,
+    /// What was wrong (or, for `ingress_messages`, what kind of message), from a fixed set.
+    pub reason: &'static str,
+}
+
+/// Labels of an ingress listener's connection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// Protocol label, such as `tcp`.
+    pub protocol: &'static str,
 }
 
 /// Every metric the gateway exports.
@@ -131,6 +165,14 @@ pub struct Metrics {
     pub uplink_connects: Family<UplinkLabels, Counter>,
     /// Tasks restarted by their supervisor after a panic or an unexpected end.
     pub task_restarts: Family<TaskLabels, Counter>,
+    /// Configurations applied or refused (initial one included).
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    /// Inbound messages refused before reaching a device, by protocol and reason.
+    pub ingress_rejected: Family<IngressLabels, Counter>,
+    /// Inbound messages handled by the listeners, by protocol and kind (`con`, `non`, ...).
+    pub ingress_messages: Family<IngressLabels, Counter>,
+    /// Open inbound connections, by protocol.
+    pub ingress_connections: Family<ProtocolLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -159,6 +201,10 @@ impl Metrics {
             uplink_connected: Family::default(),
             uplink_connects: Family::default(),
             task_restarts: Family::default(),
+            config_reloads: Family::default(),
+            ingress_rejected: Family::default(),
+            ingress_messages: Family::default(),
+            ingress_connections: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("fieldgate");
         r.register("device_polls", "Device polls that read at least one point", m.polls.clone());
@@ -203,6 +249,10 @@ impl Metrics {
         r.register("uplink_connected", "Whether the uplink broker connection is up", m.uplink_connected.clone());
         r.register("uplink_connects", "Broker connections established", m.uplink_connects.clone());
         r.register("task_restarts", "Tasks restarted by their supervisor", m.task_restarts.clone());
+        r.register("config_reloads", "Configurations applied or refused", m.config_reloads.clone());
+        r.register("ingress_rejected", "Inbound messages refused before reaching a device", m.ingress_rejected.clone());
+        r.register("ingress_messages", "Inbound messages handled by the listeners, by kind", m.ingress_messages.clone());
+        r.register("ingress_connections", "Open inbound device connections", m.ingress_connections.clone());
         m
     }
 

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fieldgate_crds::Encoding;
 use prost::Message;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
 /// Types generated from `proto/fieldgate/v1/reading.proto`.
@@ -40,47 +40,75 @@ pub fn age(time_unix_nano: u64) -> Duration {
 pub fn encode(reading: &Reading, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => reading.encode_to_vec(),
-        Encoding::Json => to_json(reading).to_string().into_bytes(),
+        Encoding::Json => serde_json::to_vec(&JsonReading(reading)).unwrap_or_default(),
     }
+}
+
+/// The protobuf form of a buffered reading with its `buffer_seq` set, without decoding it:
+/// protobuf lets a later occurrence of a scalar field replace an earlier one, so the field is
+/// appended to the stored bytes.
+pub fn with_buffer_seq(stored: &[u8], buffer_seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stored.len() + 11);
+    out.extend_from_slice(stored);
+    prost::encoding::uint64::encode(6, &buffer_seq, &mut out);
+    out
 }
 
 /// The JSON form of a reading: the protobuf fields in camelCase, each point as
 /// `{"name", "value", "unit"?}`.
 pub fn to_json(r: &Reading) -> Json {
-    let mut o = Map::new();
-    o.insert("id".into(), r.id.clone().into());
-    o.insert("namespace".into(), r.namespace.clone().into());
-    o.insert("device".into(), r.device.clone().into());
-    if !r.node.is_empty() {
-        o.insert("node".into(), r.node.clone().into());
+    serde_json::to_value(JsonReading(r)).unwrap_or(Json::Null)
+}
+
+/// Serializes a reading as JSON straight from the protobuf type (no intermediate tree).
+struct JsonReading<'a>(&'a Reading);
+struct JsonPoints<'a>(&'a [Point]);
+struct JsonPoint<'a>(&'a Point);
+
+impl serde::Serialize for JsonReading<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &r.id)?;
+        m.serialize_entry("namespace", &r.namespace)?;
+        m.serialize_entry("device", &r.device)?;
+        if !r.node.is_empty() {
+            m.serialize_entry("node", &r.node)?;
+        }
+        m.serialize_entry("timeUnixNano", &r.time_unix_nano)?;
+        m.serialize_entry("bufferSeq", &r.buffer_seq)?;
+        m.serialize_entry("points", &JsonPoints(&r.points))?;
+        m.end()
     }
-    o.insert("timeUnixNano".into(), r.time_unix_nano.into());
-    o.insert("bufferSeq".into(), r.buffer_seq.into());
-    let points = r
-        .points
-        .iter()
-        .map(|p| {
-            let mut po = Map::new();
-            po.insert("name".into(), p.name.clone().into());
-            let v = match &p.value {
-                Some(Value::BoolValue(b)) => Json::Bool(*b),
-                Some(Value::IntValue(i)) => (*i).into(),
-                Some(Value::UintValue(u)) => (*u).into(),
-                Some(Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
-                    .map(Json::Number)
-                    .unwrap_or(Json::Null),
-                Some(Value::StringValue(s)) => s.clone().into(),
-                None => Json::Null,
-            };
-            po.insert("value".into(), v);
-            if !p.unit.is_empty() {
-                po.insert("unit".into(), p.unit.clone().into());
-            }
-            Json::Object(po)
-        })
-        .collect();
-    o.insert("points".into(), Json::Array(points));
-    Json::Object(o)
+}
+
+impl serde::Serialize for JsonPoints<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(JsonPoint))
+    }
+}
+
+impl serde::Serialize for JsonPoint<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let p = self.0;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("name", &p.name)?;
+        match &p.value {
+            Some(Value::BoolValue(b)) => m.serialize_entry("value", b)?,
+            Some(Value::IntValue(i)) => m.serialize_entry("value", i)?,
+            Some(Value::UintValue(u)) => m.serialize_entry("value", u)?,
+            // JSON has no NaN or infinity: those become null.
+            Some(Value::DoubleValue(d)) if d.is_finite() => m.serialize_entry("value", d)?,
+            Some(Value::DoubleValue(_)) | None => m.serialize_entry("value", &())?,
+            Some(Value::StringValue(v)) => m.serialize_entry("value", v)?,
+        }
+        if !p.unit.is_empty() {
+            m.serialize_entry("unit", &p.unit)?;
+        }
+        m.end()
+    }
 }
 
 /// Where adapters hand their readings: the buffer writer's queue.
@@ -89,7 +117,15 @@ pub fn to_json(r: &Reading) -> Json {
 /// rather than readings piling up in memory.
 #[derive(Clone, Debug)]
 pub struct ReadingSink {
-    tx: mpsc::Sender<Reading>,
+    tx: SinkTx,
+}
+
+#[derive(Clone, Debug)]
+enum SinkTx {
+    /// Readings only (tests and tools without a buffer): "accepted" once queued.
+    Plain(mpsc::Sender<Reading>),
+    /// The buffer writer's queue: readings with an optional acceptance notification.
+    Buffered(mpsc::Sender<Submission>),
 }
 
 /// The buffer writer has stopped (the gateway is shutting down).
@@ -97,16 +133,92 @@ pub struct ReadingSink {
 #[error("the buffer writer has stopped")]
 pub struct SinkClosed;
 
+/// Resolves once the buffer accepted a reading in every uplink buffer it is routed to
+/// (`Ok`), or with the reason of the first refusal. A dropped sender (the writer gave up at
+/// shutdown) reads as `Err(RecvError)`: not accepted.
+pub type Acceptance = tokio::sync::oneshot::Receiver<Result<(), crate::metrics::DropReason>>;
+
+/// One reading in the buffer writer's queue. Dereferences to the reading.
+#[derive(Debug)]
+pub struct Submission {
+    /// The reading.
+    pub reading: Reading,
+    /// Told by the writer once every route resolved; `None` when nobody waits.
+    pub accepted: Option<tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>>,
+}
+
+impl std::ops::Deref for Submission {
+    type Target = Reading;
+    fn deref(&self) -> &Reading {
+        &self.reading
+    }
+}
+
+/// Collects the outcome of every route of one reading and tells the waiting adapter.
+#[derive(Debug)]
+pub struct AcceptanceTracker {
+    state: std::sync::Mutex<(usize, Option<tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>>)>,
+}
+
+impl AcceptanceTracker {
+    /// Expects `routes` outcomes before telling the waiter (0 routes: call [`Self::resolve`] once).
+    pub fn new(routes: usize, tx: tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>) -> Self {
+        Self { state: std::sync::Mutex::new((routes.max(1), Some(tx))) }
+    }
+
+    /// Records one route's outcome. The first refusal is reported at once; success once all
+    /// routes succeeded.
+    pub fn resolve(&self, outcome: Result<(), crate::metrics::DropReason>) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.0 = s.0.saturating_sub(1);
+        if (outcome.is_err() || s.0 == 0)
+            && let Some(tx) = s.1.take()
+        {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
 impl ReadingSink {
-    /// A sink and the receiving end the buffer writer drains.
+    /// A sink and a receiving end of plain readings (tests, tools): a reading counts as
+    /// accepted once it is queued.
     pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Reading>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx }, rx)
+        (Self { tx: SinkTx::Plain(tx) }, rx)
+    }
+
+    /// A sink and the receiving end the buffer writer drains, with acceptance notifications.
+    pub fn buffered(capacity: usize) -> (Self, mpsc::Receiver<Submission>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx: SinkTx::Buffered(tx) }, rx)
     }
 
     /// Hands a reading to the buffer writer, waiting while its queue is full.
     pub async fn submit(&self, reading: Reading) -> Result<(), SinkClosed> {
-        self.tx.send(reading).await.map_err(|_| SinkClosed)
+        match &self.tx {
+            SinkTx::Plain(tx) => tx.send(reading).await.map_err(|_| SinkClosed),
+            SinkTx::Buffered(tx) => tx
+                .send(Submission { reading, accepted: None })
+                .await
+                .map_err(|_| SinkClosed),
+        }
+    }
+
+    /// Hands a reading to the buffer writer and returns what resolves once JetStream accepted
+    /// it (for adapters that acknowledge to the device only then: CoAP, MQTT, TCP).
+    pub async fn submit_confirmed(&self, reading: Reading) -> Result<Acceptance, SinkClosed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match &self.tx {
+            SinkTx::Plain(plain) => {
+                plain.send(reading).await.map_err(|_| SinkClosed)?;
+                let _ = tx.send(Ok(()));
+            }
+            SinkTx::Buffered(buffered) => {
+                let accepted = Some(tx);
+                buffered.send(Submission { reading, accepted }).await.map_err(|_| SinkClosed)?;
+            }
+        }
+        Ok(rx)
     }
 }
 
@@ -141,6 +253,26 @@ mod tests {
         assert_eq!(j["points"][1]["value"], true);
         assert_eq!(j["points"][2]["value"], u64::MAX);
         assert!(j.get("node").is_none());
+    }
+
+    #[test]
+    fn appending_the_buffer_seq_equals_setting_it() {
+        let mut r = sample();
+        r.buffer_seq = 0;
+        let stored = r.encode_to_vec();
+        let sent = with_buffer_seq(&stored, 42);
+        r.buffer_seq = 42;
+        assert_eq!(Reading::decode(sent.as_slice()).unwrap(), r);
+    }
+
+    #[test]
+    fn json_bytes_match_the_json_tree_and_refuse_nothing() {
+        let mut r = sample();
+        r.points.push(Point { name: "nan".into(), value: Some(Value::DoubleValue(f64::NAN)), unit: String::new() });
+        let bytes = encode(&r, Encoding::Json);
+        let parsed: Json = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(parsed, to_json(&r));
+        assert_eq!(parsed["points"][3]["value"], Json::Null);
     }
 
     #[test]

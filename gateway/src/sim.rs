@@ -542,6 +542,8 @@ fn point(name: &str, value_type: ValueType, table: ModbusTable, address: u16) ->
             length: None,
             bit: None,
         }),
+        path: None,
+        report: None,
     }
 }
 

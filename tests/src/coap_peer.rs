@@ -89,7 +89,7 @@ impl CoapServer {
 
     /// PUTs `value` to `path` (creating the resource) with libcoap's client.
     pub async fn put(&self, path: &str, value: &str) -> Result<()> {
-        let run = coap_client(&["-m", "put", "-B", "5", "-e", value, &self.uri(path)], Duration::from_secs(20)).await?;
+        let run = coap_client(&["-m", "put", "-b", "512", "-B", "5", "-e", value, &self.uri(path)], Duration::from_secs(20)).await?;
         if run.stderr.contains(" 4.") || run.stderr.contains(" 5.") || run.stderr.starts_with('4') || run.stderr.starts_with('5') {
             bail!("PUT {path} failed: {}", run.text());
         }

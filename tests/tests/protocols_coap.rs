@@ -14,7 +14,7 @@ use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::coap_peer::{CoapProbe, CoapServer, coap_client};
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
+use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer};
 use serde_json::{Value as Json, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -24,9 +24,9 @@ fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
     serde_json::from_value(json!({"name": name, "connection": connection, "points": points, "pollInterval": "300ms"})).unwrap()
 }
 
-/// Whether the cloud received a reading of `device` with point `name` equal to `value`.
-fn has_value(cloud: &CloudSubscriber, device: &str, name: &str, value: &Json) -> bool {
-    cloud.readings().unwrap_or_default().iter().any(|r| {
+/// Whether the messages hold a reading of `device` with point `name` equal to `value`.
+fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> bool {
+    msgs.iter().filter_map(|m| m.json().ok()).any(|r| {
         r["device"] == device
             && r["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["value"] == *value))
     })
@@ -34,7 +34,7 @@ fn has_value(cloud: &CloudSubscriber, device: &str, name: &str, value: &Json) ->
 
 async fn wait_value(cloud: &CloudSubscriber, gw: &ListeningGateway, device: &str, name: &str, value: Json) -> Result<()> {
     cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |_| has_value(cloud, device, name, &value))
+        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| has_value(msgs, device, name, &value))
         .await
         .with_context(|| gw.log())
 }
@@ -165,7 +165,7 @@ async fn coap_push_is_answered_503_while_the_buffer_is_down() -> Result<()> {
 async fn libcoap_server_resources_are_polled_and_observed() -> Result<()> {
     let server = CoapServer::start().await?;
     server.put("/temp", "21.5").await?;
-    server.put("/note", &json!({"note": "n".repeat(300)}).to_string()).await?;
+    server.put("/note", &json!({"note": "n".repeat(1500)}).to_string()).await?;
     let host = json!("127.0.0.1");
     let port = server.addr.port();
     let devices = vec![
@@ -187,7 +187,7 @@ async fn libcoap_server_resources_are_polled_and_observed() -> Result<()> {
     wait_value(cloud, gw, "poller", "temp", json!(21.5)).await?;
     wait_value(cloud, gw, "observer", "temp", json!(21.5)).await?;
     // A block-wise answer read whole, and refused beyond the device's limit.
-    wait_value(cloud, gw, "noter", "note", json!("n".repeat(300))).await.with_context(|| server.log())?;
+    wait_value(cloud, gw, "noter", "note", json!("n".repeat(1500))).await.with_context(|| server.log())?;
     gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/small"), ("kind", "too_large")], WAIT, |v| v >= 1.0)
         .await?;
 

@@ -20,7 +20,11 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::reading::{Reading, ReadingSink};
 
+pub mod coap;
+pub mod hub;
 pub mod modbus_tcp;
+pub mod mqtt_ingest;
+pub mod payload;
 
 /// Everything an adapter needs to run one device.
 #[derive(Clone)]
@@ -35,6 +39,8 @@ pub struct DeviceTask {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the device is removed or the gateway stops.
     pub cancel: CancellationToken,
+    /// Listeners, device directory and Secrets shared by the adapters.
+    pub hub: Arc<hub::DeviceHub>,
 }
 
 impl DeviceTask {
@@ -68,6 +74,13 @@ impl DeviceTask {
         self.metrics.readings_received.get_or_create(&self.labels()).inc();
         self.sink.submit(reading).await
     }
+
+    /// Like [`DeviceTask::emit`], and resolves once JetStream accepted the reading: for
+    /// adapters that acknowledge to the device only then.
+    pub async fn emit_confirmed(&self, reading: Reading) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
+        self.metrics.readings_received.get_or_create(&self.labels()).inc();
+        self.sink.submit_confirmed(reading).await
+    }
 }
 
 /// Runs one device with the adapter of its protocol until `task.cancel` fires.
@@ -75,5 +88,11 @@ pub async fn run(task: DeviceTask) {
     let device = Arc::clone(&task.device);
     match &device.connection {
         Connection::ModbusTcp(settings) => modbus_tcp::run(settings, task).await,
+        Connection::Coap(settings) => coap::run(settings, task).await,
+        Connection::Mqtt(settings) => mqtt_ingest::run(settings, task).await,
+        Connection::Tcp(_) | Connection::Udp(_) => {
+            tracing::error!(device = %task.key(), protocol = device.connection.protocol(), "protocol not supported yet");
+            task.cancel.cancelled().await;
+        }
     }
 }

@@ -680,6 +680,8 @@ mod tests {
                 length: None,
                 bit: None,
             }),
+            path: None,
+            report: None,
         }
     }
 
@@ -1027,7 +1029,7 @@ mod tests {
             "50ms",
             extra,
         );
-        let Connection::ModbusTcp(c) = &mut d.connection;
+        let Connection::ModbusTcp(c) = &mut d.connection else { unreachable!() };
         c.timeout = Some(timeout.into());
         d
     }
@@ -1051,6 +1053,7 @@ mod tests {
                 sink,
                 metrics: Arc::clone(&metrics),
                 cancel: cancel.clone(),
+                hub: crate::adapters::hub::DeviceHub::for_tests(Arc::clone(&metrics)),
             };
             let key = task.key();
             let adapter = tokio::spawn(crate::adapters::run(task));

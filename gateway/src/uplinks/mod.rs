@@ -237,7 +237,7 @@ impl Driver {
             }
             self.expected_seq = self.expected_seq.max(seq + 1);
         }
-        let mut reading = match Reading::decode(msg.payload.as_ref()) {
+        let reading = match Reading::decode(msg.payload.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 warn!(uplink = %self.labels.uplink, seq, error = %e, "undecodable buffer entry dropped");
@@ -246,7 +246,6 @@ impl Driver {
                 return;
             }
         };
-        reading.buffer_seq = seq;
         let topic = match self.topics.get(&reading.device) {
             Some(t) => t.clone(),
             None => {
@@ -261,14 +260,22 @@ impl Driver {
                 t
             }
         };
-        let payload = reading::encode(&reading, self.encoding);
+        let sampled_unix_nano = reading.time_unix_nano;
+        let payload = match self.encoding {
+            Encoding::Protobuf => reading::with_buffer_seq(&msg.payload, seq),
+            Encoding::Json => {
+                let mut reading = reading;
+                reading.buffer_seq = seq;
+                reading::encode(&reading, Encoding::Json)
+            }
+        };
         let token = self.next_token;
         self.next_token += 1;
         match link.send(token, topic, payload.into()) {
             Ok(()) => {
                 self.in_flight.insert(
                     token,
-                    InFlight { msg, sent: Instant::now(), sampled_unix_nano: reading.time_unix_nano },
+                    InFlight { msg, sent: Instant::now(), sampled_unix_nano },
                 );
             }
             Err(e) => {

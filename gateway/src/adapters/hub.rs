@@ -1,0 +1,294 @@
+//! The device hub: what device adapters share beyond their own connection.
+//!
+//! - The listeners devices connect to (CoAP push, raw TCP, raw UDP), bound lazily when the
+//!   first device of that protocol registers, and supervised until the gateway stops.
+//! - The directory those listeners look devices up in: a device adapter registers itself
+//!   (CoAP push path, TCP/UDP id with its token) for as long as it runs and is removed when
+//!   its task ends, so per-device config changes need nothing from the listeners.
+//! - The Secret store, for device tokens.
+//!
+//! Refusals that cannot be tied to a device (unknown device, wrong token, malformed frame
+//! before identification) are counted in `fieldgate_ingress_rejected_total{protocol,reason}`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::DeviceTask;
+use crate::metrics::{IngressLabels, Metrics};
+use crate::reading;
+use crate::secrets::{SecretBytes, SecretStore};
+
+/// Listener settings (command line / environment).
+#[derive(Clone, Debug, clap::Args)]
+pub struct HubArgs {
+    /// UDP address of the CoAP listener devices push to (bound when a CoAP device exists).
+    #[arg(long, env = "FIELDGATE_COAP_LISTEN", default_value = "0.0.0.0:5683")]
+    pub coap_listen: SocketAddr,
+    /// TCP address raw TCP devices connect to (bound when a TCP device exists).
+    #[arg(long, env = "FIELDGATE_TCP_LISTEN", default_value = "0.0.0.0:7700")]
+    pub tcp_listen: SocketAddr,
+    /// UDP address raw UDP devices send to (bound when a UDP device exists).
+    #[arg(long, env = "FIELDGATE_UDP_LISTEN", default_value = "0.0.0.0:7700")]
+    pub udp_listen: SocketAddr,
+    /// Most TCP device connections open at once; further ones are closed at once.
+    #[arg(long, env = "FIELDGATE_TCP_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub tcp_max_connections: usize,
+    /// Time a new TCP connection has to identify itself with its first frame.
+    #[arg(long, env = "FIELDGATE_FIRST_FRAME_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub first_frame_timeout: Duration,
+    /// Longest TCP frame (line) or UDP datagram, in bytes.
+    #[arg(long, env = "FIELDGATE_MAX_FRAME_BYTES", default_value_t = 4096)]
+    pub max_frame_bytes: usize,
+    /// A device id replaced this many times within `--flap-window` is quarantined.
+    #[arg(long, env = "FIELDGATE_FLAP_LIMIT", default_value_t = 5)]
+    pub flap_limit: u32,
+    /// Window in which replacements of one device id are counted.
+    #[arg(long, env = "FIELDGATE_FLAP_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub flap_window: Duration,
+    /// How long a flapping device id is refused.
+    #[arg(long, env = "FIELDGATE_QUARANTINE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub quarantine: Duration,
+}
+
+impl HubArgs {
+    /// Settings for tests: every listener on an ephemeral port of 127.0.0.1.
+    pub fn loopback() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            coap_listen: any,
+            tcp_listen: any,
+            udp_listen: any,
+            tcp_max_connections: 1024,
+            first_frame_timeout: Duration::from_secs(2),
+            max_frame_bytes: 4096,
+            flap_limit: 5,
+            flap_window: Duration::from_secs(60),
+            quarantine: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a device must present to be let in.
+#[derive(Debug)]
+pub enum Credential {
+    /// Nothing (CoAP devices without a token Secret).
+    Open,
+    /// This token.
+    Token(SecretBytes),
+    /// The token Secret is unreadable: everything is refused.
+    Unreadable,
+}
+
+/// A device registered with a listener.
+pub struct Registered {
+    /// The device's task (sink, metrics, labels).
+    pub task: DeviceTask,
+    /// What it must present.
+    pub token: Credential,
+    /// Largest body accepted from it.
+    pub max_body: usize,
+    ids: IdClock,
+}
+
+impl Registered {
+    /// A new registration.
+    pub fn new(task: DeviceTask, token: Credential, max_body: usize) -> Self {
+        Self { task, token, max_body, ids: IdClock::default() }
+    }
+
+    /// Whether `presented` is this device's token (constant time in the token's length).
+    pub fn token_matches(&self, presented: &[u8]) -> bool {
+        match &self.token {
+            Credential::Open => true,
+            Credential::Unreadable => false,
+            Credential::Token(t) => {
+                let want = t.expose_str().map(str::as_bytes).unwrap_or(t.expose());
+                want.len() == presented.len()
+                    && want.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            }
+        }
+    }
+
+    /// A fresh reading id for a pushed reading (see [`IdClock`]).
+    pub fn next_id(&self) -> String {
+        let d = &self.task.device;
+        reading::message_id(&d.namespace, &d.name, self.ids.next())
+    }
+}
+
+/// Ids of pushed readings: the receive time in ms, bumped to stay strictly increasing per
+/// device, so two readings in one millisecond never share an id (JetStream would drop the
+/// second as a duplicate).
+#[derive(Debug, Default)]
+pub struct IdClock(AtomicU64);
+
+impl IdClock {
+    /// The next id value.
+    pub fn next(&self) -> u64 {
+        let now = reading::unix_nanos(SystemTime::now()) / 1_000_000;
+        let mut last = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.0.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+}
+
+/// A directory key: protocol and the name devices are found by (CoAP path, TCP/UDP id).
+type Key = (&'static str, String);
+
+/// Removes a registration when the device task ends.
+pub struct Registration {
+    hub: Arc<DeviceHub>,
+    key: Key,
+    entry: Arc<Registered>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut dir = self.hub.directory.write().unwrap_or_else(PoisonError::into_inner);
+        // Only our own entry: a newer registration under the same key stays.
+        if dir.get(&self.key).is_some_and(|e| Arc::ptr_eq(e, &self.entry)) {
+            dir.remove(&self.key);
+        }
+    }
+}
+
+/// The gateway's device-side shared services.
+pub struct DeviceHub {
+    /// Listener settings.
+    pub args: HubArgs,
+    /// Device tokens.
+    pub secrets: SecretStore,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the gateway stops: listeners end.
+    pub cancel: CancellationToken,
+    directory: RwLock<HashMap<Key, Arc<Registered>>>,
+    started: Mutex<HashSet<&'static str>>,
+    bound: Mutex<HashMap<&'static str, SocketAddr>>,
+}
+
+impl DeviceHub {
+    /// A hub; listeners start when the first device of their protocol registers.
+    pub fn new(args: HubArgs, secrets: SecretStore, metrics: Arc<Metrics>, cancel: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            args,
+            secrets,
+            metrics,
+            cancel,
+            directory: RwLock::default(),
+            started: Mutex::default(),
+            bound: Mutex::default(),
+        })
+    }
+
+    /// A hub for unit tests: loopback listeners on ephemeral ports, an empty Secret store.
+    pub fn for_tests(metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::new(HubArgs::loopback(), SecretStore::new("/nonexistent"), metrics, CancellationToken::new())
+    }
+
+    /// Registers a device under `(protocol, name)` and makes sure the protocol's listener
+    /// runs. A previous registration under the same key is replaced.
+    pub fn register(self: &Arc<Self>, protocol: &'static str, name: String, entry: Registered) -> Registration {
+        let entry = Arc::new(entry);
+        let key = (protocol, name);
+        self.directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), Arc::clone(&entry));
+        self.ensure_listener(protocol);
+        Registration { hub: Arc::clone(self), key, entry }
+    }
+
+    /// The device registered under `(protocol, name)`.
+    pub fn lookup(&self, protocol: &'static str, name: &str) -> Option<Arc<Registered>> {
+        let dir = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        dir.get(&(protocol, name.to_string())).cloned()
+    }
+
+    /// Counts a refusal not tied to a device.
+    pub fn reject(&self, protocol: &'static str, reason: &'static str) {
+        self.metrics.ingress_rejected.get_or_create(&IngressLabels { protocol, reason }).inc();
+    }
+
+    /// Counts a handled inbound message of `kind`.
+    pub fn count_message(&self, protocol: &'static str, kind: &'static str) {
+        self.metrics.ingress_messages.get_or_create(&IngressLabels { protocol, reason: kind }).inc();
+    }
+
+    /// The address a listener is bound to, once bound.
+    pub fn bound(&self, protocol: &'static str) -> Option<SocketAddr> {
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner).get(protocol).copied()
+    }
+
+    pub(crate) fn set_bound(&self, protocol: &'static str, addr: SocketAddr) {
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner).insert(protocol, addr);
+    }
+
+    /// Reads a device token Secret. Unreadable: logged, counted (`secret`), and everything
+    /// the device presents is refused until its task restarts with a readable Secret.
+    pub fn credential(&self, r: &fieldgate_crds::DeviceSecretRef, task: &DeviceTask) -> Credential {
+        match self.secrets.read(&r.name, r.key.as_deref().unwrap_or("token")) {
+            Ok(t) => Credential::Token(t),
+            Err(e) => {
+                tracing::warn!(device = %task.key(), error = %e, "token Secret unreadable; the device is refused");
+                task.count_error("secret");
+                Credential::Unreadable
+            }
+        }
+    }
+
+    fn ensure_listener(self: &Arc<Self>, protocol: &'static str) {
+        if !self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(protocol) {
+            return;
+        }
+        let hub = Arc::clone(self);
+        let name = format!("listener {protocol}");
+        let metrics = Arc::clone(&self.metrics);
+        let cancel = self.cancel.clone();
+        match protocol {
+            "coap" => {
+                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
+                    super::coap::listen(Arc::clone(&hub))
+                }));
+            }
+            other => tracing::error!(protocol = other, "no listener for this protocol"),
+        }
+    }
+}
+
+/// Binds with retries (another process may hold the port for a moment) until `cancel`.
+pub(crate) async fn bind_udp(hub: &DeviceHub, protocol: &'static str, addr: SocketAddr) -> Option<tokio::net::UdpSocket> {
+    let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(10));
+    let mut logged = false;
+    loop {
+        match tokio::net::UdpSocket::bind(addr).await {
+            Ok(s) => {
+                let local = s.local_addr().unwrap_or(addr);
+                hub.set_bound(protocol, local);
+                tracing::info!(protocol, listen = %local, "device listener bound");
+                return Some(s);
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::warn!(protocol, listen = %addr, error = %e, "cannot bind the device listener; retrying");
+                    logged = true;
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tokio::select! {
+                    () = hub.cancel.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}

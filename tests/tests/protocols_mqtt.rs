@@ -1,0 +1,127 @@
+//! MQTT device ingest end to end: devices publish to a field `mosquitto`; the gateway
+//! subscribes, maps JSON paths and plain values to points, and acknowledges each QoS 1
+//! message to the field broker only after JetStream accepted its reading, so a message
+//! received while the buffer was down and the gateway then crashed is delivered again.
+//!
+//! Needs `cargo build --workspace --bins` first (the tests run the gateway binary).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use fieldgate_crds::GatewayDevice;
+use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::listening::ListeningGateway;
+use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{Value as Json, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
+    serde_json::from_value(json!({"name": name, "connection": connection, "points": points})).unwrap()
+}
+
+fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> bool {
+    msgs.iter().filter_map(|m| m.json().ok()).any(|r| {
+        r["device"] == device
+            && r["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["value"] == *value))
+    })
+}
+
+async fn wait_value(cloud: &CloudSubscriber, gw: &ListeningGateway, device: &str, name: &str, value: Json) -> Result<()> {
+    cloud
+        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| has_value(msgs, device, name, &value))
+        .await
+        .with_context(|| gw.log())
+}
+
+/// A field device publishing to the field broker (QoS 1), its event loop polled in the background.
+struct FieldDevice {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FieldDevice {
+    fn connect(broker: &Mosquitto, id: &str) -> Self {
+        let mut o = MqttOptions::new(id, "127.0.0.1", broker.port());
+        o.set_keep_alive(Duration::from_secs(5));
+        let (client, mut el) = AsyncClient::new(o, 64);
+        let task = tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Self { client, task }
+    }
+
+    async fn publish(&self, topic: &str, payload: &str) -> Result<()> {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec()).await.map_err(|e| anyhow!("{e}"))
+    }
+}
+
+impl Drop for FieldDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_broker_messages_are_mapped_and_acked_only_after_the_buffer_accepted_them() -> Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let field = Mosquitto::start().await?;
+    let cloud_broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&cloud_broker.url(), "cloud-mqtt-ingest", "fieldgate/#").await?;
+    let url = field.url();
+    let devices = vec![
+        device(
+            "meter",
+            json!({"mqtt": {"url": url, "topics": ["plant/meter/#"], "protocolVersion": 5}}),
+            json!([{"name": "power", "type": "float64", "path": "p.w", "unit": "W"}, {"name": "on", "type": "bool"}]),
+        ),
+        device(
+            "th",
+            json!({"mqtt": {"url": url, "topics": ["plant/th/+"]}}),
+            json!([{"name": "temp", "type": "float64"}, {"name": "hum", "type": "uint16"}]),
+        ),
+    ];
+    let config = ConfigBuilder::new().devices(devices).cloud(&cloud_broker.url(), |_| {}).yaml()?;
+    let mut gw = ListeningGateway::new(&nats.url())?;
+    gw.gw.write_config(&config)?;
+    gw.start_ready().await?;
+    gw.wait_metric("fieldgate_device_connected", &[("protocol", "mqtt")], WAIT, |v| v >= 2.0).await?;
+
+    let dev = FieldDevice::connect(&field, "field-devices");
+    dev.publish("plant/meter/state", r#"{"p":{"w":1250.5},"on":true}"#).await?;
+    dev.publish("plant/th/temp", "21.5").await?;
+    dev.publish("plant/th/hum", "55").await?;
+    wait_value(&cloud, &gw, "meter", "power", json!(1250.5)).await?;
+    wait_value(&cloud, &gw, "meter", "on", json!(true)).await?;
+    wait_value(&cloud, &gw, "th", "temp", json!(21.5)).await?;
+    wait_value(&cloud, &gw, "th", "hum", json!(55)).await?;
+
+    // Malformed and unmappable messages: counted with their kind, acknowledged, and the
+    // other device carries on.
+    dev.publish("plant/meter/state", r#"{"p":"#).await?;
+    dev.publish("plant/th/temp", "warm").await?;
+    dev.publish("plant/th/pressure", "1013").await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/meter"), ("kind", "json")], WAIT, |v| v >= 1.0).await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "type")], WAIT, |v| v >= 1.0).await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "ambiguous")], WAIT, |v| v >= 1.0).await?;
+    dev.publish("plant/meter/state", r#"{"p":{"w":99.0}}"#).await?;
+    wait_value(&cloud, &gw, "meter", "power", json!(99.0)).await?;
+
+    // The buffer goes down; a message arrives; the gateway crashes before JetStream accepted
+    // it. The field broker still holds it unacknowledged and sends it again.
+    nats.kill()?;
+    let received = gw.metric("fieldgate_readings_received_total", &[("device", "default/th")]).await?;
+    dev.publish("plant/th/temp", "30.25").await?;
+    gw.wait_metric("fieldgate_readings_received_total", &[("device", "default/th")], WAIT, |v| v > received).await?;
+    gw.kill();
+    nats.start_again().await?;
+    gw.start_ready().await?;
+    wait_value(&cloud, &gw, "th", "temp", json!(30.25)).await?;
+    Ok(())
+}
