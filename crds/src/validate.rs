@@ -211,7 +211,32 @@ fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection) 
         Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m),
         Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r),
         Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r),
+        Connection::ModbusRtu(m) => validate_modbus_rtu(errs, &format!("{path}.modbusRtu"), m),
     }
+}
+
+fn validate_modbus_rtu(errs: &mut ValidationErrors, path: &str, c: &crate::device::ModbusRtuConnection) {
+    match (&c.port, &c.address) {
+        (Some(_), Some(_)) | (None, None) => errs.push(path, "set exactly one of port (serial) and address (RTU over TCP)"),
+        (Some(p), None) if !p.starts_with('/') => errs.push(format!("{path}.port"), format!("{p:?} is not a device path such as /dev/ttyUSB0")),
+        (None, Some(a)) if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().map_or(true, |p| p == 0)) => {
+            errs.push(format!("{path}.address"), format!("{a:?} is not host:port"))
+        }
+        _ => {}
+    }
+    if !(1..=247).contains(&c.unit_id) {
+        errs.push(format!("{path}.unitId"), format!("{} is not a unit id of a serial bus (1-247)", c.unit_id));
+    }
+    if c.baud_rate == Some(0) {
+        errs.push(format!("{path}.baudRate"), "must be positive");
+    }
+    if c.data_bits.is_some_and(|b| b != 7 && b != 8) {
+        errs.push(format!("{path}.dataBits"), "must be 7 or 8");
+    }
+    if c.stop_bits.is_some_and(|b| b != 1 && b != 2) {
+        errs.push(format!("{path}.stopBits"), "must be 1 or 2");
+    }
+    check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
 fn validate_secret_ref(errs: &mut ValidationErrors, path: &str, r: &crate::device::DeviceSecretRef) {
@@ -422,7 +447,7 @@ impl DeviceSpec {
         let mut errs = ValidationErrors::default();
         validate_connection(&mut errs, "spec.connection", &self.connection);
         check_duration(&mut errs, "spec.pollInterval", self.poll_interval.as_ref(), MIN_POLL_INTERVAL);
-        let modbus = matches!(self.connection, Connection::ModbusTcp(_));
+        let modbus = matches!(self.connection, Connection::ModbusTcp(_) | Connection::ModbusRtu(_));
         validate_points(&mut errs, "spec.points", &self.points, modbus);
         errs.into_result()
     }
@@ -467,7 +492,7 @@ fn validate_device(errs: &mut ValidationErrors, path: &str, d: &GatewayDevice) {
     if d.points.is_empty() {
         errs.push(format!("{path}.points"), "a device needs at least one point");
     }
-    let modbus = matches!(d.connection, Connection::ModbusTcp(_));
+    let modbus = matches!(d.connection, Connection::ModbusTcp(_) | Connection::ModbusRtu(_));
     validate_points(errs, &format!("{path}.points"), &d.points, modbus);
 }
 

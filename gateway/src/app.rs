@@ -28,6 +28,10 @@ use crate::reconcile::{Interrupted, Running, Shared};
 use crate::secrets::SecretStore;
 use crate::uplinks::mqtt::MqttSettings;
 
+/// Readings waiting for the buffer writer. Small on purpose: when JetStream falls behind,
+/// adapters wait (polls run late) instead of readings piling up in memory.
+const READING_QUEUE: usize = 256;
+
 /// Command-line arguments and their environment variables.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(name = "fieldgate-gateway", version, about = "The Fieldgate edge gateway")]
@@ -70,6 +74,12 @@ pub struct Args {
     /// Listeners field devices connect to (CoAP push, raw TCP and UDP).
     #[command(flatten)]
     pub hub: crate::adapters::hub::HubArgs,
+    /// Trace sampling (export itself is configured by the standard OTEL_* variables).
+    #[command(flatten)]
+    pub traces: crate::telemetry::TraceArgs,
+    /// Management API token and limits.
+    #[command(flatten)]
+    pub management: crate::management::ManagementArgs,
 }
 
 /// Why the gateway could not run.
@@ -189,14 +199,15 @@ async fn wait_for_signal() {
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C.
-pub async fn run(args: Args) -> Result<(), AppError> {
+pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Result<(), AppError> {
+    let traces = crate::telemetry::Traces::init(&args.traces, "fieldgate-gateway", &args.node);
     let secrets = SecretStore::new(&args.secrets_dir);
     let cluster = match &args.configmap {
         Some(configmap) => Some(start_cluster_mode(&args, configmap).await?),
         None => None,
     };
     let loaded = load_config(&args.config, &args.node, &secrets)?;
-    let initial_digest = config_watch::file_digest(&args.config, &Ok(loaded.clone()));
+    let initial_digest = config_watch::file_digest(&args.config, &secrets);
     info!(
         config = %args.config.display(),
         version = loaded.config.version.as_deref().unwrap_or("-"),
@@ -207,7 +218,19 @@ pub async fn run(args: Args) -> Result<(), AppError> {
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let management = Management::new(registry);
+    let config_source = match &args.configmap {
+        None => management::ConfigSource::Standalone {
+            path: args.config.clone(),
+            node: args.node.clone(),
+            secrets: secrets.clone(),
+        },
+        Some(_) => management::ConfigSource::Cluster,
+    };
+    let api = management::Api::from_args(&args.management, logs, config_source).map_err(|e| AppError::Config {
+        path: e.path.clone(),
+        message: e.message.clone(),
+    })?;
+    let management = Management::with_api(registry, Arc::clone(&metrics), api, &args.node, &args.management);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| AppError::Listen { addr: args.listen, source })?;
@@ -228,6 +251,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
     let client = async_nats::ConnectOptions::new()
         .name(format!("fieldgate-gateway {}", args.node))
         .retry_on_initial_connect()
+        .event_callback(crate::telemetry::nats_events(Arc::clone(&metrics)))
         .connect(args.nats_url.as_str())
         .await
         .map_err(|source| AppError::Nats { url: args.nats_url.clone(), source })?;
@@ -235,7 +259,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
 
     // The buffer writer: adapters -> JetStream, along the routes in force.
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
-    let (sink, rx) = ReadingSink::buffered(4096);
+    let (sink, rx) = ReadingSink::buffered(READING_QUEUE);
     let abandon = CancellationToken::new();
     let mut writer = tokio::spawn(buffer::run_writer(
         js.clone(),
@@ -257,6 +281,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
     };
     let mut running = Running::new(shared, sink, routes_tx);
     let (applied_tx, applied_rx) = watch::channel(None);
+    management.watch_applied(applied_tx.subscribe());
     let background = CancellationToken::new();
     if let Some((client, mirror)) = cluster {
         if let Some(client) = client {
@@ -345,6 +370,7 @@ pub async fn run(args: Args) -> Result<(), AppError> {
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     stop_serving.cancel();
     let _ = server.await;
+    traces.shutdown(Duration::from_secs(3)).await;
     info!("gateway stopped");
     Ok(())
 }

@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::{DropReason, Metrics, UplinkLabels};
 use crate::reading::{AcceptanceTracker, Submission};
 use crate::supervise::backoff;
+use crate::telemetry::{StageSpan, append_span};
 
 /// Default `maxBytes` of an uplink buffer.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
@@ -166,7 +167,8 @@ impl UplinkBuffer {
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     buffers: Vec<Arc<UplinkBuffer>>,
-    by_device: HashMap<String, Vec<usize>>,
+    /// namespace -> device -> indexes into `buffers`.
+    by_device: HashMap<String, HashMap<String, Vec<usize>>>,
 }
 
 impl Routes {
@@ -174,7 +176,7 @@ impl Routes {
     pub fn new(cfg: &GatewayConfig) -> Self {
         let buffers: Vec<Arc<UplinkBuffer>> =
             cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
-        let mut by_device = HashMap::new();
+        let mut by_device: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for d in &cfg.devices {
             let targets: Vec<usize> = cfg
                 .uplinks
@@ -183,7 +185,7 @@ impl Routes {
                 .filter(|(_, u)| u.selects(d))
                 .map(|(i, _)| i)
                 .collect();
-            by_device.insert(format!("{}/{}", d.namespace, d.name), targets);
+            by_device.entry(d.namespace.clone()).or_default().insert(d.name.clone(), targets);
         }
         Self { buffers, by_device }
     }
@@ -195,7 +197,8 @@ impl Routes {
 
     fn targets(&self, namespace: &str, device: &str) -> &[usize] {
         self.by_device
-            .get(&format!("{namespace}/{device}"))
+            .get(namespace)
+            .and_then(|devices| devices.get(device))
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
@@ -233,36 +236,60 @@ async fn publish_until_accepted(
     id: String,
     payload: Bytes,
     give_up_after: Duration,
+    span: StageSpan,
 ) -> Result<(), DropReason> {
-    let deadline = Instant::now() + give_up_after;
-    let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        let publish = PublishMessage::build().message_id(&id).payload(payload.clone());
-        let result = match js.send_publish(subject.clone(), publish).await {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        let refusal = match result {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                let refusal = classify(&e);
-                debug!(subject = %subject, id = %id, error = %e, ?refusal, "publish not accepted");
-                refusal
+    let traceparent = span.traceparent();
+    let outcome = async {
+        let deadline = Instant::now() + give_up_after;
+        let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
+        let mut attempts: i64 = 0;
+        loop {
+            attempts += 1;
+            let mut publish = PublishMessage::build().message_id(&id).payload(payload.clone());
+            if let Some(tp) = &traceparent {
+                // Sampled readings only: the trace continues in the uplink that delivers it.
+                publish = publish.header(TRACEPARENT_HEADER, tp.as_str());
             }
-        };
-        match refusal {
-            Refusal::Full => return Err(DropReason::buffer_full_rejected),
-            Refusal::TooLarge => return Err(DropReason::too_large),
-            Refusal::Transient if Instant::now() >= deadline => {
-                return Err(DropReason::buffer_unavailable);
-            }
-            Refusal::Transient => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(2));
-                tokio::time::sleep(delay).await;
+            let result = match js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            let refusal = match result {
+                Ok(()) => return (Ok(()), attempts),
+                Err(e) => {
+                    let refusal = classify(&e);
+                    debug!(subject = %subject, id = %id, error = %e, ?refusal, "publish not accepted");
+                    refusal
+                }
+            };
+            match refusal {
+                Refusal::Full => return (Err(DropReason::buffer_full_rejected), attempts),
+                Refusal::TooLarge => return (Err(DropReason::too_large), attempts),
+                Refusal::Transient if Instant::now() >= deadline => {
+                    return (Err(DropReason::buffer_unavailable), attempts);
+                }
+                Refusal::Transient => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
+    };
+    let (result, attempts) = outcome.await;
+    let mut span = span;
+    if span.is_recording() {
+        span.attributes(|| vec![opentelemetry::KeyValue::new("fieldgate.publish.attempts", attempts)]);
+        match result {
+            Ok(()) => span.ok(),
+            Err(reason) => span.fail(reason.as_str()),
+        }
+        span.end();
     }
+    result
 }
+
+/// The JetStream header carrying a sampled reading's trace context.
+pub const TRACEPARENT_HEADER: async_nats::HeaderName = async_nats::HeaderName::from_static(crate::telemetry::TRACEPARENT);
 
 /// Settings of the buffer writer.
 #[derive(Clone, Debug)]
@@ -349,6 +376,9 @@ pub async fn run_writer(
                 let current = Arc::clone(&routes.borrow());
                 let targets = current.targets(&reading.namespace, &reading.device);
                 if targets.is_empty() {
+                    let mut span = append_span(reading.trace.as_ref(), "none", "", &reading.id);
+                    span.fail(DropReason::no_uplink.as_str());
+                    span.end();
                     metrics.dropped("none", DropReason::no_uplink);
                     if let Some(tx) = reading.accepted.take() {
                         let _ = tx.send(Err(DropReason::no_uplink));
@@ -363,12 +393,14 @@ pub async fn run_writer(
                     .map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
                 for &route in targets {
                     let b = Arc::clone(&current.buffers()[route]);
+                    let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
                     let fut = publish_until_accepted(
                         js.clone(),
                         b.subject.clone(),
                         reading.id.clone(),
                         payload.clone(),
                         settings.give_up_after,
+                        span,
                     );
                     *pending.entry(b.uplink.clone()).or_default() += 1;
                     let tracker = tracker.clone();

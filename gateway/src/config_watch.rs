@@ -1,8 +1,8 @@
 //! Watches the config file (standalone mode) and hands every changed, checked config to the
 //! app, which applies it per device.
 //!
-//! The file is read every `interval` and compared by content (its text and the secrets it
-//! references), not by modification events: a Kubernetes ConfigMap or Secret volume changes
+//! The file is read every `interval` and compared by content (its text and the files of the
+//! secrets directory; parsed only when they changed), not by modification events: a Kubernetes ConfigMap or Secret volume changes
 //! by swapping a symlink, which inotify-style watchers easily miss, and a read every couple of
 //! seconds costs nothing.
 
@@ -20,13 +20,21 @@ use crate::secrets::SecretStore;
 /// A config the watcher found: checked and resolved, or refused with every problem.
 pub type Candidate = Result<LoadedConfig, AppError>;
 
-fn digest(text: &str, loaded: &Candidate) -> u64 {
+/// Hash of the config text and of every file in the secrets directory (`<secret>/<key>`):
+/// cheap to compute, so the document is parsed only when something changed.
+fn digest(text: &str, secrets: &SecretStore) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
-    if let Ok(l) = loaded {
-        for m in &l.mqtt {
-            m.fingerprint.hash(&mut h);
-        }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(secrets.dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten().map(|f| f.path()))
+        .collect();
+    files.sort();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f).unwrap_or_default().hash(&mut h);
     }
     h.finish()
 }
@@ -57,13 +65,12 @@ pub async fn watch_file(
                 continue;
             }
         };
-        let candidate = load_config(&path, &node, &secrets);
-        let d = digest(&text, &candidate);
+        let d = digest(&text, &secrets);
         if d == last {
             continue;
         }
         last = d;
-        if tx.send(candidate).await.is_err() {
+        if tx.send(load_config(&path, &node, &secrets)).await.is_err() {
             warn!("config watcher stopped: nobody applies configs any more");
             return;
         }
@@ -71,7 +78,7 @@ pub async fn watch_file(
 }
 
 /// The digest of the file's current content and secrets, as [`watch_file`] computes it.
-pub fn file_digest(path: &std::path::Path, loaded: &Candidate) -> u64 {
+pub fn file_digest(path: &std::path::Path, secrets: &SecretStore) -> u64 {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    digest(&text, loaded)
+    digest(&text, secrets)
 }

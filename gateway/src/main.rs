@@ -2,23 +2,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fieldgate_gateway::app::{self, Args};
-use tracing_subscriber::EnvFilter;
+use fieldgate_gateway::telemetry;
 
 fn main() -> ExitCode {
     let args = Args::parse();
     // One TLS provider for every rustls user (the Kubernetes client, MQTT over TLS).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    // RUST_LOG filters (default `info`); the filter can be changed at run time (/api/v1).
+    let logs = telemetry::init_logs(&args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .enable_all()
@@ -30,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(args)) {
+    match runtime.block_on(app::run(args, Some(logs))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fieldgate-gateway: {e}");

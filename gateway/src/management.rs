@@ -1,30 +1,220 @@
-//! The management HTTP server (axum): `/metrics`, `/healthz`, `/readyz`.
+//! The management HTTP server (axum).
+//!
+//! | route | auth | what |
+//! |---|---|---|
+//! | `GET /healthz` | none | the process serves HTTP |
+//! | `GET /readyz` | none | 200 when started, the NATS connection (the buffer) is up and every uplink's buffer stream answers; 503 with the reasons otherwise |
+//! | `GET /metrics` | none | Prometheus/OpenMetrics text |
+//! | `GET /api/v1/status` | bearer | node, readiness, config version, every device and uplink |
+//! | `GET /api/v1/devices` | bearer | every device: state, last reading, last error kind |
+//! | `GET /api/v1/uplinks` | bearer | every uplink: connected, backlog, oldest unsent age |
+//! | `GET /api/v1/config` | bearer | the applied config and its version |
+//! | `PUT /api/v1/config` | bearer | standalone mode only: replace the config (YAML or JSON) |
+//! | `GET`/`PUT /api/v1/log-level` | bearer | the log filter (`RUST_LOG` syntax), changeable at run time |
+//!
+//! `/api/v1` exists only with a token: `--api-token-file` (env `FIELDGATE_API_TOKEN_FILE`; in
+//! Kubernetes a mounted Secret). Without one every `/api/v1` route answers 404. A request
+//! without `Authorization: Bearer <token>`, or with another token, gets 401 (the comparison
+//! takes the same time whatever the token). The file is read again when it changes, so a
+//! rotated Secret takes effect without a restart.
+//!
+//! A cloud outage does not make the gateway unready: buffering through it is the gateway's
+//! job, and an unready DaemonSet pod would stall rollouts. `fieldgate_uplink_connected` and
+//! the alerts shipped with the chart report it.
+//!
+//! `PUT /api/v1/config` checks the document exactly as a file change is checked (same parser,
+//! same validation with field paths, secrets resolved); a refused one answers 422 with every
+//! problem and its path. An accepted one is written over the config file atomically (write a
+//! temp file, rename), so the config watcher applies it through the same per-device reload
+//! path as any edit of the file; the answer is 200 once it is applied (202 if that takes
+//! longer than a few seconds). In the cluster the config comes from the operator alone: the
+//! route answers 409 there.
+//!
+//! Limits: request bodies up to 1 MiB (413 beyond), 10 s per request (408), and at most
+//! `--management-max-connections` open connections (further ones wait in the listen queue).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use fieldgate_crds::GatewayConfig;
 use prometheus_client::registry::Registry;
+use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::{DeviceLabels, Metrics, UplinkLabels};
+use crate::secrets::SecretStore;
+use crate::telemetry::LogControl;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// Time allowed for one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `PUT /api/v1/config` waits for the new config to be applied before answering 202.
+pub const APPLY_WAIT: Duration = Duration::from_secs(8);
+
+/// Command-line settings of the management server.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ManagementArgs {
+    /// File holding the bearer token of `/api/v1` (a mounted Secret). Without it `/api/v1` is
+    /// disabled (404).
+    #[arg(long, env = "FIELDGATE_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Most management connections open at once.
+    #[arg(long, env = "FIELDGATE_MANAGEMENT_MAX_CONNECTIONS", default_value_t = 32)]
+    pub management_max_connections: usize,
+}
+
+/// Where the gateway's config comes from, which decides whether `PUT /api/v1/config` exists.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// Standalone: the config file, checked with this node's name and Secrets.
+    Standalone {
+        /// The `--config` file the watcher applies.
+        path: PathBuf,
+        /// `--node`.
+        node: String,
+        /// The Secrets the config may reference.
+        secrets: SecretStore,
+    },
+    /// In the cluster: the operator's ConfigMap; the API cannot replace it.
+    Cluster,
+}
+
+/// The management API could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("API token file {path}: {message}")]
+pub struct ApiSetupError {
+    /// The token file.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The bearer token, read from its file and read again when the file changes.
+struct Token {
+    path: PathBuf,
+    cached: Mutex<(Option<SystemTime>, Vec<u8>)>,
+}
+
+/// Shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl Token {
+    fn read(path: &std::path::Path) -> Result<(Option<SystemTime>, Vec<u8>), ApiSetupError> {
+        let err = |message: String| ApiSetupError { path: path.display().to_string(), message };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let token = bytes.trim_ascii().to_vec();
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(err(format!("the token must be at least {MIN_TOKEN_LEN} characters")));
+        }
+        Ok((modified, token))
+    }
+
+    /// Whether `presented` is the token (constant time in the presented value).
+    fn matches(&self, presented: &[u8]) -> bool {
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        if modified != cached.0 {
+            match Self::read(&self.path) {
+                Ok(fresh) => *cached = fresh,
+                // Keep the last good token; say why once per change.
+                Err(e) => {
+                    warn!(error = %e, "API token file unreadable; keeping the previous token");
+                    cached.0 = modified;
+                }
+            }
+        }
+        let expected = &cached.1;
+        let mut diff = u8::from(expected.len() != presented.len());
+        for (i, b) in presented.iter().enumerate() {
+            diff |= b ^ expected.get(i % expected.len().max(1)).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+}
+
+/// The authenticated `/api/v1`: its token, the log control and where configs come from.
+pub struct Api {
+    token: Token,
+    logs: Option<LogControl>,
+    source: ConfigSource,
+    writes: AtomicU64,
+}
+
+impl Api {
+    /// The API of these settings; `None` (API disabled) without a token file.
+    pub fn from_args(
+        args: &ManagementArgs,
+        logs: Option<LogControl>,
+        source: ConfigSource,
+    ) -> Result<Option<Self>, ApiSetupError> {
+        let Some(path) = &args.api_token_file else { return Ok(None) };
+        let cached = Token::read(path)?;
+        Ok(Some(Self {
+            token: Token { path: path.clone(), cached: Mutex::new(cached) },
+            logs,
+            source,
+            writes: AtomicU64::new(0),
+        }))
+    }
+}
 
 /// What the management server shows.
 pub struct Management {
     registry: Registry,
     ready: AtomicBool,
+    metrics: Option<Arc<Metrics>>,
+    api: Option<Api>,
+    applied: Mutex<Option<watch::Receiver<Option<Arc<GatewayConfig>>>>>,
+    node: String,
+    max_connections: usize,
 }
 
 impl Management {
-    /// A server state over the gateway's registry; not ready until [`Management::set_ready`].
+    /// A server over the gateway's registry alone (no `/api/v1`, readiness from the flag
+    /// alone); not ready until [`Management::set_ready`].
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(Self {
             registry,
             ready: AtomicBool::new(false),
+            metrics: None,
+            api: None,
+            applied: Mutex::new(None),
+            node: String::new(),
+            max_connections: 32,
+        })
+    }
+
+    /// The full server: readiness also checks the buffer and the uplinks, `/api/v1` is
+    /// served when `api` is given.
+    pub fn with_api(
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        api: Option<Api>,
+        node: &str,
+        args: &ManagementArgs,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            ready: AtomicBool::new(false),
+            metrics: Some(metrics),
+            api,
+            applied: Mutex::new(None),
+            node: node.to_string(),
+            max_connections: args.management_max_connections.max(1),
         })
     }
 
@@ -32,7 +222,42 @@ impl Management {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
+
+    /// Follows the applied config (shown by `/api/v1`, and its uplinks checked by `/readyz`).
+    pub fn watch_applied(&self, applied: watch::Receiver<Option<Arc<GatewayConfig>>>) {
+        *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(applied);
+    }
+
+    fn applied(&self) -> Option<Arc<GatewayConfig>> {
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner).as_ref().and_then(|r| r.borrow().clone())
+    }
+
+    /// Why the gateway is not ready; empty when it is.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.ready.load(Ordering::SeqCst) {
+            reasons.push("starting or stopping".to_string());
+        }
+        if let Some(m) = &self.metrics {
+            // Connected at least once (so the NATS events are wired) and down now.
+            if m.buffer_connects.get() > 0 && m.buffer_connected.get() == 0 {
+                reasons.push("the NATS connection holding the buffer is down".to_string());
+            }
+            if let Some(cfg) = self.applied() {
+                for u in &cfg.uplinks {
+                    let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
+                    if m.buffer_reachable.get(&labels).is_some_and(|g| g.get() == 0) {
+                        reasons.push(format!("uplink {}: its buffer stream does not answer", labels.uplink));
+                    }
+                }
+            }
+        }
+        reasons
+    }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Open routes
 
 async fn metrics(State(m): State<Arc<Management>>) -> impl IntoResponse {
     let mut body = String::new();
@@ -51,29 +276,376 @@ async fn metrics(State(m): State<Arc<Management>>) -> impl IntoResponse {
 }
 
 async fn ready(State(m): State<Arc<Management>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+    let reasons = m.not_ready_reasons();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; ")))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /api/v1
+
+fn problem(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn authenticate(State(m): State<Arc<Management>>, req: Request, next: Next) -> Response {
+    let Some(api) = &m.api else {
+        return problem(StatusCode::NOT_FOUND, "the management API is disabled: start the gateway with --api-token-file");
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let (ok, challenge) = match presented {
+        None => (false, "Bearer realm=\"fieldgate\""),
+        Some(t) => (api.token.matches(t.as_bytes()), "Bearer realm=\"fieldgate\", error=\"invalid_token\""),
+    };
+    if !ok {
+        let mut r = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        return r;
+    }
+    next.run(req).await
+}
+
+fn unix_ms_text(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn devices_json(m: &Management) -> Vec<Json> {
+    let (Some(metrics), Some(cfg)) = (&m.metrics, m.applied()) else { return Vec::new() };
+    let now = SystemTime::now();
+    cfg.devices
+        .iter()
+        .map(|d| {
+            let key = format!("{}/{}", d.namespace, d.name);
+            let labels = DeviceLabels { device: key.clone(), protocol: d.connection.protocol() };
+            let connected = metrics.device_connected.get(&labels).map(|g| g.get());
+            let last_reading = metrics.device_last_reading.get(&labels).map(|g| g.get()).filter(|t| *t > 0.0);
+            let readings = metrics.readings_received.get(&labels).map_or(0, |c| c.get());
+            let last_error = metrics.device_last_error.get(&key);
+            let state = match (connected, last_reading, last_error) {
+                (Some(1), _, _) => "up",
+                (Some(_), _, Some(_)) => "down",
+                (Some(_), _, None) => "connecting",
+                // Devices that push (no connection of their own): up once they sent something.
+                (None, Some(_), _) => "up",
+                (None, None, Some(_)) => "down",
+                (None, None, None) => "waiting",
+            };
+            let age = last_reading.and_then(|t| {
+                now.duration_since(UNIX_EPOCH).ok().map(|n| (n.as_secs_f64() - t).max(0.0))
+            });
+            json!({
+                "name": key,
+                "protocol": labels.protocol,
+                "state": state,
+                "readings": readings,
+                "lastReading": last_reading.map(|t| unix_ms_text((t * 1000.0) as u64)),
+                "lastReadingAgeSeconds": age,
+                "lastError": last_error.map(|(kind, at)| json!({"kind": kind, "at": unix_ms_text(at)})),
+            })
+        })
+        .collect()
+}
+
+fn uplinks_json(m: &Management) -> Vec<Json> {
+    let (Some(metrics), Some(cfg)) = (&m.metrics, m.applied()) else { return Vec::new() };
+    cfg.uplinks
+        .iter()
+        .map(|u| {
+            let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
+            let gauge = |f: &prometheus_client::metrics::family::Family<UplinkLabels, prometheus_client::metrics::gauge::Gauge>| {
+                f.get(&labels).map(|g| g.get())
+            };
+            json!({
+                "name": labels.uplink,
+                "protocolVersion": u.mqtt.protocol_version.unwrap_or(5),
+                "connected": gauge(&metrics.uplink_connected) == Some(1),
+                "bufferReachable": gauge(&metrics.buffer_reachable).map(|v| v == 1),
+                "backlogMessages": gauge(&metrics.buffer_messages).unwrap_or(0),
+                "backlogBytes": gauge(&metrics.buffer_bytes).unwrap_or(0),
+                "oldestUnsentAgeSeconds": metrics.buffer_oldest_unsent_age.get(&labels).map_or(0.0, |g| g.get()),
+                "redeliveries": metrics.redeliveries.get(&labels).map_or(0, |c| c.get()),
+            })
+        })
+        .collect()
+}
+
+async fn status(State(m): State<Arc<Management>>) -> Response {
+    let cfg = m.applied();
+    let reasons = m.not_ready_reasons();
+    let buffer_connected = m.metrics.as_ref().map(|x| x.buffer_connected.get() == 1);
+    axum::Json(json!({
+        "node": m.node,
+        "ready": reasons.is_empty(),
+        "notReady": reasons,
+        "buffer": {"connected": buffer_connected},
+        "config": {"version": cfg.as_ref().and_then(|c| c.version.clone())},
+        "devices": devices_json(&m),
+        "uplinks": uplinks_json(&m),
+    }))
+    .into_response()
+}
+
+async fn devices(State(m): State<Arc<Management>>) -> Response {
+    axum::Json(json!({"devices": devices_json(&m)})).into_response()
+}
+
+async fn uplinks(State(m): State<Arc<Management>>) -> Response {
+    axum::Json(json!({"uplinks": uplinks_json(&m)})).into_response()
+}
+
+async fn config(State(m): State<Arc<Management>>) -> Response {
+    match m.applied() {
+        None => problem(StatusCode::SERVICE_UNAVAILABLE, "no configuration applied yet"),
+        Some(cfg) => axum::Json(json!({"version": cfg.version, "config": &*cfg})).into_response(),
+    }
+}
+
+async fn replace_config(State(m): State<Arc<Management>>, body: Bytes) -> Response {
+    let Some(api) = &m.api else { return problem(StatusCode::NOT_FOUND, "disabled") };
+    let ConfigSource::Standalone { path, node, secrets } = api.source.clone() else {
+        return problem(
+            StatusCode::CONFLICT,
+            "in the cluster the configuration comes from the operator: change the Device, DeviceProfile and Uplink objects",
+        );
+    };
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        return problem(StatusCode::BAD_REQUEST, "the body must be UTF-8 YAML or JSON");
+    };
+    let n = api.writes.fetch_add(1, Ordering::Relaxed);
+    let outcome = tokio::task::spawn_blocking(move || check_and_write(&path, &node, &secrets, &text, n)).await;
+    let candidate = match outcome {
+        Ok(Ok(candidate)) => candidate,
+        Ok(Err(WriteRefusal::Invalid(problems))) => {
+            let body = json!({"error": "the configuration is invalid; the running one stays", "problems": problems});
+            return (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response();
+        }
+        Ok(Err(WriteRefusal::Io(e))) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("writing the config file: {e}")),
+        Err(_) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "the config check did not finish"),
+    };
+    info!(version = candidate.version.as_deref().unwrap_or("-"), "configuration replaced through the API");
+    // The watcher applies it through the per-device reload path; wait a little for that.
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    let applied = loop {
+        if m.applied().is_some_and(|a| *a == candidate) {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let code = if applied { StatusCode::OK } else { StatusCode::ACCEPTED };
+    (code, axum::Json(json!({"applied": applied, "version": candidate.version}))).into_response()
+}
+
+enum WriteRefusal {
+    /// Every problem, each starting with its field path.
+    Invalid(Vec<String>),
+    Io(std::io::Error),
+}
+
+/// Checks `text` exactly as the config watcher would (through a temp file next to the config)
+/// and, if it passes, renames it over the config file.
+fn check_and_write(
+    path: &std::path::Path,
+    node: &str,
+    secrets: &SecretStore,
+    text: &str,
+    n: u64,
+) -> Result<GatewayConfig, WriteRefusal> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.api-{}-{n}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(WriteRefusal::Io(e));
+    }
+    match crate::app::load_config(&tmp, node, secrets) {
+        Ok(loaded) => {
+            if let Err(e) = std::fs::rename(&tmp, path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(WriteRefusal::Io(e));
+            }
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(loaded.config)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            let message = match e {
+                crate::app::AppError::Config { message, .. } => message,
+                other => other.to_string(),
+            };
+            // "N invalid fields" then one "  path: problem" line each, or one parse error.
+            let mut problems: Vec<String> =
+                message.lines().skip(1).map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+            if problems.is_empty() {
+                problems.push(message);
+            }
+            Err(WriteRefusal::Invalid(problems))
+        }
+    }
+}
+
+async fn log_level(State(m): State<Arc<Management>>) -> Response {
+    match m.api.as_ref().and_then(|a| a.logs.as_ref()) {
+        Some(logs) => axum::Json(json!({"level": logs.level()})).into_response(),
+        None => problem(StatusCode::NOT_IMPLEMENTED, "the log filter cannot be changed in this process"),
+    }
+}
+
+async fn set_log_level(State(m): State<Arc<Management>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(logs) = m.api.as_ref().and_then(|a| a.logs.as_ref()) else {
+        return problem(StatusCode::NOT_IMPLEMENTED, "the log filter cannot be changed in this process");
+    };
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let filter = if json_body {
+        match serde_json::from_slice::<Json>(&body) {
+            Ok(v) => v["level"].as_str().map(str::to_string),
+            Err(_) => None,
+        }
+    } else {
+        String::from_utf8(body.to_vec()).ok()
+    };
+    let Some(filter) = filter else {
+        return problem(StatusCode::BAD_REQUEST, "send {\"level\": \"debug\"} as JSON or the filter as text");
+    };
+    match logs.set_level(&filter) {
+        Ok(()) => {
+            info!(level = %logs.level(), "log filter changed through the API");
+            axum::Json(json!({"level": logs.level()})).into_response()
+        }
+        Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
 /// The routes.
 pub fn router(m: Arc<Management>) -> Router {
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/devices", get(devices))
+        .route("/uplinks", get(uplinks))
+        .route("/config", get(config).put(replace_config))
+        .route("/log-level", get(log_level).put(set_log_level))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such API route") })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&m), authenticate));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(10),
-        ))
+        .nest("/api/v1", api)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .with_state(m)
+}
+
+/// A listener that holds at most `max` connections open; the next one is accepted when one
+/// closes (until then it waits in the kernel's listen queue).
+struct CappedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+/// A connection holding one of the listener's slots until it is dropped.
+struct CappedStream {
+    stream: tokio::net::TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for CappedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = CappedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // The semaphore is never closed.
+            let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else { continue };
+            match self.inner.accept().await {
+                Ok((stream, addr)) => return (CappedStream { stream, _slot: slot }, addr),
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::debug!(error = %e, "management accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 /// Serves until `cancel` fires.
 pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(m))
+    let capped = CappedListener { inner: listener, slots: Arc::new(Semaphore::new(m.max_connections)) };
+    axum::serve(capped, router(m))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comparison_needs_the_exact_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
+        let t = Token { path: path.clone(), cached: Mutex::new(Token::read(&path).unwrap()) };
+        assert!(t.matches(b"0123456789abcdef-secret"));
+        for bad in [&b""[..], b"0123456789abcdef-secreT", b"0123456789abcdef-secret0", b"0123456789abcdef-secre"] {
+            assert!(!t.matches(bad), "{bad:?}");
+        }
+        std::fs::write(dir.path().join("short"), "short").unwrap();
+        assert!(Token::read(&dir.path().join("short")).is_err());
+    }
 }

@@ -58,6 +58,21 @@ pub enum DropReason {
     undecodable,
 }
 
+impl DropReason {
+    /// The label value, for spans and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::buffer_full_rejected => "buffer_full_rejected",
+            DropReason::buffer_full_evicted => "buffer_full_evicted",
+            DropReason::max_age_expired => "max_age_expired",
+            DropReason::buffer_unavailable => "buffer_unavailable",
+            DropReason::too_large => "too_large",
+            DropReason::no_uplink => "no_uplink",
+            DropReason::undecodable => "undecodable",
+        }
+    }
+}
+
 /// Labels of a dropped reading.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
@@ -173,6 +188,46 @@ pub struct Metrics {
     pub ingress_messages: Family<IngressLabels, Counter>,
     /// Open inbound connections, by protocol.
     pub ingress_connections: Family<ProtocolLabels, Gauge>,
+    /// Unix time of the device's last reading (for staleness alerts and `/api/v1`).
+    pub device_last_reading: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
+    /// Whether the gateway's NATS connection (the buffer) is up (1) or not (0).
+    pub buffer_connected: Gauge,
+    /// NATS connections established (1 + reconnects).
+    pub buffer_connects: Counter,
+    /// Whether the uplink's JetStream stream answered its last check (every 2 s).
+    pub buffer_reachable: Family<UplinkLabels, Gauge>,
+    /// The last error of each device, for `/api/v1` (not exported: an error kind is a label
+    /// value of `fieldgate_device_errors_total` already).
+    pub device_last_error: LastErrors,
+}
+
+/// The last error of each device: kind and Unix milliseconds, by `namespace/name`.
+#[derive(Debug, Default)]
+pub struct LastErrors(std::sync::Mutex<std::collections::HashMap<String, (&'static str, u64)>>);
+
+impl LastErrors {
+    /// Records an error of `kind` now.
+    pub fn record(&self, device: &str, kind: &'static str) {
+        let now = crate::reading::unix_nanos(std::time::SystemTime::now()) / 1_000_000;
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.get_mut(device) {
+            Some(e) => *e = (kind, now),
+            None => {
+                m.insert(device.to_string(), (kind, now));
+            }
+        }
+    }
+
+    /// Kind and Unix milliseconds of the device's last error.
+    pub fn get(&self, device: &str) -> Option<(&'static str, u64)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(device).copied()
+    }
+}
+
+/// Labels of `fieldgate_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -205,6 +260,11 @@ impl Metrics {
             ingress_rejected: Family::default(),
             ingress_messages: Family::default(),
             ingress_connections: Family::default(),
+            device_last_reading: Family::default(),
+            buffer_connected: Gauge::default(),
+            buffer_connects: Counter::default(),
+            buffer_reachable: Family::default(),
+            device_last_error: LastErrors::default(),
         };
         let r = registry.sub_registry_with_prefix("fieldgate");
         r.register("device_polls", "Device polls that read at least one point", m.polls.clone());
@@ -253,6 +313,17 @@ impl Metrics {
         r.register("ingress_rejected", "Inbound messages refused before reaching a device", m.ingress_rejected.clone());
         r.register("ingress_messages", "Inbound messages handled by the listeners, by kind", m.ingress_messages.clone());
         r.register("ingress_connections", "Open inbound device connections", m.ingress_connections.clone());
+        r.register(
+            "device_last_reading_timestamp_seconds",
+            "Unix time of the device's last reading",
+            m.device_last_reading.clone(),
+        );
+        r.register("buffer_connected", "Whether the NATS connection holding the buffer is up", m.buffer_connected.clone());
+        r.register("buffer_connects", "NATS connections established", m.buffer_connects.clone());
+        r.register("buffer_reachable", "Whether the uplink's JetStream stream answered its last check", m.buffer_reachable.clone());
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        r.register("build_info", "Version of the running gateway", build);
         m
     }
 

@@ -40,7 +40,14 @@ pub fn age(time_unix_nano: u64) -> Duration {
 pub fn encode(reading: &Reading, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => reading.encode_to_vec(),
-        Encoding::Json => serde_json::to_vec(&JsonReading(reading)).unwrap_or_default(),
+        Encoding::Json => {
+            // About 32 bytes a point: sized once, no regrowth while writing.
+            let mut out = Vec::with_capacity(256 + 32 * reading.points.len());
+            match serde_json::to_writer(&mut out, &JsonReading(reading)) {
+                Ok(()) => out,
+                Err(_) => Vec::new(),
+            }
+        }
     }
 }
 
@@ -145,6 +152,8 @@ pub struct Submission {
     pub reading: Reading,
     /// Told by the writer once every route resolved; `None` when nobody waits.
     pub accepted: Option<tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>>,
+    /// Where the reading's trace continues (`None`: not sampled, or tracing off).
+    pub trace: Option<crate::telemetry::TraceHandoff>,
 }
 
 impl std::ops::Deref for Submission {
@@ -195,10 +204,19 @@ impl ReadingSink {
 
     /// Hands a reading to the buffer writer, waiting while its queue is full.
     pub async fn submit(&self, reading: Reading) -> Result<(), SinkClosed> {
+        self.submit_traced(reading, None).await
+    }
+
+    /// [`ReadingSink::submit`] with the reading's trace context.
+    pub async fn submit_traced(
+        &self,
+        reading: Reading,
+        trace: Option<crate::telemetry::TraceHandoff>,
+    ) -> Result<(), SinkClosed> {
         match &self.tx {
             SinkTx::Plain(tx) => tx.send(reading).await.map_err(|_| SinkClosed),
             SinkTx::Buffered(tx) => tx
-                .send(Submission { reading, accepted: None })
+                .send(Submission { reading, accepted: None, trace })
                 .await
                 .map_err(|_| SinkClosed),
         }
@@ -207,6 +225,15 @@ impl ReadingSink {
     /// Hands a reading to the buffer writer and returns what resolves once JetStream accepted
     /// it (for adapters that acknowledge to the device only then: CoAP, MQTT, TCP).
     pub async fn submit_confirmed(&self, reading: Reading) -> Result<Acceptance, SinkClosed> {
+        self.submit_confirmed_traced(reading, None).await
+    }
+
+    /// [`ReadingSink::submit_confirmed`] with the reading's trace context.
+    pub async fn submit_confirmed_traced(
+        &self,
+        reading: Reading,
+        trace: Option<crate::telemetry::TraceHandoff>,
+    ) -> Result<Acceptance, SinkClosed> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         match &self.tx {
             SinkTx::Plain(plain) => {
@@ -215,7 +242,7 @@ impl ReadingSink {
             }
             SinkTx::Buffered(buffered) => {
                 let accepted = Some(tx);
-                buffered.send(Submission { reading, accepted }).await.map_err(|_| SinkClosed)?;
+                buffered.send(Submission { reading, accepted, trace }).await.map_err(|_| SinkClosed)?;
             }
         }
         Ok(rx)

@@ -218,6 +218,8 @@ impl Running {
             cancel: cancel.clone(),
             grace: self.shared.uplink_grace,
         };
+        // Commands from the uplink's command topic, if it has one; stops with the uplink.
+        crate::downlink::start(&task, &self.shared.hub);
         let handle = tokio::spawn(supervise(
             format!("uplink {k}"),
             Arc::clone(&self.shared.metrics),

@@ -309,7 +309,31 @@ pub async fn run(mut reconciler: Reconciler, trigger: Arc<Notify>, mut leading: 
             continue;
         }
         let started = Instant::now();
-        let result = reconciler.reconcile().await;
+        // One trace per reconcile (exported when OTLP is configured, see `crate::telemetry`).
+        let span = tracing::info_span!(
+            "reconcile",
+            otel.name = "fieldgate.operator.reconcile",
+            otel.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error.kind = tracing::field::Empty,
+            nodes = tracing::field::Empty,
+            devices = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(reconciler.reconcile(), span.clone()).await;
+        match &result {
+            Ok((rendered, _)) => {
+                span.record("outcome", "ok");
+                span.record("otel.status_code", "OK");
+                span.record("nodes", rendered.nodes.len());
+                span.record("devices", rendered.devices.len());
+            }
+            Err(e) => {
+                span.record("outcome", "error");
+                span.record("otel.status_code", "ERROR");
+                span.record("error.kind", e.kind());
+            }
+        }
+        drop(span);
         reconciler.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok((rendered, summary)) => {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod offline;
 pub mod placement;
 pub mod render;
+pub mod telemetry;
 pub mod writer;
 
 #[cfg(test)]

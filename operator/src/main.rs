@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fieldgate_operator::{app, bench, offline};
+use fieldgate_operator::{app, bench, offline, telemetry};
 
 #[derive(Parser)]
 #[command(name = "fieldgate-operator", version, about)]
@@ -28,22 +28,18 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     match args.command {
         Command::Run(run) => {
-            init_logs(&args.log_format);
-            tokio::runtime::Runtime::new()?.block_on(app::run(run))?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                // Inside the runtime: the OTLP exporter (when configured) runs on it.
+                let telemetry = telemetry::init(&args.log_format);
+                let result = app::run(run).await;
+                telemetry.shutdown(std::time::Duration::from_secs(3)).await;
+                result
+            })?;
         }
         Command::Render(r) => {
             let (report, all_ok) = offline::run(&r)?;

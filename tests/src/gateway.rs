@@ -56,6 +56,8 @@ pub struct Gateway {
     nats_url: String,
     listen: SocketAddr,
     starts: u32,
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -70,7 +72,21 @@ impl Gateway {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             proc: None,
             starts: 0,
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
         })
+    }
+
+    /// Adds a command-line argument to later starts (such as `--api-token-file=...`).
+    pub fn arg(&mut self, a: impl Into<String>) -> &mut Self {
+        self.extra_args.push(a.into());
+        self
+    }
+
+    /// Sets an environment variable for later starts (such as `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn env(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.extra_env.push((key.into(), value.into()));
+        self
     }
 
     /// Writes the config file the gateway reads (`--config`).
@@ -124,6 +140,8 @@ impl Gateway {
             .arg("--node")
             .arg(NODE);
         cmd.env("NO_COLOR", "1");
+        cmd.args(&self.extra_args);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

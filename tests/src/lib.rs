@@ -15,8 +15,10 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod api;
 pub mod certs;
 pub mod cloud;
+pub mod cloud_v5;
 pub mod coap_peer;
 pub mod config;
 pub mod delivery;
@@ -26,7 +28,10 @@ pub mod listening;
 pub mod metrics;
 pub mod mosquitto;
 pub mod nats;
+pub mod otlp;
 pub mod process;
+pub mod prometheus;
+pub mod pymodbus;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

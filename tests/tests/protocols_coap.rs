@@ -200,3 +200,29 @@ async fn libcoap_server_resources_are_polled_and_observed() -> Result<()> {
     ensure!(gw.metric("fieldgate_device_connected", &[("device", "default/poller")]).await? == 1.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporting_rules_send_only_changes_beyond_the_deadband() -> Result<()> {
+    let devices = vec![device(
+        "rated",
+        json!({"coap": {}}),
+        json!([{"name": "t", "type": "float64", "report": {"onChange": true, "deadband": 1.0}}]),
+    )];
+    let rig = rig("coap-report", devices, &[]).await?;
+    let mut probe = CoapProbe::connect(rig.gw.coap).await?;
+    for v in ["20.0", "20.5", "20.9", "22.0"] {
+        let (code, text) = probe.request(RequestType::Post, "/default/rated", v.as_bytes(), true).await?;
+        // Suppressed values are acknowledged too: there is nothing to keep.
+        ensure!(code == ResponseType::Changed, "{v} answered {code:?} {text}");
+    }
+    wait_value(&rig.cloud, &rig.gw, "rated", "t", json!(22.0)).await?;
+    let values: Vec<Json> = rig
+        .cloud
+        .readings()?
+        .iter()
+        .filter(|r| r["device"] == "rated")
+        .map(|r| r["points"][0]["value"].clone())
+        .collect();
+    ensure!(values == [json!(20.0), json!(22.0)], "reported {values:?}");
+    Ok(())
+}

@@ -430,7 +430,7 @@ impl Server {
         };
         let server = Arc::clone(self);
         tokio::spawn(async move {
-            let reading = pushed_reading(&dev, points);
+            let reading = dev.reading(points);
             let accepted = match dev.task.emit_confirmed(reading).await {
                 Ok(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
                 Err(_) => false,
@@ -447,19 +447,6 @@ impl Server {
             }
             drop(permit);
         });
-    }
-}
-
-fn pushed_reading(dev: &Registered, points: Vec<pb::Point>) -> Reading {
-    let d = &dev.task.device;
-    Reading {
-        id: dev.next_id(),
-        namespace: d.namespace.clone(),
-        device: d.name.clone(),
-        node: dev.task.node.clone(),
-        time_unix_nano: reading::unix_nanos(SystemTime::now()),
-        buffer_seq: 0,
-        points,
     }
 }
 
@@ -504,6 +491,7 @@ impl CoapError {
 }
 
 struct Client {
+    method: RequestType,
     socket: UdpSocket,
     mid: u16,
     timeout: Duration,
@@ -521,7 +509,7 @@ impl Client {
         let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let socket = UdpSocket::bind(local).await?;
         socket.connect(addr).await?;
-        Ok(Self { socket, mid: rand::random(), timeout, path, max_body })
+        Ok(Self { method: RequestType::Get, socket, mid: rand::random(), timeout, path, max_body })
     }
 
     fn request(&mut self, token: &[u8], observe: Option<u32>, block2: Option<BlockValue>) -> Packet {
@@ -529,7 +517,7 @@ impl Client {
         let mut p = Packet::new();
         p.header.set_version(1);
         p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(RequestType::Get);
+        p.header.code = MessageClass::Request(self.method);
         p.header.message_id = self.mid;
         p.set_token(token.to_vec());
         if let Some(o) = observe {
@@ -575,9 +563,13 @@ impl Client {
         }
     }
 
-    /// One GET (with retransmissions within the timeout) and its answer.
+    /// One request (with retransmissions within the timeout) and its answer.
     async fn get(&mut self, token: &[u8], observe: Option<u32>, block2: Option<BlockValue>) -> Result<Packet, CoapError> {
         let req = self.request(token, observe, block2);
+        self.exchange(req, token).await
+    }
+
+    async fn exchange(&mut self, req: Packet, token: &[u8]) -> Result<Packet, CoapError> {
         let deadline = Instant::now() + self.timeout;
         let mut wait = (self.timeout / 4).max(Duration::from_millis(50));
         loop {
@@ -621,6 +613,23 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// Sends a command to a CoAP device: `method` (PUT or POST) of `payload` to its resource.
+pub(crate) async fn send_command(settings: &CoapConnection, method: RequestType, payload: Vec<u8>) -> Result<(), CoapError> {
+    let Some(host) = &settings.host else {
+        return Err(CoapError::Io(std::io::Error::new(std::io::ErrorKind::Unsupported, "the device has no host to send to")));
+    };
+    let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
+    let path = settings.path.clone().unwrap_or_else(|| "/".to_string());
+    let max_body = settings.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| n as usize);
+    let mut c = Client::open(host, settings.port.unwrap_or(DEFAULT_PORT), path, timeout, max_body).await?;
+    c.method = method;
+    let token: [u8; 4] = rand::random();
+    let mut req = c.request(&token, None, None);
+    req.payload = payload;
+    let answer = c.exchange(req, &token).await?;
+    check_status(&answer)
 }
 
 fn check_status(p: &Packet) -> Result<(), CoapError> {

@@ -114,6 +114,20 @@ impl Registered {
         }
     }
 
+    /// A reading of pushed points, received now, with a fresh id.
+    pub fn reading(&self, points: Vec<reading::pb::Point>) -> reading::Reading {
+        let d = &self.task.device;
+        reading::Reading {
+            id: self.next_id(),
+            namespace: d.namespace.clone(),
+            device: d.name.clone(),
+            node: self.task.node.clone(),
+            time_unix_nano: reading::unix_nanos(SystemTime::now()),
+            buffer_seq: 0,
+            points,
+        }
+    }
+
     /// A fresh reading id for a pushed reading (see [`IdClock`]).
     pub fn next_id(&self) -> String {
         let d = &self.task.device;
@@ -175,6 +189,28 @@ pub struct DeviceHub {
     directory: RwLock<HashMap<Key, Arc<Registered>>>,
     started: Mutex<HashSet<&'static str>>,
     bound: Mutex<HashMap<&'static str, SocketAddr>>,
+    /// Modbus RTU buses in use (one scheduler per serial line).
+    pub buses: super::modbus_rtu::Buses,
+    /// Reporting state of the devices with reporting rules.
+    pub reporters: crate::reporting::Reporters,
+    /// Running devices by `namespace/name` (commands look them up here).
+    running: RwLock<HashMap<String, DeviceTask>>,
+}
+
+/// Removes a running device from the hub when its task ends.
+pub struct Running {
+    hub: Arc<DeviceHub>,
+    key: String,
+    device: Arc<fieldgate_crds::GatewayDevice>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = self.hub.running.write().unwrap_or_else(PoisonError::into_inner);
+        if running.get(&self.key).is_some_and(|t| Arc::ptr_eq(&t.device, &self.device)) {
+            running.remove(&self.key);
+        }
+    }
 }
 
 impl DeviceHub {
@@ -188,6 +224,9 @@ impl DeviceHub {
             directory: RwLock::default(),
             started: Mutex::default(),
             bound: Mutex::default(),
+            buses: Default::default(),
+            reporters: Default::default(),
+            running: RwLock::default(),
         })
     }
 
@@ -207,6 +246,18 @@ impl DeviceHub {
             .insert(key.clone(), Arc::clone(&entry));
         self.ensure_listener(protocol);
         Registration { hub: Arc::clone(self), key, entry }
+    }
+
+    /// Records a device as running until the returned guard is dropped.
+    pub fn running(self: &Arc<Self>, task: &DeviceTask) -> Running {
+        let key = task.key();
+        self.running.write().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), task.clone());
+        Running { hub: Arc::clone(self), key, device: Arc::clone(&task.device) }
+    }
+
+    /// The running device `namespace/name`.
+    pub fn device(&self, key: &str) -> Option<DeviceTask> {
+        self.running.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
     }
 
     /// The device registered under `(protocol, name)`.
@@ -259,6 +310,16 @@ impl DeviceHub {
             "coap" => {
                 tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
                     super::coap::listen(Arc::clone(&hub))
+                }));
+            }
+            "tcp" => {
+                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
+                    super::tcp::listen(Arc::clone(&hub))
+                }));
+            }
+            "udp" => {
+                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
+                    super::udp::listen(Arc::clone(&hub))
                 }));
             }
             other => tracing::error!(protocol = other, "no listener for this protocol"),

@@ -19,12 +19,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::reading::{Reading, ReadingSink};
+use crate::telemetry::ReadingTrace;
 
 pub mod coap;
 pub mod hub;
+pub mod modbus_rtu;
 pub mod modbus_tcp;
 pub mod mqtt_ingest;
 pub mod payload;
+pub mod tcp;
+pub mod udp;
 
 /// Everything an adapter needs to run one device.
 #[derive(Clone)]
@@ -59,40 +63,93 @@ impl DeviceTask {
 
     /// Counts a failed request of the given kind.
     pub fn count_error(&self, kind: &'static str) {
+        let device = self.key();
+        self.metrics.device_last_error.record(&device, kind);
         self.metrics
             .device_errors
             .get_or_create(&DeviceErrorLabels {
-                device: self.key(),
+                device,
                 protocol: self.device.connection.protocol(),
                 kind,
             })
             .inc();
     }
 
+    /// Applies the points' reporting rules ([`crate::reporting`]); `false` when nothing is
+    /// left to send.
+    fn report(&self, reading: &mut Reading) -> bool {
+        crate::reporting::apply(&self.hub.reporters, &self.key(), &self.device, &mut reading.points)
+    }
+
+    fn count_reading(&self, reading: &Reading) {
+        let labels = self.labels();
+        self.metrics.readings_received.get_or_create(&labels).inc();
+        let sampled = reading.time_unix_nano as f64 / 1e9;
+        self.metrics.device_last_reading.get_or_create(&labels).set(sampled);
+    }
+
     /// Counts a reading and hands it to the buffer writer. `Err` means the gateway is stopping.
-    pub async fn emit(&self, reading: Reading) -> Result<(), crate::reading::SinkClosed> {
-        self.metrics.readings_received.get_or_create(&self.labels()).inc();
+    pub async fn emit(&self, mut reading: Reading) -> Result<(), crate::reading::SinkClosed> {
+        if !self.report(&mut reading) {
+            return Ok(());
+        }
+        self.count_reading(&reading);
         self.sink.submit(reading).await
     }
 
     /// Like [`DeviceTask::emit`], and resolves once JetStream accepted the reading: for
     /// adapters that acknowledge to the device only then.
-    pub async fn emit_confirmed(&self, reading: Reading) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
-        self.metrics.readings_received.get_or_create(&self.labels()).inc();
+    pub async fn emit_confirmed(&self, mut reading: Reading) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
+        if !self.report(&mut reading) {
+            return Ok(nothing_to_keep());
+        }
+        self.count_reading(&reading);
         self.sink.submit_confirmed(reading).await
     }
+
+    /// [`DeviceTask::emit`] for a reading with its trace (see [`crate::telemetry`]): ends the
+    /// adapter's spans and lets the buffer writer continue the trace.
+    pub async fn emit_traced(&self, mut reading: Reading, trace: ReadingTrace) -> Result<(), crate::reading::SinkClosed> {
+        if !self.report(&mut reading) {
+            return Ok(());
+        }
+        self.count_reading(&reading);
+        let handoff = trace.finish(&reading.id, reading.points.len());
+        self.sink.submit_traced(reading, handoff).await
+    }
+
+    /// [`DeviceTask::emit_confirmed`] for a reading with its trace.
+    pub async fn emit_confirmed_traced(
+        &self,
+        mut reading: Reading,
+        trace: ReadingTrace,
+    ) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
+        if !self.report(&mut reading) {
+            return Ok(nothing_to_keep());
+        }
+        self.count_reading(&reading);
+        let handoff = trace.finish(&reading.id, reading.points.len());
+        self.sink.submit_confirmed_traced(reading, handoff).await
+    }
+}
+
+/// An acceptance that is already resolved: the reporting rules left nothing to keep.
+fn nothing_to_keep() -> crate::reading::Acceptance {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(Ok(()));
+    rx
 }
 
 /// Runs one device with the adapter of its protocol until `task.cancel` fires.
 pub async fn run(task: DeviceTask) {
+    let _running = task.hub.running(&task);
     let device = Arc::clone(&task.device);
     match &device.connection {
         Connection::ModbusTcp(settings) => modbus_tcp::run(settings, task).await,
         Connection::Coap(settings) => coap::run(settings, task).await,
         Connection::Mqtt(settings) => mqtt_ingest::run(settings, task).await,
-        Connection::Tcp(_) | Connection::Udp(_) => {
-            tracing::error!(device = %task.key(), protocol = device.connection.protocol(), "protocol not supported yet");
-            task.cancel.cancelled().await;
-        }
+        Connection::Tcp(settings) => tcp::run("tcp", settings, task).await,
+        Connection::Udp(settings) => tcp::run("udp", settings, task).await,
+        Connection::ModbusRtu(settings) => modbus_rtu::run(settings, task).await,
     }
 }

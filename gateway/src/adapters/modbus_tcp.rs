@@ -29,6 +29,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::DeviceTask;
 use crate::reading::{self, Reading, Value, pb};
+use crate::telemetry::{LogThrottle, ReadingTrace};
 
 const DEFAULT_PORT: u16 = 502;
 const DEFAULT_UNIT_ID: u8 = 1;
@@ -240,7 +241,7 @@ fn text(words: &[u16]) -> String {
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
-enum RequestError {
+pub(crate) enum RequestError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("exception response: {0}")]
@@ -252,7 +253,7 @@ enum RequestError {
 }
 
 impl RequestError {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             RequestError::Timeout(_) => "timeout",
             RequestError::Exception(_) => "exception",
@@ -263,7 +264,7 @@ impl RequestError {
 
     /// Whether the connection must be dropped: anything but an exception response leaves it
     /// in an unknown state (a late answer may still arrive).
-    fn breaks_connection(&self) -> bool {
+    pub(crate) fn breaks_connection(&self) -> bool {
         !matches!(self, RequestError::Exception(_))
     }
 }
@@ -287,13 +288,13 @@ impl From<tokio_modbus::Error> for RequestError {
 }
 
 /// The answer to one request.
-enum Block {
+pub(crate) enum Block {
     Bits(Vec<bool>),
     Words(Vec<u16>),
 }
 
 /// Sends one request and waits at most `timeout` for its answer.
-async fn read(
+pub(crate) async fn read(
     ctx: &mut Context,
     req: ReadRequest,
     timeout: Duration,
@@ -383,6 +384,8 @@ async fn poll(
     plan: &ReadPlan,
     timeout: Duration,
     task: &DeviceTask,
+    throttle: &mut LogThrottle,
+    trace: &mut ReadingTrace,
 ) -> PollOutcome {
     let mut outcome = PollOutcome {
         blocks: Vec::with_capacity(plan.requests.len()),
@@ -397,6 +400,7 @@ async fn poll(
             }
             Err(e) => {
                 task.count_error(e.kind());
+                trace.failed(e.kind());
                 tracing::debug!(
                     device = %task.key(), kind = e.kind(), table = ?req.table,
                     address = req.address, count = req.count, error = %e,
@@ -405,6 +409,15 @@ async fn poll(
                 if e.breaks_connection() {
                     outcome.broken = Some(e);
                     break;
+                }
+                // The connection stays up, so no state transition is logged: say it at most
+                // once a minute (every failure is counted in fieldgate_device_errors_total).
+                if let Some(suppressed) = throttle.allow() {
+                    tracing::warn!(
+                        device = %task.key(), kind = e.kind(), table = ?req.table, address = req.address,
+                        error = %e, suppressed,
+                        "Modbus device refused a read request (repeats logged at most once a minute)"
+                    );
                 }
                 outcome.answered = true;
                 outcome.blocks.push(None);
@@ -415,7 +428,7 @@ async fn poll(
 }
 
 /// The reading points of the blocks read, in the device's point order.
-fn points_read(points: &[Point], plan: &ReadPlan, blocks: &[Option<Block>]) -> Vec<pb::Point> {
+pub(crate) fn points_read(points: &[Point], plan: &ReadPlan, blocks: &[Option<Block>]) -> Vec<pb::Point> {
     points
         .iter()
         .zip(&plan.locations)
@@ -551,6 +564,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
     let mut retry_at: Option<Instant> = None;
     let mut last_slot: Option<u64> = None;
     let mut first = true;
+    let mut throttle = LogThrottle::new(Duration::from_secs(60));
     tracing::debug!(device = %key, requests = plan.requests.len(), ?interval, "polling Modbus device");
 
     loop {
@@ -599,9 +613,10 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
 
         let sampled = SystemTime::now();
         let started = Instant::now();
+        let mut trace = ReadingTrace::read(&key, labels.protocol);
         let Some(outcome) = task
             .cancel
-            .run_until_cancelled(poll(ctx, &plan, timeout, &task))
+            .run_until_cancelled(poll(ctx, &plan, timeout, &task, &mut throttle, &mut trace))
             .await
         else {
             break;
@@ -624,6 +639,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
             }
         }
 
+        trace.decoding();
         let points = points_read(&device.points, &plan, &outcome.blocks);
         if points.is_empty() {
             continue;
@@ -638,7 +654,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
             buffer_seq: 0,
             points,
         };
-        match task.cancel.run_until_cancelled(task.emit(reading)).await {
+        match task.cancel.run_until_cancelled(task.emit_traced(reading, trace)).await {
             Some(Ok(())) => {}
             Some(Err(_)) | None => break,
         }

@@ -92,20 +92,6 @@ impl Client {
         }
     }
 
-    /// Publishes a command to the device (QoS 1). `Ok` means queued.
-    pub async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
-        match self {
-            Client::V4(c) => c
-                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(|e| e.to_string()),
-        }
-    }
-
     async fn disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -342,6 +328,60 @@ async fn session(
             Event::Subscribed { .. } | Event::Other => {}
         }
     }
+}
+
+/// Publishes a command to the device's `commandTopic` on its field broker (QoS 1, its own
+/// short connection) and waits for the broker's acknowledgement.
+pub(crate) async fn publish_command(settings: &MqttDeviceConnection, task: &DeviceTask, payload: Bytes, timeout: Duration) -> Result<(), String> {
+    let Some(topic) = settings.command_topic.clone() else { return Err("the device has no commandTopic".into()) };
+    let mut own = settings.clone();
+    own.client_id = Some(format!("{}-cmd", settings.client_id.clone().unwrap_or_else(|| format!("fieldgate-{}-{}", task.device.namespace, task.device.name))));
+    let (client, mut events) = {
+        let (host, port) = host_port(&own.url).ok_or("bad url")?;
+        let id = own.client_id.clone().unwrap_or_default();
+        if own.protocol_version == Some(5) {
+            let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
+            o.set_clean_start(true);
+            let (c, el) = rumqttc::v5::AsyncClient::new(o, 8);
+            (Client::V5(c), EventLoop::V5(el))
+        } else {
+            let mut o = rumqttc::MqttOptions::new(id, host, port);
+            o.set_clean_session(true);
+            let (c, el) = rumqttc::AsyncClient::new(o, 8);
+            (Client::V4(c), EventLoop::V4(el))
+        }
+    };
+    let sent = async {
+        let mut published = false;
+        loop {
+            let done = match &mut events {
+                EventLoop::V4(el) => match el.poll().await.map_err(|e| e.to_string())? {
+                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => true,
+                    _ => false,
+                },
+                EventLoop::V5(el) => match el.poll().await.map_err(|e| e.to_string())? {
+                    rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) => true,
+                    _ => false,
+                },
+            };
+            if done {
+                return Ok::<(), String>(());
+            }
+            if !published {
+                published = true;
+                let queued = match &client {
+                    Client::V4(c) => c.try_publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone()).map_err(|e| e.to_string()),
+                    Client::V5(c) => c
+                        .try_publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone())
+                        .map_err(|e| e.to_string()),
+                };
+                queued?;
+            }
+        }
+    };
+    let result = tokio::time::timeout(timeout, sent).await.unwrap_or_else(|_| Err(format!("no acknowledgement within {timeout:?}")));
+    client.disconnect().await;
+    result
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -174,6 +174,30 @@ pub fn parse_line(line: &str) -> Result<Map<String, Json>, PayloadError> {
     Ok(map)
 }
 
+/// A raw TCP/UDP frame: a JSON object or a line of `key=value` pairs.
+pub fn parse_frame(frame: &[u8]) -> Result<Map<String, Json>, PayloadError> {
+    let text = std::str::from_utf8(frame).map_err(|_| PayloadError::NotUtf8)?.trim();
+    if text.starts_with('{') {
+        match serde_json::from_str::<Json>(text) {
+            Ok(Json::Object(m)) => Ok(m),
+            Ok(_) => Err(PayloadError::Json("not an object".into())),
+            Err(e) => Err(PayloadError::Json(e.to_string())),
+        }
+    } else {
+        parse_line(text)
+    }
+}
+
+/// Takes the credentials (`id`, `token`) out of a frame.
+pub fn take_credentials(frame: &mut Map<String, Json>) -> (Option<String>, Option<String>) {
+    let text = |v: Json| match v {
+        Json::String(s) => Some(s),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    (frame.remove("id").and_then(text), frame.remove("token").and_then(text))
+}
+
 fn short(text: &str) -> String {
     text.chars().take(24).collect()
 }

@@ -26,6 +26,8 @@ use crate::buffer::{BufferError, UplinkBuffer};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
+use crate::buffer::TRACEPARENT_HEADER;
+use crate::telemetry::{self, BufferEntry, StageSpan, TraceparentText};
 
 pub mod mqtt;
 
@@ -130,6 +132,8 @@ struct InFlight {
     msg: jetstream::Message,
     sent: Instant,
     sampled_unix_nano: u64,
+    /// `fieldgate.uplink.publish`, ended at the PUBACK (recorded for sampled readings only).
+    span: StageSpan,
 }
 
 /// Everything the driver loop keeps between events.
@@ -182,7 +186,9 @@ impl Driver {
 
     /// Gives every unconfirmed delivery back to JetStream for immediate redelivery.
     async fn release_all(&mut self) {
-        for (_, f) in self.in_flight.drain() {
+        for (_, mut f) in self.in_flight.drain() {
+            f.span.fail("interrupted");
+            f.span.end();
             if let Ok(info) = f.msg.info() {
                 self.released.insert(info.stream_sequence);
             }
@@ -221,8 +227,8 @@ impl Driver {
 
     /// Turns a buffered entry into a delivery on `link`.
     async fn deliver(&mut self, link: &MqttLink, msg: jetstream::Message) {
-        let (seq, delivered) = match msg.info() {
-            Ok(i) => (i.stream_sequence, i.delivered),
+        let (seq, delivered, info_published) = match msg.info() {
+            Ok(i) => (i.stream_sequence, i.delivered, i.published),
             Err(e) => {
                 debug!(error = %e, "message without JetStream metadata");
                 return;
@@ -271,14 +277,29 @@ impl Driver {
         };
         let token = self.next_token;
         self.next_token += 1;
-        match link.send(token, topic, payload.into()) {
+        let mut span = match msg.headers.as_ref().and_then(|h| h.get(TRACEPARENT_HEADER)) {
+            // Only sampled readings carry a trace context: nothing to do for the others.
+            None => StageSpan::default(),
+            Some(tp) => telemetry::delivery_spans(
+                BufferEntry {
+                    traceparent: Some(tp.as_str()),
+                    stored: std::time::SystemTime::from(info_published),
+                    seq,
+                    delivered,
+                },
+                &self.labels.uplink,
+            ),
+        };
+        let traceparent = span.traceparent();
+        match link.send(token, topic, payload.into(), traceparent.as_ref().map(TraceparentText::as_str)) {
             Ok(()) => {
                 self.in_flight.insert(
                     token,
-                    InFlight { msg, sent: Instant::now(), sampled_unix_nano },
+                    InFlight { msg, sent: Instant::now(), sampled_unix_nano, span },
                 );
             }
             Err(e) => {
+                span.fail("queue");
                 debug!(uplink = %self.labels.uplink, error = %e, "delivery not queued");
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 self.outcome(DeliveryOutcome::interrupted);
@@ -287,7 +308,12 @@ impl Driver {
     }
 
     async fn confirmed(&mut self, token: Token) {
-        let Some(f) = self.in_flight.remove(&token) else { return };
+        let Some(mut f) = self.in_flight.remove(&token) else { return };
+        if f.span.is_recording() {
+            f.span.event("mqtt.puback", Vec::new);
+            f.span.ok();
+            f.span.end();
+        }
         if let Err(e) = f.msg.ack().await {
             // The broker has it; if the ack is lost JetStream redelivers: a duplicate, same id.
             debug!(uplink = %self.labels.uplink, error = %e, "JetStream ack failed");
@@ -301,23 +327,39 @@ impl Driver {
     }
 
     async fn refused(&mut self, token: Token, reason: &str) {
-        let Some(f) = self.in_flight.remove(&token) else { return };
+        let Some(mut f) = self.in_flight.remove(&token) else { return };
+        if f.span.is_recording() {
+            f.span.event("mqtt.puback", || vec![opentelemetry::KeyValue::new("mqtt.reason", reason.to_string())]);
+            f.span.fail("refused");
+            f.span.end();
+        }
         debug!(uplink = %self.labels.uplink, reason, "broker refused a delivery; it will be sent again");
         let _ = f.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
         self.outcome(DeliveryOutcome::refused);
     }
 
     async fn report_buffer(&mut self) {
+        let reachable = self.task.metrics.buffer_reachable.get_or_create(&self.labels).clone();
         if self.stream.is_none() {
             // Not connected since start: look at the buffer anyway (backlog, evictions).
-            let Ok(mut s) = self.task.buffer.ensure_stream(&self.task.js).await else { return };
+            let Ok(mut s) = self.task.buffer.ensure_stream(&self.task.js).await else {
+                reachable.set(0);
+                return;
+            };
             let window = u16::try_from(self.window).unwrap_or(u16::MAX);
-            let Ok((_, expected)) = ensure_consumer(&mut s, &self.task.buffer, window).await else { return };
+            let Ok((_, expected)) = ensure_consumer(&mut s, &self.task.buffer, window).await else {
+                reachable.set(0);
+                return;
+            };
             self.expected_seq = expected;
             self.stream = Some(s);
         }
         let Some(s) = &mut self.stream else { return };
-        let Ok(info) = s.info().await else { return };
+        let Ok(info) = s.info().await else {
+            reachable.set(0);
+            return;
+        };
+        reachable.set(1);
         let st = info.state.clone();
         // Entries below the stream's first sequence are gone. Those this driver never received
         // (from `expected_seq` on) or gave back and never got again were evicted: count them

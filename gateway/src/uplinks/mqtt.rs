@@ -299,16 +299,27 @@ impl MqttLink {
     }
 
     /// Queues a QoS 1 publish tagged with `token`. Confirmation comes as an event.
-    pub fn send(&self, token: Token, topic: String, payload: Bytes) -> Result<(), UplinkError> {
+    ///
+    /// `traceparent` (sampled readings only) goes out as the MQTT v5 user property
+    /// `traceparent`; MQTT 3.1.1 has no properties, so it is not sent there.
+    pub fn send(&self, token: Token, topic: String, payload: Bytes, traceparent: Option<&str>) -> Result<(), UplinkError> {
         let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
         q.push_back(token);
         let sent = match &self.client {
             Client::V4(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
                 .map_err(|e| UplinkError::Queue(e.to_string())),
-            Client::V5(c) => c
-                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
-                .map_err(|e| UplinkError::Queue(e.to_string())),
+            Client::V5(c) => match traceparent {
+                None => c.try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload),
+                Some(tp) => {
+                    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                        user_properties: vec![(crate::telemetry::TRACEPARENT.to_string(), tp.to_string())],
+                        ..Default::default()
+                    };
+                    c.try_publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload, properties)
+                }
+            }
+            .map_err(|e| UplinkError::Queue(e.to_string())),
         };
         if sent.is_err() {
             q.pop_back();
