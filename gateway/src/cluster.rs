@@ -557,4 +557,88 @@ mod tests {
         assert_eq!(u["status"]["gateways"][0]["oldestUnsentAge"], "1m 30s");
         assert_eq!(u["status"].as_object().unwrap().len(), 1);
     }
+
+    /// The reporter against a mocked API server: the exact requests it makes.
+    #[tokio::test]
+    async fn reporter_applies_device_and_uplink_status_with_its_own_field_manager() {
+        use prometheus_client::registry::Registry;
+        let (svc, mut api) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let client = Client::new(svc, "default");
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let cfg: GatewayConfig = GatewayConfig::from_yaml(
+            r#"
+apiVersion: fieldgate.io/v1alpha1
+kind: GatewayConfig
+devices:
+- name: meter-1
+  connection: {modbusTcp: {host: 10.0.0.7}}
+  points: [{name: v, type: uint16, modbus: {table: holding, address: 0}}]
+uplinks:
+- name: cloud
+  mqtt: {url: "mqtt://broker:1883"}
+"#,
+        )
+        .unwrap();
+        let labels = DeviceLabels { device: "default/meter-1".into(), protocol: "modbus_tcp" };
+        metrics.device_connected.get_or_create(&labels).set(1);
+        metrics.polls.get_or_create(&labels).inc();
+        let up = UplinkLabels { uplink: "default/cloud".into() };
+        metrics.uplink_connected.get_or_create(&up).set(1);
+        metrics.buffer_messages.get_or_create(&up).set(7);
+        let (tx, rx) = watch::channel(Some(Arc::new(cfg)));
+        let cancel = CancellationToken::new();
+        let reporter = tokio::spawn(report_status(client, "edge-1".into(), Arc::clone(&metrics), rx, cancel.clone()));
+
+        let expect = |path: &str| {
+            let path = path.to_string();
+            move |req: &http::Request<kube::client::Body>| {
+                assert_eq!(req.method(), http::Method::PATCH);
+                assert_eq!(req.uri().path(), path);
+                let q = req.uri().query().unwrap_or_default();
+                assert!(q.contains("fieldManager=fieldgate-gateway-edge-1") && q.contains("force=true"), "{q}");
+                assert_eq!(req.headers()["content-type"], "application/apply-patch+yaml");
+            }
+        };
+        for (path, check) in [
+            ("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status", "\"Reachable\""),
+            ("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status", "\"backlogMessages\":7"),
+        ] {
+            let (req, send) = tokio::time::timeout(Duration::from_secs(20), api.next_request())
+                .await
+                .expect("a request")
+                .expect("the reporter is alive");
+            expect(path)(&req);
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            assert!(text.contains(check), "{text}");
+            assert!(!text.contains("\"node\":\"edge-1\"") || path.contains("uplinks"), "device patch must not claim node: {text}");
+            let kind = if path.contains("devices") { "Device" } else { "Uplink" };
+            let name = if path.contains("devices") { "meter-1" } else { "cloud" };
+            let reply = serde_json::json!({
+                "apiVersion": "fieldgate.io/v1alpha1", "kind": kind,
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": if kind == "Device" {
+                    serde_json::json!({"connection": {"modbusTcp": {"host": "10.0.0.7"}}})
+                } else {
+                    serde_json::json!({"mqtt": {"url": "mqtt://broker:1883"}})
+                },
+            });
+            send.send_response(
+                http::Response::builder()
+                    .body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+        // Nothing changed: no further writes on the next ticks.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        tokio::time::resume();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), api.next_request()).await.is_err(),
+            "an unchanged status was written again"
+        );
+        cancel.cancel();
+        drop(tx);
+        reporter.await.unwrap();
+    }
 }
