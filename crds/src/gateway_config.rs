@@ -97,6 +97,13 @@ impl GatewayConfig {
     /// Parses a YAML (or JSON) document. Structural errors name the line and column;
     /// call [`GatewayConfig::validate`] for the semantic checks.
     pub fn from_yaml(text: &str) -> Result<Self, serde_saphyr::Error> {
-        serde_saphyr::from_str(text)
+        // The parser's default budget (250k nodes) refuses a node with ~13k devices; a device
+        // is ~20 nodes. Allow a few hundred thousand devices; the file size bounds the rest.
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_nodes = 8_000_000;
+        budget.max_events = 16_000_000;
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(budget);
+        serde_saphyr::from_str_with_options(text, options)
     }
 }

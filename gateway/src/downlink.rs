@@ -15,8 +15,9 @@
 //!    the device's protocol executes it: Modbus TCP and RTU write the point (single register,
 //!    multiple registers or coil), answer `written`, read it back and answer `verified` or
 //!    `failed` (on a shared RTU bus the write goes before queued reads); CoAP PUT/POST to the
-//!    device's resource, MQTT publish to the device's `commandTopic` and a TCP frame are
-//!    answered `written` once the device or its broker acknowledged them.
+//!    device's resource and MQTT publish to the device's `commandTopic` are answered `written`
+//!    once the device or its broker acknowledged them; a TCP device gets the frame
+//!    `{"command": id, "point", "value"}` on its live connection, `written` once sent.
 //! 3. **Results** are published (QoS 1) on `<command topic>/result` as
 //!    `{"id", "namespace", "device", "point", "status", "reason"?, "atUnixMs"}`.
 //!
@@ -421,7 +422,14 @@ async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &R
                 Err(e) => Outcome::why("failed", e),
             }
         }
-        Connection::Tcp(_) | Connection::Udp(_) => Outcome::why("refused", "commands to raw TCP/UDP devices are not supported yet"),
+        Connection::Tcp(_) => {
+            let line = json!({"command": cmd.id, "point": cmd.point, "value": cmd.value}).to_string();
+            match crate::adapters::tcp::send_command(&task.hub, &task.key(), line).await {
+                Ok(()) => Outcome::of("written"),
+                Err(e) => Outcome::why("failed", e),
+            }
+        }
+        Connection::Udp(_) => Outcome::why("refused", "UDP devices have no connection to send commands on"),
     }
 }
 

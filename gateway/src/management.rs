@@ -632,6 +632,7 @@ pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: Cancellati
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

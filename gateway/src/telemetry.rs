@@ -643,6 +643,34 @@ pub fn delivery_spans(entry: BufferEntry<'_>, uplink: &str) -> StageSpan {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Commands (cloud -> device)
+
+/// The span of one step of a command from the cloud (`fieldgate.command.receive`,
+/// `fieldgate.command.execute`, ...). `traceparent` is the context the step continues from:
+/// the cloud's MQTT v5 user property `traceparent` for the first step, the JetStream header
+/// for the next one (carry [`StageSpan::traceparent`] along); without one a new trace starts,
+/// sampled like readings. `None` inside when not recorded.
+pub fn command_span(name: &'static str, kind: SpanKind, traceparent: Option<&str>, device: &str) -> StageSpan {
+    if tracer().is_none() {
+        return StageSpan(None);
+    }
+    let parent = traceparent.and_then(TraceParent::parse);
+    let mut span = StageSpan::start(name, kind, parent.map(|p| (p, true)), None);
+    span.attributes(|| vec![KeyValue::new("fieldgate.device", device.to_string())]);
+    span
+}
+
+/// A child of `parent` in this process (such as `fieldgate.device.write` and
+/// `fieldgate.device.readback` under `fieldgate.command.execute`); `None` inside when the
+/// parent is not recorded.
+pub fn child_span(parent: &StageSpan, name: &'static str, kind: SpanKind) -> StageSpan {
+    match parent.parent() {
+        Some(p) => StageSpan::start(name, kind, Some((p, false)), None),
+        None => StageSpan(None),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // NATS connection state
 
 /// An `async_nats` event callback that keeps `fieldgate_buffer_connected` and
@@ -671,6 +699,7 @@ pub fn nats_events(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

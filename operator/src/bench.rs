@@ -32,6 +32,17 @@ pub struct BenchArgs {
     /// Render repetitions (the figure is the median).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Instead: run the operator (`run`, as a child process) against a mocked API server and
+    /// measure cold start to all ConfigMaps applied, and the operator's memory.
+    #[arg(long)]
+    pub cold_start: bool,
+    /// Give up the cold start after this long.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Cold start: run the operator under this program, e.g. `heaptrack` (its RSS figures are
+    /// then the wrapper's, not the operator's).
+    #[arg(long)]
+    pub wrap: Option<String>,
 }
 
 fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
@@ -137,17 +148,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let profile = if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
     writeln!(out, "fieldgate-operator bench: {} devices, {} gateway nodes, {profile}", args.devices, args.nodes)?;
+    writeln!(out, "(in-process: objects + render + serialised configs; for the whole operator against an API server, see --cold-start)")?;
     writeln!(out, "RSS at start: {}", proc_status("VmRSS:"))?;
     let t = Instant::now();
     let w = world(args.devices, args.nodes);
     writeln!(out, "build synthetic objects: {:?}; RSS {}", t.elapsed(), proc_status("VmRSS:"))?;
 
     let settings = Settings::at(Timestamp::now());
-    // Like the controller: one render result alive at a time, configs serialised one by one.
+    // Like the controller: plan, then per node build the config, hash, serialise, drop.
     let t = Instant::now();
-    let cold = render::render(&w, &Placements::new(), &settings);
-    writeln!(out, "cold render: {:?} -> {} node configs", t.elapsed(), cold.nodes.len())?;
-    let per_node: Vec<usize> = cold.nodes.values().map(|n| n.config.devices.len()).collect();
+    let cold = render::plan(&w, &Placements::new(), &settings);
+    writeln!(out, "cold plan (every decision, configs not built): {:?} -> {} nodes", t.elapsed(), cold.nodes.len())?;
+    let per_node: Vec<usize> = cold.nodes.values().map(|n| n.device_count()).collect();
     writeln!(
         out,
         "devices per node: min {} max {}",
@@ -156,25 +168,40 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     )?;
     let t = Instant::now();
     let mut bytes = 0;
-    for nc in cold.nodes.values() {
-        bytes += serde_saphyr::to_string(&nc.config)?.len();
+    let mut peak_node = 0;
+    for plan in cold.nodes.values() {
+        let nc = plan.config();
+        let yaml = serde_saphyr::to_string(&nc.config)?;
+        bytes += yaml.len();
+        peak_node = peak_node.max(yaml.len());
     }
-    writeln!(out, "serialise every ConfigMap (YAML, one at a time): {:?}, {} KiB total", t.elapsed(), bytes / 1024)?;
-    writeln!(out, "RSS with the objects and one render result: {}", proc_status("VmRSS:"))?;
+    writeln!(
+        out,
+        "build + hash + serialise every node's config (YAML, one node at a time, as the writer does): {:?}, {} KiB total, largest {} KiB",
+        t.elapsed(),
+        bytes / 1024,
+        peak_node / 1024
+    )?;
+    writeln!(out, "RSS with the objects and one plan: {}", proc_status("VmRSS:"))?;
     let previous = cold.placements();
     drop(cold);
     let mut times = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let t = Instant::now();
-        let r = render::render(&w, &previous, &settings);
+        let r = render::plan(&w, &previous, &settings);
+        let built: usize = r.nodes.values().map(|n| n.config().config.devices.len()).sum();
         times.push(t.elapsed());
-        drop(r);
+        drop((r, built));
     }
     times.sort();
-    writeln!(out, "warm render (median of {}): {:?}", times.len(), times[times.len() / 2])?;
+    writeln!(out, "warm plan + build every config (median of {}): {:?}", times.len(), times[times.len() / 2])?;
+    let t = Instant::now();
+    let all = render::render(&w, &previous, &settings);
+    writeln!(out, "render with every config built at once (`render -f`): {:?}; RSS {}", t.elapsed(), proc_status("VmRSS:"))?;
+    drop(all);
     writeln!(
         out,
-        "RSS after {} more renders: {}; peak (VmHWM): {}",
+        "RSS after {} more plans and one full render: {}; peak (VmHWM): {}",
         times.len(),
         proc_status("VmRSS:"),
         proc_status("VmHWM:")

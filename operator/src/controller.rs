@@ -44,16 +44,37 @@ pub struct Stores {
     pub nodes: Store<Node>,
     /// Metadata of every Secret.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Whether every cache has been filled, once known.
+    filled: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Stores {
-    /// Waits until every cache has been filled once.
+    /// The caches of the five watches.
+    pub fn new(
+        devices: Store<Device>,
+        profiles: Store<DeviceProfile>,
+        uplinks: Store<Uplink>,
+        nodes: Store<Node>,
+        secrets: Store<PartialObjectMeta<Secret>>,
+    ) -> Self {
+        Self { devices, profiles, uplinks, nodes, secrets, filled: Arc::default() }
+    }
+
+    /// Waits until every cache has been filled once. Any number of tasks may wait.
     pub async fn ready(&self) -> bool {
-        self.devices.wait_until_ready().await.is_ok()
-            && self.profiles.wait_until_ready().await.is_ok()
-            && self.uplinks.wait_until_ready().await.is_ok()
-            && self.nodes.wait_until_ready().await.is_ok()
-            && self.secrets.wait_until_ready().await.is_ok()
+        // kube's `Store::wait_until_ready` wakes only the task that polled it last (one oneshot
+        // receiver behind a mutex): with the loop and the readiness probe both waiting, one of
+        // them would wait forever. So one task waits for the stores and the others for it.
+        *self
+            .filled
+            .get_or_init(|| async {
+                self.devices.wait_until_ready().await.is_ok()
+                    && self.profiles.wait_until_ready().await.is_ok()
+                    && self.uplinks.wait_until_ready().await.is_ok()
+                    && self.nodes.wait_until_ready().await.is_ok()
+                    && self.secrets.wait_until_ready().await.is_ok()
+            })
+            .await
     }
 }
 
@@ -75,9 +96,17 @@ where
     })
 }
 
-/// managedFields are never read and can double an object's size: dropped before caching.
+/// managedFields and kubectl's last-applied copy of the whole object are never read and can
+/// double or triple an object's size: dropped before caching.
 fn slim<K: kube::Resource>(o: &mut K) {
-    o.managed_fields_mut().clear();
+    *o.managed_fields_mut() = Vec::new();
+    let meta = o.meta_mut();
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// Starts the watches; every change notifies `trigger`. The returned future runs them all.
@@ -107,7 +136,7 @@ pub fn watch_all(client: &Client, trigger: Arc<Notify>, metrics: Arc<Metrics>) -
             m(),
         ),
     );
-    let stores = Stores { devices, profiles, uplinks, nodes, secrets };
+    let stores = Stores::new(devices, profiles, uplinks, nodes, secrets);
     (stores, async move {
         run.await;
     })
@@ -222,8 +251,10 @@ impl Reconciler {
         Ok((index, values))
     }
 
-    /// Renders the world as the caches show it and writes the difference.
-    pub async fn reconcile(&mut self) -> Result<(Rendered, WriteSummary), ReconcileError> {
+    /// Renders the world as the caches show it and writes the difference. Node configs are
+    /// built, applied and dropped one node at a time, so the result has every verdict but no
+    /// config: only which nodes got one.
+    pub async fn reconcile(&mut self) -> Result<(Rendered<()>, WriteSummary), ReconcileError> {
         let mut world = self.snapshot();
         let (index, values) = self.referenced_secrets(&world).await?;
         world.secrets = Some(index);
@@ -235,15 +266,16 @@ impl Reconciler {
             fail_back: self.settings.fail_back,
         };
         let started = Instant::now();
-        let rendered = render::render(&world, &previous, &settings);
+        let rendered = render::plan(&world, &previous, &settings);
         self.metrics.render_duration.observe(started.elapsed().as_secs_f64());
+        drop(previous);
         self.record(&rendered);
         let summary = self.writer.write(&rendered, &world, &values).await?;
         self.placements = rendered.placements();
-        Ok((rendered, summary))
+        Ok((rendered.map_nodes(|_| ()), summary))
     }
 
-    fn record(&self, r: &Rendered) {
+    fn record<N>(&self, r: &Rendered<N>) {
         let count = |resource, state, n: usize| {
             self.metrics.objects.get_or_create(&ObjectStateLabels { resource, state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         };
@@ -264,6 +296,36 @@ fn next_wake(next_review: Option<Timestamp>, resync: Duration) -> Instant {
     let until = at.duration_since(Timestamp::now());
     let until = Duration::try_from(until).unwrap_or(Duration::ZERO) + Duration::from_millis(100);
     resync_at.min(Instant::now() + until)
+}
+
+/// One reconcile as one trace: the span `fieldgate.operator.reconcile` (exported when OTLP is
+/// configured, see [`crate::telemetry`]) with its outcome, error kind and size; the API calls
+/// of the reconcile are inside it.
+pub async fn traced_reconcile(reconciler: &mut Reconciler) -> Result<(Rendered<()>, WriteSummary), ReconcileError> {
+    let span = tracing::info_span!(
+        "reconcile",
+        otel.name = "fieldgate.operator.reconcile",
+        otel.status_code = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        error.kind = tracing::field::Empty,
+        nodes = tracing::field::Empty,
+        devices = tracing::field::Empty,
+    );
+    let result = tracing::Instrument::instrument(reconciler.reconcile(), span.clone()).await;
+    match &result {
+        Ok((rendered, _)) => {
+            span.record("outcome", "ok");
+            span.record("otel.status_code", "OK");
+            span.record("nodes", rendered.nodes.len());
+            span.record("devices", rendered.devices.len());
+        }
+        Err(e) => {
+            span.record("outcome", "error");
+            span.record("otel.status_code", "ERROR");
+            span.record("error.kind", e.kind());
+        }
+    }
+    result
 }
 
 /// Runs the loop until `stop`: reconciles on changes (debounced), at the end of a node's grace
@@ -309,31 +371,7 @@ pub async fn run(mut reconciler: Reconciler, trigger: Arc<Notify>, mut leading: 
             continue;
         }
         let started = Instant::now();
-        // One trace per reconcile (exported when OTLP is configured, see `crate::telemetry`).
-        let span = tracing::info_span!(
-            "reconcile",
-            otel.name = "fieldgate.operator.reconcile",
-            otel.status_code = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            error.kind = tracing::field::Empty,
-            nodes = tracing::field::Empty,
-            devices = tracing::field::Empty,
-        );
-        let result = tracing::Instrument::instrument(reconciler.reconcile(), span.clone()).await;
-        match &result {
-            Ok((rendered, _)) => {
-                span.record("outcome", "ok");
-                span.record("otel.status_code", "OK");
-                span.record("nodes", rendered.nodes.len());
-                span.record("devices", rendered.devices.len());
-            }
-            Err(e) => {
-                span.record("outcome", "error");
-                span.record("otel.status_code", "ERROR");
-                span.record("error.kind", e.kind());
-            }
-        }
-        drop(span);
+        let result = traced_reconcile(&mut reconciler).await;
         reconciler.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok((rendered, summary)) => {
@@ -398,17 +436,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_reconcile_is_one_trace_with_its_outcome() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let stores = Stores::new(
+            filled(vec![Device::test("meter-1")]),
+            filled(vec![]),
+            filled(vec![Uplink::test("cloud").auth("creds")]),
+            filled(vec![Node::gateway("edge-1")]),
+            filled(vec![secret_meta("default", "creds", "10")]),
+        );
+        let writer = Writer::new(
+            client.clone(),
+            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
+            Arc::clone(&metrics),
+        );
+        let settings = LoopSettings {
+            debounce: Duration::ZERO,
+            resync: Duration::from_secs(300),
+            failover_grace: Duration::from_secs(300),
+            fail_back: false,
+        };
+        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+        // The API server fails the Secret read: the reconcile fails, and its trace says so.
+        let server = tokio::spawn(async move {
+            let (_req, send) = handle.next_request().await.unwrap();
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500});
+            send.send_response(
+                Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap(),
+            );
+        });
+        let err = traced_reconcile(&mut reconciler).await.unwrap_err();
+        server.await.unwrap();
+        provider.force_flush().unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
+        let span = spans.iter().find(|s| s.name == "fieldgate.operator.reconcile").expect("a reconcile span");
+        assert_eq!(span.parent_span_id, opentelemetry::trace::SpanId::INVALID, "each reconcile is its own trace");
+        assert!(matches!(span.status, opentelemetry::trace::Status::Error { .. }), "{:?}", span.status);
+        let attr = |k: &str| span.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.to_string());
+        assert_eq!(attr("outcome").as_deref(), Some("error"));
+        assert_eq!(attr("error.kind").as_deref(), Some(err.kind()));
+    }
+
+    #[tokio::test]
     async fn only_referenced_secrets_are_read_and_only_when_they_changed() {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let stores = Stores {
-            devices: filled(vec![Device::test("meter-1")]),
-            profiles: filled(vec![]),
-            uplinks: filled(vec![Uplink::test("cloud").auth("creds")]),
-            nodes: filled(vec![Node::gateway("edge-1")]),
-            secrets: filled(vec![secret_meta("default", "creds", "10"), secret_meta("default", "unrelated", "3")]),
-        };
+        let stores = Stores::new(
+            filled(vec![Device::test("meter-1")]),
+            filled(vec![]),
+            filled(vec![Uplink::test("cloud").auth("creds")]),
+            filled(vec![Node::gateway("edge-1")]),
+            filled(vec![secret_meta("default", "creds", "10"), secret_meta("default", "unrelated", "3")]),
+        );
         let writer = Writer::new(
             client.clone(),
             WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
@@ -486,5 +576,35 @@ mod tests {
         drop(reconciler);
         let uris = server.await.unwrap();
         assert!(uris.iter().all(|u| !u.contains("/secrets/") && !u.contains("/configmaps")), "{uris:?}");
+    }
+
+    #[tokio::test]
+    async fn every_task_waiting_for_the_caches_sees_them_filled() {
+        let (devices, mut w_devices) = reflector::store::<Device>();
+        let (profiles, mut w_profiles) = reflector::store::<DeviceProfile>();
+        let (uplinks, mut w_uplinks) = reflector::store::<Uplink>();
+        let (nodes, mut w_nodes) = reflector::store::<Node>();
+        let (secrets, mut w_secrets) = reflector::store::<PartialObjectMeta<Secret>>();
+        let stores = Stores::new(devices, profiles, uplinks, nodes, secrets);
+        // The readiness probe and the loop both wait, in their own tasks, before the caches fill.
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiter = |stores: Stores| {
+            let started = Arc::clone(&started);
+            tokio::spawn(async move {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                stores.ready().await
+            })
+        };
+        let (probe, looping) = (waiter(stores.clone()), waiter(stores.clone()));
+        while started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        w_devices.apply_watcher_event(&watcher::Event::InitDone);
+        w_profiles.apply_watcher_event(&watcher::Event::InitDone);
+        w_uplinks.apply_watcher_event(&watcher::Event::InitDone);
+        w_nodes.apply_watcher_event(&watcher::Event::InitDone);
+        w_secrets.apply_watcher_event(&watcher::Event::InitDone);
+        let both = async { (looping.await.unwrap(), probe.await.unwrap()) };
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), both).await.expect("a waiter was never woken"), (true, true));
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fieldgate_operator::{app, bench, offline, telemetry};
+use fieldgate_operator::{app, bench, coldstart, offline, telemetry};
 
 #[derive(Parser)]
 #[command(name = "fieldgate-operator", version, about)]
@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 print!("---\n{yaml}");
             }
         }
+        Command::Bench(b) if b.cold_start => print!("{}", coldstart::run(&b)?),
         Command::Bench(b) => print!("{}", bench::run(&b)?),
     }
     Ok(ExitCode::SUCCESS)

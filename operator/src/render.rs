@@ -14,7 +14,12 @@
 //!    least one device the uplink selects.
 //! 4. Every node serving at least one device gets a config whose `version` is a hash of its
 //!    content, plus the list of Secret keys its uplinks need.
+//!
+//! [`plan`] makes every decision but leaves each node's config unbuilt ([`NodePlan`]): the
+//! controller builds, applies and drops them one node at a time, so the merged points of all
+//! 10,000 devices are never in memory at once. [`render`] is [`plan`] with every config built.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -237,11 +242,79 @@ pub struct NodeConfig {
     pub secrets: BTreeSet<SecretItem>,
 }
 
-/// Everything render decided.
-#[derive(Clone, Debug, Default)]
-pub struct Rendered {
+/// What one gateway node gets, its config not built yet: the devices (checked, profile known)
+/// and the uplinks. [`NodePlan::config`] builds the [`NodeConfig`] that [`render`] would give.
+#[derive(Clone, Debug)]
+pub struct NodePlan<'w> {
+    node: String,
+    devices: Vec<PlannedDevice<'w>>,
+    uplinks: Vec<GatewayUplink>,
+    secrets: BTreeSet<SecretItem>,
+}
+
+/// A configured device as [`plan`] left it: the object and its profile's points.
+#[derive(Clone, Debug)]
+struct PlannedDevice<'w> {
+    key: ObjectKey,
+    device: &'w Device,
+    profile_points: &'w [Point],
+}
+
+impl NodePlan<'_> {
+    /// How many devices the node serves.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Builds the node's config (profiles merged, `version` = content hash).
+    pub fn config(&self) -> NodeConfig {
+        let mut config = GatewayConfig {
+            api_version: GatewayConfig::API_VERSION.to_string(),
+            kind: GatewayConfig::KIND.to_string(),
+            node: Some(self.node.clone()),
+            version: None,
+            devices: self.devices.iter().map(|d| gateway_device(&d.key, d.device, d.profile_points)).collect(),
+            uplinks: self.uplinks.clone(),
+        };
+        config.version = Some(unversioned_hash(&config));
+        NodeConfig { config, secrets: self.secrets.clone() }
+    }
+}
+
+/// A node's config, built ([`NodeConfig`]) or to be built on demand ([`NodePlan`]).
+pub trait NodeSource {
+    /// The node's config.
+    fn node_config(&self) -> Cow<'_, NodeConfig>;
+    /// How many devices the node serves.
+    fn device_count(&self) -> usize;
+}
+
+impl NodeSource for NodeConfig {
+    fn node_config(&self) -> Cow<'_, NodeConfig> {
+        Cow::Borrowed(self)
+    }
+
+    fn device_count(&self) -> usize {
+        self.config.devices.len()
+    }
+}
+
+impl NodeSource for NodePlan<'_> {
+    fn node_config(&self) -> Cow<'_, NodeConfig> {
+        Cow::Owned(self.config())
+    }
+
+    fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+}
+
+/// Everything render decided. `N` is what each node gets: its built [`NodeConfig`] (from
+/// [`render`]), a [`NodePlan`] (from [`plan`]), or nothing once written.
+#[derive(Clone, Debug)]
+pub struct Rendered<N = NodeConfig> {
     /// Per gateway node serving at least one device.
-    pub nodes: BTreeMap<String, NodeConfig>,
+    pub nodes: BTreeMap<String, N>,
     /// Per Device.
     pub devices: BTreeMap<ObjectKey, DeviceVerdict>,
     /// Per DeviceProfile.
@@ -255,15 +328,53 @@ pub struct Rendered {
     pub next_review: Option<Timestamp>,
 }
 
-impl Rendered {
+impl<N> Default for Rendered<N> {
+    fn default() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            profiles: BTreeMap::new(),
+            uplinks: BTreeMap::new(),
+            gateway_nodes: Vec::new(),
+            next_review: None,
+        }
+    }
+}
+
+impl<N> Rendered<N> {
     /// Where each configured device runs (the `previous` input of the next render).
     pub fn placements(&self) -> Placements {
         self.devices.iter().filter_map(|(k, v)| Some((k.clone(), v.placed.clone()?))).collect()
     }
+
+    /// The same decisions with what each node gets replaced by `f` of it.
+    pub fn map_nodes<M>(self, mut f: impl FnMut(N) -> M) -> Rendered<M> {
+        Rendered {
+            nodes: self.nodes.into_iter().map(|(k, n)| (k, f(n))).collect(),
+            devices: self.devices,
+            profiles: self.profiles,
+            uplinks: self.uplinks,
+            gateway_nodes: self.gateway_nodes,
+            next_review: self.next_review,
+        }
+    }
 }
 
-/// Renders the world. See the module documentation for the rules.
+impl Rendered<NodePlan<'_>> {
+    /// Builds every node's config.
+    pub fn build(self) -> Rendered {
+        self.map_nodes(|n| n.config())
+    }
+}
+
+/// Renders the world, every node's config built. See the module documentation for the rules.
 pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rendered {
+    plan(world, previous, settings).build()
+}
+
+/// Makes every decision of [`render`], leaving each node's config to be built from the world
+/// ([`NodePlan::config`]).
+pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) -> Rendered<NodePlan<'w>> {
     let mut out = Rendered::default();
 
     let mut gateway_nodes: Vec<GatewayNode> = world
@@ -281,7 +392,7 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
         .min();
 
     // 1. Profiles.
-    let mut profiles: BTreeMap<ObjectKey, &DeviceProfile> = BTreeMap::new();
+    let mut profiles: BTreeMap<ObjectKey, &'w DeviceProfile> = BTreeMap::new();
     for p in &world.profiles {
         let key = ObjectKey::of(p.as_ref());
         let verdict = Verdict { problems: p.spec.validate().err().map(Verdict::invalid_spec).unwrap_or_default() };
@@ -290,11 +401,11 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
     }
 
     // 2. Devices, in key order so every output list is sorted.
-    let mut devices: Vec<(ObjectKey, &Device)> = world.devices.iter().map(|d| (ObjectKey::of(d.as_ref()), d.as_ref())).collect();
+    let mut devices: Vec<(ObjectKey, &'w Device)> = world.devices.iter().map(|d| (ObjectKey::of(d.as_ref()), d.as_ref())).collect();
     devices.sort_by(|a, b| a.0.cmp(&b.0));
     let policy = FailoverPolicy { fail_back: settings.fail_back };
-    // Configured devices: key -> (labels, node, rendered device).
-    let mut configured: BTreeMap<ObjectKey, (&BTreeMap<String, String>, String, GatewayDevice)> = BTreeMap::new();
+    // Configured devices: key -> (labels, node, device and its profile's points).
+    let mut configured: BTreeMap<ObjectKey, (&BTreeMap<String, String>, String, (&'w Device, &'w [Point]))> = BTreeMap::new();
     for (key, device) in devices {
         let (problems, merged) = check_device(&key, device, &profiles, &out.profiles);
         let mut problems = problems;
@@ -315,10 +426,10 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
         };
         let verdict = Verdict { problems };
         let placed = if verdict.configured() { placed } else { None };
-        if let (Some(p), Some(merged)) = (&placed, merged)
+        if let (Some(p), Some(profile_points)) = (&placed, merged)
             && verdict.configured()
         {
-            configured.insert(key.clone(), (device.labels(), p.node.clone(), merged));
+            configured.insert(key.clone(), (device.labels(), p.node.clone(), (device, profile_points)));
         }
         out.devices.insert(key, DeviceVerdict { verdict, placed, generation: device.meta().generation });
     }
@@ -361,34 +472,22 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
         out.uplinks.insert(key, UplinkVerdict { verdict, nodes, devices: selected, generation: uplink.meta().generation });
     }
 
-    // 4. Per-node configs.
-    let mut per_node: BTreeMap<String, NodeConfig> = BTreeMap::new();
-    for (_, (_, node, device)) in configured {
+    // 4. Per-node plans (configs are built from them on demand).
+    let mut per_node: BTreeMap<String, NodePlan<'w>> = BTreeMap::new();
+    for (key, (_, node, (device, profile_points))) in configured {
         per_node
             .entry(node.clone())
-            .or_insert_with(|| NodeConfig {
-                config: GatewayConfig {
-                    api_version: GatewayConfig::API_VERSION.to_string(),
-                    kind: GatewayConfig::KIND.to_string(),
-                    node: Some(node),
-                    ..GatewayConfig::default()
-                },
-                secrets: BTreeSet::new(),
-            })
-            .config
+            .or_insert_with(|| NodePlan { node, devices: Vec::new(), uplinks: Vec::new(), secrets: BTreeSet::new() })
             .devices
-            .push(device);
+            .push(PlannedDevice { key, device, profile_points });
     }
     for (node, list) in node_uplinks {
-        if let Some(nc) = per_node.get_mut(&node) {
+        if let Some(np) = per_node.get_mut(&node) {
             for (uplink, secrets) in list {
-                nc.config.uplinks.push(uplink);
-                nc.secrets.extend(secrets);
+                np.uplinks.push(uplink);
+                np.secrets.extend(secrets);
             }
         }
-    }
-    for nc in per_node.values_mut() {
-        nc.config.version = Some(content_hash(&nc.config));
     }
     out.nodes = per_node;
     out.gateway_nodes = gateway_nodes;
@@ -397,11 +496,20 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
 
 /// A short hash of a config's content (its `version` left out).
 pub fn content_hash(config: &GatewayConfig) -> String {
+    if config.version.is_none() {
+        return unversioned_hash(config);
+    }
     let mut unversioned = config.clone();
     unversioned.version = None;
-    // Serialising plain data to JSON cannot fail; an empty input would still hash.
-    let bytes = serde_json::to_vec(&unversioned).unwrap_or_default();
-    hex16(&Sha256::digest(&bytes))
+    unversioned_hash(&unversioned)
+}
+
+/// [`content_hash`] of a config whose `version` is `None`: its JSON streamed into the hash.
+fn unversioned_hash(config: &GatewayConfig) -> String {
+    let mut hasher = Sha256::new();
+    // Serialising plain data cannot fail, and writing into a hasher neither.
+    let _ = serde_json::to_writer(&mut hasher, config);
+    hex16(&hasher.finalize())
 }
 
 /// The first 16 hex digits of a digest.
@@ -439,15 +547,16 @@ fn merge_with_origin<'a>(profile: &'a [Point], inline: &'a [Point]) -> Vec<(&'a 
     out
 }
 
-/// Checks a device and merges its profile: the problems, and the device as a gateway runs it.
-fn check_device(
+/// Checks a device and merges its profile: the problems, and when there are none the points of
+/// its profile (empty without one), from which [`gateway_device`] builds it as a gateway runs it.
+fn check_device<'w>(
     key: &ObjectKey,
     device: &Device,
-    profiles: &BTreeMap<ObjectKey, &DeviceProfile>,
+    profiles: &BTreeMap<ObjectKey, &'w DeviceProfile>,
     verdicts: &BTreeMap<ObjectKey, Verdict>,
-) -> (Vec<Problem>, Option<GatewayDevice>) {
+) -> (Vec<Problem>, Option<&'w [Point]>) {
     let mut problems = device.spec.validate().err().map(Verdict::invalid_spec).unwrap_or_default();
-    let mut profile_points: &[Point] = &[];
+    let mut profile_points: &'w [Point] = &[];
     if let Some(name) = &device.spec.profile {
         let pkey = ObjectKey::new(key.namespace.clone(), name.clone());
         match profiles.get(&pkey) {
@@ -470,20 +579,25 @@ fn check_device(
     if !problems.is_empty() {
         return (problems, None);
     }
-    let merged = merge_with_origin(profile_points, &device.spec.points);
-    let gw = GatewayDevice {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        connection: device.spec.connection.clone(),
-        poll_interval: device.spec.poll_interval.clone(),
-        points: merged.iter().map(|(p, _)| (*p).clone()).collect(),
-    };
+    let gw = gateway_device(key, device, profile_points);
     if let Err(errs) = gw.validate_at("device") {
+        let merged = merge_with_origin(profile_points, &device.spec.points);
         for e in errs.0 {
             problems.push(map_merged_error(&e.path, e.message, &merged, device.spec.profile.as_deref()));
         }
     }
-    if problems.is_empty() { (problems, Some(gw)) } else { (problems, None) }
+    if problems.is_empty() { (problems, Some(profile_points)) } else { (problems, None) }
+}
+
+/// The device as a gateway runs it: its profile's points merged in.
+fn gateway_device(key: &ObjectKey, device: &Device, profile_points: &[Point]) -> GatewayDevice {
+    GatewayDevice {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        connection: device.spec.connection.clone(),
+        poll_interval: device.spec.poll_interval.clone(),
+        points: merge_with_origin(profile_points, &device.spec.points).into_iter().map(|(p, _)| p.clone()).collect(),
+    }
 }
 
 /// Turns a path of the merged device (`device.points[3].modbus`) into one of the Device object.

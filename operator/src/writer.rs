@@ -13,6 +13,11 @@
 //!
 //! Secret values only pass through here, from the source Secrets to the per-node Secret; they
 //! are never logged.
+//!
+//! Memory: a node's config is built (from a [`crate::render::NodePlan`]), hashed, serialised,
+//! applied and dropped before the next node's; status patches are computed as they are sent;
+//! Events go through a [`Recorder`] per object, so its series cache holds that object's
+//! Events only, not every Event of the last minutes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use crate::metrics::Metrics;
-use crate::render::{DeviceVerdict, NodeConfig, ObjectKey, Rendered, UplinkVerdict, Verdict, World, hex16};
+use crate::render::{DeviceVerdict, NodeConfig, NodeSource, ObjectKey, Rendered, UplinkVerdict, Verdict, World, hex16};
 
 /// Field manager of every write.
 pub const MANAGER: &str = "fieldgate-operator";
@@ -143,7 +148,7 @@ pub struct Writer {
     client: Client,
     settings: WriterSettings,
     metrics: Arc<Metrics>,
-    recorder: Recorder,
+    reporter: Reporter,
     applied: BTreeMap<String, AppliedHashes>,
     known_nodes: Option<BTreeSet<String>>,
 }
@@ -153,7 +158,7 @@ impl Writer {
     pub fn new(client: Client, settings: WriterSettings, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(settings.instance.clone()) };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             settings,
             metrics,
@@ -168,14 +173,21 @@ impl Writer {
         self.known_nodes = None;
     }
 
-    /// Brings the cluster in line with `rendered`.
-    pub async fn write(&mut self, rendered: &Rendered, world: &World, secrets: &SecretValues) -> Result<WriteSummary, WriteError> {
+    /// Brings the cluster in line with `rendered`. Node configs not built yet are built one at
+    /// a time, each dropped once applied.
+    pub async fn write<N: NodeSource>(
+        &mut self,
+        rendered: &Rendered<N>,
+        world: &World,
+        secrets: &SecretValues,
+    ) -> Result<WriteSummary, WriteError> {
         let mut summary = WriteSummary::default();
         let nodes: BTreeMap<String, &Node> = world.nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
         let mut first_error = None;
 
-        for (node, nc) in &rendered.nodes {
-            match self.apply_node(node, nc, nodes.get(node).copied(), secrets, &mut summary).await {
+        for (node, source) in &rendered.nodes {
+            let nc = source.node_config();
+            match self.apply_node(node, &nc, nodes.get(node).copied(), secrets, &mut summary).await {
                 Ok(()) => {}
                 Err(e) => {
                     self.applied.remove(node);
@@ -187,26 +199,19 @@ impl Writer {
             first_error.get_or_insert(e);
         }
 
-        let device_writes: Vec<_> = world
-            .devices
-            .iter()
-            .filter_map(|d| {
-                let v = rendered.devices.get(&ObjectKey::of(d.as_ref()))?;
-                device_status_change(d, v).map(|patch| (Arc::clone(d), v.clone(), patch))
-            })
-            .collect();
-        let uplink_writes: Vec<_> = world
-            .uplinks
-            .iter()
-            .filter_map(|u| {
-                let v = rendered.uplinks.get(&ObjectKey::of(u.as_ref()))?;
-                uplink_status_change(u, v).map(|patch| (Arc::clone(u), v.clone(), patch))
-            })
-            .collect();
+        // Patches are computed as the stream pulls them: at most `concurrency` exist at once.
+        let device_writes = world.devices.iter().filter_map(|d| {
+            let v = rendered.devices.get(&ObjectKey::of(d.as_ref()))?;
+            device_status_change(d, v).map(|patch| (d.as_ref(), v, patch))
+        });
+        let uplink_writes = world.uplinks.iter().filter_map(|u| {
+            let v = rendered.uplinks.get(&ObjectKey::of(u.as_ref()))?;
+            uplink_status_change(u, v).map(|patch| (u.as_ref(), v, patch))
+        });
         let concurrency = self.settings.concurrency.max(1);
         let this = &*self;
         let mut results = futures::stream::iter(device_writes)
-            .map(|(d, v, patch)| async move { this.write_device_status(&d, &v, patch).await })
+            .map(|(d, v, patch)| async move { this.write_device_status(d, v, patch).await })
             .buffer_unordered(concurrency);
         while let Some(r) = results.next().await {
             match r {
@@ -217,7 +222,7 @@ impl Writer {
             }
         }
         let mut results = futures::stream::iter(uplink_writes)
-            .map(|(u, v, patch)| async move { this.write_uplink_status(&u, &v, patch).await })
+            .map(|(u, v, patch)| async move { this.write_uplink_status(u, v, patch).await })
             .buffer_unordered(concurrency);
         while let Some(r) = results.next().await {
             match r {
@@ -298,7 +303,7 @@ impl Writer {
         Ok(())
     }
 
-    async fn delete_stale(&mut self, rendered: &Rendered, summary: &mut WriteSummary) -> Result<(), WriteError> {
+    async fn delete_stale<N>(&mut self, rendered: &Rendered<N>, summary: &mut WriteSummary) -> Result<(), WriteError> {
         let ns = self.settings.namespace.clone();
         let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &ns);
         let known = match self.known_nodes.take() {
@@ -357,8 +362,9 @@ impl Writer {
             Err(source) => return Err(WriteError::Status { object: format!("Device {key}"), source }),
         }
         self.metrics.wrote("device_status");
+        let recorder = self.recorder();
         for ev in device_events(d, v) {
-            self.publish(d, ev).await;
+            self.publish(&recorder, d, ev).await;
         }
         Ok(true)
     }
@@ -375,14 +381,22 @@ impl Writer {
         self.metrics.wrote("uplink_status");
         let was = u.status.as_ref().and_then(|s| s.condition(CONFIGURED)).map(|c| c.status.clone());
         if let Some(ev) = configured_event(was.as_deref(), &v.verdict) {
-            self.publish(u, ev).await;
+            self.publish(&self.recorder(), u, ev).await;
         }
         Ok(true)
     }
 
+    /// A recorder for the Events of one object. kube's [`Recorder`] keeps every Event it
+    /// published for 6 minutes (to count repeats of the same Event on the same object version
+    /// as a series), and scans them all on each publish: one per object keeps that to the
+    /// object's own Events, as kube intends ("created at the start of your reconcile fn").
+    fn recorder(&self) -> Recorder {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+    }
+
     /// Events are best effort: a failure is logged at debug and counted, never fails the pass.
-    async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, ev: Event) {
-        match self.recorder.publish(&ev, &obj.object_ref(&())).await {
+    async fn publish<K: Resource<DynamicType = ()>>(&self, recorder: &Recorder, obj: &K, ev: Event) {
+        match recorder.publish(&ev, &obj.object_ref(&())).await {
             Ok(()) => self.metrics.wrote("event"),
             Err(e) => {
                 self.metrics.wrote("event_failed");

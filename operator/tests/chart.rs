@@ -243,3 +243,290 @@ fn invalid_values_are_refused_by_the_schema() {
         assert!(err.contains(word), "{values}: {err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dashboard, alerts, scrape objects
+
+/// Every sample name the gateway and the operator expose, from their real registries: a
+/// counter `x` is scraped as `x_total`, a histogram as `x_bucket`, `x_sum`, `x_count`.
+fn exposed_metric_names() -> std::collections::BTreeSet<String> {
+    use fieldgate_gateway::metrics as gm;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let g = gm::Metrics::new(&mut registry);
+    let o = fieldgate_operator::metrics::Metrics::new(&mut registry);
+    // A family is exposed once it has a series: give each one (as a running gateway would).
+    let dev = gm::DeviceLabels { device: "default/d".into(), protocol: "modbus_tcp" };
+    let up = gm::UplinkLabels { uplink: "default/u".into() };
+    g.polls.get_or_create(&dev).inc();
+    g.device_errors.get_or_create(&gm::DeviceErrorLabels { device: "default/d".into(), protocol: "modbus_tcp", kind: "timeout" }).inc();
+    g.poll_duration.get_or_create(&dev).observe(0.01);
+    g.device_connected.get_or_create(&dev).set(1);
+    g.readings_received.get_or_create(&dev).inc();
+    g.device_last_reading.get_or_create(&dev).set(1.0);
+    g.readings_accepted.get_or_create(&up).inc();
+    g.dropped("default/u", gm::DropReason::too_large);
+    g.deliveries.get_or_create(&gm::DeliveryLabels { uplink: "default/u".into(), outcome: gm::DeliveryOutcome::acked }).inc();
+    g.redeliveries.get_or_create(&up).inc();
+    g.delivery_latency.get_or_create(&up).observe(0.01);
+    g.sample_to_cloud_latency.get_or_create(&up).observe(0.01);
+    g.buffer_messages.get_or_create(&up).set(1);
+    g.buffer_bytes.get_or_create(&up).set(1);
+    g.buffer_oldest_unsent_age.get_or_create(&up).set(1.0);
+    g.uplink_connected.get_or_create(&up).set(1);
+    g.uplink_connects.get_or_create(&up).inc();
+    g.buffer_reachable.get_or_create(&up).set(1);
+    g.task_restarts.get_or_create(&gm::TaskLabels { task: "t".into() }).inc();
+    g.config_reloads.get_or_create(&gm::ReloadLabels { outcome: gm::ReloadOutcome::applied }).inc();
+    g.ingress_rejected.get_or_create(&gm::IngressLabels { protocol: "coap", reason: "unknown_device" }).inc();
+    g.ingress_messages.get_or_create(&gm::IngressLabels { protocol: "coap", reason: "con" }).inc();
+    g.ingress_connections.get_or_create(&gm::ProtocolLabels { protocol: "tcp" }).set(1);
+    o.reconciles.get_or_create(&fieldgate_operator::metrics::OutcomeLabels { outcome: "ok" }).inc();
+    o.reconcile_errors.get_or_create(&fieldgate_operator::metrics::KindLabels { kind: "write" }).inc();
+    o.wrote("configmap");
+    o.objects.get_or_create(&fieldgate_operator::metrics::ObjectStateLabels { resource: "device", state: "configured" }).set(1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    assert!(names.contains("fieldgate_readings_accepted_total"), "{names:?}");
+    assert!(names.contains("fieldgate_operator_reconciles_total"), "{names:?}");
+    names
+}
+
+/// The `fieldgate_*` metric names a PromQL expression uses.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("fieldgate_") {
+        let before = rest[..at].chars().last();
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            out.push(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// `promtool`, from the Debian `prometheus` package (scripts/setup.sh).
+fn promtool() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("FIELDGATE_PROMTOOL").unwrap_or_else(|| "/usr/bin/promtool".into()));
+    if p.is_file() {
+        Some(p)
+    } else {
+        println!("SKIPPED promtool checks: {} not found (Debian package prometheus, scripts/setup.sh)", p.display());
+        None
+    }
+}
+
+fn run_promtool(promtool: &Path, args: &[&str], dir: &Path) {
+    let out = Command::new(promtool).args(args).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const MONITORING_ON: &str = r#"{"monitoring": {"prometheusRule": {"enabled": true, "labels": {"release": "kps"}},
+    "podMonitor": {"enabled": true}, "serviceMonitor": {"enabled": true}},
+    "telemetry": {"otlpEndpoint": "http://otel-collector.observability:4318", "traceSampleRatio": 0.05},
+    "gateway": {"apiTokenSecret": "fieldgate-api"}}"#;
+
+#[test]
+fn the_dashboard_is_valid_json_for_the_grafana_sidecar_and_uses_only_exposed_metrics() {
+    let Some(py) = python() else { return };
+    let names = exposed_metric_names();
+    let r = helm(&py, json!({}));
+    assert_lint_clean(&r);
+    // Off by default: they need the prometheus-operator CRDs.
+    for kind in ["PrometheusRule", "PodMonitor", "ServiceMonitor"] {
+        assert!(r.objects.iter().all(|o| o["kind"] != kind), "{kind} rendered by default");
+    }
+    let cm = find(&r.objects, "ConfigMap", "fg-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], json!("1"));
+    let text = cm["data"]["fieldgate.json"].as_str().unwrap();
+    let dashboard: Value = serde_json::from_str(text).expect("the dashboard is valid JSON");
+    assert_eq!(dashboard["uid"], json!("fieldgate-overview"));
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in ["Throughput", "Backlog", "Drops", "Latency", "Device health"] {
+        assert!(titles.contains(&wanted), "no {wanted} row in {titles:?}");
+    }
+    let mut exprs = Vec::new();
+    for p in panels {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    for e in &exprs {
+        let used = metric_names_in(e);
+        assert!(!used.is_empty(), "no Fieldgate metric in {e}");
+        for m in used {
+            assert!(names.contains(&m), "the dashboard uses {m}, which neither the gateway nor the operator exposes: {e}");
+        }
+    }
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["definition"].as_str() {
+            for m in metric_names_in(q) {
+                assert!(names.contains(&m), "variable {} uses {m}", v["name"]);
+            }
+        }
+    }
+    // Every expression parses as PromQL (with Grafana's variables filled in).
+    let Some(promtool) = promtool() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rules: Vec<Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$uplink", ".*").replace("$device", ".*");
+            json!({"record": format!("dashboard:expr_{i}"), "expr": e})
+        })
+        .collect();
+    std::fs::write(dir.path().join("dashboard.yaml"), json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string()).unwrap();
+    run_promtool(&promtool, &["check", "rules", "dashboard.yaml"], dir.path());
+}
+
+/// `{{ $labels.x }}` filled in, as Prometheus expands an alert's annotations.
+fn expand(template: &str, labels: &serde_json::Map<String, Value>) -> String {
+    let mut out = template.to_string();
+    for (k, v) in labels {
+        out = out.replace(&format!("{{{{ $labels.{k} }}}}"), v.as_str().unwrap());
+    }
+    assert!(!out.contains("{{"), "unexpanded template in {out}");
+    out
+}
+
+#[test]
+fn the_alerts_scrape_objects_and_trace_settings_render_and_the_alerts_fire_when_they_should() {
+    let Some(py) = python() else { return };
+    let names = exposed_metric_names();
+    let r = helm(&py, serde_json::from_str(MONITORING_ON).unwrap());
+    assert_lint_clean(&r);
+    let o = &r.objects;
+
+    // Scrape objects find the pods' "metrics" ports.
+    let pm = find(o, "PodMonitor", "fg");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], json!("metrics"));
+    let sm = find(o, "ServiceMonitor", "fg");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], json!("metrics"));
+    let svc = find(o, "Service", "fg-gateway-metrics");
+    assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/name"], json!("fieldgate-gateway"));
+
+    // Traces and the API token reach the gateway; traces reach the operator.
+    let ds = find(o, "DaemonSet", "fg-gateway");
+    let pod = &ds["spec"]["template"]["spec"];
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+    assert_eq!(var("OTEL_EXPORTER_OTLP_ENDPOINT"), Some(json!("http://otel-collector.observability:4318")));
+    assert_eq!(var("FIELDGATE_TRACE_SAMPLE_RATIO"), Some(json!("0.05")));
+    assert_eq!(var("FIELDGATE_API_TOKEN_FILE"), Some(json!("/run/fieldgate/api/token")));
+    assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["secret"]["secretName"] == json!("fieldgate-api")));
+    assert_restricted(ds, true);
+    let op = find(o, "Deployment", "fg-operator");
+    assert!(op["spec"]["template"]["spec"]["containers"][0]["env"].to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"));
+
+    // The alerts: the five the issue asks for, on metrics that exist.
+    let rule = find(o, "PrometheusRule", "fg-alerts");
+    assert_eq!(rule["metadata"]["labels"]["release"], json!("kps"));
+    let groups = rule["spec"]["groups"].clone();
+    let alerts: Vec<&Value> = groups.as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let alert_names: Vec<&str> = alerts.iter().map(|a| a["alert"].as_str().unwrap()).collect();
+    for wanted in [
+        "FieldgateBacklogGrowing",
+        "FieldgateOldestUnsentReadingTooOld",
+        "FieldgateReadingsDropped",
+        "FieldgateDeviceUnreachable",
+        "FieldgateUplinkDisconnected",
+    ] {
+        assert!(alert_names.contains(&wanted), "no {wanted} in {alert_names:?}");
+    }
+    for a in &alerts {
+        let expr = a["expr"].as_str().unwrap();
+        let used = metric_names_in(expr);
+        assert!(!used.is_empty(), "{expr}");
+        for m in used {
+            assert!(names.contains(&m), "alert {} uses {m}, which is not exposed", a["alert"]);
+        }
+        assert!(a["labels"]["severity"].is_string() && a["annotations"]["summary"].is_string(), "{a}");
+    }
+
+    let Some(promtool) = promtool() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alerts.yaml"), json!({"groups": groups}).to_string()).unwrap();
+    run_promtool(&promtool, &["check", "rules", "alerts.yaml"], dir.path());
+
+    // Unit tests of the alerts with Prometheus' own rule engine: synthetic series in, the
+    // alerts that must (and must not) fire out.
+    let by_name = |name: &str| *alerts.iter().find(|a| a["alert"] == name).unwrap();
+    let expected = |name: &str, labels: Value| {
+        let a = by_name(name);
+        let mut l = labels.as_object().unwrap().clone();
+        l.insert("severity".into(), a["labels"]["severity"].clone());
+        let annotations: serde_json::Map<String, Value> = a["annotations"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(expand(v.as_str().unwrap(), &l))))
+            .collect();
+        json!([{"exp_labels": l, "exp_annotations": annotations}])
+    };
+    let up = json!({"instance": "gw-1:9464", "job": "fieldgate", "uplink": "default/cloud"});
+    let dev = json!({"instance": "gw-1:9464", "job": "fieldgate", "device": "default/meter-1", "protocol": "modbus_tcp"});
+    let drop = json!({"instance": "gw-1:9464", "job": "fieldgate", "uplink": "default/cloud", "reason": "buffer_full_rejected"});
+    let series = |name: &str, labels: &Value, values: &str| {
+        let l: Vec<String> = labels.as_object().unwrap().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        json!({"series": format!("{name}{{{}}}", l.join(",")), "values": values})
+    };
+    let tests = json!({
+        "rule_files": ["alerts.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("fieldgate_uplink_connected", &up, "1 1 0x40"),
+                    series("fieldgate_device_connected", &dev, "1 0x40"),
+                    series("fieldgate_readings_dropped_total", &drop, "0 0 0 5 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10 10"),
+                    series("fieldgate_buffer_messages", &up, "0+20x60"),
+                    series("fieldgate_buffer_oldest_unsent_age_seconds", &up, "0+60x40"),
+                    series("fieldgate_buffer_connected", &json!({"instance": "gw-1:9464", "job": "fieldgate"}), "1x40"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "FieldgateUplinkDisconnected", "exp_alerts": []},
+                    {"eval_time": "9m", "alertname": "FieldgateUplinkDisconnected", "exp_alerts": expected("FieldgateUplinkDisconnected", up.clone())},
+                    {"eval_time": "8m", "alertname": "FieldgateDeviceUnreachable", "exp_alerts": expected("FieldgateDeviceUnreachable", dev.clone())},
+                    {"eval_time": "2m", "alertname": "FieldgateReadingsDropped", "exp_alerts": []},
+                    {"eval_time": "5m", "alertname": "FieldgateReadingsDropped", "exp_alerts": expected("FieldgateReadingsDropped", drop.clone())},
+                    {"eval_time": "24m", "alertname": "FieldgateReadingsDropped", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "FieldgateBacklogGrowing", "exp_alerts": expected("FieldgateBacklogGrowing", up.clone())},
+                    {"eval_time": "8m", "alertname": "FieldgateOldestUnsentReadingTooOld", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "FieldgateOldestUnsentReadingTooOld", "exp_alerts": expected("FieldgateOldestUnsentReadingTooOld", up.clone())},
+                    {"eval_time": "20m", "alertname": "FieldgateBufferUnavailable", "exp_alerts": []},
+                ]
+            }
+        ]
+    });
+    std::fs::write(dir.path().join("alerts_test.yaml"), tests.to_string()).unwrap();
+    run_promtool(&promtool, &["test", "rules", "alerts_test.yaml"], dir.path());
+}

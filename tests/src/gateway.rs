@@ -140,11 +140,11 @@ impl Gateway {
             .arg("--node")
             .arg(NODE);
         cmd.env("NO_COLOR", "1");
-        cmd.args(&self.extra_args);
-        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.args(&self.extra_args);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
+pub mod bench_nats;
 pub mod certs;
 pub mod cloud;
 pub mod cloud_v5;

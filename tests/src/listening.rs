@@ -74,6 +74,17 @@ impl ListeningGateway {
         r.map_err(|e| e.context(self.log()))
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Resident memory of the process in KiB (`VmRSS`), while running.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -195,6 +195,18 @@ pub struct DeviceHub {
     pub reporters: crate::reporting::Reporters,
     /// Running devices by `namespace/name` (commands look them up here).
     running: RwLock<HashMap<String, DeviceTask>>,
+    /// Live TCP device connections by `namespace/name`, for commands.
+    pub tcp_live: Mutex<HashMap<String, Arc<CommandSlot>>>,
+}
+
+/// Frames waiting to be written to a live connection (commands), and what wakes it.
+/// Empty and allocation-free while idle.
+#[derive(Default)]
+pub struct CommandSlot {
+    /// Frames and who waits for them to be written.
+    pub pending: Mutex<std::collections::VecDeque<(String, tokio::sync::oneshot::Sender<bool>)>>,
+    /// Wakes the connection.
+    pub notify: tokio::sync::Notify,
 }
 
 /// Removes a running device from the hub when its task ends.
@@ -227,6 +239,7 @@ impl DeviceHub {
             buses: Default::default(),
             reporters: Default::default(),
             running: RwLock::default(),
+            tcp_live: Mutex::default(),
         })
     }
 
@@ -351,5 +364,61 @@ pub(crate) async fn bind_udp(hub: &DeviceHub, protocol: &'static str, addr: Sock
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    fn task(hub: &Arc<DeviceHub>, metrics: &Arc<Metrics>) -> DeviceTask {
+        let device: fieldgate_crds::GatewayDevice = serde_json::from_value(serde_json::json!({
+            "name": "d", "connection": {"coap": {}}, "points": [{"name": "t", "type": "float64"}]
+        }))
+        .unwrap();
+        DeviceTask {
+            device: Arc::new(device),
+            node: "n".into(),
+            sink: crate::reading::ReadingSink::channel(1).0,
+            metrics: Arc::clone(metrics),
+            cancel: CancellationToken::new(),
+            hub: Arc::clone(hub),
+        }
+    }
+
+    #[test]
+    fn pushed_reading_ids_never_repeat() {
+        let clock = IdClock::default();
+        let ids: Vec<u64> = (0..1000).map(|_| clock.next()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[tokio::test]
+    async fn registrations_end_with_their_guard_and_check_tokens() {
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let hub = DeviceHub::for_tests(Arc::clone(&metrics));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("s")).unwrap();
+        std::fs::write(dir.path().join("s/token"), "abc\n").unwrap();
+        let store = SecretStore::new(dir.path());
+        let t = task(&hub, &metrics);
+        let cred = match store.read("s", "token") {
+            Ok(v) => Credential::Token(v),
+            Err(_) => Credential::Unreadable,
+        };
+        let first = hub.register("udp", "dev".into(), Registered::new(t.clone(), cred, 64));
+        let dev = hub.lookup("udp", "dev").unwrap();
+        assert!(dev.token_matches(b"abc"));
+        assert!(!dev.token_matches(b"abd") && !dev.token_matches(b"ab") && !dev.token_matches(b""));
+        // A newer registration under the same key survives the older guard.
+        let second = hub.register("udp", "dev".into(), Registered::new(t.clone(), Credential::Unreadable, 64));
+        drop(first);
+        assert!(!hub.lookup("udp", "dev").unwrap().token_matches(b"abc"));
+        drop(second);
+        assert!(hub.lookup("udp", "dev").is_none());
+        let missing = hub.credential(&fieldgate_crds::DeviceSecretRef { name: "nope".into(), key: None }, &t);
+        assert!(matches!(missing, Credential::Unreadable));
     }
 }

@@ -318,6 +318,8 @@ async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: 
         }
     };
     tracing::debug!(device = %dev.task.key(), %peer, "TCP device identified");
+    let slot = Arc::new(super::hub::CommandSlot::default());
+    hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(dev.task.key(), Arc::clone(&slot));
     let mut next = if frame.is_empty() {
         if !conn.answer("OK").await {
             state.release(&id, conn_id);
@@ -338,6 +340,18 @@ async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: 
                     }
                     () = dev.task.cancel.cancelled() => break,
                     () = hub.cancel.cancelled() => break,
+                    () = slot.notify.notified() => {
+                        let queued = std::mem::take(&mut *slot.pending.lock().unwrap_or_else(PoisonError::into_inner));
+                        let mut ok = true;
+                        for (line, done) in queued {
+                            ok = ok && conn.answer(&line).await;
+                            let _ = done.send(ok);
+                        }
+                        if !ok {
+                            break;
+                        }
+                        continue;
+                    }
                     f = conn.next_frame(max) => f,
                 };
                 match got {
@@ -393,6 +407,23 @@ async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: 
         }
     }
     state.release(&id, conn_id);
+    let mut live = hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner);
+    if live.get(&dev.task.key()).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+        live.remove(&dev.task.key());
+    }
+}
+
+/// Writes a command frame to the device's live connection; `Ok` once written.
+pub(crate) async fn send_command(hub: &DeviceHub, device: &str, line: String) -> Result<(), &'static str> {
+    let slot = hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).get(device).cloned();
+    let Some(slot) = slot else { return Err("the device is not connected") };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    slot.pending.lock().unwrap_or_else(PoisonError::into_inner).push_back((line, tx));
+    slot.notify.notify_one();
+    match rx.await {
+        Ok(true) => Ok(()),
+        _ => Err("the connection closed before the frame was written"),
+    }
 }
 
 #[cfg(test)]
