@@ -61,6 +61,21 @@ pub struct ReportRule {
 }
 
 impl Point {
+    /// A read-only point at `address` of a Modbus `table`, unscaled, big-endian.
+    pub fn modbus(name: &str, value_type: ValueType, table: ModbusTable, address: u16) -> Self {
+        Self {
+            name: name.to_string(),
+            value_type,
+            access: Access::Read,
+            unit: None,
+            scale: None,
+            offset: None,
+            modbus: Some(ModbusPoint { table, address, word_order: None, length: None, bit: None }),
+            path: None,
+            report: None,
+        }
+    }
+
     /// Whether `scale` or `offset` change the raw value.
     pub fn is_scaled(&self) -> bool {
         self.scale.is_some_and(|s| s != 1.0) || self.offset.is_some_and(|o| o != 0.0)

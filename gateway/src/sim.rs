@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use fieldgate_crds::{
-    Connection, GatewayDevice, ModbusPoint, ModbusTable, ModbusTcpConnection, Point, ValueType,
+    Connection, GatewayDevice, ModbusTable, ModbusTcpConnection, Point, ValueType,
     WordOrder,
 };
 use rand::Rng;
@@ -528,23 +528,7 @@ fn garbage() -> Vec<u8> {
 }
 
 fn point(name: &str, value_type: ValueType, table: ModbusTable, address: u16) -> Point {
-    Point {
-        name: name.to_string(),
-        value_type,
-        access: Default::default(),
-        unit: None,
-        scale: None,
-        offset: None,
-        modbus: Some(ModbusPoint {
-            table,
-            address,
-            word_order: None,
-            length: None,
-            bit: None,
-        }),
-        path: None,
-        report: None,
-    }
+    Point::modbus(name, value_type, table, address)
 }
 
 /// Points covering the whole map, named `u16`, `i16`, `u32`, `i32`, `f32`, `f32_le`, `u64`,

@@ -12,22 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fieldgate_crds::{Device, DeviceProfile, Uplink};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::Api;
 use serde_json::json;
+use fieldgate_tests::cluster::{TestCluster, skip_without_cluster};
 use tokio::time::Instant;
 
 const MANAGER: &str = "fieldgate-cluster-test";
-
-fn skip() -> bool {
-    if std::env::var_os("KUBECONFIG").is_none() {
-        println!("SKIPPED: KUBECONFIG not set");
-        return true;
-    }
-    false
-}
 
 /// Polls `check` every 250 ms until it returns `Some`, or fails after `timeout`.
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -55,48 +47,6 @@ impl Drop for Operator {
     }
 }
 
-struct Cleanup {
-    client: Client,
-    namespace: String,
-    unlabel: Option<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (client, ns, unlabel) = (self.client.clone(), self.namespace.clone(), self.unlabel.take());
-        // Best effort, on a fresh runtime (Drop cannot be async).
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
-                if let Some(node) = unlabel {
-                    let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": null}}});
-                    let _ = Api::<Node>::all(client).patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn apply_crds(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in [Device::crd(), DeviceProfile::crd(), Uplink::crd()] {
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await.unwrap();
-        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let c = crds.get(&name).await.ok()?;
-                let ok = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-                ok.then_some(())
-            }
-        })
-        .await;
-    }
-}
-
 fn device(name: &str, poll: &str) -> serde_json::Value {
     json!({
         "apiVersion": "fieldgate.io/v1alpha1", "kind": "Device",
@@ -111,32 +61,11 @@ fn device(name: &str, poll: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn operator_renders_configures_propagates_refuses_and_cleans_up() {
-    if skip() {
+    if skip_without_cluster() {
         return;
     }
-    let client = Client::try_default().await.unwrap();
-    apply_crds(&client).await;
-
-    let ns = format!("fieldgate-test-{}", std::process::id());
-    let nss = Api::<Namespace>::all(client.clone());
-    nss.patch(&ns, &PatchParams::apply(MANAGER), &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})))
-        .await
-        .unwrap();
-
-    // A gateway node: one already labelled, else the first node (label removed afterwards).
-    let nodes = Api::<Node>::all(client.clone());
-    let list = nodes.list(&Default::default()).await.unwrap();
-    let labelled = list.items.iter().find(|n| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true"));
-    let (node, unlabel) = match labelled {
-        Some(n) => (n.name_any(), None),
-        None => {
-            let n = list.items.first().expect("the cluster has a node").name_any();
-            let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": "true"}}});
-            nodes.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-            (n.clone(), Some(n))
-        }
-    };
-    let _cleanup = Cleanup { client: client.clone(), namespace: ns.clone(), unlabel };
+    let cluster = TestCluster::start("fieldgate-test", MANAGER).await.unwrap();
+    let (client, ns, node) = (cluster.client.clone(), cluster.namespace.clone(), cluster.node.clone());
 
     let _operator = Operator(
         Command::new(env!("CARGO_BIN_EXE_fieldgate-operator"))

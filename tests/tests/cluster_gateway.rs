@@ -15,12 +15,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fieldgate_crds::{Device, DeviceProfile, Uplink};
+use fieldgate_crds::{Device, Uplink};
+use fieldgate_tests::cluster::{TestCluster, skip_without_cluster};
 use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer, SimFleet, free_port, wait_until};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::json;
 
 const MANAGER: &str = "fieldgate-gateway-cluster-test";
@@ -31,29 +30,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-struct Cleanup {
-    client: Client,
-    namespace: String,
-    unlabel: Option<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (client, ns, unlabel) = (self.client.clone(), self.namespace.clone(), self.unlabel.take());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
-                if let Some(node) = unlabel {
-                    let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": null}}});
-                    let _ = Api::<Node>::all(client).patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await;
-                }
-            });
-        })
-        .join();
     }
 }
 
@@ -78,32 +54,11 @@ fn condition(obj: &serde_json::Value, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow::Result<()> {
-    if std::env::var_os("KUBECONFIG").is_none() {
-        println!("SKIPPED: KUBECONFIG not set (this test needs a real cluster)");
+    if skip_without_cluster() {
         return Ok(());
     }
-    let client = Client::try_default().await?;
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in [Device::crd(), DeviceProfile::crd(), Uplink::crd()] {
-        crds.patch(&crd.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await?;
-    }
-    let ns = format!("fieldgate-gw-test-{}", std::process::id());
-    Api::<Namespace>::all(client.clone())
-        .patch(&ns, &PatchParams::apply(MANAGER), &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})))
-        .await?;
-    let nodes = Api::<Node>::all(client.clone());
-    let list = nodes.list(&Default::default()).await?;
-    let labelled = list.items.iter().find(|n| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true"));
-    let (node, unlabel) = match labelled {
-        Some(n) => (n.name_any(), None),
-        None => {
-            let n = list.items.first().expect("the cluster has a node").name_any();
-            let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": "true"}}});
-            nodes.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            (n.clone(), Some(n))
-        }
-    };
-    let _cleanup = Cleanup { client: client.clone(), namespace: ns.clone(), unlabel };
+    let cluster = TestCluster::start("fieldgate-gw-test", MANAGER).await?;
+    let (client, ns, node) = (cluster.client.clone(), cluster.namespace.clone(), cluster.node.clone());
 
     // Local data path: NATS, the "cloud" and one simulated device.
     let nats = NatsServer::start().await?;

@@ -668,7 +668,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
 mod tests {
     use std::sync::Arc;
 
-    use fieldgate_crds::{Connection, GatewayDevice, ModbusPoint};
+    use fieldgate_crds::{Connection, GatewayDevice};
     use prometheus_client::registry::Registry;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
@@ -682,23 +682,7 @@ mod tests {
     // ---- plan -----------------------------------------------------------------------------
 
     fn p(name: &str, value_type: ValueType, table: ModbusTable, address: u16) -> Point {
-        Point {
-            name: name.into(),
-            value_type,
-            access: Default::default(),
-            unit: None,
-            scale: None,
-            offset: None,
-            modbus: Some(ModbusPoint {
-                table,
-                address,
-                word_order: None,
-                length: None,
-                bit: None,
-            }),
-            path: None,
-            report: None,
-        }
+        Point::modbus(name, value_type, table, address)
     }
 
     fn req(table: ModbusTable, address: u16, count: u16) -> ReadRequest {
