@@ -237,7 +237,6 @@ async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -
     });
     let cfg = ConfigBuilder::new().devices(devices_cfg).cloud(&mosq.url(), |u| {
         u.encoding = Some(encoding);
-        u.mqtt.max_in_flight = Some(1024);
         set_buffer(u, "1Gi", OnFull::DropOldest);
     });
     gw.write_config(&cfg.yaml()?)?;
