@@ -5,6 +5,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 bash scripts/setup.sh
+# One build per run: incremental caches only cost disk here.
+export CARGO_INCREMENTAL=0
 export FIELDGATE_NATS_SERVER="$root/.venv/bin/nats-server"
 export PATH="$root/.venv/bin:$PATH"
 

@@ -742,11 +742,14 @@ async fn intake(
     }
 }
 
+// One per uplink session: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Events {
     V4(rumqttc::EventLoop),
     V5(rumqttc::v5::EventLoop),
 }
 
+#[allow(clippy::large_enum_variant)] // short-lived, one at a time
 enum Polled {
     Connected,
     Message(Incoming),

@@ -163,15 +163,19 @@ impl std::ops::Deref for Submission {
     }
 }
 
+/// Whether a reading was accepted, and if not why.
+pub type AcceptOutcome = Result<(), crate::metrics::DropReason>;
+
 /// Collects the outcome of every route of one reading and tells the waiting adapter.
 #[derive(Debug)]
 pub struct AcceptanceTracker {
-    state: std::sync::Mutex<(usize, Option<tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>>)>,
+    /// Routes still unresolved, and the waiter.
+    state: std::sync::Mutex<(usize, Option<tokio::sync::oneshot::Sender<AcceptOutcome>>)>,
 }
 
 impl AcceptanceTracker {
     /// Expects `routes` outcomes before telling the waiter (0 routes: call [`Self::resolve`] once).
-    pub fn new(routes: usize, tx: tokio::sync::oneshot::Sender<Result<(), crate::metrics::DropReason>>) -> Self {
+    pub fn new(routes: usize, tx: tokio::sync::oneshot::Sender<AcceptOutcome>) -> Self {
         Self { state: std::sync::Mutex::new((routes.max(1), Some(tx))) }
     }
 

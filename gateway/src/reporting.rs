@@ -109,7 +109,10 @@ fn moved(old: &Value, new: &Value, deadband: f64) -> bool {
 /// Reporters of running devices, keyed by device; a device whose config changed (a new
 /// `GatewayDevice`) starts afresh.
 #[derive(Default)]
-pub struct Reporters(Mutex<HashMap<String, (Weak<GatewayDevice>, Arc<Mutex<Reporter>>)>>);
+pub struct Reporters(Mutex<HashMap<String, ReporterEntry>>);
+
+/// The device a reporter was made for, and the reporter.
+type ReporterEntry = (Weak<GatewayDevice>, Arc<Mutex<Reporter>>);
 
 impl Reporters {
     /// The reporter of `device` (`key` is `namespace/name`); `None` when it has no rules.

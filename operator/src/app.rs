@@ -57,6 +57,12 @@ pub struct Args {
     /// Time allowed for a graceful stop after SIGTERM.
     #[arg(long, env = "FIELDGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Worker threads of the async runtime (0: one per CPU). The reconcile loop runs on the
+    /// main thread, the watches, the Lease and the management server on the workers. The
+    /// operator mostly waits for the API server: more threads bring no speed, only memory
+    /// (each allocating thread gets its own allocator arena).
+    #[arg(long, env = "FIELDGATE_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 async fn wait_for_signal() {

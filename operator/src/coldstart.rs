@@ -94,6 +94,13 @@ struct Counts {
     other: Vec<String>,
 }
 
+impl Counts {
+    /// Writes the operator made (per-node objects and statuses).
+    fn writes(&self) -> usize {
+        self.configmaps.len() + self.secrets + self.device_statuses + self.uplink_statuses + self.deletes
+    }
+}
+
 /// The mocked API server's state.
 struct Mock {
     objects: Mutex<BTreeMap<Collection, BTreeMap<(String, String), Value>>>,
@@ -457,15 +464,35 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// `fieldgate_operator_reconciles_total{outcome="ok"}` from the child's `/metrics`.
-async fn reconciles_ok(port: u16) -> Option<u64> {
+/// The operator's `/metrics` text.
+async fn scrape(port: u16) -> Option<String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("fieldgate_operator_reconciles_total{outcome=\"ok\"} "))
-        .and_then(|v| v.trim().parse().ok())
+    Some(text)
+}
+
+/// The value of the series `name` (with its labels) in a metrics text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `fieldgate_operator_reconciles_total{outcome="ok"}`.
+async fn reconciles_ok(port: u16) -> Option<u64> {
+    let text = scrape(port).await?;
+    // A counter's value is a whole number.
+    metric(&text, "fieldgate_operator_reconciles_total{outcome=\"ok\"}").map(|v| v as u64)
+}
+
+/// Stops the operator with SIGTERM (a graceful stop; the whole process group, so a `--wrap`
+/// program and the operator under it alike), and kills it if it is still there after `grace`.
+async fn stop_child(child: &mut tokio::process::Child, pid: u32, grace: Duration) {
+    let _ = tokio::process::Command::new("kill").args(["-TERM", "--", &format!("-{pid}")]).status().await;
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -536,6 +563,7 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log.0)?)
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()?;
     let child_pid = child.id().ok_or_else(|| anyhow::anyhow!("operator exited at once"))?;
@@ -544,7 +572,9 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut at_configmaps: Option<(Instant, u64)> = None;
     let mut at_statuses: Option<(Instant, u64, Counts)> = None;
-    let mut settled: Option<(Instant, u64, Counts)> = None;
+    let mut settled: Option<(Instant, u64, Counts, u64)> = None;
+    // Reconciles seen so far, and the writes the mock had counted then.
+    let mut seen: Option<(u64, usize)> = None;
     let mut peak_sampled = 0u64;
     let outcome: anyhow::Result<()> = loop {
         tick.tick().await;
@@ -565,18 +595,29 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         {
             at_statuses = Some((now, rss, c.clone()));
         }
-        // Settled: the pass triggered by the status watch events is done too.
-        if at_statuses.is_some() && settled.is_none() && reconciles_ok(metrics_port).await.is_some_and(|n| n >= 2) {
-            settled = Some((Instant::now(), rss, c));
-            break Ok(());
+        // Settled: a reconcile after the first that wrote nothing (the status writes come back
+        // as watch events and trigger more; a write the cache had not seen yet is repeated).
+        if at_statuses.is_some() {
+            let passes = reconciles_ok(metrics_port).await.unwrap_or(0);
+            match seen {
+                Some((n, writes)) if passes > n => {
+                    if passes >= 2 && c.writes() == writes {
+                        settled = Some((Instant::now(), rss, c, passes));
+                        break Ok(());
+                    }
+                    seen = Some((passes, c.writes()));
+                }
+                Some(_) => {}
+                None => seen = Some((passes, c.writes())),
+            }
         }
         if now >= deadline {
             break Err(anyhow::anyhow!("not done within {:?}", args.timeout));
         }
     };
     let memory = proc_memory(child_pid);
-    child.start_kill()?;
-    let _ = child.wait().await;
+    let operator_metrics = scrape(metrics_port).await.unwrap_or_default();
+    stop_child(&mut child, child_pid, Duration::from_secs(10)).await;
     stop.cancel();
     let _ = server.await;
     let c = mock.counts();
@@ -628,16 +669,28 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
             s.events
         )?;
     }
-    if let (Some((t, _, s)), Some((_, _, before))) = (&settled, &at_statuses) {
+    if let (Some((t, _, s, passes)), Some((_, _, before))) = (&settled, &at_statuses) {
         writeln!(
             out,
-            "  second reconcile done           {}  (after the status watch events; it wrote {} ConfigMaps, {} statuses)",
+            "  settled                         {}  (reconcile {passes} wrote nothing; after the first: {} ConfigMaps, {} statuses \
+             written again, for Devices whose own status write had not reached the watch cache yet)",
             since(Some(*t)),
             s.configmaps.len() - before.configmaps.len(),
             (s.device_statuses + s.uplink_statuses) - (before.device_statuses + before.uplink_statuses)
         )?;
     }
     writeln!(out, "ConfigMap apply bodies: {} KiB in total", c.configmap_bytes / 1024)?;
+    let series = |name: &str| metric(&operator_metrics, name).unwrap_or(f64::NAN);
+    let (renders, render_s) =
+        (series("fieldgate_operator_render_duration_seconds_count"), series("fieldgate_operator_render_duration_seconds_sum"));
+    let (reconciles, reconcile_s) =
+        (series("fieldgate_operator_reconcile_duration_seconds_count"), series("fieldgate_operator_reconcile_duration_seconds_sum"));
+    writeln!(
+        out,
+        "operator metrics: {renders} renders (plan), {:.0} ms each on average; {reconciles} reconciles, {:.0} ms on average",
+        render_s * 1000.0 / renders,
+        reconcile_s * 1000.0 / reconciles
+    )?;
     let rss_at = |x: Option<u64>| x.map_or_else(|| "n/a".to_string(), mib);
     writeln!(
         out,

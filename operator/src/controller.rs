@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::metrics::{KindLabels, Metrics, ObjectStateLabels, OutcomeLabels};
 use crate::render::{self, ObjectKey, Placements, Rendered, SecretIndex, Settings, World};
-use crate::writer::{SecretValues, WriteError, WriteSummary, Writer};
+use crate::writer::{SecretValues, WriteError, WritePass, WriteSummary, Writer};
 
 /// The watch caches render reads.
 #[derive(Clone)]
@@ -270,9 +270,17 @@ impl Reconciler {
         self.metrics.render_duration.observe(started.elapsed().as_secs_f64());
         drop(previous);
         self.record(&rendered);
-        let summary = self.writer.write(&rendered, &world, &values).await?;
+        let mut pass = WritePass::default();
+        self.writer.write_configs(&rendered, &world.nodes, &values, &mut pass).await;
+        // The node plans borrow the snapshot; without them the snapshot's Devices can go one
+        // by one as their statuses are written, rather than stay alive beside the updated
+        // objects the watch cache receives meanwhile (twice every Device on a cold start).
+        let rendered = rendered.map_nodes(|_| ());
+        let World { devices, uplinks, .. } = world;
+        self.writer.write_statuses(&rendered, devices, uplinks, &mut pass).await;
+        let summary = pass.finish()?;
         self.placements = rendered.placements();
-        Ok((rendered.map_nodes(|_| ()), summary))
+        Ok((rendered, summary))
     }
 
     fn record<N>(&self, r: &Rendered<N>) {

@@ -32,7 +32,11 @@ fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     match args.command {
         Command::Run(run) => {
-            let runtime = tokio::runtime::Runtime::new()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if run.worker_threads > 0 {
+                runtime.worker_threads(run.worker_threads);
+            }
+            let runtime = runtime.enable_all().build()?;
             runtime.block_on(async {
                 // Inside the runtime: the OTLP exporter (when configured) runs on it.
                 let telemetry = telemetry::init(&args.log_format);

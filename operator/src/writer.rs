@@ -137,6 +137,32 @@ pub struct WriteSummary {
     pub statuses: usize,
 }
 
+/// A write pass in progress: what it did so far and its first error (it goes on after one).
+#[derive(Debug, Default)]
+pub struct WritePass {
+    summary: WriteSummary,
+    first_error: Option<WriteError>,
+}
+
+impl WritePass {
+    fn count_status(&mut self, r: Result<bool, WriteError>) {
+        match r {
+            Ok(wrote) => self.summary.statuses += usize::from(wrote),
+            Err(e) => {
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// What the pass did, or its first error.
+    pub fn finish(self) -> Result<WriteSummary, WriteError> {
+        match self.first_error {
+            Some(e) => Err(e),
+            None => Ok(self.summary),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedHashes {
     config: String,
@@ -173,68 +199,73 @@ impl Writer {
         self.known_nodes = None;
     }
 
-    /// Brings the cluster in line with `rendered`. Node configs not built yet are built one at
-    /// a time, each dropped once applied.
+    /// Brings the cluster in line with `rendered`: [`Writer::write_configs`], then
+    /// [`Writer::write_statuses`]. Fails with the first error, after trying every write.
     pub async fn write<N: NodeSource>(
         &mut self,
         rendered: &Rendered<N>,
         world: &World,
         secrets: &SecretValues,
     ) -> Result<WriteSummary, WriteError> {
-        let mut summary = WriteSummary::default();
-        let nodes: BTreeMap<String, &Node> = world.nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
-        let mut first_error = None;
+        let mut pass = WritePass::default();
+        self.write_configs(rendered, &world.nodes, secrets, &mut pass).await;
+        self.write_statuses(rendered, world.devices.iter().cloned(), world.uplinks.iter().cloned(), &mut pass).await;
+        pass.finish()
+    }
 
+    /// The per-node ConfigMaps and Secrets, and the deletion of those of nodes that serve no
+    /// device any more. A config not built yet is built, applied and dropped before the next.
+    pub async fn write_configs<N: NodeSource>(
+        &mut self,
+        rendered: &Rendered<N>,
+        nodes: &[Arc<Node>],
+        secrets: &SecretValues,
+        pass: &mut WritePass,
+    ) {
+        let nodes: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
         for (node, source) in &rendered.nodes {
             let nc = source.node_config();
-            match self.apply_node(node, &nc, nodes.get(node).copied(), secrets, &mut summary).await {
-                Ok(()) => {}
-                Err(e) => {
-                    self.applied.remove(node);
-                    first_error.get_or_insert(e);
-                }
+            if let Err(e) = self.apply_node(node, &nc, nodes.get(node).copied(), secrets, &mut pass.summary).await {
+                self.applied.remove(node);
+                pass.first_error.get_or_insert(e);
             }
         }
-        if let Err(e) = self.delete_stale(rendered, &mut summary).await {
-            first_error.get_or_insert(e);
+        if let Err(e) = self.delete_stale(rendered, &mut pass.summary).await {
+            pass.first_error.get_or_insert(e);
         }
+    }
 
-        // Patches are computed as the stream pulls them: at most `concurrency` exist at once.
-        let device_writes = world.devices.iter().filter_map(|d| {
+    /// The status of every Device and Uplink whose status differs from the verdict, and their
+    /// Events. Each patch is computed when its turn comes (at most `concurrency` exist at once)
+    /// and each object is dropped once written: given the snapshot's objects, the old version
+    /// of a Device is released while the watch cache takes the new one.
+    pub async fn write_statuses<N>(
+        &self,
+        rendered: &Rendered<N>,
+        devices: impl IntoIterator<Item = Arc<Device>>,
+        uplinks: impl IntoIterator<Item = Arc<Uplink>>,
+        pass: &mut WritePass,
+    ) {
+        let device_writes = devices.into_iter().filter_map(|d| {
             let v = rendered.devices.get(&ObjectKey::of(d.as_ref()))?;
-            device_status_change(d, v).map(|patch| (d.as_ref(), v, patch))
+            device_status_change(&d, v).map(|patch| (d, v, patch))
         });
-        let uplink_writes = world.uplinks.iter().filter_map(|u| {
+        let uplink_writes = uplinks.into_iter().filter_map(|u| {
             let v = rendered.uplinks.get(&ObjectKey::of(u.as_ref()))?;
-            uplink_status_change(u, v).map(|patch| (u.as_ref(), v, patch))
+            uplink_status_change(&u, v).map(|patch| (u, v, patch))
         });
         let concurrency = self.settings.concurrency.max(1);
-        let this = &*self;
         let mut results = futures::stream::iter(device_writes)
-            .map(|(d, v, patch)| async move { this.write_device_status(d, v, patch).await })
+            .map(|(d, v, patch)| async move { self.write_device_status(&d, v, patch).await })
             .buffer_unordered(concurrency);
         while let Some(r) = results.next().await {
-            match r {
-                Ok(wrote) => summary.statuses += usize::from(wrote),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
+            pass.count_status(r);
         }
         let mut results = futures::stream::iter(uplink_writes)
-            .map(|(u, v, patch)| async move { this.write_uplink_status(u, v, patch).await })
+            .map(|(u, v, patch)| async move { self.write_uplink_status(&u, v, patch).await })
             .buffer_unordered(concurrency);
         while let Some(r) = results.next().await {
-            match r {
-                Ok(wrote) => summary.statuses += usize::from(wrote),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(summary),
+            pass.count_status(r);
         }
     }
 

@@ -817,8 +817,7 @@ async fn observe_once(c: &mut Client, task: &DeviceTask, ids: &super::hub::IdClo
     check_status(&first)?;
     let observing = first.get_observe_value().is_some();
     let mut next = Some(first);
-    loop {
-        let Some(p) = next.take() else { break };
+    while let Some(p) = next.take() {
         health.set(true, None);
         let silence = max_age(&p) + c.timeout;
         match notification(c, task, ids, &p).await {

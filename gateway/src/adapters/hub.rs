@@ -203,9 +203,15 @@ pub struct DeviceHub {
 /// Empty and allocation-free while idle.
 #[derive(Default)]
 pub struct CommandSlot {
+    /// Which connection of the device this is.
+    pub conn: u64,
+    /// Set when a newer connection of the device replaced this one.
+    pub replaced: std::sync::atomic::AtomicBool,
+    /// Set when the device was removed or the gateway stops: the connection closes.
+    pub stop: std::sync::atomic::AtomicBool,
     /// Frames and who waits for them to be written.
     pub pending: Mutex<std::collections::VecDeque<(String, tokio::sync::oneshot::Sender<bool>)>>,
-    /// Wakes the connection.
+    /// Wakes the connection (commands queued, or replaced).
     pub notify: tokio::sync::Notify,
 }
 

@@ -4,7 +4,11 @@
 //! because the device misbehaves: failures are counted (`fieldgate_device_errors_total{kind}`),
 //! state transitions are logged, and the connection is rebuilt with capped exponential backoff
 //! and jitter. Readings go to the [`ReadingSink`]; the buffer writer decides when they are
-//! accepted.
+//! accepted. Adapters that acknowledge to the device (CoAP, MQTT ingest, TCP, UDP) use
+//! [`DeviceTask::emit_confirmed`] and acknowledge only once JetStream accepted the reading.
+//! Devices that connect to the gateway (CoAP push, TCP, UDP) register with the shared
+//! [`hub::DeviceHub`], whose listeners look them up; payloads map to points in [`payload`].
+//! Reporting rules ([`crate::reporting`]) apply in `emit*`, the same for every protocol.
 //!
 //! Adding a protocol:
 //! 1. add its typed settings as a variant of `fieldgate_crds::Connection` (with validation in

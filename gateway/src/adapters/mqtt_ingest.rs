@@ -100,12 +100,15 @@ impl Client {
     }
 }
 
+// One per session, never stored in bulk: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum EventLoop {
     V4(rumqttc::EventLoop),
     V5(rumqttc::v5::EventLoop),
 }
 
 /// What the event loop reported, protocol version aside.
+#[allow(clippy::large_enum_variant)] // short-lived, one at a time
 enum Event {
     Connected,
     Subscribed { refused: usize },
@@ -355,14 +358,14 @@ pub(crate) async fn publish_command(settings: &MqttDeviceConnection, task: &Devi
         let mut published = false;
         loop {
             let done = match &mut events {
-                EventLoop::V4(el) => match el.poll().await.map_err(|e| e.to_string())? {
-                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => true,
-                    _ => false,
-                },
-                EventLoop::V5(el) => match el.poll().await.map_err(|e| e.to_string())? {
-                    rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) => true,
-                    _ => false,
-                },
+                EventLoop::V4(el) => matches!(
+                    el.poll().await.map_err(|e| e.to_string())?,
+                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))
+                ),
+                EventLoop::V5(el) => matches!(
+                    el.poll().await.map_err(|e| e.to_string())?,
+                    rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))
+                ),
             };
             if done {
                 return Ok::<(), String>(());

@@ -35,9 +35,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::hub::{DeviceHub, Registered};
+use super::hub::{CommandSlot, DeviceHub, Registered};
 use super::{DeviceTask, payload};
 use crate::metrics::ProtocolLabels;
 
@@ -53,11 +52,12 @@ pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceT
     let max = task.hub.args.max_frame_bytes;
     let _registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
     task.cancel.cancelled().await;
-}
-
-struct Live {
-    conn: u64,
-    cancel: CancellationToken,
+    // Close the device's live connection, if any.
+    let slot = task.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).get(&task.key()).cloned();
+    if let Some(slot) = slot {
+        slot.stop.store(true, Ordering::Release);
+        slot.notify.notify_one();
+    }
 }
 
 #[derive(Default)]
@@ -67,66 +67,58 @@ struct Flaps {
     quarantined_until: Option<Instant>,
 }
 
-/// Live connections and flapping per device id.
-#[derive(Default)]
-struct Ids {
-    live: HashMap<String, Live>,
-    flaps: HashMap<String, Flaps>,
-}
-
+/// Flapping per device id (the live connections themselves are in the hub, for commands).
 struct State {
     hub: Arc<DeviceHub>,
-    ids: Mutex<Ids>,
+    flaps: Mutex<HashMap<String, Flaps>>,
     next_conn: AtomicU64,
-}
-
-enum TakeOver {
-    Live(u64, CancellationToken),
-    Quarantined,
 }
 
 impl State {
     fn quarantined(&self, id: &str) -> bool {
-        let ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        ids.flaps.get(id).and_then(|f| f.quarantined_until).is_some_and(|until| Instant::now() < until)
+        let flaps = self.flaps.lock().unwrap_or_else(PoisonError::into_inner);
+        flaps.get(id).and_then(|f| f.quarantined_until).is_some_and(|until| Instant::now() < until)
     }
 
-    /// Makes this connection the live one of `id`, closing the previous one.
-    fn take_over(&self, id: &str, dev: &Registered) -> TakeOver {
+    /// Makes a new connection the live one of the device, waking the previous one to close.
+    /// `None`: the device id is flapping and now quarantined.
+    fn take_over(&self, id: &str, dev: &Registered) -> Option<Arc<CommandSlot>> {
         let args = &self.hub.args;
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let cancel = CancellationToken::new();
-        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        let replaced = ids.live.insert(id.to_string(), Live { conn, cancel: cancel.clone() });
-        let Some(old) = replaced else { return TakeOver::Live(conn, cancel) };
-        old.cancel.cancel();
+        let slot = Arc::new(CommandSlot { conn: self.next_conn.fetch_add(1, Ordering::Relaxed), ..Default::default() });
+        let key = dev.task.key();
+        let old = self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&slot));
+        let Some(old) = old else { return Some(slot) };
+        old.replaced.store(true, Ordering::Release);
+        old.notify.notify_one();
         let now = Instant::now();
-        let f = ids.flaps.entry(id.to_string()).or_default();
+        let mut flaps = self.flaps.lock().unwrap_or_else(PoisonError::into_inner);
+        let f = flaps.entry(id.to_string()).or_default();
         if f.window_start.is_none_or(|s| now.duration_since(s) > args.flap_window) {
             f.window_start = Some(now);
             f.replacements = 0;
         }
         f.replacements += 1;
-        tracing::debug!(device = %dev.task.key(), replacements = f.replacements, "TCP connection replaced by a newer one");
+        tracing::debug!(device = %key, replacements = f.replacements, "TCP connection replaced by a newer one");
         if f.replacements < args.flap_limit {
-            return TakeOver::Live(conn, cancel);
+            return Some(slot);
         }
         f.quarantined_until = Some(now + args.quarantine);
         f.replacements = 0;
         f.window_start = None;
-        ids.live.remove(id);
+        drop(flaps);
+        self.release(&key, &slot);
         tracing::warn!(
-            device = %dev.task.key(), quarantine = ?args.quarantine,
+            device = %key, quarantine = ?args.quarantine,
             "device id keeps reconnecting (flapping): quarantined, its connections are refused"
         );
         dev.task.count_error("quarantined");
-        TakeOver::Quarantined
+        None
     }
 
-    fn release(&self, id: &str, conn: u64) {
-        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        if ids.live.get(id).is_some_and(|l| l.conn == conn) {
-            ids.live.remove(id);
+    fn release(&self, key: &str, slot: &Arc<CommandSlot>) {
+        let mut live = self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            live.remove(key);
         }
     }
 }
@@ -134,12 +126,19 @@ impl State {
 /// Runs the TCP listener until the hub's token is cancelled.
 pub(crate) async fn listen(hub: Arc<DeviceHub>) {
     let Some(listener) = bind_tcp(&hub, hub.args.tcp_listen).await else { return };
-    let state = Arc::new(State { hub: Arc::clone(&hub), ids: Mutex::default(), next_conn: AtomicU64::new(0) });
+    let state = Arc::new(State { hub: Arc::clone(&hub), flaps: Mutex::default(), next_conn: AtomicU64::new(0) });
     let slots = Arc::new(Semaphore::new(hub.args.tcp_max_connections));
     let gauge = hub.metrics.ingress_connections.get_or_create(&ProtocolLabels { protocol: PROTOCOL }).clone();
     loop {
         let accepted = tokio::select! {
-            () = hub.cancel.cancelled() => return,
+            () = hub.cancel.cancelled() => {
+                // Wake every live connection to close.
+                for slot in hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).values() {
+                    slot.stop.store(true, Ordering::Release);
+                    slot.notify.notify_one();
+                }
+                return;
+            }
             a = listener.accept() => a,
         };
         match accepted {
@@ -195,6 +194,7 @@ enum FrameError {
     TooLarge,
     Closed,
     Io,
+    Payload(payload::PayloadError),
 }
 
 struct Conn {
@@ -260,23 +260,73 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// An identified connection.
+struct Identified {
+    dev: Arc<Registered>,
+    id: String,
+    slot: Arc<CommandSlot>,
+}
+
+/// What woke an idle connection.
+enum Wake {
+    Slot,
+    Frame(Result<Vec<u8>, FrameError>),
+}
+
+/// One device connection. The idle state holds only the wait below: identification, frame
+/// handling and command writes run boxed, so their state is allocated only while they run.
 async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: OwnedSemaphorePermit, gauge: prometheus_client::metrics::gauge::Gauge) {
     let _gauge = GaugeGuard(gauge);
-    let hub = Arc::clone(&state.hub);
+    let Some((me, first)) = Box::pin(identify(&mut conn, peer, &state)).await else { return };
+    let max = state.hub.args.max_frame_bytes;
+    if let Some(frame) = first
+        && !Box::pin(handle_frame(&mut conn, &me, Ok(frame))).await
+    {
+        state.release(&me.dev.task.key(), &me.slot);
+        return;
+    }
+    loop {
+        let wake = tokio::select! {
+            () = me.slot.notify.notified() => Wake::Slot,
+            f = conn.next_frame(max) => Wake::Frame(f),
+        };
+        let keep = match wake {
+            Wake::Slot if me.slot.stop.load(Ordering::Acquire) => false,
+            Wake::Slot if me.slot.replaced.load(Ordering::Acquire) => {
+                Box::pin(conn.answer("ERR replaced")).await;
+                false
+            }
+            Wake::Slot => Box::pin(write_commands(&mut conn, &me.slot)).await,
+            Wake::Frame(f) => Box::pin(handle_frame(&mut conn, &me, f.and_then(parse))).await,
+        };
+        if !keep {
+            break;
+        }
+    }
+    state.release(&me.dev.task.key(), &me.slot);
+}
+
+fn parse(bytes: Vec<u8>) -> Result<serde_json::Map<String, serde_json::Value>, FrameError> {
+    payload::parse_frame(&bytes).map_err(FrameError::Payload)
+}
+
+/// The first frame: credentials (and maybe values). `None`: refused, the connection closes.
+async fn identify(conn: &mut Conn, peer: SocketAddr, state: &State) -> Option<(Identified, Option<serde_json::Map<String, serde_json::Value>>)> {
+    let hub = &state.hub;
     let max = hub.args.max_frame_bytes;
     let first = match tokio::time::timeout(hub.args.first_frame_timeout, conn.next_frame(max)).await {
         Err(_) => {
             hub.reject(PROTOCOL, "first_frame_timeout");
-            return;
+            return None;
         }
         Ok(Err(FrameError::TooLarge)) => {
             hub.reject(PROTOCOL, "too_large");
             conn.answer("ERR too_large").await;
-            return;
+            return None;
         }
         Ok(Err(_)) => {
             hub.reject(PROTOCOL, "closed");
-            return;
+            return None;
         }
         Ok(Ok(f)) => f,
     };
@@ -285,132 +335,99 @@ async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: 
         Err(e) => {
             hub.reject(PROTOCOL, e.kind());
             conn.answer(&format!("ERR {}", e.kind())).await;
-            return;
+            return None;
         }
     };
     let (id, token) = payload::take_credentials(&mut frame);
     let Some(id) = id else {
         hub.reject(PROTOCOL, "no_id");
         conn.answer("ERR no_id").await;
-        return;
+        return None;
     };
     if state.quarantined(&id) {
         hub.reject(PROTOCOL, "quarantined");
         conn.answer("ERR quarantined").await;
-        return;
+        return None;
     }
     let Some(dev) = hub.lookup(PROTOCOL, &id) else {
         hub.reject(PROTOCOL, "unknown_device");
         conn.answer("ERR unknown_device").await;
-        return;
+        return None;
     };
     if !dev.token_matches(token.as_deref().unwrap_or_default().as_bytes()) {
         hub.reject(PROTOCOL, "unauthorized");
         conn.answer("ERR unauthorized").await;
-        return;
+        return None;
     }
-    let (conn_id, replaced) = match state.take_over(&id, &dev) {
-        TakeOver::Live(c, cancel) => (c, cancel),
-        TakeOver::Quarantined => {
-            hub.reject(PROTOCOL, "quarantined");
-            conn.answer("ERR quarantined").await;
-            return;
-        }
+    let Some(slot) = state.take_over(&id, &dev) else {
+        hub.reject(PROTOCOL, "quarantined");
+        conn.answer("ERR quarantined").await;
+        return None;
     };
     tracing::debug!(device = %dev.task.key(), %peer, "TCP device identified");
-    let slot = Arc::new(super::hub::CommandSlot::default());
-    hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(dev.task.key(), Arc::clone(&slot));
-    let mut next = if frame.is_empty() {
+    let me = Identified { dev, id, slot };
+    if frame.is_empty() {
         if !conn.answer("OK").await {
-            state.release(&id, conn_id);
-            return;
+            state.release(&me.dev.task.key(), &me.slot);
+            return None;
         }
-        None
-    } else {
-        Some(frame)
+        return Some((me, None));
+    }
+    Some((me, Some(frame)))
+}
+
+/// Writes queued command frames; `false` when the connection broke.
+async fn write_commands(conn: &mut Conn, slot: &CommandSlot) -> bool {
+    let queued = std::mem::take(&mut *slot.pending.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut ok = true;
+    for (line, done) in queued {
+        ok = ok && conn.answer(&line).await;
+        let _ = done.send(ok);
+    }
+    ok
+}
+
+/// One frame after identification: a reading answered `OK` once accepted, or `ERR <reason>`.
+/// `false` when the connection must close.
+async fn handle_frame(conn: &mut Conn, me: &Identified, frame: Result<serde_json::Map<String, serde_json::Value>, FrameError>) -> bool {
+    let dev = &me.dev;
+    let mut frame = match frame {
+        Ok(m) => m,
+        Err(FrameError::Payload(e)) => {
+            dev.task.count_error(e.kind());
+            return conn.answer(&format!("ERR {}", e.kind())).await;
+        }
+        Err(FrameError::TooLarge) => {
+            dev.task.count_error("too_large");
+            conn.answer("ERR too_large").await;
+            return false;
+        }
+        Err(_) => return false,
     };
-    loop {
-        let frame = match next.take() {
-            Some(f) => f,
-            None => {
-                let got = tokio::select! {
-                    () = replaced.cancelled() => {
-                        conn.answer("ERR replaced").await;
-                        break;
-                    }
-                    () = dev.task.cancel.cancelled() => break,
-                    () = hub.cancel.cancelled() => break,
-                    () = slot.notify.notified() => {
-                        let queued = std::mem::take(&mut *slot.pending.lock().unwrap_or_else(PoisonError::into_inner));
-                        let mut ok = true;
-                        for (line, done) in queued {
-                            ok = ok && conn.answer(&line).await;
-                            let _ = done.send(ok);
-                        }
-                        if !ok {
-                            break;
-                        }
-                        continue;
-                    }
-                    f = conn.next_frame(max) => f,
-                };
-                match got {
-                    Ok(bytes) => match payload::parse_frame(&bytes) {
-                        Ok(mut m) => {
-                            let (other, _) = payload::take_credentials(&mut m);
-                            if other.is_some_and(|o| o != id) {
-                                dev.task.count_error("id_mismatch");
-                                if !conn.answer("ERR id_mismatch").await {
-                                    break;
-                                }
-                                continue;
-                            }
-                            m
-                        }
-                        Err(e) => {
-                            dev.task.count_error(e.kind());
-                            if !conn.answer(&format!("ERR {}", e.kind())).await {
-                                break;
-                            }
-                            continue;
-                        }
-                    },
-                    Err(FrameError::TooLarge) => {
-                        dev.task.count_error("too_large");
-                        conn.answer("ERR too_large").await;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-        };
-        let answer = match payload::from_object(&dev.task.device.points, &frame) {
-            Err(e) => {
-                dev.task.count_error(e.kind());
-                format!("ERR {}", e.kind())
-            }
-            Ok(points) => {
-                let accepted = match dev.task.emit_confirmed(dev.reading(points)).await {
-                    Ok(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
-                    Err(_) => false,
-                };
-                if accepted {
-                    "OK".to_string()
-                } else {
-                    dev.task.count_error("not_accepted");
-                    "ERR not_accepted".to_string()
-                }
-            }
-        };
-        if !conn.answer(&answer).await {
-            break;
+    let (other, _) = payload::take_credentials(&mut frame);
+    if other.is_some_and(|o| o != me.id) {
+        dev.task.count_error("id_mismatch");
+        return conn.answer("ERR id_mismatch").await;
+    }
+    let answer = match payload::from_object(&dev.task.device.points, &frame) {
+        Err(e) => {
+            dev.task.count_error(e.kind());
+            format!("ERR {}", e.kind())
         }
-    }
-    state.release(&id, conn_id);
-    let mut live = hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner);
-    if live.get(&dev.task.key()).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-        live.remove(&dev.task.key());
-    }
+        Ok(points) => {
+            let accepted = match dev.task.emit_confirmed(dev.reading(points)).await {
+                Ok(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
+                Err(_) => false,
+            };
+            if accepted {
+                "OK".to_string()
+            } else {
+                dev.task.count_error("not_accepted");
+                "ERR not_accepted".to_string()
+            }
+        }
+    };
+    conn.answer(&answer).await
 }
 
 /// Writes a command frame to the device's live connection; `Ok` once written.
@@ -451,5 +468,26 @@ mod tests {
         assert!(matches!(conn.next_frame(64).await, Err(FrameError::TooLarge)));
         assert!(conn.answer("ERR too_large").await);
         assert_eq!(client.await.unwrap().as_deref(), Some("ERR too_large"));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod size {
+    /// An idle connection is a task holding this future: keep it small (15k idle devices).
+    #[tokio::test]
+    async fn an_idle_connection_future_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let _c = tokio::net::TcpStream::connect(a).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()));
+        let hub = crate::adapters::hub::DeviceHub::for_tests(std::sync::Arc::clone(&metrics));
+        let state = std::sync::Arc::new(super::State { hub, flaps: Default::default(), next_conn: Default::default() });
+        let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
+        let g = metrics.ingress_connections.get_or_create(&crate::metrics::ProtocolLabels { protocol: "tcp" }).clone();
+        let fut = super::connection(super::Conn { stream: s, partial: Vec::new() }, peer, state, slot, g);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 768, "the connection future grew to {size} bytes");
     }
 }
