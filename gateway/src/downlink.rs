@@ -51,6 +51,8 @@ use crate::adapters::modbus_rtu::{Answer, Op};
 use crate::metrics::IngressLabels;
 use crate::reading;
 use crate::uplinks::UplinkTask;
+use crate::telemetry::{self, StageSpan};
+use opentelemetry::trace::SpanKind;
 
 /// The JetStream stream holding commands until they are executed.
 pub const STREAM: &str = "fieldgate_commands";
@@ -293,26 +295,39 @@ fn matches_read_back(w: &Write, r: &Response) -> Result<(), String> {
 }
 
 /// Writes through `call` (one Modbus request at a time), then reads back and compares.
-async fn modbus_write<F, Fut>(address: u16, w: Write, mut call: F, results: &Results<'_>) -> Outcome
+async fn modbus_write<F, Fut>(address: u16, w: Write, mut call: F, results: &Results<'_>, span: &StageSpan) -> Outcome
 where
     F: FnMut(Request<'static>) -> Fut,
     Fut: std::future::Future<Output = Result<Response, String>>,
 {
+    let mut write = telemetry::child_span(span, "fieldgate.device.write", SpanKind::Client);
     if let Err(e) = call(write_request(address, &w)).await {
+        write.fail("write");
+        write.end();
         return Outcome::why("failed", format!("write: {e}"));
     }
+    write.ok();
+    write.end();
     results.publish(Outcome::of("written")).await;
-    match call(read_back_request(address, &w)).await {
+    let mut readback = telemetry::child_span(span, "fieldgate.device.readback", SpanKind::Client);
+    let outcome = match call(read_back_request(address, &w)).await {
         Ok(r) => match matches_read_back(&w, &r) {
             Ok(()) => Outcome::of("verified"),
             Err(e) => Outcome::why("failed", e),
         },
         Err(e) => Outcome::why("failed", format!("read back: {e}")),
+    };
+    if outcome.status == "verified" {
+        readback.ok();
+    } else {
+        readback.fail("mismatch");
     }
+    readback.end();
+    outcome
 }
 
 /// Executes a stored command on its device.
-async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>) -> Outcome {
+async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>, span: &StageSpan) -> Outcome {
     if cmd.expires_unix_ms.is_some_and(|at| now_ms() >= at) {
         return Outcome::of("expired");
     }
@@ -324,7 +339,7 @@ async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>) -> 
     if point.access != Access::ReadWrite {
         return Outcome::why("refused", "the point is not writable (access: read)");
     }
-    let outcome = tokio::time::timeout(EXECUTE_TIMEOUT, execute_on(&task, &point, cmd, results)).await;
+    let outcome = tokio::time::timeout(EXECUTE_TIMEOUT, execute_on(&task, &point, cmd, results, span)).await;
     let outcome = outcome.unwrap_or_else(|_| Outcome::why("failed", format!("no answer within {EXECUTE_TIMEOUT:?}")));
     if outcome.status == "failed" {
         task.count_error("command");
@@ -332,7 +347,7 @@ async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>) -> 
     outcome
 }
 
-async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &Results<'_>) -> Outcome {
+async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &Results<'_>, span: &StageSpan) -> Outcome {
     let modbus_write_of = |point: &Point| -> Result<(u16, Write), Outcome> {
         let address = point.modbus.as_ref().map_or(0, |m| m.address);
         encode(point, &cmd.value).map(|w| (address, w)).map_err(|e| Outcome::why("refused", e))
@@ -377,6 +392,7 @@ async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &R
                     }
                 },
                 results,
+                span,
             )
             .await
         }
@@ -401,6 +417,7 @@ async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &R
                     }
                 },
                 results,
+                span,
             )
             .await
         }
@@ -488,6 +505,8 @@ impl CommandClient {
 struct Incoming {
     topic: String,
     payload: Bytes,
+    /// The cloud's W3C trace context (MQTT v5 user property `traceparent`).
+    traceparent: Option<String>,
     ack: Ack,
 }
 
@@ -673,7 +692,23 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
                     continue;
                 };
                 let results = Results { client: &client, topic: result_topic(&cmd), cmd: &cmd };
-                let outcome = execute(&hub, &cmd, &results).await;
+                let stored_tp = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(telemetry::TRACEPARENT))
+                    .map(|v| v.as_str().to_string());
+                let mut span = telemetry::command_span(
+                    "fieldgate.command.execute",
+                    SpanKind::Internal,
+                    stored_tp.as_deref(),
+                    &format!("{}/{}", cmd.namespace, cmd.device),
+                );
+                let outcome = execute(&hub, &cmd, &results, &span).await;
+                match outcome.status {
+                    "failed" | "refused" | "expired" => span.fail(outcome.status),
+                    _ => span.ok(),
+                }
+                span.end();
                 tracing::info!(uplink = %task.buffer.uplink, device = %format!("{}/{}", cmd.namespace, cmd.device),
                     id = %cmd.id, status = outcome.status, reason = outcome.reason.as_deref().unwrap_or(""), "command executed");
                 count(&task, outcome.status);
@@ -717,8 +752,18 @@ async fn intake(
             return;
         }
     };
+    let mut span = telemetry::command_span(
+        "fieldgate.command.receive",
+        SpanKind::Consumer,
+        incoming.traceparent.as_deref(),
+        &format!("{}/{}", cmd.namespace, cmd.device),
+    );
     let msg_id = format!("{}/{}/{}", cmd.namespace, cmd.device, cmd.id);
-    let publish = PublishMessage::build().message_id(&msg_id).payload(Bytes::from(cmd.to_json().to_string()));
+    let mut publish = PublishMessage::build().message_id(&msg_id).payload(Bytes::from(cmd.to_json().to_string()));
+    if let Some(tp) = span.traceparent() {
+        // The trace continues where the stored command is executed.
+        publish = publish.header(telemetry::TRACEPARENT, tp.as_str());
+    }
     let stored = match task.js.send_publish(subject.to_string(), publish).await {
         Ok(ack) => ack.await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -738,8 +783,10 @@ async fn intake(
             // Not stored: not acknowledged, so the broker sends it again on the next session.
             tracing::warn!(uplink = %task.buffer.uplink, error = %e, "command not stored; it will be redelivered");
             count(task, "not_stored");
+            span.fail("not_stored");
         }
     }
+    span.end();
 }
 
 // One per uplink session: the size difference does not matter.
@@ -762,7 +809,7 @@ impl Events {
             Events::V4(el) => Ok(match el.poll().await.map_err(|e| e.to_string())? {
                 rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Polled::Connected,
                 rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                    Polled::Message(Incoming { topic: p.topic.clone(), payload: p.payload.clone(), ack: Ack::V4(p) })
+                    Polled::Message(Incoming { topic: p.topic.clone(), payload: p.payload.clone(), traceparent: None, ack: Ack::V4(p) })
                 }
                 _ => Polled::Other,
             }),
@@ -773,6 +820,13 @@ impl Events {
                     rumqttc::v5::Event::Incoming(Packet::Publish(p)) => Polled::Message(Incoming {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.clone(),
+                        traceparent: p.properties.as_ref().and_then(|props| {
+                            props
+                                .user_properties
+                                .iter()
+                                .find(|(k, _)| k == telemetry::TRACEPARENT)
+                                .map(|(_, v)| v.clone())
+                        }),
                         ack: Ack::V5(p),
                     }),
                     _ => Polled::Other,

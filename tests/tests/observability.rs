@@ -453,3 +453,64 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_traced_from_the_cloud_message_to_the_device_write_and_read_back() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let otlp = OtlpReceiver::start().await?;
+    let fleet = SimFleet::healthy(1).await?;
+    let mut device = fleet.gateway_devices("1s").remove(0);
+    let point = device.points.iter_mut().find(|p| p.name == "u16").context("the sim has a u16 point")?;
+    point.access = fieldgate_crds::Access::ReadWrite;
+    let config = ConfigBuilder::new()
+        .device(device.clone())
+        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .yaml()?;
+    let mut gw = traced_gateway(&nats, &otlp, "1")?;
+    gw.write_config(&config)?;
+    gw.start_ready().await?;
+    wait_until("the gateway to subscribe to commands", WAIT, || async { Ok(gw.stderr().contains("subscribed to commands").then_some(())) })
+        .await
+        .with_context(|| gw.log())?;
+
+    // The cloud's own trace, handed over as an MQTT v5 user property.
+    let (trace_id, cloud_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut o = rumqttc::v5::MqttOptions::new("cloud-commander", "127.0.0.1", broker.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 10);
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![("traceparent".into(), format!("00-{trace_id}-{cloud_span}-01"))],
+        ..Default::default()
+    };
+    let body = serde_json::json!({"id": "traced-1", "point": "u16", "value": 1234}).to_string();
+    client
+        .publish_with_properties(
+            format!("fieldgate/default/{}/commands", device.name),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            body.into_bytes(),
+            props,
+        )
+        .await?;
+
+    let spans = otlp
+        .wait_for("the command's spans", WAIT, |spans| {
+            let of = |name: &str| spans.iter().find(|s| s.name == name && s.trace_id == trace_id).cloned();
+            let (receive, execute) = (of("fieldgate.command.receive")?, of("fieldgate.command.execute")?);
+            let (write, readback) = (of("fieldgate.device.write")?, of("fieldgate.device.readback")?);
+            Some((receive, execute, write, readback))
+        })
+        .await
+        .with_context(|| gw.log())?;
+    poller.abort();
+    let (receive, execute, write, readback) = spans;
+    ensure!(receive.parent_span_id == cloud_span, "receive continues the cloud's span: {receive:?}");
+    ensure!(execute.parent_span_id == receive.span_id, "execute follows receive across the buffer: {execute:?}");
+    ensure!(write.parent_span_id == execute.span_id && readback.parent_span_id == execute.span_id);
+    ensure!(write.end_unix_nano <= readback.start_unix_nano, "the read-back follows the write");
+    ensure!(readback.status == 1, "the read-back verified the write: {readback:?}");
+    ensure!(gw.terminate().await?.success());
+    Ok(())
+}
