@@ -29,6 +29,7 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::Response;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -85,6 +86,8 @@ struct Counts {
     configmaps: Vec<Instant>,
     secrets: usize,
     configmap_bytes: usize,
+    /// The first body applied for each ConfigMap: their digest tells two builds wrote the same.
+    configmap_bodies: BTreeMap<String, Bytes>,
     device_statuses: usize,
     uplink_statuses: usize,
     last_status: Option<Instant>,
@@ -101,9 +104,12 @@ impl Counts {
     }
 }
 
+/// The objects the mock serves: collection -> (namespace, name) -> object.
+type Objects = BTreeMap<Collection, BTreeMap<(String, String), Value>>;
+
 /// The mocked API server's state.
 struct Mock {
-    objects: Mutex<BTreeMap<Collection, BTreeMap<(String, String), Value>>>,
+    objects: Mutex<Objects>,
     lease: Mutex<Option<Value>>,
     rv: Mutex<u64>,
     log: Mutex<Vec<Change>>,
@@ -183,7 +189,7 @@ impl Mock {
     fn new(args: &BenchArgs) -> anyhow::Result<Arc<Self>> {
         let world = bench::world(args.devices, args.nodes);
         let mut rv = 1u64;
-        let mut objects: BTreeMap<Collection, BTreeMap<(String, String), Value>> = BTreeMap::new();
+        let mut objects = Objects::new();
         let mut put = |c: Collection, v: Value| {
             rv += 1;
             let key = (
@@ -287,10 +293,11 @@ async fn handle(State(mock): State<Arc<Mock>>, method: Method, uri: Uri, body: B
         };
     }
     match (&method, segments.as_slice()) {
-        (&Method::PATCH, ["api", "v1", "namespaces", _, "configmaps", _]) => {
+        (&Method::PATCH, ["api", "v1", "namespaces", _, "configmaps", name]) => {
             let mut c = lock(&mock.counts);
             c.configmaps.push(now);
             c.configmap_bytes += body.len();
+            c.configmap_bodies.entry((*name).to_string()).or_insert_with(|| body.clone());
             drop(c);
             respond(StatusCode::OK, body)
         }
@@ -679,7 +686,17 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
             (s.device_statuses + s.uplink_statuses) - (before.device_statuses + before.uplink_statuses)
         )?;
     }
-    writeln!(out, "ConfigMap apply bodies: {} KiB in total", c.configmap_bytes / 1024)?;
+    let mut digest = Sha256::new();
+    for (name, body) in &c.configmap_bodies {
+        digest.update(name.as_bytes());
+        digest.update(body);
+    }
+    writeln!(
+        out,
+        "ConfigMap apply bodies: {} KiB in total; digest of the first body of each: {}",
+        c.configmap_bytes / 1024,
+        render::hex16(&digest.finalize())
+    )?;
     let series = |name: &str| metric(&operator_metrics, name).unwrap_or(f64::NAN);
     let (renders, render_s) =
         (series("fieldgate_operator_render_duration_seconds_count"), series("fieldgate_operator_render_duration_seconds_sum"));

@@ -252,6 +252,15 @@ pub struct NodePlan<'w> {
     secrets: BTreeSet<SecretItem>,
 }
 
+/// A configured device while [`plan`] runs: its labels (for uplink selection), its node, and
+/// what its config is built from.
+struct Configured<'w> {
+    labels: &'w BTreeMap<String, String>,
+    node: String,
+    device: &'w Device,
+    profile_points: &'w [Point],
+}
+
 /// A configured device as [`plan`] left it: the object and its profile's points.
 #[derive(Clone, Debug)]
 struct PlannedDevice<'w> {
@@ -404,8 +413,7 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     let mut devices: Vec<(ObjectKey, &'w Device)> = world.devices.iter().map(|d| (ObjectKey::of(d.as_ref()), d.as_ref())).collect();
     devices.sort_by(|a, b| a.0.cmp(&b.0));
     let policy = FailoverPolicy { fail_back: settings.fail_back };
-    // Configured devices: key -> (labels, node, device and its profile's points).
-    let mut configured: BTreeMap<ObjectKey, (&BTreeMap<String, String>, String, (&'w Device, &'w [Point]))> = BTreeMap::new();
+    let mut configured: BTreeMap<ObjectKey, Configured<'w>> = BTreeMap::new();
     for (key, device) in devices {
         let (problems, merged) = check_device(&key, device, &profiles, &out.profiles);
         let mut problems = problems;
@@ -429,7 +437,7 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
         if let (Some(p), Some(profile_points)) = (&placed, merged)
             && verdict.configured()
         {
-            configured.insert(key.clone(), (device.labels(), p.node.clone(), (device, profile_points)));
+            configured.insert(key.clone(), Configured { labels: device.labels(), node: p.node.clone(), device, profile_points });
         }
         out.devices.insert(key, DeviceVerdict { verdict, placed, generation: device.meta().generation });
     }
@@ -450,10 +458,10 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
         let mut selected = 0;
         if verdict.configured() {
             let in_ns = configured.range(ObjectKey::new(key.namespace.clone(), "")..).take_while(|(k, _)| k.namespace == key.namespace);
-            for (dkey, (labels, node, _)) in in_ns {
-                if selector.iter().all(|e| e.matches(labels)) {
+            for (dkey, c) in in_ns {
+                if selector.iter().all(|e| e.matches(c.labels)) {
                     selected += 1;
-                    per_node.entry(node.as_str()).or_default().push(dkey.name.clone());
+                    per_node.entry(c.node.as_str()).or_default().push(dkey.name.clone());
                 }
             }
         }
@@ -474,7 +482,7 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
 
     // 4. Per-node plans (configs are built from them on demand).
     let mut per_node: BTreeMap<String, NodePlan<'w>> = BTreeMap::new();
-    for (key, (_, node, (device, profile_points))) in configured {
+    for (key, Configured { node, device, profile_points, .. }) in configured {
         per_node
             .entry(node.clone())
             .or_insert_with(|| NodePlan { node, devices: Vec::new(), uplinks: Vec::new(), secrets: BTreeSet::new() })
