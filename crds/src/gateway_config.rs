@@ -76,11 +76,7 @@ pub struct GatewayUplink {
 impl GatewayUplink {
     /// Whether readings of this device go to this uplink.
     pub fn selects(&self, device: &GatewayDevice) -> bool {
-        device.namespace == self.namespace
-            && self
-                .devices
-                .as_ref()
-                .is_none_or(|names| names.iter().any(|n| *n == device.name))
+        device.namespace == self.namespace && self.devices.as_ref().is_none_or(|names| names.contains(&device.name))
     }
 }
 

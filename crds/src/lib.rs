@@ -6,6 +6,8 @@
 //! - [`validate`] holds the checks both the operator and the gateway need; every check reports
 //!   the field path of what it found wrong, and all problems are reported at once.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod device;
 pub mod gateway_config;
 pub mod point;
@@ -14,15 +16,14 @@ pub mod uplink;
 pub mod validate;
 
 pub use device::{
-    CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef,
-    DeviceSpec, DeviceStatus, ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement,
-    RawConnection,
+    CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef, DeviceSpec, DeviceStatus,
+    ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement, RawConnection,
 };
 pub use gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};
 pub use uplink::{
-    BufferSpec, Encoding, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef, Uplink,
-    UplinkGatewayStatus, UplinkSpec, UplinkStatus,
+    BufferSpec, Encoding, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef, Uplink, UplinkGatewayStatus,
+    UplinkSpec, UplinkStatus,
 };
 pub use validate::{FieldError, ValidationErrors};
 

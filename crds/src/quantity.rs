@@ -9,9 +9,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     if digits.is_empty() {
         return Err(format!("{text:?} is not a byte quantity such as 512Mi or 1Gi"));
     }
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is too large"))?;
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is too large"))?;
     let factor: u64 = match suffix {
         "" => 1,
         "Ki" => 1 << 10,
@@ -27,14 +25,10 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "P" => 1_000_000_000_000_000,
         "E" => 1_000_000_000_000_000_000,
         other => {
-            return Err(format!(
-                "unknown suffix {other:?} in {text:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"
-            ));
+            return Err(format!("unknown suffix {other:?} in {text:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"));
         }
     };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]

@@ -46,10 +46,7 @@ impl fmt::Display for ValidationErrors {
 impl ValidationErrors {
     /// Records one problem.
     pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.0.push(FieldError { path: path.into(), message: message.into() });
     }
 
     /// `Ok` when no problem was recorded.
@@ -70,12 +67,7 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Placeholders a topic template may contain.
 pub const TOPIC_PLACEHOLDERS: [&str; 4] = ["namespace", "device", "uplink", "node"];
 
-fn check_duration(
-    errs: &mut ValidationErrors,
-    path: &str,
-    value: Option<&String>,
-    min: Duration,
-) -> Option<Duration> {
+fn check_duration(errs: &mut ValidationErrors, path: &str, value: Option<&String>, min: Duration) -> Option<Duration> {
     let text = value?;
     match parse_duration(text) {
         Ok(d) if d < min => {
@@ -96,9 +88,7 @@ pub fn is_dns_subdomain(name: &str) -> bool {
         && name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -120,10 +110,7 @@ pub fn validate_points(errs: &mut ValidationErrors, path: &str, points: &[Point]
             errs.push(format!("{at}.name"), format!("duplicate point name {:?}", p.name));
         }
         if p.is_scaled() && !p.value_type.is_numeric() {
-            errs.push(
-                format!("{at}.scale"),
-                format!("scale and offset apply to numbers, not to {:?}", p.value_type),
-            );
+            errs.push(format!("{at}.scale"), format!("scale and offset apply to numbers, not to {:?}", p.value_type));
         }
         for (field, v) in [("scale", p.scale), ("offset", p.offset)] {
             if v.is_some_and(|v| !v.is_finite()) {
@@ -152,16 +139,10 @@ pub fn validate_modbus_point(errs: &mut ValidationErrors, at: &str, p: &Point) {
     };
     let mat = format!("{at}.modbus");
     if !m.table.is_register() && p.value_type != ValueType::Bool {
-        errs.push(
-            format!("{at}.type"),
-            format!("a {:?} table holds single bits: type must be bool", m.table),
-        );
+        errs.push(format!("{at}.type"), format!("a {:?} table holds single bits: type must be bool", m.table));
     }
     if !m.table.is_writable() && p.access == Access::ReadWrite {
-        errs.push(
-            format!("{at}.access"),
-            format!("the {:?} table is read-only", m.table),
-        );
+        errs.push(format!("{at}.access"), format!("the {:?} table is read-only", m.table));
     }
     match (p.value_type, m.length) {
         (ValueType::String, None | Some(0)) => {
@@ -187,10 +168,7 @@ pub fn validate_modbus_point(errs: &mut ValidationErrors, at: &str, p: &Point) {
     }
     let end = u32::from(m.address) + u32::from(m.span(p.value_type));
     if end > 65_536 {
-        errs.push(
-            format!("{mat}.address"),
-            format!("the value runs past the last address 65535 (ends at {end})"),
-        );
+        errs.push(format!("{mat}.address"), format!("the value runs past the last address 65535 (ends at {end})"));
     }
 }
 
@@ -217,9 +195,15 @@ fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection) 
 
 fn validate_modbus_rtu(errs: &mut ValidationErrors, path: &str, c: &crate::device::ModbusRtuConnection) {
     match (&c.port, &c.address) {
-        (Some(_), Some(_)) | (None, None) => errs.push(path, "set exactly one of port (serial) and address (RTU over TCP)"),
-        (Some(p), None) if !p.starts_with('/') => errs.push(format!("{path}.port"), format!("{p:?} is not a device path such as /dev/ttyUSB0")),
-        (None, Some(a)) if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().map_or(true, |p| p == 0)) => {
+        (Some(_), Some(_)) | (None, None) => {
+            errs.push(path, "set exactly one of port (serial) and address (RTU over TCP)")
+        }
+        (Some(p), None) if !p.starts_with('/') => {
+            errs.push(format!("{path}.port"), format!("{p:?} is not a device path such as /dev/ttyUSB0"))
+        }
+        (None, Some(a))
+            if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().map_or(true, |p| p == 0)) =>
+        {
             errs.push(format!("{path}.address"), format!("{a:?} is not host:port"))
         }
         _ => {}
@@ -329,8 +313,10 @@ fn validate_report(errs: &mut ValidationErrors, at: &str, p: &Point) {
             errs.push(format!("{at}.report.deadband"), "a deadband applies to numbers only");
         }
     }
-    let max = check_duration(errs, &format!("{at}.report.maxInterval"), r.max_interval.as_ref(), Duration::from_millis(1));
-    let sampling = check_duration(errs, &format!("{at}.report.sampling"), r.sampling.as_ref(), Duration::from_millis(1));
+    let max =
+        check_duration(errs, &format!("{at}.report.maxInterval"), r.max_interval.as_ref(), Duration::from_millis(1));
+    let sampling =
+        check_duration(errs, &format!("{at}.report.sampling"), r.sampling.as_ref(), Duration::from_millis(1));
     if let (Some(max), Some(sampling)) = (max, sampling)
         && sampling > max
     {
@@ -421,12 +407,7 @@ fn validate_buffer(errs: &mut ValidationErrors, path: &str, b: &BufferSpec) {
         }
     }
     check_duration(errs, &format!("{path}.maxAge"), b.max_age.as_ref(), Duration::from_secs(1));
-    check_duration(
-        errs,
-        &format!("{path}.redeliverAfter"),
-        b.redeliver_after.as_ref(),
-        Duration::from_millis(100),
-    );
+    check_duration(errs, &format!("{path}.redeliverAfter"), b.redeliver_after.as_ref(), Duration::from_millis(100));
 }
 
 impl UplinkSpec {
@@ -508,15 +489,9 @@ fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, c
         validate_buffer(errs, &format!("{path}.buffer"), b);
     }
     for (i, name) in u.devices.iter().flatten().enumerate() {
-        let known = cfg
-            .devices
-            .iter()
-            .any(|d| d.namespace == u.namespace && d.name == *name);
+        let known = cfg.devices.iter().any(|d| d.namespace == u.namespace && d.name == *name);
         if !known {
-            errs.push(
-                format!("{path}.devices[{i}]"),
-                format!("no device {name:?} in namespace {:?}", u.namespace),
-            );
+            errs.push(format!("{path}.devices[{i}]"), format!("no device {name:?} in namespace {:?}", u.namespace));
         }
     }
 }

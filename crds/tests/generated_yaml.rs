@@ -2,6 +2,8 @@
 //! After changing the types, regenerate with (also updates the chart's copies):
 //!     FIELDGATE_BLESS=1 cargo test -p fieldgate-crds --test generated_yaml
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 #[test]
@@ -58,11 +60,7 @@ fn every_spec_field_is_documented() {
     }
     use kube::CustomResourceExt;
     let mut missing = Vec::new();
-    for crd in [
-        fieldgate_crds::Device::crd(),
-        fieldgate_crds::DeviceProfile::crd(),
-        fieldgate_crds::Uplink::crd(),
-    ] {
+    for crd in [fieldgate_crds::Device::crd(), fieldgate_crds::DeviceProfile::crd(), fieldgate_crds::Uplink::crd()] {
         let kind = crd.spec.names.kind.clone();
         for v in &crd.spec.versions {
             let schema = serde_json::to_value(&v.schema).unwrap();

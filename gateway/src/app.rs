@@ -171,7 +171,8 @@ async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<(Option<kube
             None
         }
     };
-    let err = |e: cluster::ClusterError| AppError::Config { path: args.config.display().to_string(), message: e.to_string() };
+    let err =
+        |e: cluster::ClusterError| AppError::Config { path: args.config.display().to_string(), message: e.to_string() };
     cluster::bootstrap(client.as_ref(), &mirror).await.map_err(err)?;
     Ok((client, mirror))
 }
@@ -226,10 +227,8 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         },
         Some(_) => management::ConfigSource::Cluster,
     };
-    let api = management::Api::from_args(&args.management, logs, config_source).map_err(|e| AppError::Config {
-        path: e.path.clone(),
-        message: e.message.clone(),
-    })?;
+    let api = management::Api::from_args(&args.management, logs, config_source)
+        .map_err(|e| AppError::Config { path: e.path.clone(), message: e.message.clone() })?;
     let management = Management::with_api(registry, Arc::clone(&metrics), api, &args.node, &args.management);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -277,23 +276,28 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         node: args.node.clone(),
         uplink_grace: args.shutdown_grace / 2,
         // Device listeners stop taking new messages at the signal; devices stop after.
-        hub: crate::adapters::hub::DeviceHub::new(args.hub.clone(), secrets.clone(), Arc::clone(&metrics), signal.clone()),
+        hub: crate::adapters::hub::DeviceHub::new(
+            args.hub.clone(),
+            secrets.clone(),
+            Arc::clone(&metrics),
+            signal.clone(),
+        ),
     };
     let mut running = Running::new(shared, sink, routes_tx);
     let (applied_tx, applied_rx) = watch::channel(None);
     management.watch_applied(applied_tx.subscribe());
     let background = CancellationToken::new();
-    if let Some((client, mirror)) = cluster {
-        if let Some(client) = client {
-            tokio::spawn(cluster::mirror(client.clone(), mirror, background.clone()));
-            tokio::spawn(cluster::report_status(
-                client,
-                args.node.clone(),
-                Arc::clone(&metrics),
-                applied_rx,
-                background.clone(),
-            ));
-        }
+    // In the cluster with a reachable client configuration: mirror the node's objects and
+    // report status (without one, the gateway runs on its local copy alone).
+    if let Some((Some(client), mirror)) = cluster {
+        tokio::spawn(cluster::mirror(client.clone(), mirror, background.clone()));
+        tokio::spawn(cluster::report_status(
+            client,
+            args.node.clone(),
+            Arc::clone(&metrics),
+            applied_rx,
+            background.clone(),
+        ));
     }
     let reloads = metrics.config_reloads.clone();
     let config_of = |l: &LoadedConfig| Some(Arc::new(l.config.clone()));

@@ -150,13 +150,8 @@ impl UplinkBuffer {
 
     /// Creates the stream, or updates its limits to the configured ones. Idempotent.
     pub async fn ensure_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, BufferError> {
-        let err = |source: async_nats::Error| BufferError::Stream {
-            stream: self.stream.clone(),
-            source,
-        };
-        js.create_or_update_stream(self.stream_config())
-            .await
-            .map_err(|e| err(e.into()))?;
+        let err = |source: async_nats::Error| BufferError::Stream { stream: self.stream.clone(), source };
+        js.create_or_update_stream(self.stream_config()).await.map_err(|e| err(e.into()))?;
         let s = js.get_stream(&self.stream).await.map_err(|e| err(e.into()))?;
         debug!(stream = %self.stream, "buffer stream ready");
         Ok(s)
@@ -174,17 +169,11 @@ pub struct Routes {
 impl Routes {
     /// The routes of a validated config.
     pub fn new(cfg: &GatewayConfig) -> Self {
-        let buffers: Vec<Arc<UplinkBuffer>> =
-            cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
+        let buffers: Vec<Arc<UplinkBuffer>> = cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
         let mut by_device: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for d in &cfg.devices {
-            let targets: Vec<usize> = cfg
-                .uplinks
-                .iter()
-                .enumerate()
-                .filter(|(_, u)| u.selects(d))
-                .map(|(i, _)| i)
-                .collect();
+            let targets: Vec<usize> =
+                cfg.uplinks.iter().enumerate().filter(|(_, u)| u.selects(d)).map(|(i, _)| i).collect();
             by_device.entry(d.namespace.clone()).or_default().insert(d.name.clone(), targets);
         }
         Self { buffers, by_device }
@@ -196,11 +185,7 @@ impl Routes {
     }
 
     fn targets(&self, namespace: &str, device: &str) -> &[usize] {
-        self.by_device
-            .get(namespace)
-            .and_then(|devices| devices.get(device))
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.by_device.get(namespace).and_then(|devices| devices.get(device)).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -289,7 +274,8 @@ async fn publish_until_accepted(
 }
 
 /// The JetStream header carrying a sampled reading's trace context.
-pub const TRACEPARENT_HEADER: async_nats::HeaderName = async_nats::HeaderName::from_static(crate::telemetry::TRACEPARENT);
+pub const TRACEPARENT_HEADER: async_nats::HeaderName =
+    async_nats::HeaderName::from_static(crate::telemetry::TRACEPARENT);
 
 /// Settings of the buffer writer.
 #[derive(Clone, Debug)]
@@ -303,10 +289,7 @@ pub struct WriterSettings {
 
 impl Default for WriterSettings {
     fn default() -> Self {
-        Self {
-            max_in_flight: 1024,
-            give_up_after: Duration::from_secs(30),
-        }
+        Self { max_in_flight: 1024, give_up_after: Duration::from_secs(30) }
     }
 }
 

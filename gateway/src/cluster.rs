@@ -98,10 +98,7 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), ClusterError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("fieldgate")
-    ));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("fieldgate")));
     std::fs::write(&tmp, bytes).map_err(write_err(&tmp))?;
     #[cfg(unix)]
     if private {
@@ -115,7 +112,11 @@ fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), ClusterE
 
 /// The config a node without devices runs (its ConfigMap was deleted).
 pub fn empty_config(node: &str) -> String {
-    format!("apiVersion: {}\nkind: {}\nnode: {node}\ndevices: []\nuplinks: []\n", GatewayConfig::API_VERSION, GatewayConfig::KIND)
+    format!(
+        "apiVersion: {}\nkind: {}\nnode: {node}\ndevices: []\nuplinks: []\n",
+        GatewayConfig::API_VERSION,
+        GatewayConfig::KIND
+    )
 }
 
 /// Local copies of the per-node objects.
@@ -308,7 +309,13 @@ fn condition(type_: &str, ok: bool, reason: &str, message: &str, at: &Timestamp)
 }
 
 /// The status patch of a device that became reachable (or not).
-pub fn device_status_patch(namespace: &str, name: &str, reachable: bool, last_seen: Option<&Timestamp>, now: &Timestamp) -> serde_json::Value {
+pub fn device_status_patch(
+    namespace: &str,
+    name: &str,
+    reachable: bool,
+    last_seen: Option<&Timestamp>,
+    now: &Timestamp,
+) -> serde_json::Value {
     let cond = if reachable {
         condition("Reachable", true, "Answering", "the device answers the gateway", now)
     } else {
@@ -435,7 +442,12 @@ pub async fn report_status(
         for u in &cfg.uplinks {
             let key = format!("{}/{}", u.namespace, u.name);
             let labels = UplinkLabels { uplink: key.clone() };
-            let seen = uplinks.entry(key.clone()).or_insert(UplinkSeen { reported: None, acked: 0, last_ack: None, last_write: None });
+            let seen = uplinks.entry(key.clone()).or_insert(UplinkSeen {
+                reported: None,
+                acked: 0,
+                last_ack: None,
+                last_write: None,
+            });
             let acked = metrics
                 .deliveries
                 .get_or_create(&DeliveryLabels { uplink: key.clone(), outcome: DeliveryOutcome::acked })
@@ -451,7 +463,8 @@ pub async fn report_status(
                 last_ack: seen.last_ack,
             };
             let changed_state = seen.reported.as_ref().is_none_or(|r| r.connected != entry.connected);
-            let changed_backlog = seen.reported.as_ref().is_some_and(|r| r.backlog != entry.backlog || r.last_ack != entry.last_ack);
+            let changed_backlog =
+                seen.reported.as_ref().is_some_and(|r| r.backlog != entry.backlog || r.last_ack != entry.last_ack);
             let due = seen.last_write.is_none_or(|t| t.elapsed() >= UPLINK_STATUS_INTERVAL);
             if changed_state || (changed_backlog && due) {
                 let patch = uplink_status_patch(&u.namespace, &u.name, &entry, &node);
@@ -497,8 +510,12 @@ mod tests {
     fn secrets_land_where_the_rendered_config_looks_for_them_and_stale_ones_go() {
         let dir = tempfile::tempdir().unwrap();
         let m = Mirror::new(settings(dir.path()));
-        m.write_secrets(Some(&secret(&[("default_creds_username", "gw"), ("default_creds_password", "pw"), ("plant_ca_ca.crt", "PEM")])))
-            .unwrap();
+        m.write_secrets(Some(&secret(&[
+            ("default_creds_username", "gw"),
+            ("default_creds_password", "pw"),
+            ("plant_ca_ca.crt", "PEM"),
+        ])))
+        .unwrap();
         let store = crate::secrets::SecretStore::new(dir.path().join("secrets"));
         assert_eq!(store.read("default_creds", "password").unwrap().expose(), b"pw");
         assert_eq!(store.read("plant_ca", "ca.crt").unwrap().expose(), b"PEM");
@@ -527,7 +544,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Mirror::new(settings(dir.path()));
         m.write_config(None).unwrap();
-        let cfg = GatewayConfig::from_yaml(&std::fs::read_to_string(dir.path().join("state/gateway.yaml")).unwrap()).unwrap();
+        let cfg =
+            GatewayConfig::from_yaml(&std::fs::read_to_string(dir.path().join("state/gateway.yaml")).unwrap()).unwrap();
         cfg.validate().unwrap();
         assert!(cfg.devices.is_empty() && cfg.uplinks.is_empty());
     }
@@ -562,7 +580,8 @@ mod tests {
     #[tokio::test]
     async fn reporter_applies_device_and_uplink_status_with_its_own_field_manager() {
         use prometheus_client::registry::Registry;
-        let (svc, mut api) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let (svc, mut api) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
         let client = Client::new(svc, "default");
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let cfg: GatewayConfig = GatewayConfig::from_yaml(
@@ -611,7 +630,10 @@ uplinks:
             let body = req.into_body().collect_bytes().await.unwrap();
             let text = String::from_utf8(body.to_vec()).unwrap();
             assert!(text.contains(check), "{text}");
-            assert!(!text.contains("\"node\":\"edge-1\"") || path.contains("uplinks"), "device patch must not claim node: {text}");
+            assert!(
+                !text.contains("\"node\":\"edge-1\"") || path.contains("uplinks"),
+                "device patch must not claim node: {text}"
+            );
             let kind = if path.contains("devices") { "Device" } else { "Uplink" };
             let name = if path.contains("devices") { "meter-1" } else { "cloud" };
             let reply = serde_json::json!({
@@ -624,9 +646,7 @@ uplinks:
                 },
             });
             send.send_response(
-                http::Response::builder()
-                    .body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
+                http::Response::builder().body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
             );
         }
         // Nothing changed: no further writes on the next ticks.

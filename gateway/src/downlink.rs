@@ -50,8 +50,8 @@ use crate::adapters::hub::DeviceHub;
 use crate::adapters::modbus_rtu::{Answer, Op};
 use crate::metrics::IngressLabels;
 use crate::reading;
-use crate::uplinks::UplinkTask;
 use crate::telemetry::{self, StageSpan};
+use crate::uplinks::UplinkTask;
 use opentelemetry::trace::SpanKind;
 
 /// The JetStream stream holding commands until they are executed.
@@ -109,11 +109,7 @@ fn now_ms() -> u64 {
 /// The subscription filter of a command topic template: `{namespace}` and `{device}` become
 /// `+`, `{uplink}` and `{node}` are filled in.
 pub fn filter(template: &str, uplink: &str, node: &str) -> String {
-    template
-        .replace("{namespace}", "+")
-        .replace("{device}", "+")
-        .replace("{uplink}", uplink)
-        .replace("{node}", node)
+    template.replace("{namespace}", "+").replace("{device}", "+").replace("{uplink}", uplink).replace("{node}", node)
 }
 
 /// Namespace and device named by `topic` under `template` (whole-level placeholders).
@@ -154,7 +150,9 @@ pub fn parse(template: &str, topic: &str, payload: &[u8]) -> Result<Command, Com
         }
         (Some(Json::Number(n)), _) => Some(n.as_u64().ok_or(CommandError::Field("expiresAt"))?),
         (Some(_), _) => return Err(CommandError::Field("expiresAt")),
-        (None, Some(Json::String(ttl))) => Some(now_ms() + parse_duration(ttl).map_err(|_| CommandError::Field("ttl"))?.as_millis() as u64),
+        (None, Some(Json::String(ttl))) => {
+            Some(now_ms() + parse_duration(ttl).map_err(|_| CommandError::Field("ttl"))?.as_millis() as u64)
+        }
         (None, Some(_)) => return Err(CommandError::Field("ttl")),
         (None, None) => None,
     };
@@ -282,7 +280,9 @@ fn write_request(address: u16, w: &Write) -> Request<'static> {
 fn read_back_request(address: u16, w: &Write) -> Request<'static> {
     match w {
         Write::Coil(_) => Request::ReadCoils(address, 1),
-        Write::Registers(words) => Request::ReadHoldingRegisters(address, u16::try_from(words.len()).unwrap_or(u16::MAX)),
+        Write::Registers(words) => {
+            Request::ReadHoldingRegisters(address, u16::try_from(words.len()).unwrap_or(u16::MAX))
+        }
     }
 }
 
@@ -347,7 +347,13 @@ async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>, spa
     outcome
 }
 
-async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &Results<'_>, span: &StageSpan) -> Outcome {
+async fn execute_on(
+    task: &DeviceTask,
+    point: &Point,
+    cmd: &Command,
+    results: &Results<'_>,
+    span: &StageSpan,
+) -> Outcome {
     let modbus_write_of = |point: &Point| -> Result<(u16, Write), Outcome> {
         let address = point.modbus.as_ref().map_or(0, |m| m.address);
         encode(point, &cmd.value).map(|w| (address, w)).map_err(|e| Outcome::why("refused", e))
@@ -367,7 +373,8 @@ async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &R
             let timeout = c.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(Duration::from_secs(1));
             let addr = format!("{}:{}", c.host, c.port.unwrap_or(502));
             let connect = async {
-                let a = tokio::net::lookup_host(&addr).await?.next().ok_or_else(|| std::io::Error::other("no address"))?;
+                let a =
+                    tokio::net::lookup_host(&addr).await?.next().ok_or_else(|| std::io::Error::other("no address"))?;
                 tokio_modbus::client::tcp::connect_slave(a, tokio_modbus::Slave(c.unit_id.unwrap_or(1))).await
             };
             let mut ctx = match tokio::time::timeout(timeout, connect).await {
@@ -434,7 +441,9 @@ async fn execute_on(task: &DeviceTask, point: &Point, cmd: &Command, results: &R
             if let Json::Object(map) = &mut o {
                 map.insert("commandId".into(), Json::String(cmd.id.clone()));
             }
-            match crate::adapters::mqtt_ingest::publish_command(m, task, Bytes::from(o.to_string()), EXECUTE_TIMEOUT).await {
+            match crate::adapters::mqtt_ingest::publish_command(m, task, Bytes::from(o.to_string()), EXECUTE_TIMEOUT)
+                .await
+            {
                 Ok(()) => Outcome::of("written"),
                 Err(e) => Outcome::why("failed", e),
             }
@@ -489,7 +498,9 @@ impl CommandClient {
         // Queued for the session; a result lost with the session is a result the cloud misses,
         // never a command executed twice.
         let r = match self {
-            CommandClient::V4(c) => c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string()),
+            CommandClient::V4(c) => {
+                c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string())
+            }
             CommandClient::V5(c) => c
                 .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
                 .await
@@ -607,7 +618,9 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
                     Ok(Polled::Connected) => {
                         delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
                         let r = match &client {
-                            CommandClient::V4(c) => c.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string()),
+                            CommandClient::V4(c) => {
+                                c.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string())
+                            }
                             CommandClient::V5(c) => c
                                 .try_subscribe(filter.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
                                 .map_err(|e| e.to_string()),
@@ -642,7 +655,11 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
         .get_or_create_consumer(
             &format!("commands-{}-{}", task.uplink.namespace, task.uplink.name.replace('.', "_")),
             pull::Config {
-                durable_name: Some(format!("commands-{}-{}", task.uplink.namespace, task.uplink.name.replace('.', "_"))),
+                durable_name: Some(format!(
+                    "commands-{}-{}",
+                    task.uplink.namespace,
+                    task.uplink.name.replace('.', "_")
+                )),
                 filter_subject: subject.clone(),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(60),
@@ -808,9 +825,12 @@ impl Events {
         match self {
             Events::V4(el) => Ok(match el.poll().await.map_err(|e| e.to_string())? {
                 rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Polled::Connected,
-                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
-                    Polled::Message(Incoming { topic: p.topic.clone(), payload: p.payload.clone(), traceparent: None, ack: Ack::V4(p) })
-                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Polled::Message(Incoming {
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    traceparent: None,
+                    ack: Ack::V4(p),
+                }),
                 _ => Polled::Other,
             }),
             Events::V5(el) => {
@@ -860,13 +880,22 @@ mod tests {
 
     #[test]
     fn commands_parse_with_expiry() {
-        let c = parse(T, "fieldgate/default/plc/commands", br#"{"id":"c1","point":"sp","value":12,"ttl":"30s"}"#).unwrap();
+        let c =
+            parse(T, "fieldgate/default/plc/commands", br#"{"id":"c1","point":"sp","value":12,"ttl":"30s"}"#).unwrap();
         assert_eq!((c.id.as_str(), c.device.as_str(), c.value.clone()), ("c1", "plc", json!(12)));
         assert!(c.expires_unix_ms.unwrap() > now_ms());
-        let c = parse(T, "fieldgate/default/plc/commands", br#"{"id":"c2","point":"sp","value":1,"expiresAt":"2020-01-01T00:00:00Z"}"#).unwrap();
+        let c = parse(
+            T,
+            "fieldgate/default/plc/commands",
+            br#"{"id":"c2","point":"sp","value":1,"expiresAt":"2020-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
         assert_eq!(c.expires_unix_ms, Some(1_577_836_800_000));
         assert_eq!(parse(T, "fieldgate/default/plc/commands", b"{").unwrap_err(), CommandError::Json);
-        assert_eq!(parse(T, "fieldgate/default/plc/commands", br#"{"point":"sp","value":1}"#).unwrap_err(), CommandError::Field("id"));
+        assert_eq!(
+            parse(T, "fieldgate/default/plc/commands", br#"{"point":"sp","value":1}"#).unwrap_err(),
+            CommandError::Field("id")
+        );
         assert_eq!(Command::from_json(&c.to_json()), Some(c));
     }
 
@@ -882,11 +911,21 @@ mod tests {
     fn values_are_encoded_like_they_are_decoded() {
         assert_eq!(encode(&point("uint16", "holding", json!({})), &json!(1234)), Ok(Write::Registers(vec![1234])));
         assert_eq!(encode(&point("int16", "holding", json!({})), &json!(-2)), Ok(Write::Registers(vec![0xfffe])));
-        assert_eq!(encode(&point("uint32", "holding", json!({})), &json!(0x1234_5678)), Ok(Write::Registers(vec![0x1234, 0x5678])));
-        let le = point("uint32", "holding", json!({"modbus": {"table": "holding", "address": 4, "wordOrder": "littleEndian"}}));
+        assert_eq!(
+            encode(&point("uint32", "holding", json!({})), &json!(0x1234_5678)),
+            Ok(Write::Registers(vec![0x1234, 0x5678]))
+        );
+        let le = point(
+            "uint32",
+            "holding",
+            json!({"modbus": {"table": "holding", "address": 4, "wordOrder": "littleEndian"}}),
+        );
         assert_eq!(encode(&le, &json!(0x1234_5678)), Ok(Write::Registers(vec![0x5678, 0x1234])));
         assert_eq!(encode(&point("float32", "holding", json!({})), &json!(1.5)), Ok(Write::Registers(vec![0x3fc0, 0])));
-        assert_eq!(encode(&point("int16", "holding", json!({"scale": 0.1})), &json!(21.5)), Ok(Write::Registers(vec![215])));
+        assert_eq!(
+            encode(&point("int16", "holding", json!({"scale": 0.1})), &json!(21.5)),
+            Ok(Write::Registers(vec![215]))
+        );
         assert_eq!(encode(&point("bool", "coil", json!({})), &json!(true)), Ok(Write::Coil(true)));
         assert!(encode(&point("uint16", "holding", json!({})), &json!(70000)).is_err());
         assert!(encode(&point("uint16", "holding", json!({})), &json!(1.5)).is_err());
@@ -894,7 +933,8 @@ mod tests {
         // And back: the reference decoder reads what was written.
         let p = point("int32", "holding", json!({}));
         let Ok(Write::Registers(words)) = encode(&p, &json!(-70000)) else { panic!() };
-        let back = crate::adapters::modbus_tcp::decode(&p, crate::adapters::modbus_tcp::Raw::Registers(&words)).unwrap();
+        let back =
+            crate::adapters::modbus_tcp::decode(&p, crate::adapters::modbus_tcp::Raw::Registers(&words)).unwrap();
         assert_eq!(back.value, Some(reading::Value::IntValue(-70000)));
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! `app` is the wiring diagram; read it first.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod adapters;
 pub mod app;
 pub mod buffer;

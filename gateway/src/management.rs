@@ -293,7 +293,10 @@ fn problem(code: StatusCode, message: impl Into<String>) -> Response {
 
 async fn authenticate(State(m): State<Arc<Management>>, req: Request, next: Next) -> Response {
     let Some(api) = &m.api else {
-        return problem(StatusCode::NOT_FOUND, "the management API is disabled: start the gateway with --api-token-file");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "the management API is disabled: start the gateway with --api-token-file",
+        );
     };
     let presented = req
         .headers()
@@ -338,9 +341,8 @@ fn devices_json(m: &Management) -> Vec<Json> {
                 (None, None, Some(_)) => "down",
                 (None, None, None) => "waiting",
             };
-            let age = last_reading.and_then(|t| {
-                now.duration_since(UNIX_EPOCH).ok().map(|n| (n.as_secs_f64() - t).max(0.0))
-            });
+            let age =
+                last_reading.and_then(|t| now.duration_since(UNIX_EPOCH).ok().map(|n| (n.as_secs_f64() - t).max(0.0)));
             json!({
                 "name": key,
                 "protocol": labels.protocol,
@@ -360,9 +362,10 @@ fn uplinks_json(m: &Management) -> Vec<Json> {
         .iter()
         .map(|u| {
             let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
-            let gauge = |f: &prometheus_client::metrics::family::Family<UplinkLabels, prometheus_client::metrics::gauge::Gauge>| {
-                f.get(&labels).map(|g| g.get())
-            };
+            let gauge = |f: &prometheus_client::metrics::family::Family<
+                UplinkLabels,
+                prometheus_client::metrics::gauge::Gauge,
+            >| { f.get(&labels).map(|g| g.get()) };
             json!({
                 "name": labels.uplink,
                 "protocolVersion": u.mqtt.protocol_version.unwrap_or(5),
@@ -427,7 +430,9 @@ async fn replace_config(State(m): State<Arc<Management>>, body: Bytes) -> Respon
             let body = json!({"error": "the configuration is invalid; the running one stays", "problems": problems});
             return (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response();
         }
-        Ok(Err(WriteRefusal::Io(e))) => return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("writing the config file: {e}")),
+        Ok(Err(WriteRefusal::Io(e))) => {
+            return problem(StatusCode::INTERNAL_SERVER_ERROR, format!("writing the config file: {e}"));
+        }
         Err(_) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "the config check did not finish"),
     };
     info!(version = candidate.version.as_deref().unwrap_or("-"), "configuration replaced through the API");
@@ -590,11 +595,17 @@ impl tokio::io::AsyncWrite for CappedStream {
         std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -626,9 +637,7 @@ impl axum::serve::Listener for CappedListener {
 /// Serves until `cancel` fires.
 pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
     let capped = CappedListener { inner: listener, slots: Arc::new(Semaphore::new(m.max_connections)) };
-    axum::serve(capped, router(m))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    axum::serve(capped, router(m)).with_graceful_shutdown(async move { cancel.cancelled().await }).await
 }
 
 #[cfg(test)]

@@ -277,7 +277,11 @@ impl Metrics {
         );
         r.register("device_connected", "Whether the device connection is up", m.device_connected.clone());
         r.register("readings_received", "Readings produced by device adapters", m.readings_received.clone());
-        r.register("readings_accepted", "Readings acknowledged by JetStream, per uplink buffer", m.readings_accepted.clone());
+        r.register(
+            "readings_accepted",
+            "Readings acknowledged by JetStream, per uplink buffer",
+            m.readings_accepted.clone(),
+        );
         r.register("readings_dropped", "Readings dropped, by uplink and reason", m.readings_dropped.clone());
         r.register("deliveries", "Delivery attempts to the cloud broker by outcome", m.deliveries.clone());
         r.register("redeliveries", "Readings delivered from the buffer more than once", m.redeliveries.clone());
@@ -293,7 +297,11 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.sample_to_cloud_latency.clone(),
         );
-        r.register("buffer_messages", "Readings buffered and not yet acknowledged by the cloud", m.buffer_messages.clone());
+        r.register(
+            "buffer_messages",
+            "Readings buffered and not yet acknowledged by the cloud",
+            m.buffer_messages.clone(),
+        );
         r.register_with_unit(
             "buffer",
             "Bytes held in the uplink buffer",
@@ -311,16 +319,28 @@ impl Metrics {
         r.register("task_restarts", "Tasks restarted by their supervisor", m.task_restarts.clone());
         r.register("config_reloads", "Configurations applied or refused", m.config_reloads.clone());
         r.register("ingress_rejected", "Inbound messages refused before reaching a device", m.ingress_rejected.clone());
-        r.register("ingress_messages", "Inbound messages handled by the listeners, by kind", m.ingress_messages.clone());
+        r.register(
+            "ingress_messages",
+            "Inbound messages handled by the listeners, by kind",
+            m.ingress_messages.clone(),
+        );
         r.register("ingress_connections", "Open inbound device connections", m.ingress_connections.clone());
         r.register(
             "device_last_reading_timestamp_seconds",
             "Unix time of the device's last reading",
             m.device_last_reading.clone(),
         );
-        r.register("buffer_connected", "Whether the NATS connection holding the buffer is up", m.buffer_connected.clone());
+        r.register(
+            "buffer_connected",
+            "Whether the NATS connection holding the buffer is up",
+            m.buffer_connected.clone(),
+        );
         r.register("buffer_connects", "NATS connections established", m.buffer_connects.clone());
-        r.register("buffer_reachable", "Whether the uplink's JetStream stream answered its last check", m.buffer_reachable.clone());
+        r.register(
+            "buffer_reachable",
+            "Whether the uplink's JetStream stream answered its last check",
+            m.buffer_reachable.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "Version of the running gateway", build);
@@ -329,8 +349,6 @@ impl Metrics {
 
     /// Counts a dropped reading.
     pub fn dropped(&self, uplink: &str, reason: DropReason) {
-        self.readings_dropped
-            .get_or_create(&DropLabels { uplink: uplink.to_string(), reason })
-            .inc();
+        self.readings_dropped.get_or_create(&DropLabels { uplink: uplink.to_string(), reason }).inc();
     }
 }

@@ -25,9 +25,7 @@ pub fn message_id(namespace: &str, device: &str, scheduled_unix_ms: u64) -> Stri
 
 /// Nanoseconds since the Unix epoch of `t` (0 before 1970).
 pub fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 /// How old a reading sampled at `time_unix_nano` is now.
@@ -219,10 +217,9 @@ impl ReadingSink {
     ) -> Result<(), SinkClosed> {
         match &self.tx {
             SinkTx::Plain(tx) => tx.send(reading).await.map_err(|_| SinkClosed),
-            SinkTx::Buffered(tx) => tx
-                .send(Submission { reading, accepted: None, trace })
-                .await
-                .map_err(|_| SinkClosed),
+            SinkTx::Buffered(tx) => {
+                tx.send(Submission { reading, accepted: None, trace }).await.map_err(|_| SinkClosed)
+            }
         }
     }
 

@@ -94,14 +94,7 @@ fn key(namespace: &str, name: &str) -> String {
 impl Running {
     /// Nothing running yet; readings go to `sink`, routes are published on `routes`.
     pub fn new(shared: Shared, sink: ReadingSink, routes: watch::Sender<Arc<Routes>>) -> Self {
-        Self {
-            shared,
-            sink: Some(sink),
-            routes,
-            devices: BTreeMap::new(),
-            uplinks: BTreeMap::new(),
-            version: None,
-        }
+        Self { shared, sink: Some(sink), routes, devices: BTreeMap::new(), uplinks: BTreeMap::new(), version: None }
     }
 
     /// The version of the applied config (the operator's content hash), if any.
@@ -126,11 +119,7 @@ impl Running {
             .collect();
         let fresh: Vec<(&Arc<UplinkBuffer>, &MqttSettings)> = wanted
             .iter()
-            .filter(|(k, (u, m, _))| {
-                self.uplinks
-                    .get(*k)
-                    .is_none_or(|w| w.spec.0 != **u || w.spec.1 != m.fingerprint)
-            })
+            .filter(|(k, (u, m, _))| self.uplinks.get(*k).is_none_or(|w| w.spec.0 != **u || w.spec.1 != m.fingerprint))
             .map(|(_, (_, m, b))| (*b, *m))
             .collect();
         open_buffers(&self.shared.js, &fresh, stop).await?;

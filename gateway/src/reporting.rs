@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use fieldgate_crds::{GatewayDevice, Point};
 use fieldgate_crds::validate::parse_duration;
+use fieldgate_crds::{GatewayDevice, Point};
 
 use crate::reading::{Value, pb};
 
@@ -161,7 +161,8 @@ mod tests {
 
     #[test]
     fn on_change_with_deadband_and_max_interval() {
-        let mut r = Reporter::new(&[point("t", serde_json::json!({"onChange": true, "deadband": 0.5, "maxInterval": "10s"}))]);
+        let mut r =
+            Reporter::new(&[point("t", serde_json::json!({"onChange": true, "deadband": 0.5, "maxInterval": "10s"}))]);
         let t0 = Instant::now();
         let s = Duration::from_secs;
         assert_eq!(reported(&mut r, &[("t", 20.0)], t0), ["t"], "the first value");
@@ -176,7 +177,10 @@ mod tests {
 
     #[test]
     fn sampling_and_points_without_rules() {
-        let mut r = Reporter::new(&[point("fast", serde_json::json!({"sampling": "5s"})), point("free", serde_json::Value::Null)]);
+        let mut r = Reporter::new(&[
+            point("fast", serde_json::json!({"sampling": "5s"})),
+            point("free", serde_json::Value::Null),
+        ]);
         let t0 = Instant::now();
         let s = Duration::from_secs;
         assert_eq!(reported(&mut r, &[("fast", 1.0), ("free", 1.0)], t0), ["fast", "free"]);

@@ -59,13 +59,11 @@ impl SecretStore {
     /// Reads one key of one secret.
     pub fn read(&self, name: &str, key: &str) -> Result<SecretBytes, SecretError> {
         // Names are DNS subdomains and keys come from our own code: no path traversal.
-        std::fs::read(self.dir.join(name).join(key))
-            .map(SecretBytes)
-            .map_err(|source| SecretError {
-                name: name.to_string(),
-                key: key.to_string(),
-                source,
-            })
+        std::fs::read(self.dir.join(name).join(key)).map(SecretBytes).map_err(|source| SecretError {
+            name: name.to_string(),
+            key: key.to_string(),
+            source,
+        })
     }
 }
 

@@ -44,10 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use fieldgate_crds::{
-    Connection, GatewayDevice, ModbusTable, ModbusTcpConnection, Point, ValueType,
-    WordOrder,
-};
+use fieldgate_crds::{Connection, GatewayDevice, ModbusTable, ModbusTcpConnection, Point, ValueType, WordOrder};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -230,9 +227,7 @@ impl SimDevice {
             }
             Request::ReadInputRegisters(address, count) => {
                 check(address, count, 125, registers)?;
-                Ok(Response::ReadInputRegisters(
-                    self.computed(c, address, count),
-                ))
+                Ok(Response::ReadInputRegisters(self.computed(c, address, count)))
             }
             Request::ReadCoils(address, count) => {
                 check(address, count, 2000, bits)?;
@@ -334,13 +329,8 @@ fn label(index: u32) -> String {
 fn fixed_registers(c: u32, index: u32) -> Vec<u16> {
     let e = Expected::of(c);
     let mut w = Vec::with_capacity(usize::from(FIXED_REGISTERS));
-    let mut push_be = |bytes: &[u8]| {
-        w.extend(
-            bytes
-                .chunks(2)
-                .map(|p| u16::from_be_bytes([p[0], p.get(1).copied().unwrap_or(0)])),
-        )
-    };
+    let mut push_be =
+        |bytes: &[u8]| w.extend(bytes.chunks(2).map(|p| u16::from_be_bytes([p[0], p.get(1).copied().unwrap_or(0)])));
     push_be(&e.u16.to_be_bytes());
     push_be(&e.i16.to_be_bytes());
     push_be(&e.u32.to_be_bytes());
@@ -348,12 +338,7 @@ fn fixed_registers(c: u32, index: u32) -> Vec<u16> {
     push_be(&e.f32.to_be_bytes());
     // Little-endian word order: the least significant word first.
     let le = e.f32_le.to_bits();
-    push_be(&[
-        (le >> 8) as u8,
-        le as u8,
-        (le >> 24) as u8,
-        (le >> 16) as u8,
-    ]);
+    push_be(&[(le >> 8) as u8, le as u8, (le >> 24) as u8, (le >> 16) as u8]);
     push_be(&e.u64.to_be_bytes());
     push_be(&e.i64.to_be_bytes());
     push_be(&e.f64.to_be_bytes());
@@ -367,11 +352,7 @@ fn fixed_registers(c: u32, index: u32) -> Vec<u16> {
 ///
 /// Healthy and `Exception` devices are served by tokio-modbus's server; the other faults by a
 /// raw socket handler. Changing the fault drops every open connection.
-pub async fn serve(
-    listener: TcpListener,
-    device: SimDevice,
-    cancel: CancellationToken,
-) -> io::Result<()> {
+pub async fn serve(listener: TcpListener, device: SimDevice, cancel: CancellationToken) -> io::Result<()> {
     // Each fault epoch gets its own listener on the same socket: tokio-modbus's server takes
     // its listener by value and never gives it back.
     let socket = listener.into_std()?;
@@ -433,10 +414,7 @@ impl tokio_modbus::server::Service for SimService {
 }
 
 async fn serve_modbus(listener: TcpListener, device: &SimDevice, fault: Fault) -> io::Result<()> {
-    let service = Arc::new(SimService {
-        device: device.clone(),
-        exception: fault == Fault::Exception,
-    });
+    let service = Arc::new(SimService { device: device.clone(), exception: fault == Fault::Exception });
     let on_connected = |stream: TcpStream, _peer: SocketAddr| {
         let service = Arc::clone(&service);
         async move {
@@ -449,17 +427,10 @@ async fn serve_modbus(listener: TcpListener, device: &SimDevice, fault: Fault) -
         tracing::debug!(%error, "simulated device connection ended");
     };
     // Dropping this future (fault change, cancel) cancels every connection it serves.
-    Server::new(listener)
-        .serve(&on_connected, on_process_error)
-        .await
+    Server::new(listener).serve(&on_connected, on_process_error).await
 }
 
-async fn serve_raw(
-    listener: TcpListener,
-    device: &SimDevice,
-    fault: Fault,
-    epoch: &CancellationToken,
-) {
+async fn serve_raw(listener: TcpListener, device: &SimDevice, fault: Fault, epoch: &CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = epoch.cancelled() => return,
@@ -470,9 +441,7 @@ async fn serve_raw(
                 let epoch = epoch.clone();
                 let device = device.clone();
                 tokio::spawn(async move {
-                    epoch
-                        .run_until_cancelled(misbehave(stream, &device, fault))
-                        .await;
+                    epoch.run_until_cancelled(misbehave(stream, &device, fault)).await;
                 });
             }
             Err(error) => {
@@ -564,12 +533,7 @@ pub fn simulated_points(extra_registers: u16) -> Vec<Point> {
     points.push(point("in_f32", ValueType::Float32, Input, 6));
     let extra = extra_registers.min(u16::MAX - FIXED_REGISTERS);
     for i in 0..extra {
-        points.push(point(
-            &format!("reg{i}"),
-            ValueType::Uint16,
-            Holding,
-            FIXED_REGISTERS + i,
-        ));
+        points.push(point(&format!("reg{i}"), ValueType::Uint16, Holding, FIXED_REGISTERS + i));
     }
     points
 }
@@ -605,16 +569,11 @@ pub fn gateway_device(
 /// request) may come from the neighbouring second, so `c - 1 ..= c + 1` is accepted for them.
 /// Points absent from the reading are not checked. Returns `c`, or every mismatch found.
 pub fn expected_c_consistent(points: &[pb::Point]) -> Result<u32, String> {
-    let value = |name: &str| {
-        points
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.value.clone())
-    };
+    let value = |name: &str| points.iter().find(|p| p.name == name).and_then(|p| p.value.clone());
     let c = match value("u32") {
-        Some(Value::UintValue(v)) => u32::try_from(v)
-            .map_err(|_| format!("u32 = {v} does not fit 32 bits"))?
-            .wrapping_sub(100_000),
+        Some(Value::UintValue(v)) => {
+            u32::try_from(v).map_err(|_| format!("u32 = {v} does not fit 32 bits"))?.wrapping_sub(100_000)
+        }
         other => return Err(format!("u32 missing or not an unsigned integer: {other:?}")),
     };
     let e = Expected::of(c);
@@ -640,19 +599,14 @@ pub fn expected_c_consistent(points: &[pb::Point]) -> Result<u32, String> {
                 && s.get(3..)
                     .and_then(|d| d.parse::<u32>().ok())
                     .is_some_and(|i| u64::from(i) * 1000 <= u64::from(c)) => {}
-        Some(got) => errors.push(format!(
-            "label: got {got:?}, want \"SIM\" + 5 digits (c = {c})"
-        )),
+        Some(got) => errors.push(format!("label: got {got:?}, want \"SIM\" + 5 digits (c = {c})")),
     }
 
     // Values of other requests: some c' within one second of c must explain them all.
     let near = [c.wrapping_sub(1), c, c.wrapping_add(1)];
     let mut within = |what: &str, fits: &dyn Fn(u32) -> bool| {
         if !near.iter().any(|&c2| fits(c2)) {
-            errors.push(format!(
-                "{what}: matches no counter in {}..={} (c = {c})",
-                near[0], near[2]
-            ));
+            errors.push(format!("{what}: matches no counter in {}..={} (c = {c})", near[0], near[2]));
         }
     };
     let bit = |prefix: &str, i: u16| match value(&format!("{prefix}{i}")) {
@@ -660,45 +614,29 @@ pub fn expected_c_consistent(points: &[pb::Point]) -> Result<u32, String> {
         None => None,
         Some(_) => Some(None),
     };
-    let coils: Vec<_> = (0..BITS)
-        .filter_map(|i| bit("coil", i).map(|b| (i, b)))
-        .collect();
+    let coils: Vec<_> = (0..BITS).filter_map(|i| bit("coil", i).map(|b| (i, b))).collect();
     if !coils.is_empty() {
-        within("coils", &|c2| {
-            coils.iter().all(|&(i, b)| b == Some(coil(c2, i)))
-        });
+        within("coils", &|c2| coils.iter().all(|&(i, b)| b == Some(coil(c2, i))));
     }
-    let discretes: Vec<_> = (0..BITS)
-        .filter_map(|i| bit("discrete", i).map(|b| (i, b)))
-        .collect();
+    let discretes: Vec<_> = (0..BITS).filter_map(|i| bit("discrete", i).map(|b| (i, b))).collect();
     if !discretes.is_empty() {
-        within("discrete inputs", &|c2| {
-            discretes.iter().all(|&(i, b)| b == Some(!coil(c2, i)))
-        });
+        within("discrete inputs", &|c2| discretes.iter().all(|&(i, b)| b == Some(!coil(c2, i))));
     }
     if let Some(v) = value("in_u16") {
         within("in_u16", &|c2| v == Value::UintValue(u64::from(c2 as u16)));
     }
     if let Some(v) = value("in_f32") {
-        within("in_f32", &|c2| {
-            v == Value::DoubleValue(f64::from(c2 as f32 * 0.5))
-        });
+        within("in_f32", &|c2| v == Value::DoubleValue(f64::from(c2 as f32 * 0.5)));
     }
     for p in points.iter().filter(|p| p.name.starts_with("reg")) {
         let Ok(i) = p.name[3..].parse::<u32>() else {
             continue;
         };
         let v = p.value.clone();
-        within(&p.name, &|c2| {
-            v == Some(Value::UintValue(u64::from(c2.wrapping_add(i) as u16)))
-        });
+        within(&p.name, &|c2| v == Some(Value::UintValue(u64::from(c2.wrapping_add(i) as u16))));
     }
 
-    if errors.is_empty() {
-        Ok(c)
-    } else {
-        Err(errors.join("; "))
-    }
+    if errors.is_empty() { Ok(c) } else { Err(errors.join("; ")) }
 }
 
 #[cfg(test)]
@@ -717,21 +655,12 @@ mod tests {
     }
 
     async fn call(ctx: &mut Context, req: Request<'static>) -> Result<Response, ExceptionCode> {
-        tokio::time::timeout(Duration::from_secs(5), ctx.call(req))
-            .await
-            .unwrap()
-            .unwrap()
+        tokio::time::timeout(Duration::from_secs(5), ctx.call(req)).await.unwrap().unwrap()
     }
 
     #[test]
     fn fault_parses_from_its_command_line_name() {
-        for f in [
-            Fault::None,
-            Fault::Timeout,
-            Fault::Exception,
-            Fault::Garbage,
-            Fault::Reset,
-        ] {
+        for f in [Fault::None, Fault::Timeout, Fault::Exception, Fault::Garbage, Fault::Reset] {
             assert_eq!(f.as_str().parse::<Fault>(), Ok(f));
         }
         assert_eq!("Timeout".parse::<Fault>(), Ok(Fault::Timeout));
@@ -746,15 +675,9 @@ mod tests {
         assert_eq!(w[1] as i16, -7);
         assert_eq!((u32::from(w[2]) << 16) | u32::from(w[3]), 100_007);
         assert_eq!(((u32::from(w[4]) << 16) | u32::from(w[5])) as i32, -100_007);
-        assert_eq!(
-            f32::from_bits((u32::from(w[6]) << 16) | u32::from(w[7])),
-            3.5
-        );
+        assert_eq!(f32::from_bits((u32::from(w[6]) << 16) | u32::from(w[7])), 3.5);
         // little-endian word order: low word at 8
-        assert_eq!(
-            f32::from_bits((u32::from(w[9]) << 16) | u32::from(w[8])),
-            1.75
-        );
+        assert_eq!(f32::from_bits((u32::from(w[9]) << 16) | u32::from(w[8])), 1.75);
         let u64_of = |s: &[u16]| s.iter().fold(0u64, |a, &x| (a << 16) | u64::from(x));
         assert_eq!(u64_of(&w[10..14]), 10_000_000_007);
         assert_eq!(u64_of(&w[14..18]) as i64, -10_000_000_007);
@@ -777,10 +700,7 @@ mod tests {
         };
         config.validate().unwrap();
         let yaml = serde_saphyr::to_string(&config).unwrap();
-        assert_eq!(
-            fieldgate_crds::GatewayConfig::from_yaml(&yaml).unwrap(),
-            config
-        );
+        assert_eq!(fieldgate_crds::GatewayConfig::from_yaml(&yaml).unwrap(), config);
         assert_eq!(config.devices[1].points.len(), 28 + 200);
     }
 
@@ -790,10 +710,7 @@ mod tests {
         let (addr, cancel) = start(device.clone()).await;
         let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
 
-        let Response::ReadHoldingRegisters(words) =
-            call(&mut ctx, Request::ReadHoldingRegisters(0, 30))
-                .await
-                .unwrap()
+        let Response::ReadHoldingRegisters(words) = call(&mut ctx, Request::ReadHoldingRegisters(0, 30)).await.unwrap()
         else {
             panic!("wrong response")
         };
@@ -802,56 +719,36 @@ mod tests {
         assert_eq!(words[26], c as u16);
         assert_eq!(words[29], (c + 3) as u16);
 
-        let Response::ReadInputRegisters(input) = call(&mut ctx, Request::ReadInputRegisters(0, 1))
-            .await
-            .unwrap()
+        let Response::ReadInputRegisters(input) = call(&mut ctx, Request::ReadInputRegisters(0, 1)).await.unwrap()
         else {
             panic!("wrong response")
         };
         assert!(input[0] == c as u16 || input[0] == (c + 1) as u16);
 
-        let Response::ReadCoils(coils) = call(&mut ctx, Request::ReadCoils(0, 8)).await.unwrap()
-        else {
+        let Response::ReadCoils(coils) = call(&mut ctx, Request::ReadCoils(0, 8)).await.unwrap() else {
             panic!("wrong response")
         };
-        let Response::ReadDiscreteInputs(inputs) =
-            call(&mut ctx, Request::ReadDiscreteInputs(0, 8))
-                .await
-                .unwrap()
+        let Response::ReadDiscreteInputs(inputs) = call(&mut ctx, Request::ReadDiscreteInputs(0, 8)).await.unwrap()
         else {
             panic!("wrong response")
         };
         assert_eq!(coils.len(), 8);
         assert_eq!(inputs.len(), 8);
 
-        call(&mut ctx, Request::WriteSingleRegister(1, 0xbeef))
-            .await
-            .unwrap();
-        call(&mut ctx, Request::WriteSingleCoil(7, true))
-            .await
-            .unwrap();
+        call(&mut ctx, Request::WriteSingleRegister(1, 0xbeef)).await.unwrap();
+        call(&mut ctx, Request::WriteSingleCoil(7, true)).await.unwrap();
         assert_eq!(
             call(&mut ctx, Request::ReadHoldingRegisters(1, 1)).await,
             Ok(Response::ReadHoldingRegisters(vec![0xbeef]))
         );
-        let Response::ReadCoils(coils) = call(&mut ctx, Request::ReadCoils(7, 1)).await.unwrap()
-        else {
+        let Response::ReadCoils(coils) = call(&mut ctx, Request::ReadCoils(7, 1)).await.unwrap() else {
             panic!("wrong response")
         };
         assert!(coils[0]);
 
-        assert_eq!(
-            call(&mut ctx, Request::ReadHoldingRegisters(28, 3)).await,
-            Err(ExceptionCode::IllegalDataAddress)
-        );
-        assert_eq!(
-            call(&mut ctx, Request::ReadCoils(8, 1)).await,
-            Err(ExceptionCode::IllegalDataAddress)
-        );
-        assert_eq!(
-            call(&mut ctx, Request::ReadHoldingRegisters(0, 126)).await,
-            Err(ExceptionCode::IllegalDataValue)
-        );
+        assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(28, 3)).await, Err(ExceptionCode::IllegalDataAddress));
+        assert_eq!(call(&mut ctx, Request::ReadCoils(8, 1)).await, Err(ExceptionCode::IllegalDataAddress));
+        assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(0, 126)).await, Err(ExceptionCode::IllegalDataValue));
         cancel.cancel();
     }
 
@@ -860,28 +757,19 @@ mod tests {
         let device = SimDevice::new(0, 0).with_fault(Fault::Exception);
         let (addr, cancel) = start(device.clone()).await;
         let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
-        assert_eq!(
-            call(&mut ctx, Request::ReadHoldingRegisters(0, 1)).await,
-            Err(ExceptionCode::IllegalDataAddress)
-        );
+        assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(0, 1)).await, Err(ExceptionCode::IllegalDataAddress));
 
         device.set_fault(Fault::None);
         // The change drops open connections: a new one sees the healthy device.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
-            if let Ok(Ok(Ok(Response::ReadHoldingRegisters(_)))) = tokio::time::timeout(
-                Duration::from_secs(1),
-                ctx.call(Request::ReadHoldingRegisters(0, 1)),
-            )
-            .await
+            if let Ok(Ok(Ok(Response::ReadHoldingRegisters(_)))) =
+                tokio::time::timeout(Duration::from_secs(1), ctx.call(Request::ReadHoldingRegisters(0, 1))).await
             {
                 break;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fault was not removed"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "fault was not removed");
             tokio::task::yield_now().await;
         }
         cancel.cancel();
@@ -891,12 +779,9 @@ mod tests {
     async fn garbage_fault_answers_bytes_a_client_refuses_at_once() {
         let (addr, cancel) = start(SimDevice::new(0, 0).with_fault(Fault::Garbage)).await;
         let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
-        let result = tokio::time::timeout(
-            Duration::from_secs(5),
-            ctx.call(Request::ReadHoldingRegisters(0, 1)),
-        )
-        .await
-        .expect("garbage must not look like a partial frame");
+        let result = tokio::time::timeout(Duration::from_secs(5), ctx.call(Request::ReadHoldingRegisters(0, 1)))
+            .await
+            .expect("garbage must not look like a partial frame");
         match result {
             Err(ModbusError::Transport(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidData),
             other => panic!("expected a decoding error, got {other:?}"),
@@ -908,16 +793,10 @@ mod tests {
     async fn reset_fault_breaks_the_connection_when_a_request_arrives() {
         let (addr, cancel) = start(SimDevice::new(0, 0).with_fault(Fault::Reset)).await;
         let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
-        let result = tokio::time::timeout(
-            Duration::from_secs(5),
-            ctx.call(Request::ReadHoldingRegisters(0, 1)),
-        )
-        .await
-        .expect("a reset must not look like a timeout");
-        assert!(
-            matches!(result, Err(ModbusError::Transport(_))),
-            "got {result:?}"
-        );
+        let result = tokio::time::timeout(Duration::from_secs(5), ctx.call(Request::ReadHoldingRegisters(0, 1)))
+            .await
+            .expect("a reset must not look like a timeout");
+        assert!(matches!(result, Err(ModbusError::Transport(_))), "got {result:?}");
         cancel.cancel();
     }
 }

@@ -25,12 +25,8 @@ pub fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
 
 /// Runs the task `make` builds until `cancel` fires, restarting it after a panic or an
 /// unexpected return (counted in `fieldgate_task_restarts_total{task}`).
-pub async fn supervise<F, Fut>(
-    name: String,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    mut make: F,
-) where
+pub async fn supervise<F, Fut>(name: String, metrics: Arc<Metrics>, cancel: CancellationToken, mut make: F)
+where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -45,10 +41,7 @@ pub async fn supervise<F, Fut>(
             Err(e) if e.is_panic() => error!(task = %name, "task panicked; restarting"),
             Err(_) => return,
         }
-        metrics
-            .task_restarts
-            .get_or_create(&TaskLabels { task: name.clone() })
-            .inc();
+        metrics.task_restarts.get_or_create(&TaskLabels { task: name.clone() }).inc();
         let delay = delays.next().unwrap_or(Duration::from_secs(30));
         tokio::select! {
             () = cancel.cancelled() => return,

@@ -58,8 +58,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
-    TraceState, Tracer as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span};
@@ -132,9 +132,7 @@ pub fn init_logs(format: &str) -> LogControl {
         }
     };
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
     let fmt = if format == "json" { fmt.json().boxed() } else { fmt.boxed() };
     tracing_subscriber::registry().with(filter).with(fmt).init();
     LogControl { handle, current: Arc::new(Mutex::new(text)) }
@@ -215,9 +213,9 @@ fn sampler(args: &TraceArgs) -> Option<Sampler> {
         (Some(r), _) => r,
         // The SDK reads OTEL_TRACES_SAMPLER and its argument itself.
         (None, Some(_)) => return None,
-        (None, None) => env("OTEL_TRACES_SAMPLER_ARG")
-            .and_then(|a| parse_ratio(&a).ok())
-            .unwrap_or(DEFAULT_SAMPLE_RATIO),
+        (None, None) => {
+            env("OTEL_TRACES_SAMPLER_ARG").and_then(|a| parse_ratio(&a).ok()).unwrap_or(DEFAULT_SAMPLE_RATIO)
+        }
     };
     Some(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
 }
@@ -254,9 +252,7 @@ impl Traces {
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
-        let mut builder = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_resource(resource.build());
+        let mut builder = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource.build());
         if let Some(s) = sampler(args) {
             builder = builder.with_sampler(s);
         }
@@ -410,7 +406,12 @@ impl TraceParent {
 pub struct StageSpan(Option<Span>);
 
 impl StageSpan {
-    fn start(name: &'static str, kind: SpanKind, parent: Option<(TraceParent, bool)>, start: Option<SystemTime>) -> Self {
+    fn start(
+        name: &'static str,
+        kind: SpanKind,
+        parent: Option<(TraceParent, bool)>,
+        start: Option<SystemTime>,
+    ) -> Self {
         let Some(tracer) = tracer() else { return Self(None) };
         let mut builder = tracer.span_builder(name).with_kind(kind);
         if let Some(t) = start {
@@ -500,10 +501,7 @@ pub struct ReadingTrace {
 }
 
 fn device_attributes(device: &str, protocol: &'static str) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new("fieldgate.device", device.to_string()),
-        KeyValue::new("fieldgate.protocol", protocol),
-    ]
+    vec![KeyValue::new("fieldgate.device", device.to_string()), KeyValue::new("fieldgate.protocol", protocol)]
 }
 
 impl ReadingTrace {
@@ -529,7 +527,13 @@ impl ReadingTrace {
         Self { root: StageSpan(None), decode: StageSpan(None) }
     }
 
-    fn begin(name: &'static str, kind: SpanKind, device: &str, protocol: &'static str, parent: Option<TraceParent>) -> Self {
+    fn begin(
+        name: &'static str,
+        kind: SpanKind,
+        device: &str,
+        protocol: &'static str,
+        parent: Option<TraceParent>,
+    ) -> Self {
         let mut root = StageSpan::start(name, kind, parent.map(|p| (p, true)), None);
         root.attributes(|| device_attributes(device, protocol));
         Self { root, decode: StageSpan(None) }
@@ -564,7 +568,10 @@ impl ReadingTrace {
             return None;
         }
         let attrs = || {
-            vec![KeyValue::new("fieldgate.reading.id", id.to_string()), KeyValue::new("fieldgate.points", points as i64)]
+            vec![
+                KeyValue::new("fieldgate.reading.id", id.to_string()),
+                KeyValue::new("fieldgate.points", points as i64),
+            ]
         };
         if !self.decode.is_recording() {
             // Not ended yet: it gets the reading's id too.
@@ -618,7 +625,12 @@ pub fn delivery_spans(entry: BufferEntry<'_>, uplink: &str) -> StageSpan {
         return StageSpan(None);
     };
     let now = SystemTime::now();
-    let mut wait = StageSpan::start("fieldgate.buffer.wait", SpanKind::Consumer, Some((parent, true)), Some(entry.stored.min(now)));
+    let mut wait = StageSpan::start(
+        "fieldgate.buffer.wait",
+        SpanKind::Consumer,
+        Some((parent, true)),
+        Some(entry.stored.min(now)),
+    );
     wait.attributes(|| {
         vec![
             KeyValue::new("fieldgate.uplink", uplink.to_string()),
@@ -630,7 +642,8 @@ pub fn delivery_spans(entry: BufferEntry<'_>, uplink: &str) -> StageSpan {
     });
     let wait_ctx = wait.parent();
     wait.end_at(now);
-    let mut publish = StageSpan::start("fieldgate.uplink.publish", SpanKind::Producer, wait_ctx.map(|p| (p, false)), Some(now));
+    let mut publish =
+        StageSpan::start("fieldgate.uplink.publish", SpanKind::Producer, wait_ctx.map(|p| (p, false)), Some(now));
     publish.attributes(|| {
         vec![
             KeyValue::new("fieldgate.uplink", uplink.to_string()),

@@ -128,7 +128,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let writer = Writer::new(
         client.clone(),
-        WriterSettings { namespace: args.namespace.clone(), concurrency: args.status_concurrency, instance: args.identity.clone() },
+        WriterSettings {
+            namespace: args.namespace.clone(),
+            concurrency: args.status_concurrency,
+            instance: args.identity.clone(),
+        },
         Arc::clone(&metrics),
     );
     let settings = LoopSettings {

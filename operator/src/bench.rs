@@ -108,7 +108,10 @@ pub fn world(devices: usize, nodes: usize) -> World {
         };
         w.uplinks.push(Arc::new(uplink("cloud", None)));
         if ns < 5 {
-            let sel = LabelSelector { match_labels: Some([("tier".to_string(), "gold".to_string())].into()), match_expressions: None };
+            let sel = LabelSelector {
+                match_labels: Some([("tier".to_string(), "gold".to_string())].into()),
+                match_expressions: None,
+            };
             w.uplinks.push(Arc::new(uplink("gold", Some(sel))));
         }
     }
@@ -146,9 +149,13 @@ fn proc_status(field: &str) -> String {
 /// Runs the benchmark; returns the figures as text.
 pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
-    let profile = if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
+    let profile =
+        if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
     writeln!(out, "fieldgate-operator bench: {} devices, {} gateway nodes, {profile}", args.devices, args.nodes)?;
-    writeln!(out, "(in-process: objects + render + serialised configs; for the whole operator against an API server, see --cold-start)")?;
+    writeln!(
+        out,
+        "(in-process: objects + render + serialised configs; for the whole operator against an API server, see --cold-start)"
+    )?;
     writeln!(out, "RSS at start: {}", proc_status("VmRSS:"))?;
     let t = Instant::now();
     let w = world(args.devices, args.nodes);

@@ -305,9 +305,10 @@ async fn handle(State(mock): State<Arc<Mock>>, method: Method, uri: Uri, body: B
             lock(&mock.counts).secrets += 1;
             respond(StatusCode::OK, body)
         }
-        (&Method::GET, ["api", "v1", "namespaces", _, "configmaps"]) => {
-            json_response(StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {"resourceVersion": "1"}, "items": []}))
-        }
+        (&Method::GET, ["api", "v1", "namespaces", _, "configmaps"]) => json_response(
+            StatusCode::OK,
+            &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {"resourceVersion": "1"}, "items": []}),
+        ),
         (&Method::GET, ["api", "v1", "namespaces", _, "secrets", _]) => {
             lock(&mock.counts).secret_reads += 1;
             api_status(404, "NotFound", "secret not found")
@@ -316,7 +317,10 @@ async fn handle(State(mock): State<Arc<Mock>>, method: Method, uri: Uri, body: B
             lock(&mock.counts).deletes += 1;
             api_status(200, "", "deleted")
         }
-        (&Method::PATCH, ["apis", "fieldgate.io", "v1alpha1", "namespaces", ns, plural @ ("devices" | "uplinks"), name, "status"]) => {
+        (
+            &Method::PATCH,
+            ["apis", "fieldgate.io", "v1alpha1", "namespaces", ns, plural @ ("devices" | "uplinks"), name, "status"],
+        ) => {
             let collection = if *plural == "devices" { Collection::Devices } else { Collection::Uplinks };
             status_patch(&mock, collection, ns, name, &body, now)
         }
@@ -354,7 +358,12 @@ fn list(mock: &Mock, collection: Collection, q: &BTreeMap<String, String>) -> Re
     }
     let (api_version, kind) = collection.list_kind();
     let items: Vec<Value> = if collection == Collection::Secrets {
-        items.iter().map(|o| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o["metadata"]})).collect()
+        items
+            .iter()
+            .map(
+                |o| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": o["metadata"]}),
+            )
+            .collect()
     } else {
         items.into_iter().cloned().collect()
     };
@@ -373,7 +382,8 @@ fn watch(mock: &Mock, collection: Collection, q: &BTreeMap<String, String>) -> R
     let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(290);
     // Subscribe first, then replay what happened since `from`: nothing is lost in between.
     let rx = mock.changes.subscribe();
-    let replay: Vec<Change> = lock(&mock.log).iter().filter(|c| c.rv > from && c.collection == collection).cloned().collect();
+    let replay: Vec<Change> =
+        lock(&mock.log).iter().filter(|c| c.rv > from && c.collection == collection).cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let last = replay.last().map_or(from, |c| c.rv);
     let replayed = futures::stream::iter(replay.into_iter().map(|c| Ok::<Bytes, Infallible>(c.line)));
@@ -384,7 +394,9 @@ fn watch(mock: &Mock, collection: Collection, q: &BTreeMap<String, String>) -> R
                 c = rx.recv() => c,
             };
             match change {
-                Ok(c) if c.collection == collection && c.rv > last => return Some((Ok::<Bytes, Infallible>(c.line), (rx, c.rv))),
+                Ok(c) if c.collection == collection && c.rv > last => {
+                    return Some((Ok::<Bytes, Infallible>(c.line), (rx, c.rv)));
+                }
                 Ok(_) => {}
                 // Lagged or closed: end the stream; the watcher comes back with its last version.
                 Err(_) => return None,
@@ -536,7 +548,9 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
     let server = {
         let app = Router::new().fallback(handle).with_state(Arc::clone(&mock));
         let stop = stop.clone();
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await })
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await
+        })
     };
 
     let dir = std::env::temp_dir();
@@ -563,7 +577,15 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         None => tokio::process::Command::new(&exe),
     };
     let mut child = command
-        .args(["run", "--namespace", NAMESPACE, "--identity", "bench-operator", "--listen", &format!("127.0.0.1:{metrics_port}")])
+        .args([
+            "run",
+            "--namespace",
+            NAMESPACE,
+            "--identity",
+            "bench-operator",
+            "--listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
         .env("KUBECONFIG", &kubeconfig.0)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -630,7 +652,8 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
     let c = mock.counts();
     if let Err(e) = outcome {
         let kept = dir.join("fieldgate-bench-failed.log");
-        let kept = std::fs::rename(&log.0, &kept).map_or_else(|e| format!("(lost: {e})"), |()| kept.display().to_string());
+        let kept =
+            std::fs::rename(&log.0, &kept).map_or_else(|e| format!("(lost: {e})"), |()| kept.display().to_string());
         anyhow::bail!(
             "{e}; mock saw {} requests, {} ConfigMaps (of {expect_nodes}), {} Device statuses, unexpected requests {:?}; \
              operator log: {kept}",
@@ -641,10 +664,17 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         );
     }
 
-    let since = |t: Option<Instant>| t.map_or_else(|| "n/a".to_string(), |t| format!("{:?}", t.saturating_duration_since(started)));
+    let since = |t: Option<Instant>| {
+        t.map_or_else(|| "n/a".to_string(), |t| format!("{:?}", t.saturating_duration_since(started)))
+    };
     let mut out = String::new();
-    let build = if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
-    writeln!(out, "fieldgate-operator bench --cold-start: {} devices, {} gateway nodes, {build}", args.devices, args.nodes)?;
+    let build =
+        if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
+    writeln!(
+        out,
+        "fieldgate-operator bench --cold-start: {} devices, {} gateway nodes, {build}",
+        args.devices, args.nodes
+    )?;
     writeln!(
         out,
         "measures: the real operator (`fieldgate-operator run`, leader election on) as a child process against a mocked API \
@@ -658,7 +688,13 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
     writeln!(out, "from process start:")?;
     writeln!(out, "  first API request               {}", since(c.first_request))?;
     writeln!(out, "  Lease acquired                  {}", since(c.lease_acquired))?;
-    writeln!(out, "  last list page served           {}  ({} lists, {} watches)", since(c.last_list), c.lists, c.watches)?;
+    writeln!(
+        out,
+        "  last list page served           {}  ({} lists, {} watches)",
+        since(c.last_list),
+        c.lists,
+        c.watches
+    )?;
     writeln!(out, "  first ConfigMap applied         {}", since(c.configmaps.first().copied()))?;
     writeln!(
         out,
@@ -698,10 +734,14 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         render::hex16(&digest.finalize())
     )?;
     let series = |name: &str| metric(&operator_metrics, name).unwrap_or(f64::NAN);
-    let (renders, render_s) =
-        (series("fieldgate_operator_render_duration_seconds_count"), series("fieldgate_operator_render_duration_seconds_sum"));
-    let (reconciles, reconcile_s) =
-        (series("fieldgate_operator_reconcile_duration_seconds_count"), series("fieldgate_operator_reconcile_duration_seconds_sum"));
+    let (renders, render_s) = (
+        series("fieldgate_operator_render_duration_seconds_count"),
+        series("fieldgate_operator_render_duration_seconds_sum"),
+    );
+    let (reconciles, reconcile_s) = (
+        series("fieldgate_operator_reconcile_duration_seconds_count"),
+        series("fieldgate_operator_reconcile_duration_seconds_sum"),
+    );
     writeln!(
         out,
         "operator metrics: {renders} renders (plan), {:.0} ms each on average; {reconciles} reconciles, {:.0} ms on average",
@@ -717,6 +757,10 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         memory.map_or_else(|| "n/a".to_string(), |(r, _)| mib(r)),
         memory.map_or_else(|| mib(peak_sampled), |(_, h)| mib(h.max(peak_sampled))),
     )?;
-    writeln!(out, "mock: {} requests; {} Events; {} Lease requests; unexpected: {:?}", c.requests, c.events, c.lease, c.other)?;
+    writeln!(
+        out,
+        "mock: {} requests; {} Events; {} Lease requests; unexpected: {:?}",
+        c.requests, c.events, c.lease, c.other
+    )?;
     Ok(out)
 }

@@ -110,7 +110,11 @@ fn slim<K: kube::Resource>(o: &mut K) {
 }
 
 /// Starts the watches; every change notifies `trigger`. The returned future runs them all.
-pub fn watch_all(client: &Client, trigger: Arc<Notify>, metrics: Arc<Metrics>) -> (Stores, impl std::future::Future<Output = ()> + Send + use<>) {
+pub fn watch_all(
+    client: &Client,
+    trigger: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) -> (Stores, impl std::future::Future<Output = ()> + Send + use<>) {
     let (devices, w_devices) = reflector::store();
     let (profiles, w_profiles) = reflector::store();
     let (uplinks, w_uplinks) = reflector::store();
@@ -121,17 +125,36 @@ pub fn watch_all(client: &Client, trigger: Arc<Notify>, metrics: Arc<Metrics>) -
     let t = || Arc::clone(&trigger);
     let m = || Arc::clone(&metrics);
     let run = futures::future::join5(
-        forward(reflector::reflector(w_devices, watcher(Api::<Device>::all(client.clone()), cfg()).modify(slim)).default_backoff(), t(), m()),
         forward(
-            reflector::reflector(w_profiles, watcher(Api::<DeviceProfile>::all(client.clone()), cfg()).modify(slim)).default_backoff(),
+            reflector::reflector(w_devices, watcher(Api::<Device>::all(client.clone()), cfg()).modify(slim))
+                .default_backoff(),
             t(),
             m(),
         ),
-        forward(reflector::reflector(w_uplinks, watcher(Api::<Uplink>::all(client.clone()), cfg()).modify(slim)).default_backoff(), t(), m()),
-        forward(reflector::reflector(w_nodes, watcher(Api::<Node>::all(client.clone()), node_cfg).modify(slim)).default_backoff(), t(), m()),
         forward(
-            reflector::reflector(w_secrets, watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), cfg()).modify(slim))
+            reflector::reflector(w_profiles, watcher(Api::<DeviceProfile>::all(client.clone()), cfg()).modify(slim))
                 .default_backoff(),
+            t(),
+            m(),
+        ),
+        forward(
+            reflector::reflector(w_uplinks, watcher(Api::<Uplink>::all(client.clone()), cfg()).modify(slim))
+                .default_backoff(),
+            t(),
+            m(),
+        ),
+        forward(
+            reflector::reflector(w_nodes, watcher(Api::<Node>::all(client.clone()), node_cfg).modify(slim))
+                .default_backoff(),
+            t(),
+            m(),
+        ),
+        forward(
+            reflector::reflector(
+                w_secrets,
+                watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), cfg()).modify(slim),
+            )
+            .default_backoff(),
             t(),
             m(),
         ),
@@ -285,7 +308,10 @@ impl Reconciler {
 
     fn record<N>(&self, r: &Rendered<N>) {
         let count = |resource, state, n: usize| {
-            self.metrics.objects.get_or_create(&ObjectStateLabels { resource, state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics
+                .objects
+                .get_or_create(&ObjectStateLabels { resource, state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         };
         let ok_devices = r.devices.values().filter(|v| v.verdict.configured()).count();
         count("device", "configured", ok_devices);
@@ -338,7 +364,12 @@ pub async fn traced_reconcile(reconciler: &mut Reconciler) -> Result<(Rendered<(
 
 /// Runs the loop until `stop`: reconciles on changes (debounced), at the end of a node's grace
 /// period, every `resync`, and retries failures with backoff. Writes only while `leading`.
-pub async fn run(mut reconciler: Reconciler, trigger: Arc<Notify>, mut leading: watch::Receiver<bool>, stop: CancellationToken) {
+pub async fn run(
+    mut reconciler: Reconciler,
+    trigger: Arc<Notify>,
+    mut leading: watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
     let settings = reconciler.settings;
     // Never render a half-filled cache: it would look like every object was deleted.
     tokio::select! {
@@ -403,7 +434,9 @@ pub async fn run(mut reconciler: Reconciler, trigger: Arc<Notify>, mut leading: 
                 let m = &reconciler.metrics;
                 m.reconciles.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
                 m.reconcile_errors.get_or_create(&KindLabels { kind: e.kind() }).inc();
-                let delay = Duration::from_millis(500).saturating_mul(2u32.saturating_pow(failures.min(7))).min(Duration::from_secs(60));
+                let delay = Duration::from_millis(500)
+                    .saturating_mul(2u32.saturating_pow(failures.min(7)))
+                    .min(Duration::from_secs(60));
                 warn!(error = %e, kind = e.kind(), retry_in = ?delay, "reconcile failed");
                 wake = Instant::now() + delay;
             }
@@ -439,8 +472,13 @@ mod tests {
     }
 
     fn secret_meta(ns: &str, name: &str, rv: &str) -> PartialObjectMeta<Secret> {
-        ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), resource_version: Some(rv.into()), ..ObjectMeta::default() }
-            .into_response_partial::<Secret>()
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            resource_version: Some(rv.into()),
+            ..ObjectMeta::default()
+        }
+        .into_response_partial::<Secret>()
     }
 
     #[tokio::test]
@@ -448,7 +486,8 @@ mod tests {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::layer::SubscriberExt as _;
         let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let provider =
+            opentelemetry_sdk::trace::SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
         let subscriber =
             tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let _guard = tracing::subscriber::set_default(subscriber);
@@ -480,7 +519,10 @@ mod tests {
             let (_req, send) = handle.next_request().await.unwrap();
             let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500});
             send.send_response(
-                Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap(),
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                    .unwrap(),
             );
         });
         let err = traced_reconcile(&mut reconciler).await.unwrap_err();
@@ -546,7 +588,12 @@ mod tests {
                 } else {
                     body
                 };
-                send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+                send.send_response(
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
             }
             (handle, gets)
         });
@@ -575,7 +622,12 @@ mod tests {
                 } else {
                     body
                 };
-                send.send_response(Response::builder().status(StatusCode::OK).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+                send.send_response(
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
                 uris.push(uri);
             }
             uris
@@ -613,6 +665,9 @@ mod tests {
         w_nodes.apply_watcher_event(&watcher::Event::InitDone);
         w_secrets.apply_watcher_event(&watcher::Event::InitDone);
         let both = async { (looping.await.unwrap(), probe.await.unwrap()) };
-        assert_eq!(tokio::time::timeout(Duration::from_secs(5), both).await.expect("a waiter was never woken"), (true, true));
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), both).await.expect("a waiter was never woken"),
+            (true, true)
+        );
     }
 }

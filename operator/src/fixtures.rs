@@ -223,11 +223,7 @@ pub fn secret(ns: &str, name: &str, data: &[(&str, &str)]) -> Secret {
     Secret {
         metadata: meta(ns, name),
         string_data: None,
-        data: Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.as_bytes().to_vec()))).collect()),
         ..Secret::default()
     }
 }

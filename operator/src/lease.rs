@@ -226,7 +226,9 @@ mod tests {
     }
 
     fn reply(send: mock::SendResponse<Response<Body>>, status: StatusCode, body: serde_json::Value) {
-        send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap());
+        send.send_response(
+            Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
+        );
     }
 
     const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/fieldgate-system/leases";
@@ -237,10 +239,15 @@ mod tests {
         let server = tokio::spawn(async move {
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!((req.method().as_str(), req.uri().to_string()), ("GET", format!("{PATH}/fieldgate-operator")));
-            reply(send, StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404}));
+            reply(
+                send,
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404}),
+            );
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!((req.method().as_str(), req.uri().to_string()), ("POST", format!("{PATH}?")));
-            let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
             assert_eq!(body["spec"]["holderIdentity"], json!("op-0"));
             assert_eq!(body["spec"]["leaseDurationSeconds"], json!(15));
             reply(send, StatusCode::CREATED, body);
@@ -256,9 +263,13 @@ mod tests {
             for rv in ["1", "2"] {
                 let (req, send) = handle.next_request().await.unwrap();
                 assert_eq!(req.method().as_str(), "GET");
-                reply(send, StatusCode::OK, json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                reply(
+                    send,
+                    StatusCode::OK,
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": "fieldgate-operator", "resourceVersion": rv},
-                    "spec": {"holderIdentity": "op-1", "leaseDurationSeconds": 15}}));
+                    "spec": {"holderIdentity": "op-1", "leaseDurationSeconds": 15}}),
+                );
             }
         });
         assert!(!e.try_acquire_or_renew().await.unwrap());
@@ -273,19 +284,31 @@ mod tests {
             for outcome in [StatusCode::OK, StatusCode::CONFLICT] {
                 let (req, send) = handle.next_request().await.unwrap();
                 assert_eq!(req.method().as_str(), "GET");
-                reply(send, StatusCode::OK, json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                reply(
+                    send,
+                    StatusCode::OK,
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": "fieldgate-operator", "resourceVersion": "5"},
-                    "spec": {"leaseDurationSeconds": 1, "leaseTransitions": 3}}));
+                    "spec": {"leaseDurationSeconds": 1, "leaseTransitions": 3}}),
+                );
                 let (req, send) = handle.next_request().await.unwrap();
-                assert_eq!((req.method().as_str(), req.uri().to_string()), ("PUT", format!("{PATH}/fieldgate-operator?")));
-                let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+                assert_eq!(
+                    (req.method().as_str(), req.uri().to_string()),
+                    ("PUT", format!("{PATH}/fieldgate-operator?"))
+                );
+                let body: serde_json::Value =
+                    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
                 assert_eq!(body["metadata"]["resourceVersion"], json!("5"), "optimistic concurrency");
                 assert_eq!(body["spec"]["holderIdentity"], json!("op-0"));
                 assert_eq!(body["spec"]["leaseTransitions"], json!(4));
                 if outcome == StatusCode::OK {
                     reply(send, outcome, body);
                 } else {
-                    reply(send, outcome, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409}));
+                    reply(
+                        send,
+                        outcome,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409}),
+                    );
                 }
             }
         });

@@ -68,7 +68,5 @@ pub fn router(m: Arc<Management>) -> Router {
 
 /// Serves until `cancel` fires.
 pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(m))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    axum::serve(listener, router(m)).with_graceful_shutdown(async move { cancel.cancelled().await }).await
 }

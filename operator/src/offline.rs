@@ -72,7 +72,8 @@ impl ManifestError {
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
     let io = |source| ManifestError::Io { path: path.to_path_buf(), source };
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for p in entries {
             if p.is_dir() || p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
@@ -95,17 +96,28 @@ pub struct Manifests {
 }
 
 fn add(m: &mut Manifests, path: &Path, index: usize, doc: serde_json::Value) -> Result<(), ManifestError> {
-    let parse_err = |e: serde_json::Error| ManifestError::Parse { path: path.to_path_buf(), index, message: e.to_string() };
+    let parse_err =
+        |e: serde_json::Error| ManifestError::Parse { path: path.to_path_buf(), index, message: e.to_string() };
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
     match kind.as_str() {
         "Device" => m.world.devices.push(Arc::new(serde_json::from_value::<Device>(doc).map_err(parse_err)?)),
-        "DeviceProfile" => m.world.profiles.push(Arc::new(serde_json::from_value::<DeviceProfile>(doc).map_err(parse_err)?)),
+        "DeviceProfile" => {
+            m.world.profiles.push(Arc::new(serde_json::from_value::<DeviceProfile>(doc).map_err(parse_err)?))
+        }
         "Uplink" => m.world.uplinks.push(Arc::new(serde_json::from_value::<Uplink>(doc).map_err(parse_err)?)),
         "Node" => m.world.nodes.push(Arc::new(serde_json::from_value::<Node>(doc).map_err(parse_err)?)),
         "Secret" => {
             let s: Secret = serde_json::from_value(doc).map_err(parse_err)?;
-            let keys = s.data.iter().flatten().map(|(k, _)| k.clone()).chain(s.string_data.iter().flatten().map(|(k, _)| k.clone()));
-            let key = ObjectKey::new(s.metadata.namespace.clone().unwrap_or_else(|| "default".into()), s.metadata.name.clone().unwrap_or_default());
+            let keys = s
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, _)| k.clone())
+                .chain(s.string_data.iter().flatten().map(|(k, _)| k.clone()));
+            let key = ObjectKey::new(
+                s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                s.metadata.name.clone().unwrap_or_default(),
+            );
             m.world.secrets.get_or_insert_with(SecretIndex::new).entry(key).or_default().extend(keys);
         }
         "List" | "DeviceList" | "DeviceProfileList" | "UplinkList" | "NodeList" | "SecretList" => {
@@ -130,8 +142,11 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
     let mut m = Manifests::default();
     for path in files {
         let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
-            .map_err(|e| ManifestError::Parse { path: path.clone(), index: 0, message: e.to_string() })?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).map_err(|e| ManifestError::Parse {
+            path: path.clone(),
+            index: 0,
+            message: e.to_string(),
+        })?;
         for (index, doc) in docs.into_iter().enumerate() {
             if !doc.is_null() {
                 add(&mut m, &path, index, doc)?;
@@ -160,7 +175,12 @@ pub fn report(rendered: &Rendered, only: Option<&str>) -> Result<String, serde_s
         if only.is_some_and(|n| n != node) {
             continue;
         }
-        let _ = writeln!(out, "---\n# node {node}: {} devices, {} uplinks", nc.config.devices.len(), nc.config.uplinks.len());
+        let _ = writeln!(
+            out,
+            "---\n# node {node}: {} devices, {} uplinks",
+            nc.config.devices.len(),
+            nc.config.uplinks.len()
+        );
         for s in &nc.secrets {
             let _ = writeln!(out, "# needs Secret {} key {}", s.secret, s.key);
         }

@@ -80,11 +80,7 @@ impl GatewayNode {
                 }
             }
         };
-        Some(Self {
-            name: node.name_any(),
-            labels: node.labels().clone(),
-            health,
-        })
+        Some(Self { name: node.name_any(), labels: node.labels().clone(), health })
     }
 
     fn failed(&self) -> bool {
@@ -177,7 +173,8 @@ pub fn place(
             return Ok(stay_home);
         }
         // Still away from a home that recovered: stay where we are while that node is fine.
-        let away = previous.filter(|p| p.failed_over_from.as_deref() == Some(home.name.as_str()) && p.node != home.name);
+        let away =
+            previous.filter(|p| p.failed_over_from.as_deref() == Some(home.name.as_str()) && p.node != home.name);
         if let Some(p) = away
             && candidates.iter().any(|n| n.name == p.node && !n.failed())
         {
@@ -214,7 +211,10 @@ mod tests {
     #[test]
     fn weights_are_stable_across_runs() {
         // A change here moves devices on upgrade: keep the function as it is.
-        assert_eq!(weight("edge-1", &ObjectKey::new("default", "meter-1")), weight("edge-1", &ObjectKey::new("default", "meter-1")));
+        assert_eq!(
+            weight("edge-1", &ObjectKey::new("default", "meter-1")),
+            weight("edge-1", &ObjectKey::new("default", "meter-1"))
+        );
         assert_ne!(weight("edge-1", &key(1)), weight("edge-2", &key(1)));
         assert_eq!(weight("edge-1", &ObjectKey::new("default", "meter-1")), GOLDEN);
     }

@@ -27,14 +27,12 @@ use std::time::Duration;
 
 use fieldgate_crds::node_objects::secret_dir;
 use fieldgate_crds::validate::ValidationErrors;
-use fieldgate_crds::{
-    Device, DeviceProfile, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, Point, Uplink,
-};
+use fieldgate_crds::{Device, DeviceProfile, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, Point, Uplink};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
-use kube::{Resource, ResourceExt};
 use kube::core::{Expression, SelectorExt};
+use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::placement::{self, FailoverPolicy, GatewayNode, Health, Placed};
@@ -94,7 +92,10 @@ pub fn placements_from_status(devices: &[Arc<Device>]) -> Placements {
         .iter()
         .filter_map(|d| {
             let s = d.status.as_ref()?;
-            Some((ObjectKey::of(d.as_ref()), Placed { node: s.node.clone()?, failed_over_from: s.failed_over_from.clone() }))
+            Some((
+                ObjectKey::of(d.as_ref()),
+                Placed { node: s.node.clone()?, failed_over_from: s.failed_over_from.clone() },
+            ))
         })
         .collect()
 }
@@ -386,11 +387,8 @@ pub fn render(world: &World, previous: &Placements, settings: &Settings) -> Rend
 pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) -> Rendered<NodePlan<'w>> {
     let mut out = Rendered::default();
 
-    let mut gateway_nodes: Vec<GatewayNode> = world
-        .nodes
-        .iter()
-        .filter_map(|n| GatewayNode::from_node(n, settings.now, settings.failover_grace))
-        .collect();
+    let mut gateway_nodes: Vec<GatewayNode> =
+        world.nodes.iter().filter_map(|n| GatewayNode::from_node(n, settings.now, settings.failover_grace)).collect();
     gateway_nodes.sort_by(|a, b| a.name.cmp(&b.name));
     out.next_review = gateway_nodes
         .iter()
@@ -410,7 +408,8 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     }
 
     // 2. Devices, in key order so every output list is sorted.
-    let mut devices: Vec<(ObjectKey, &'w Device)> = world.devices.iter().map(|d| (ObjectKey::of(d.as_ref()), d.as_ref())).collect();
+    let mut devices: Vec<(ObjectKey, &'w Device)> =
+        world.devices.iter().map(|d| (ObjectKey::of(d.as_ref()), d.as_ref())).collect();
     devices.sort_by(|a, b| a.0.cmp(&b.0));
     let policy = FailoverPolicy { fail_back: settings.fail_back };
     let mut configured: BTreeMap<ObjectKey, Configured<'w>> = BTreeMap::new();
@@ -437,14 +436,18 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
         if let (Some(p), Some(profile_points)) = (&placed, merged)
             && verdict.configured()
         {
-            configured.insert(key.clone(), Configured { labels: device.labels(), node: p.node.clone(), device, profile_points });
+            configured.insert(
+                key.clone(),
+                Configured { labels: device.labels(), node: p.node.clone(), device, profile_points },
+            );
         }
         out.devices.insert(key, DeviceVerdict { verdict, placed, generation: device.meta().generation });
     }
 
     // 3. Uplinks.
     let mut node_uplinks: BTreeMap<String, Vec<(GatewayUplink, BTreeSet<SecretItem>)>> = BTreeMap::new();
-    let mut uplinks: Vec<(ObjectKey, &Uplink)> = world.uplinks.iter().map(|u| (ObjectKey::of(u.as_ref()), u.as_ref())).collect();
+    let mut uplinks: Vec<(ObjectKey, &Uplink)> =
+        world.uplinks.iter().map(|u| (ObjectKey::of(u.as_ref()), u.as_ref())).collect();
     uplinks.sort_by(|a, b| a.0.cmp(&b.0));
     for (key, uplink) in uplinks {
         let mut problems = uplink.spec.validate().err().map(Verdict::invalid_spec).unwrap_or_default();
@@ -457,7 +460,9 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
         let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut selected = 0;
         if verdict.configured() {
-            let in_ns = configured.range(ObjectKey::new(key.namespace.clone(), "")..).take_while(|(k, _)| k.namespace == key.namespace);
+            let in_ns = configured
+                .range(ObjectKey::new(key.namespace.clone(), "")..)
+                .take_while(|(k, _)| k.namespace == key.namespace);
             for (dkey, c) in in_ns {
                 if selector.iter().all(|e| e.matches(c.labels)) {
                     selected += 1;
@@ -475,9 +480,13 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
                 encoding: uplink.spec.encoding,
                 buffer: uplink.spec.buffer.clone(),
             };
-            node_uplinks.entry(node.to_string()).or_default().push((rendered, secrets.iter().map(|(_, item)| item.clone()).collect()));
+            node_uplinks
+                .entry(node.to_string())
+                .or_default()
+                .push((rendered, secrets.iter().map(|(_, item)| item.clone()).collect()));
         }
-        out.uplinks.insert(key, UplinkVerdict { verdict, nodes, devices: selected, generation: uplink.meta().generation });
+        out.uplinks
+            .insert(key, UplinkVerdict { verdict, nodes, devices: selected, generation: uplink.meta().generation });
     }
 
     // 4. Per-node plans (configs are built from them on demand).
@@ -616,7 +625,9 @@ fn map_merged_error(path: &str, message: String, merged: &[(&Point, Origin)], pr
         .and_then(|r| r.split_once(']'))
         .and_then(|(i, tail)| Some((i.parse::<usize>().ok()?, tail)));
     match indexed.and_then(|(i, tail)| Some((merged.get(i)?.1, tail))) {
-        Some((Origin::Inline(j), tail)) => Problem { reason: Reason::InvalidSpec, path: format!("spec.points[{j}]{tail}"), message },
+        Some((Origin::Inline(j), tail)) => {
+            Problem { reason: Reason::InvalidSpec, path: format!("spec.points[{j}]{tail}"), message }
+        }
         Some((Origin::Profile(k), tail)) => Problem {
             reason: Reason::InvalidProfile,
             path: "spec.profile".into(),
@@ -634,12 +645,8 @@ fn map_merged_error(path: &str, message: String, merged: &[(&Point, Origin)], pr
 /// Checks an uplink's device selector; returns its expressions (empty: selects everything).
 fn check_selector(selector: Option<&LabelSelector>, problems: &mut Vec<Problem>) -> Vec<Expression> {
     let Some(sel) = selector else { return Vec::new() };
-    let mut exprs: Vec<Expression> = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| Expression::Equal(k.clone(), v.clone()))
-        .collect();
+    let mut exprs: Vec<Expression> =
+        sel.match_labels.iter().flatten().map(|(k, v)| Expression::Equal(k.clone(), v.clone())).collect();
     for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
         let at = format!("spec.deviceSelector.matchExpressions[{i}]");
         let values = req.values.as_deref().unwrap_or_default();
@@ -691,7 +698,8 @@ fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)>
     }
     if let Some(tls) = &mqtt.tls {
         if let Some(ca) = &tls.ca_secret_ref {
-            let path = if ca.key.is_some() { "spec.mqtt.tls.caSecretRef.key" } else { "spec.mqtt.tls.caSecretRef.name" };
+            let path =
+                if ca.key.is_some() { "spec.mqtt.tls.caSecretRef.key" } else { "spec.mqtt.tls.caSecretRef.name" };
             out.push((path.to_string(), item(&ca.name, ca.key.as_deref().unwrap_or("ca.crt"))));
         }
         if let Some(cert) = &tls.client_cert_secret_ref {

@@ -75,7 +75,8 @@ fn a_node_selector_chooses_among_matching_nodes_only() {
         Node::gateway("b").label("site", "south"),
         Node::gateway("c").label("site", "north"),
     ];
-    let devices: Vec<Device> = (0..50).map(|i| Device::test(&format!("d{i}")).node_selector(&[("site", "north")])).collect();
+    let devices: Vec<Device> =
+        (0..50).map(|i| Device::test(&format!("d{i}")).node_selector(&[("site", "north")])).collect();
     let r = render(&world(devices, vec![], vec![], nodes), &Placements::new(), &settings());
     let used: BTreeSet<String> = r.devices.values().filter_map(|v| v.placed.clone()).map(|p| p.node).collect();
     assert_eq!(used, BTreeSet::from(["a".to_string(), "c".to_string()]));
@@ -163,7 +164,8 @@ fn network_devices_leave_a_node_not_ready_past_the_grace_period() {
     );
     let mut nodes = gateways(3);
     nodes[1] = Node::gateway("edge-001").not_ready_since(now() - SignedDuration::from_secs(301));
-    let devices: Vec<Device> = many_devices(300).into_iter().chain([Device::test("pinned").pinned("edge-001")]).collect();
+    let devices: Vec<Device> =
+        many_devices(300).into_iter().chain([Device::test("pinned").pinned("edge-001")]).collect();
     let r = render(&world(devices, vec![], vec![], nodes), &r0.placements(), &settings());
     let (a, b) = (r0.placements(), r.placements());
     let mut targets = BTreeSet::new();
@@ -250,7 +252,10 @@ fn an_invalid_profile_is_refused_with_its_path_and_so_are_its_devices() {
     let r = render(&world(vec![d], vec![prof], vec![], gateways(1)), &Placements::new(), &settings());
     assert_eq!(
         paths(&r.profiles[&key("p")]),
-        [("InvalidSpec", "spec.points[1].name".to_string()), ("InvalidSpec", "spec.points[0].modbus.length".to_string())]
+        [
+            ("InvalidSpec", "spec.points[1].name".to_string()),
+            ("InvalidSpec", "spec.points[0].modbus.length".to_string())
+        ]
     );
     assert_eq!(device_paths(&r, "m"), [("InvalidProfile", "spec.profile".to_string())]);
     assert!(r.devices[&key("m")].verdict.message().contains("spec.points[0].modbus.length"));
@@ -359,9 +364,14 @@ fn uplinks_select_devices_by_labels_within_their_namespace() {
                 expr("tier", "NotIn", Some(&["gold"])),
             ]),
         }),
-        Uplink::test("tiered").selector(LabelSelector { match_labels: None, match_expressions: Some(vec![expr("tier", "Exists", None)]) }),
-        Uplink::test("untiered")
-            .selector(LabelSelector { match_labels: None, match_expressions: Some(vec![expr("tier", "DoesNotExist", None)]) }),
+        Uplink::test("tiered").selector(LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![expr("tier", "Exists", None)]),
+        }),
+        Uplink::test("untiered").selector(LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![expr("tier", "DoesNotExist", None)]),
+        }),
         Uplink::test("none").selector(labels_sel(&[("site", "z")])),
         Uplink::test("other").in_ns("other"),
     ];
@@ -387,7 +397,10 @@ fn a_node_runs_only_the_uplinks_of_its_devices_with_only_its_devices() {
         Device::test("b").label("site", "b").pinned("edge-001"),
         Device::test("c").label("site", "a").pinned("edge-001"),
     ];
-    let uplinks = vec![Uplink::test("to-a").selector(labels_sel(&[("site", "a")])), Uplink::test("to-b").selector(labels_sel(&[("site", "b")]))];
+    let uplinks = vec![
+        Uplink::test("to-a").selector(labels_sel(&[("site", "a")])),
+        Uplink::test("to-b").selector(labels_sel(&[("site", "b")])),
+    ];
     let r = render(&world(devices, vec![], uplinks, gateways(2)), &Placements::new(), &settings());
     assert_eq!(uplink_devices(&r, "edge-000", "to-a"), Some(vec!["a".to_string()]));
     assert_eq!(uplink_devices(&r, "edge-000", "to-b"), None);
@@ -416,7 +429,11 @@ fn malformed_selectors_are_refused_with_their_path() {
             expr("d", "NotIn", Some(&[])),
         ]),
     };
-    let r = render(&world(vec![Device::test("m")], vec![], vec![Uplink::test("u").selector(sel)], gateways(1)), &Placements::new(), &settings());
+    let r = render(
+        &world(vec![Device::test("m")], vec![], vec![Uplink::test("u").selector(sel)], gateways(1)),
+        &Placements::new(),
+        &settings(),
+    );
     assert_eq!(
         paths(&r.uplinks[&key("u")].verdict),
         [
@@ -457,10 +474,7 @@ fn tls_uplink() -> Uplink {
 }
 
 fn index(entries: &[(&str, &[&str])]) -> SecretIndex {
-    entries
-        .iter()
-        .map(|(name, keys)| (key(name), keys.iter().map(|k| k.to_string()).collect()))
-        .collect()
+    entries.iter().map(|(name, keys)| (key(name), keys.iter().map(|k| k.to_string()).collect())).collect()
 }
 
 #[test]
@@ -511,7 +525,11 @@ fn a_node_gets_exactly_the_secret_keys_of_its_uplinks_under_namespaced_names() {
 
 #[test]
 fn secret_references_are_not_checked_when_secrets_are_unknown() {
-    let r = render(&world(vec![Device::test("m")], vec![], vec![tls_uplink()], gateways(1)), &Placements::new(), &settings());
+    let r = render(
+        &world(vec![Device::test("m")], vec![], vec![tls_uplink()], gateways(1)),
+        &Placements::new(),
+        &settings(),
+    );
     assert!(r.uplinks[&key("u")].verdict.configured());
 }
 
@@ -531,7 +549,8 @@ fn every_rendered_config_is_valid_for_the_gateway_and_versioned_by_content() {
         assert_eq!(fieldgate_crds::GatewayConfig::from_yaml(&yaml).unwrap(), nc.config);
     }
     let again = render(&w, &r.placements(), &settings());
-    let versions = |r: &Rendered| r.nodes.iter().map(|(n, c)| (n.clone(), c.config.version.clone())).collect::<BTreeMap<_, _>>();
+    let versions =
+        |r: &Rendered| r.nodes.iter().map(|(n, c)| (n.clone(), c.config.version.clone())).collect::<BTreeMap<_, _>>();
     assert_eq!(versions(&r), versions(&again), "same input, same versions");
 
     let mut changed = w.clone();
@@ -549,7 +568,11 @@ fn nodes_without_the_gateway_label_or_being_deleted_get_nothing() {
     deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
     let mut unlabelled = Node::gateway("plain");
     unlabelled.metadata.labels = None;
-    let r = render(&world(many_devices(20), vec![], vec![], vec![deleting, unlabelled, Node::gateway("edge")]), &Placements::new(), &settings());
+    let r = render(
+        &world(many_devices(20), vec![], vec![], vec![deleting, unlabelled, Node::gateway("edge")]),
+        &Placements::new(),
+        &settings(),
+    );
     assert_eq!(r.nodes.keys().collect::<Vec<_>>(), ["edge"]);
     assert_eq!(r.gateway_nodes.len(), 1);
 }

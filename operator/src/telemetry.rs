@@ -72,9 +72,7 @@ pub fn init(format: &str) -> Telemetry {
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if format == "json" { fmt.json().boxed() } else { fmt.boxed() };
     let provider = provider();
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("fieldgate-operator")));
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("fieldgate-operator")));
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
     if provider.is_some() {
         tracing::info!("exporting traces over OTLP");

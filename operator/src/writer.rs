@@ -103,7 +103,9 @@ impl WriteError {
     /// Whether retrying may help (conflicts, throttling, server and transport errors).
     pub fn is_transient(&self) -> bool {
         let source = match self {
-            WriteError::Apply { source, .. } | WriteError::Cleanup { source, .. } | WriteError::Status { source, .. } => source,
+            WriteError::Apply { source, .. }
+            | WriteError::Cleanup { source, .. }
+            | WriteError::Status { source, .. } => source,
             WriteError::Serialise { .. } => return false,
         };
         match source {
@@ -183,14 +185,7 @@ impl Writer {
     /// A writer with empty memory (applies everything on the first pass).
     pub fn new(client: Client, settings: WriterSettings, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(settings.instance.clone()) };
-        Self {
-            reporter,
-            client,
-            settings,
-            metrics,
-            applied: BTreeMap::new(),
-            known_nodes: None,
-        }
+        Self { reporter, client, settings, metrics, applied: BTreeMap::new(), known_nodes: None }
     }
 
     /// Forgets what was applied (on gaining leadership: another leader may have written).
@@ -340,7 +335,8 @@ impl Writer {
         let known = match self.known_nodes.take() {
             Some(k) => k,
             None => {
-                let lp = ListParams::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{ROLE_LABEL}={ROLE_CONFIG}"));
+                let lp = ListParams::default()
+                    .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{ROLE_LABEL}={ROLE_CONFIG}"));
                 let list = cms
                     .list_metadata(&lp)
                     .await
@@ -348,9 +344,10 @@ impl Writer {
                 list.items
                     .iter()
                     .filter_map(|cm| {
-                        cm.annotations().get(NODE_ANNOTATION).cloned().or_else(|| {
-                            cm.name_any().strip_prefix("fieldgate-gateway-").map(str::to_string)
-                        })
+                        cm.annotations()
+                            .get(NODE_ANNOTATION)
+                            .cloned()
+                            .or_else(|| cm.name_any().strip_prefix("fieldgate-gateway-").map(str::to_string))
                     })
                     .collect()
             }
@@ -383,7 +380,12 @@ impl Writer {
         result
     }
 
-    async fn write_device_status(&self, d: &Device, v: &DeviceVerdict, status: serde_json::Value) -> Result<bool, WriteError> {
+    async fn write_device_status(
+        &self,
+        d: &Device,
+        v: &DeviceVerdict,
+        status: serde_json::Value,
+    ) -> Result<bool, WriteError> {
         let key = ObjectKey::of(d);
         let api = Api::<Device>::namespaced(self.client.clone(), &key.namespace);
         let patch = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "Device", "status": status});
@@ -400,7 +402,12 @@ impl Writer {
         Ok(true)
     }
 
-    async fn write_uplink_status(&self, u: &Uplink, v: &UplinkVerdict, status: serde_json::Value) -> Result<bool, WriteError> {
+    async fn write_uplink_status(
+        &self,
+        u: &Uplink,
+        v: &UplinkVerdict,
+        status: serde_json::Value,
+    ) -> Result<bool, WriteError> {
         let key = ObjectKey::of(u);
         let api = Api::<Uplink>::namespaced(self.client.clone(), &key.namespace);
         let patch = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "Uplink", "status": status});
@@ -483,7 +490,14 @@ pub const READY: &str = "Ready";
 /// Reason of `Ready=False` the operator writes for objects it refused.
 pub const NOT_CONFIGURED: &str = "NotConfigured";
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, previous: Option<&Condition>) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: Option<&Condition>,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     let since = previous
         .filter(|c| c.status == status)
@@ -519,7 +533,9 @@ fn shorten(mut m: String, max: usize) -> String {
 }
 
 fn same_condition(c: Option<&Condition>, status: &str, reason: &str, message: &str, generation: Option<i64>) -> bool {
-    c.is_some_and(|c| c.status == status && c.reason == reason && c.message == message && c.observed_generation == generation)
+    c.is_some_and(|c| {
+        c.status == status && c.reason == reason && c.message == message && c.observed_generation == generation
+    })
 }
 
 /// The operator's part of a Device's status, when it differs from what the object shows.
@@ -541,7 +557,8 @@ pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json:
     if unchanged {
         return None;
     }
-    let mut conditions = vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
+    let mut conditions =
+        vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
     if !ok {
         conditions.push(condition(READY, false, NOT_CONFIGURED, message, v.generation, ready));
     }
@@ -573,7 +590,8 @@ pub fn uplink_status_change(u: &Uplink, v: &UplinkVerdict) -> Option<serde_json:
     if unchanged {
         return None;
     }
-    let mut conditions = vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
+    let mut conditions =
+        vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
     if !ok {
         conditions.push(condition(READY, false, NOT_CONFIGURED, message, v.generation, ready));
     }
@@ -590,12 +608,24 @@ fn configured_event(was: Option<&str>, v: &Verdict) -> Option<Event> {
         return None;
     }
     Some(if v.configured() {
-        Event { type_: EventType::Normal, reason: CONFIGURED.into(), note: Some("configuration accepted".into()), action: "Render".into(), secondary: None }
+        Event {
+            type_: EventType::Normal,
+            reason: CONFIGURED.into(),
+            note: Some("configuration accepted".into()),
+            action: "Render".into(),
+            secondary: None,
+        }
     } else {
         // Refusals are repeated when the problem changes (a new message), not on every pass:
         // this is only called when the status changed.
         let note = shorten(v.message(), 1000);
-        Event { type_: EventType::Warning, reason: v.reason().into(), note: Some(note), action: "Render".into(), secondary: None }
+        Event {
+            type_: EventType::Warning,
+            reason: v.reason().into(),
+            note: Some(note),
+            action: "Render".into(),
+            secondary: None,
+        }
     })
 }
 
@@ -613,7 +643,13 @@ fn device_events(d: &Device, v: &DeviceVerdict) -> Vec<Event> {
             (Some(from), None) => format!("moved from node {from} to {}", p.node),
         };
         let reason = if cur.node.is_none() { "Placed" } else { "Moved" };
-        out.push(Event { type_: EventType::Normal, reason: reason.into(), note: Some(note), action: "Place".into(), secondary: None });
+        out.push(Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Place".into(),
+            secondary: None,
+        });
     }
     out
 }

@@ -33,11 +33,8 @@ impl ApiServer {
         let (req, send) = self.0.next_request().await.expect("the writer made no further request");
         let method = req.method().clone();
         let uri = req.uri().to_string();
-        let content_type = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
+        let content_type =
+            req.headers().get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         Seen { method, uri, content_type, body, send }
@@ -107,12 +104,17 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
 
     let server = tokio::spawn(async move {
         // 1. The node's ConfigMap, by server-side apply.
-        let cm = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
+        let cm = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
         assert_eq!(cm.content_type, "application/apply-patch+yaml");
         assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/config-hash"], json!(version));
         assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/node"], json!("edge-1"));
         assert_eq!(cm.body["metadata"]["labels"]["fieldgate.io/role"], json!("gateway-config"));
-        assert_eq!(cm.body["metadata"]["ownerReferences"], json!([{"apiVersion": "v1", "kind": "Node", "name": "edge-1", "uid": "uid-node-edge-1"}]));
+        assert_eq!(
+            cm.body["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "v1", "kind": "Node", "name": "edge-1", "uid": "uid-node-edge-1"}])
+        );
         let yaml = cm.body["data"]["gateway.yaml"].as_str().unwrap();
         assert_eq!(GatewayConfig::from_yaml(yaml).unwrap(), expected_config);
         assert!(!yaml.contains("hunter2"), "no secret value in a ConfigMap");
@@ -120,10 +122,15 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
         reply(cm.send, StatusCode::OK, &body);
 
         // 2. The node's Secret: only the referenced keys, under <namespace>_<secret>_<key>.
-        let sec = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
+        let sec = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
         assert_eq!(sec.content_type, "application/apply-patch+yaml");
         assert_eq!(sec.body["type"], json!("Opaque"));
-        assert_eq!(sec.body["data"], json!({"default_creds_password": "aHVudGVyMg==", "default_creds_username": "Z3c="}));
+        assert_eq!(
+            sec.body["data"],
+            json!({"default_creds_password": "aHVudGVyMg==", "default_creds_username": "Z3c="})
+        );
         let body = sec.body.clone();
         reply(sec.send, StatusCode::OK, &body);
 
@@ -134,28 +141,50 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
                 &format!("/api/v1/namespaces/{NS}/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfieldgate-operator%2Cfieldgate.io%2Frole%3Dgateway-config"),
             )
             .await;
-        let item = |node: &str| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": format!("fieldgate-gateway-{node}"), "namespace": NS, "annotations": {"fieldgate.io/node": node}}});
-        reply(list.send, StatusCode::OK, &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-            "metadata": {"resourceVersion": "7"}, "items": [item("edge-1"), item("edge-gone")]}));
+        let item = |node: &str| {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": format!("fieldgate-gateway-{node}"), "namespace": NS, "annotations": {"fieldgate.io/node": node}}})
+        };
+        reply(
+            list.send,
+            StatusCode::OK,
+            &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": "7"}, "items": [item("edge-1"), item("edge-gone")]}),
+        );
 
         // 4. The node without devices loses both objects (a missing Secret is fine).
-        let del = api.expect("DELETE", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-gone?")).await;
-        reply(del.send, StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}));
+        let del =
+            api.expect("DELETE", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-gone?")).await;
+        reply(
+            del.send,
+            StatusCode::OK,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+        );
         let del = api.expect("DELETE", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-gone?")).await;
         reply(del.send, StatusCode::NOT_FOUND, &not_found());
 
         // 5. Device status through the status subresource, then its events.
-        let st = api.expect("PATCH", &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status{APPLY_QUERY}")).await;
+        let st = api
+            .expect(
+                "PATCH",
+                &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status{APPLY_QUERY}"),
+            )
+            .await;
         assert_eq!(st.content_type, "application/apply-patch+yaml");
-        assert_eq!((st.body["apiVersion"].as_str(), st.body["kind"].as_str()), (Some("fieldgate.io/v1alpha1"), Some("Device")));
+        assert_eq!(
+            (st.body["apiVersion"].as_str(), st.body["kind"].as_str()),
+            (Some("fieldgate.io/v1alpha1"), Some("Device"))
+        );
         let status = &st.body["status"];
         assert_eq!(status["node"], json!("edge-1"));
         assert_eq!(status["observedGeneration"], json!(1));
         assert!(status.get("failedOverFrom").is_none());
         let conds = status["conditions"].as_array().unwrap();
         assert_eq!(conds.len(), 1, "the operator writes only Configured for a configured device: {conds:?}");
-        assert_eq!((conds[0]["type"].as_str(), conds[0]["status"].as_str(), conds[0]["reason"].as_str()), (Some("Configured"), Some("True"), Some("Configured")));
+        assert_eq!(
+            (conds[0]["type"].as_str(), conds[0]["status"].as_str(), conds[0]["reason"].as_str()),
+            (Some("Configured"), Some("True"), Some("Configured"))
+        );
         let reply_body = object_with_status(device.as_ref(), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
         for reason in ["Configured", "Placed"] {
@@ -168,7 +197,12 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
         }
 
         // 6. Uplink status and its event.
-        let st = api.expect("PATCH", &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status{APPLY_QUERY}")).await;
+        let st = api
+            .expect(
+                "PATCH",
+                &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status{APPLY_QUERY}"),
+            )
+            .await;
         assert_eq!(st.body["status"]["conditions"][0]["status"], json!("True"));
         let reply_body = object_with_status(uplink.as_ref(), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
@@ -256,10 +290,15 @@ async fn a_changed_secret_value_reapplies_only_the_secret() {
     let (mut writer, api) = writer();
     let mut api = first_pass_answering_everything(&mut writer, api, &s).await;
     let mut values = s.values.clone();
-    values.get_mut(&ObjectKey::new("default", "creds")).unwrap().insert("password".into(), k8s_openapi::ByteString(b"rotated".to_vec()));
+    values
+        .get_mut(&ObjectKey::new("default", "creds"))
+        .unwrap()
+        .insert("password".into(), k8s_openapi::ByteString(b"rotated".to_vec()));
     let world = settled(&s);
     let server = tokio::spawn(async move {
-        let sec = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
+        let sec = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
         assert_eq!(sec.body["data"]["default_creds_password"], json!("cm90YXRlZA=="));
         let body = sec.body.clone();
         reply(sec.send, StatusCode::OK, &body);
@@ -282,8 +321,17 @@ async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
     let server = tokio::spawn(async move {
         let list = api.next().await;
         assert!(list.uri.contains("labelSelector"), "{}", list.uri);
-        reply(list.send, StatusCode::OK, &json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}));
-        let st = api.expect("PATCH", &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status{APPLY_QUERY}")).await;
+        reply(
+            list.send,
+            StatusCode::OK,
+            &json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}),
+        );
+        let st = api
+            .expect(
+                "PATCH",
+                &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status{APPLY_QUERY}"),
+            )
+            .await;
         let status = &st.body["status"];
         assert!(status.get("node").is_none(), "an unconfigured device has no node: {status}");
         let conds = status["conditions"].as_array().unwrap();
@@ -292,7 +340,10 @@ async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
         assert_eq!(conds[0]["reason"], json!("InvalidSpec"));
         let msg = conds[0]["message"].as_str().unwrap();
         assert!(msg.starts_with("spec.pollInterval: \"fast\" is not a duration"), "{msg}");
-        assert_eq!((conds[1]["type"].as_str(), conds[1]["status"].as_str(), conds[1]["reason"].as_str()), (Some("Ready"), Some("False"), Some("NotConfigured")));
+        assert_eq!(
+            (conds[1]["type"].as_str(), conds[1]["status"].as_str(), conds[1]["reason"].as_str()),
+            (Some("Ready"), Some("False"), Some("NotConfigured"))
+        );
         let reply_body = object_with_status(device.as_ref(), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
         let ev = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
@@ -301,7 +352,12 @@ async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
         let body = ev.body.clone();
         reply(ev.send, StatusCode::OK, &body);
         // The uplink is valid but selects nothing: still Configured.
-        let st = api.expect("PATCH", &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status{APPLY_QUERY}")).await;
+        let st = api
+            .expect(
+                "PATCH",
+                &format!("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status{APPLY_QUERY}"),
+            )
+            .await;
         let reply_body = object_with_status(&Uplink::test("cloud"), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
         let ev = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
@@ -320,8 +376,14 @@ async fn a_refused_apply_fails_the_pass_and_is_retried_on_the_next() {
     let s = scenario(vec![Device::test("meter-1")]);
     let (mut writer, mut api) = writer();
     let server = tokio::spawn(async move {
-        let cm = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
-        reply(cm.send, StatusCode::CONFLICT, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}));
+        let cm = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
+        reply(
+            cm.send,
+            StatusCode::CONFLICT,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+        );
         // The pass goes on with the rest; answer it all.
         for _ in 0..6 {
             let seen = api.next().await;
@@ -337,10 +399,14 @@ async fn a_refused_apply_fails_the_pass_and_is_retried_on_the_next() {
             reply(seen.send, StatusCode::OK, &body);
         }
         // The next pass applies the ConfigMap (and Secret) again.
-        let cm = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
+        let cm = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
         let body = cm.body.clone();
         reply(cm.send, StatusCode::OK, &body);
-        let sec = api.expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}")).await;
+        let sec = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
         let body = sec.body.clone();
         reply(sec.send, StatusCode::OK, &body);
         api
@@ -358,7 +424,11 @@ async fn a_refused_apply_fails_the_pass_and_is_retried_on_the_next() {
 #[test]
 fn a_failed_over_device_reports_its_home_and_a_move_event() {
     let mut d = Device::test("m");
-    d.status = Some(fieldgate_crds::DeviceStatus { node: Some("a".into()), observed_generation: Some(1), ..Default::default() });
+    d.status = Some(fieldgate_crds::DeviceStatus {
+        node: Some("a".into()),
+        observed_generation: Some(1),
+        ..Default::default()
+    });
     let v = DeviceVerdict {
         verdict: Verdict::default(),
         placed: Some(crate::placement::Placed { node: "b".into(), failed_over_from: Some("a".into()) }),

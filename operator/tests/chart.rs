@@ -56,7 +56,8 @@ fn helm(py: &Path, values: Value) -> Rendered {
             if path.ends_with("NOTES.txt") {
                 continue;
             }
-            let docs: Vec<Value> = serde_saphyr::from_multiple(text.as_str().unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let docs: Vec<Value> =
+                serde_saphyr::from_multiple(text.as_str().unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"));
             objects.extend(docs.into_iter().filter(|d| !d.is_null()));
         }
     }
@@ -72,7 +73,8 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 fn assert_lint_clean(r: &Rendered) {
     assert!(r.error.is_none(), "{:?}", r.error);
-    let bad: Vec<&Value> = r.lint["messages"].as_array().unwrap().iter().filter(|m| m["severity"].as_i64() >= Some(2)).collect();
+    let bad: Vec<&Value> =
+        r.lint["messages"].as_array().unwrap().iter().filter(|m| m["severity"].as_i64() >= Some(2)).collect();
     assert!(bad.is_empty(), "lint: {bad:?}");
     assert!(r.lint["errors"].as_array().unwrap().is_empty(), "lint: {}", r.lint);
 }
@@ -84,7 +86,8 @@ fn assert_restricted(workload: &Value, allow_fix_permissions: bool) {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true), "{name}");
     assert_eq!(pod["securityContext"]["seccompProfile"]["type"], json!("RuntimeDefault"), "{name}");
     assert!(pod["hostNetwork"].is_null() && pod["hostPID"].is_null(), "{name}");
-    let containers = pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().into_iter().flatten());
+    let containers =
+        pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().into_iter().flatten());
     for c in containers {
         let cname = c["name"].as_str().unwrap();
         let sc = &c["securityContext"];
@@ -127,7 +130,8 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> (Vec<String>, Ve
 fn the_charts_crds_are_the_generated_ones() {
     for name in ["device", "deviceprofile", "uplink"] {
         let generated = std::fs::read_to_string(root().join(format!("crds/yaml/{name}.yaml"))).unwrap();
-        let chart = std::fs::read_to_string(root().join(format!("charts/fieldgate/crds/{name}.yaml"))).unwrap_or_default();
+        let chart =
+            std::fs::read_to_string(root().join(format!("charts/fieldgate/crds/{name}.yaml"))).unwrap_or_default();
         assert!(
             generated == chart,
             "charts/fieldgate/crds/{name}.yaml differs from crds/yaml/{name}.yaml: cp crds/yaml/*.yaml charts/fieldgate/crds/"
@@ -258,14 +262,18 @@ fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     let dev = gm::DeviceLabels { device: "default/d".into(), protocol: "modbus_tcp" };
     let up = gm::UplinkLabels { uplink: "default/u".into() };
     g.polls.get_or_create(&dev).inc();
-    g.device_errors.get_or_create(&gm::DeviceErrorLabels { device: "default/d".into(), protocol: "modbus_tcp", kind: "timeout" }).inc();
+    g.device_errors
+        .get_or_create(&gm::DeviceErrorLabels { device: "default/d".into(), protocol: "modbus_tcp", kind: "timeout" })
+        .inc();
     g.poll_duration.get_or_create(&dev).observe(0.01);
     g.device_connected.get_or_create(&dev).set(1);
     g.readings_received.get_or_create(&dev).inc();
     g.device_last_reading.get_or_create(&dev).set(1.0);
     g.readings_accepted.get_or_create(&up).inc();
     g.dropped("default/u", gm::DropReason::too_large);
-    g.deliveries.get_or_create(&gm::DeliveryLabels { uplink: "default/u".into(), outcome: gm::DeliveryOutcome::acked }).inc();
+    g.deliveries
+        .get_or_create(&gm::DeliveryLabels { uplink: "default/u".into(), outcome: gm::DeliveryOutcome::acked })
+        .inc();
     g.redeliveries.get_or_create(&up).inc();
     g.delivery_latency.get_or_create(&up).observe(0.01);
     g.sample_to_cloud_latency.get_or_create(&up).observe(0.01);
@@ -283,7 +291,9 @@ fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     o.reconciles.get_or_create(&fieldgate_operator::metrics::OutcomeLabels { outcome: "ok" }).inc();
     o.reconcile_errors.get_or_create(&fieldgate_operator::metrics::KindLabels { kind: "write" }).inc();
     o.wrote("configmap");
-    o.objects.get_or_create(&fieldgate_operator::metrics::ObjectStateLabels { resource: "device", state: "configured" }).set(1);
+    o.objects
+        .get_or_create(&fieldgate_operator::metrics::ObjectStateLabels { resource: "device", state: "configured" })
+        .set(1);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     let mut names = std::collections::BTreeSet::new();
@@ -382,7 +392,10 @@ fn the_dashboard_is_valid_json_for_the_grafana_sidecar_and_uses_only_exposed_met
         let used = metric_names_in(e);
         assert!(!used.is_empty(), "no Fieldgate metric in {e}");
         for m in used {
-            assert!(names.contains(&m), "the dashboard uses {m}, which neither the gateway nor the operator exposes: {e}");
+            assert!(
+                names.contains(&m),
+                "the dashboard uses {m}, which neither the gateway nor the operator exposes: {e}"
+            );
         }
     }
     for v in dashboard["templating"]["list"].as_array().unwrap() {
@@ -399,11 +412,19 @@ fn the_dashboard_is_valid_json_for_the_grafana_sidecar_and_uses_only_exposed_met
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let e = e.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$uplink", ".*").replace("$device", ".*");
+            let e = e
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+                .replace("$uplink", ".*")
+                .replace("$device", ".*");
             json!({"record": format!("dashboard:expr_{i}"), "expr": e})
         })
         .collect();
-    std::fs::write(dir.path().join("dashboard.yaml"), json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("dashboard.yaml"),
+        json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string(),
+    )
+    .unwrap();
     run_promtool(&promtool, &["check", "rules", "dashboard.yaml"], dir.path());
 }
 
@@ -492,7 +513,8 @@ fn the_alerts_scrape_objects_and_trace_settings_render_and_the_alerts_fire_when_
         json!([{"exp_labels": l, "exp_annotations": annotations}])
     };
     let up = json!({"instance": "gw-1:9464", "job": "fieldgate", "uplink": "default/cloud"});
-    let dev = json!({"instance": "gw-1:9464", "job": "fieldgate", "device": "default/meter-1", "protocol": "modbus_tcp"});
+    let dev =
+        json!({"instance": "gw-1:9464", "job": "fieldgate", "device": "default/meter-1", "protocol": "modbus_tcp"});
     let drop = json!({"instance": "gw-1:9464", "job": "fieldgate", "uplink": "default/cloud", "reason": "buffer_full_rejected"});
     let series = |name: &str, labels: &Value, values: &str| {
         let l: Vec<String> = labels.as_object().unwrap().iter().map(|(k, v)| format!("{k}={v}")).collect();

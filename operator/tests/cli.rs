@@ -48,7 +48,9 @@ fn crds_prints_the_committed_definitions() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for name in ["device", "deviceprofile", "uplink"] {
-        let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../crds/yaml/{name}.yaml"))).unwrap();
+        let committed =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../crds/yaml/{name}.yaml")))
+                .unwrap();
         assert!(text.contains(&committed), "{name}");
     }
 }

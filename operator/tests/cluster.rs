@@ -12,11 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fieldgate_crds::{Device, DeviceProfile, Uplink};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::Api;
-use serde_json::json;
 use fieldgate_tests::cluster::{TestCluster, skip_without_cluster};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use serde_json::json;
 use tokio::time::Instant;
 
 const MANAGER: &str = "fieldgate-cluster-test";
@@ -69,7 +69,16 @@ async fn operator_renders_configures_propagates_refuses_and_cleans_up() {
 
     let _operator = Operator(
         Command::new(env!("CARGO_BIN_EXE_fieldgate-operator"))
-            .args(["run", "--namespace", &ns, "--leader-election=false", "--listen", "127.0.0.1:0", "--debounce", "100ms"])
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--leader-election=false",
+                "--listen",
+                "127.0.0.1:0",
+                "--debounce",
+                "100ms",
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .spawn()

@@ -45,7 +45,10 @@ pub async fn request(
 ) -> Result<Response> {
     tokio::time::timeout(TIMEOUT, async {
         let mut s = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-        let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        let mut head = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         if let Some(t) = token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }

@@ -26,7 +26,8 @@ impl BenchNats {
         let port = free_port()?;
         let store = dir.path().join("store");
         let sync = sync.map(|s| format!("  sync_interval: {s}\n")).unwrap_or_default();
-        let config = format!("listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n", store.display());
+        let config =
+            format!("listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n", store.display());
         std::fs::write(dir.path().join("nats.conf"), config)?;
         let mut cmd = Command::new(nats_server_binary()?);
         cmd.arg("-c").arg(dir.path().join("nats.conf"));

@@ -44,8 +44,7 @@ impl CloudMessage {
     /// gateway's own `to_json`.
     pub fn json(&self) -> Result<Json> {
         if self.payload.first() == Some(&b'{') {
-            return serde_json::from_slice(&self.payload)
-                .with_context(|| format!("JSON payload on {}", self.topic));
+            return serde_json::from_slice(&self.payload).with_context(|| format!("JSON payload on {}", self.topic));
         }
         Ok(to_json(&self.protobuf()?))
     }
@@ -60,11 +59,8 @@ impl CloudMessage {
     pub fn key(&self) -> Result<ReadingKey> {
         let j = self.json()?;
         let id = j["id"].as_str().ok_or_else(|| anyhow!("no id in {j}"))?.to_string();
-        let device = format!(
-            "{}/{}",
-            j["namespace"].as_str().unwrap_or_default(),
-            j["device"].as_str().unwrap_or_default()
-        );
+        let device =
+            format!("{}/{}", j["namespace"].as_str().unwrap_or_default(), j["device"].as_str().unwrap_or_default());
         let buffer_seq = j["bufferSeq"].as_u64().ok_or_else(|| anyhow!("no bufferSeq in {j}"))?;
         Ok(ReadingKey { id, device, buffer_seq })
     }
@@ -98,13 +94,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// Host and port of an `mqtt://host:port` URL.
 pub fn host_port(url: &str) -> Result<(String, u16)> {
-    let rest = url
-        .split_once("://")
-        .map(|(_, r)| r)
-        .unwrap_or(url);
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("{url} has no port"))?;
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| anyhow!("{url} has no port"))?;
     Ok((host.to_string(), port.parse().with_context(|| format!("port of {url}"))?))
 }
 
@@ -173,7 +164,9 @@ impl CloudSubscriber {
             let r = (st.subscribed > 0).then_some(());
             let err = st.last_error.clone();
             async move {
-                if r.is_none() && let Some(e) = err {
+                if r.is_none()
+                    && let Some(e) = err
+                {
                     // Keep waiting, but say why if the wait ends.
                     return Err(anyhow!("{e}"));
                 }
@@ -255,10 +248,7 @@ impl CloudSubscriber {
 
     /// Publishes a message (QoS 1) through this subscriber's own connection; for harness tests.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<()> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(|e| anyhow!("publish: {e}"))
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.map_err(|e| anyhow!("publish: {e}"))
     }
 
     /// Disconnects cleanly (the broker keeps the persistent session and queues for it) and

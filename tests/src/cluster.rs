@@ -58,13 +58,13 @@ impl TestCluster {
         }
         let namespace = format!("{prefix}-{}", std::process::id());
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
-        Api::<Namespace>::all(client.clone()).patch(&namespace, &PatchParams::apply(manager), &Patch::Apply(ns)).await?;
+        Api::<Namespace>::all(client.clone())
+            .patch(&namespace, &PatchParams::apply(manager), &Patch::Apply(ns))
+            .await?;
         let nodes = Api::<Node>::all(client.clone());
         let list = nodes.list(&Default::default()).await?;
-        let labelled = list
-            .items
-            .iter()
-            .find(|n| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true"));
+        let labelled =
+            list.items.iter().find(|n| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true"));
         let (node, unlabel) = match labelled {
             Some(n) => (n.name_any(), None),
             None => {

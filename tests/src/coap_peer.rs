@@ -89,8 +89,14 @@ impl CoapServer {
 
     /// PUTs `value` to `path` (creating the resource) with libcoap's client.
     pub async fn put(&self, path: &str, value: &str) -> Result<()> {
-        let run = coap_client(&["-m", "put", "-b", "512", "-B", "5", "-e", value, &self.uri(path)], Duration::from_secs(20)).await?;
-        if run.stderr.contains(" 4.") || run.stderr.contains(" 5.") || run.stderr.starts_with('4') || run.stderr.starts_with('5') {
+        let run =
+            coap_client(&["-m", "put", "-b", "512", "-B", "5", "-e", value, &self.uri(path)], Duration::from_secs(20))
+                .await?;
+        if run.stderr.contains(" 4.")
+            || run.stderr.contains(" 5.")
+            || run.stderr.starts_with('4')
+            || run.stderr.starts_with('5')
+        {
             bail!("PUT {path} failed: {}", run.text());
         }
         Ok(())
@@ -98,7 +104,11 @@ impl CoapServer {
 
     /// Its log.
     pub fn log(&self) -> String {
-        format!("--- coap-server ---\n{}\n{}", file_tail(&self.dir.path().join("stdout"), 20), file_tail(&self.dir.path().join("stderr"), 20))
+        format!(
+            "--- coap-server ---\n{}\n{}",
+            file_tail(&self.dir.path().join("stdout"), 20),
+            file_tail(&self.dir.path().join("stderr"), 20)
+        )
     }
 }
 
@@ -154,8 +164,11 @@ impl CoapProbe {
                 match tokio::time::timeout_at(until, self.socket.recv(&mut buf)).await {
                     Err(_) => break,
                     Ok(n) => {
-                        let answer = Packet::from_bytes(&buf[..n?]).map_err(|e| anyhow::anyhow!("bad answer: {e:?}"))?;
-                        if answer.get_token() == p.get_token() && matches!(answer.header.code, MessageClass::Response(_)) {
+                        let answer =
+                            Packet::from_bytes(&buf[..n?]).map_err(|e| anyhow::anyhow!("bad answer: {e:?}"))?;
+                        if answer.get_token() == p.get_token()
+                            && matches!(answer.header.code, MessageClass::Response(_))
+                        {
                             return Ok(answer);
                         }
                     }
@@ -168,7 +181,13 @@ impl CoapProbe {
     }
 
     /// One request and the answer's status and payload.
-    pub async fn request(&mut self, method: RequestType, path: &str, payload: &[u8], confirmable: bool) -> Result<(ResponseType, String)> {
+    pub async fn request(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        payload: &[u8],
+        confirmable: bool,
+    ) -> Result<(ResponseType, String)> {
         let p = self.packet(method, path, payload, confirmable);
         let a = self.exchange(&p, Duration::from_secs(30)).await?;
         Ok((status(&a), String::from_utf8_lossy(&a.payload).into_owned()))

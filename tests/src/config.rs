@@ -1,9 +1,7 @@
 //! Builds the `GatewayConfig` documents the tests run the gateway with.
 
 use anyhow::{Context, Result};
-use fieldgate_crds::{
-    BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, OnFull,
-};
+use fieldgate_crds::{BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, OnFull};
 
 /// The JetStream stream of an uplink's buffer, per the delivery contract.
 pub fn stream_name(namespace: &str, uplink: &str) -> String {

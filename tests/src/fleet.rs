@@ -87,14 +87,7 @@ impl SimFleet {
         self.devices
             .iter()
             .map(|d| {
-                sim::gateway_device(
-                    NAMESPACE,
-                    &d.name,
-                    "127.0.0.1",
-                    d.addr.port(),
-                    poll_interval,
-                    self.extra_registers,
-                )
+                sim::gateway_device(NAMESPACE, &d.name, "127.0.0.1", d.addr.port(), poll_interval, self.extra_registers)
             })
             .collect()
     }

@@ -158,12 +158,7 @@ impl Gateway {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&f)?;
             file.write_all(marker.as_bytes())?;
         }
-        self.proc = Some(Proc::spawn(
-            "fieldgate-gateway",
-            self.command(),
-            &self.stdout_path(),
-            &self.stderr_path(),
-        )?);
+        self.proc = Some(Proc::spawn("fieldgate-gateway", self.command(), &self.stdout_path(), &self.stderr_path())?);
         Ok(())
     }
 

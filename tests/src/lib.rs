@@ -18,9 +18,9 @@
 pub mod api;
 pub mod bench_nats;
 pub mod certs;
-pub mod cluster;
 pub mod cloud;
 pub mod cloud_v5;
+pub mod cluster;
 pub mod coap_peer;
 pub mod config;
 pub mod delivery;
@@ -143,9 +143,7 @@ pub fn find_executable(env_var: &str, candidates: &[std::path::PathBuf], name: &
             }
         }
     }
-    bail!(
-        "{name} not found: set {env_var}, or install it (scripts/setup.sh); looked in {candidates:?} and PATH"
-    )
+    bail!("{name} not found: set {env_var}, or install it (scripts/setup.sh); looked in {candidates:?} and PATH")
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -166,11 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_until_reports_what_it_waited_for() {
-        let err = wait_until("the impossible", Duration::from_millis(300), async || {
-            Ok(None::<()>)
-        })
-        .await
-        .unwrap_err();
+        let err = wait_until("the impossible", Duration::from_millis(300), async || Ok(None::<()>)).await.unwrap_err();
         assert!(err.to_string().contains("the impossible"), "{err}");
         let mut n = 0;
         let v = wait_until("three calls", Duration::from_secs(30), || {

@@ -32,7 +32,14 @@ impl ListeningGateway {
     /// Prepares a gateway using the NATS server at `nats_url`, listeners on free ports.
     pub fn new(nats_url: &str) -> Result<Self> {
         let port = || -> Result<SocketAddr> { Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?))) };
-        Ok(Self { gw: Gateway::new(nats_url)?, coap: port()?, tcp: port()?, udp: port()?, extra: Vec::new(), proc: None })
+        Ok(Self {
+            gw: Gateway::new(nats_url)?,
+            coap: port()?,
+            tcp: port()?,
+            udp: port()?,
+            extra: Vec::new(),
+            proc: None,
+        })
     }
 
     /// Adds command-line arguments to later starts (such as `--first-frame-timeout 1s`).
@@ -116,7 +123,13 @@ impl ListeningGateway {
     }
 
     /// Waits until the metric (0 when absent) satisfies `pred`.
-    pub async fn wait_metric<P: Fn(f64) -> bool>(&self, name: &str, labels: &[(&str, &str)], timeout: Duration, pred: P) -> Result<f64> {
+    pub async fn wait_metric<P: Fn(f64) -> bool>(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        timeout: Duration,
+        pred: P,
+    ) -> Result<f64> {
         self.gw.wait_metric(name, labels, timeout, pred).await.map_err(|e| e.context(self.log()))
     }
 }

@@ -26,9 +26,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 fn parse_response(buf: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("incomplete HTTP response: {text:?}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("incomplete HTTP response: {text:?}"))?;
     let status_line = head.lines().next().unwrap_or_default();
     let code: u16 = status_line
         .split_whitespace()
@@ -136,9 +134,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if s.name != name {
             continue;
         }
-        let matches = labels
-            .iter()
-            .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v));
+        let matches = labels.iter().all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v));
         if matches {
             *found.get_or_insert(0.0) += s.value;
         }
@@ -170,14 +166,8 @@ fieldgate_delivery_latency_seconds_bucket{uplink="default/cloud",le="+Inf"} 9
     #[test]
     fn sums_matching_series() {
         assert_eq!(metric(TEXT, "fieldgate_readings_dropped_total", &[]), Some(10.0));
-        assert_eq!(
-            metric(TEXT, "fieldgate_readings_dropped_total", &[("uplink", "default/cloud")]),
-            Some(9.0)
-        );
-        assert_eq!(
-            metric(TEXT, "fieldgate_readings_dropped_total", &[("reason", "buffer_full_rejected")]),
-            Some(7.0)
-        );
+        assert_eq!(metric(TEXT, "fieldgate_readings_dropped_total", &[("uplink", "default/cloud")]), Some(9.0));
+        assert_eq!(metric(TEXT, "fieldgate_readings_dropped_total", &[("reason", "buffer_full_rejected")]), Some(7.0));
         assert_eq!(metric(TEXT, "fieldgate_readings_dropped_total", &[("reason", "max_age_expired")]), None);
         assert_eq!(metric(TEXT, "fieldgate_plain", &[]), Some(42.0));
         assert_eq!(metric(TEXT, "fieldgate_weird", &[("a", "q\"uo,te}")]), Some(3.5));
@@ -190,7 +180,8 @@ fieldgate_delivery_latency_seconds_bucket{uplink="default/cloud",le="+Inf"} 9
         let (code, body) = parse_response(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nhello").unwrap();
         assert_eq!((code, body.as_str()), (200, "hello"));
         let (code, body) =
-            parse_response(b"HTTP/1.1 503 NA\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+            parse_response(b"HTTP/1.1 503 NA\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                .unwrap();
         assert_eq!((code, body.as_str()), (503, "abcde"));
     }
 }

@@ -58,12 +58,8 @@ pub fn mosquitto_binary() -> Result<PathBuf> {
 
 /// `mosquitto_passwd`, if installed (env `FIELDGATE_MOSQUITTO_PASSWD`, `/usr/bin`, `PATH`).
 pub fn mosquitto_passwd_binary() -> Option<PathBuf> {
-    find_executable(
-        "FIELDGATE_MOSQUITTO_PASSWD",
-        &[PathBuf::from("/usr/bin/mosquitto_passwd")],
-        "mosquitto_passwd",
-    )
-    .ok()
+    find_executable("FIELDGATE_MOSQUITTO_PASSWD", &[PathBuf::from("/usr/bin/mosquitto_passwd")], "mosquitto_passwd")
+        .ok()
 }
 
 impl Mosquitto {
@@ -78,11 +74,7 @@ impl Mosquitto {
         let dir = crate::temp_dir("fieldgate-mosquitto-")?;
         let d = dir.path();
         let port = free_port()?;
-        let secure_port = if options.tls.is_some() || options.password.is_some() {
-            Some(free_port()?)
-        } else {
-            None
-        };
+        let secure_port = if options.tls.is_some() || options.password.is_some() { Some(free_port()?) } else { None };
         let mut conf = String::new();
         if running_as_root() {
             // Debian's mosquitto drops to user `mosquitto` when started as root, and then cannot
@@ -132,11 +124,7 @@ impl Mosquitto {
                         .output()
                         .with_context(|| format!("running {}", passwd.display()))?;
                     if !out.status.success() {
-                        bail!(
-                            "mosquitto_passwd failed: {}\n{}",
-                            out.status,
-                            String::from_utf8_lossy(&out.stderr)
-                        );
+                        bail!("mosquitto_passwd failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
                     }
                     writeln!(conf, "allow_anonymous false")?;
                     writeln!(conf, "password_file {}", file.display())?;
@@ -168,9 +156,7 @@ impl Mosquitto {
 
     /// URL of the secure listener (`mqtts://` with TLS, else `mqtt://`), if configured.
     pub fn secure_url(&self) -> Option<String> {
-        self.secure.map(|(port, tls)| {
-            format!("{}://127.0.0.1:{port}", if tls { "mqtts" } else { "mqtt" })
-        })
+        self.secure.map(|(port, tls)| format!("{}://127.0.0.1:{port}", if tls { "mqtts" } else { "mqtt" }))
     }
 
     /// The temp dir holding config, persistence and log.
@@ -192,9 +178,7 @@ impl Mosquitto {
     /// persistent sessions) is written.
     pub async fn stop(&mut self) -> Result<()> {
         if let Some(mut p) = self.proc.take() {
-            p.terminate(STOP_TIMEOUT)
-                .await
-                .with_context(|| format!("stopping mosquitto\n{}", self.log_tail()))?;
+            p.terminate(STOP_TIMEOUT).await.with_context(|| format!("stopping mosquitto\n{}", self.log_tail()))?;
         }
         Ok(())
     }

@@ -31,11 +31,7 @@ pub struct NatsServer {
 /// The nats-server binary: env `FIELDGATE_NATS_SERVER`, else `<repo>/.venv/bin/nats-server`,
 /// else `PATH`.
 pub fn nats_server_binary() -> Result<PathBuf> {
-    find_executable(
-        "FIELDGATE_NATS_SERVER",
-        &[workspace_root().join(".venv/bin/nats-server")],
-        "nats-server",
-    )
+    find_executable("FIELDGATE_NATS_SERVER", &[workspace_root().join(".venv/bin/nats-server")], "nats-server")
 }
 
 impl NatsServer {
@@ -167,21 +163,14 @@ impl NatsServer {
     /// Names of all streams.
     pub async fn stream_names(&self) -> Result<Vec<String>> {
         let js = self.jetstream().await?;
-        let names: Vec<String> = js
-            .stream_names()
-            .try_collect()
-            .await
-            .map_err(|e| anyhow!("listing streams: {e}"))?;
+        let names: Vec<String> = js.stream_names().try_collect().await.map_err(|e| anyhow!("listing streams: {e}"))?;
         Ok(names)
     }
 
     /// The state (messages, first and last sequence) of a stream.
     pub async fn stream_state(&self, name: &str) -> Result<async_nats::jetstream::stream::State> {
         let js = self.jetstream().await?;
-        let mut stream = js
-            .get_stream(name)
-            .await
-            .map_err(|e| anyhow!("getting stream {name}: {e}"))?;
+        let mut stream = js.get_stream(name).await.map_err(|e| anyhow!("getting stream {name}: {e}"))?;
         let info = stream.info().await.map_err(|e| anyhow!("stream {name} info: {e}"))?;
         Ok(info.state.clone())
     }
@@ -189,10 +178,7 @@ impl NatsServer {
     /// The configuration of a stream.
     pub async fn stream_config(&self, name: &str) -> Result<async_nats::jetstream::stream::Config> {
         let js = self.jetstream().await?;
-        let mut stream = js
-            .get_stream(name)
-            .await
-            .map_err(|e| anyhow!("getting stream {name}: {e}"))?;
+        let mut stream = js.get_stream(name).await.map_err(|e| anyhow!("getting stream {name}: {e}"))?;
         let info = stream.info().await.map_err(|e| anyhow!("stream {name} info: {e}"))?;
         Ok(info.config.clone())
     }

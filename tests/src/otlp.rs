@@ -97,7 +97,12 @@ fn flatten(req: ExportTraceServiceRequest) -> Vec<RecordedSpan> {
     for rs in req.resource_spans {
         let resource: BTreeMap<String, String> = rs
             .resource
-            .map(|r| r.attributes.into_iter().map(|kv| (kv.key, text(kv.value.as_ref().and_then(|v| v.value.as_ref())))).collect())
+            .map(|r| {
+                r.attributes
+                    .into_iter()
+                    .map(|kv| (kv.key, text(kv.value.as_ref().and_then(|v| v.value.as_ref()))))
+                    .collect()
+            })
             .unwrap_or_default();
         for ss in rs.scope_spans {
             for s in ss.spans {

@@ -91,9 +91,5 @@ impl Drop for Proc {
 }
 
 fn append(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
+    OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }

@@ -57,7 +57,8 @@ impl Prometheus {
     pub async fn start(targets: &[(&str, SocketAddr)], rule_files: &[PathBuf]) -> Result<Self> {
         let dir = crate::temp_dir("fieldgate-prometheus-")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut config = String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n");
+        let mut config =
+            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n");
         if !rule_files.is_empty() {
             config.push_str("rule_files:\n");
             for f in rule_files {
@@ -75,7 +76,12 @@ impl Prometheus {
             .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn");
-        let proc = Proc::spawn("prometheus", cmd, &dir.path().join("prometheus.stdout"), &dir.path().join("prometheus.stderr"))?;
+        let proc = Proc::spawn(
+            "prometheus",
+            cmd,
+            &dir.path().join("prometheus.stdout"),
+            &dir.path().join("prometheus.stderr"),
+        )?;
         let p = Self { proc: Some(proc), dir, addr };
         let r = wait_until("Prometheus to be ready", STARTUP_TIMEOUT, || async {
             Ok(matches!(http_get(addr, "/-/ready").await, Ok((200, _))).then_some(()))

@@ -114,8 +114,7 @@ impl PtyPair {
         let dir = tempfile::Builder::new().prefix("fieldgate-pty-").tempdir()?;
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         let mut cmd = Command::new(socat);
-        cmd.arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()));
+        cmd.arg(format!("pty,raw,echo=0,link={}", a.display())).arg(format!("pty,raw,echo=0,link={}", b.display()));
         let proc = Proc::spawn("socat", cmd, &dir.path().join("stdout"), &dir.path().join("stderr"))?;
         let pair = Self { dir, _proc: proc };
         let r = wait_until("socat's pseudo-terminals", Duration::from_secs(20), || {

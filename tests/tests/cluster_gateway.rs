@@ -71,7 +71,16 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     let bin_dir = fieldgate_tests::gateway::gateway_binary()?.parent().map(std::path::Path::to_path_buf).unwrap();
     let _operator = Proc(
         Command::new(bin_dir.join("fieldgate-operator"))
-            .args(["run", "--namespace", &ns, "--leader-election=false", "--listen", "127.0.0.1:0", "--debounce", "100ms"])
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--leader-election=false",
+                "--listen",
+                "127.0.0.1:0",
+                "--debounce",
+                "100ms",
+            ])
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -128,7 +137,11 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
         let (u_api, node) = (u_api.clone(), node2.clone());
         async move {
             let u = serde_json::to_value(u_api.get("cloud").await?)?;
-            let ok = u["status"]["gateways"].as_array().into_iter().flatten().any(|g| g["node"] == node.as_str() && g["connected"] == true);
+            let ok = u["status"]["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| g["node"] == node.as_str() && g["connected"] == true);
             Ok(ok.then_some(()))
         }
     })
@@ -141,7 +154,8 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
         let addr = metrics_url;
         async move {
             let (_, text) = fieldgate_tests::metrics::http_get(addr, "/metrics").await?;
-            let applied = fieldgate_tests::metric(&text, "fieldgate_config_reloads_total", &[("outcome", "applied")]).unwrap_or(0.0);
+            let applied = fieldgate_tests::metric(&text, "fieldgate_config_reloads_total", &[("outcome", "applied")])
+                .unwrap_or(0.0);
             Ok((applied >= 2.0).then_some(()))
         }
     })
@@ -166,12 +180,11 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     devices.delete("broken", &DeleteParams::default()).await?;
     devices.delete("meter-1", &DeleteParams::default()).await?;
     let addr = listen;
-    wait_until("the gateway applied the config without meter-1", WAIT, || {
-        async move {
-            let (_, text) = fieldgate_tests::metrics::http_get(addr, "/metrics").await?;
-            let applied = fieldgate_tests::metric(&text, "fieldgate_config_reloads_total", &[("outcome", "applied")]).unwrap_or(0.0);
-            Ok((applied >= 3.0).then_some(()))
-        }
+    wait_until("the gateway applied the config without meter-1", WAIT, || async move {
+        let (_, text) = fieldgate_tests::metrics::http_get(addr, "/metrics").await?;
+        let applied =
+            fieldgate_tests::metric(&text, "fieldgate_config_reloads_total", &[("outcome", "applied")]).unwrap_or(0.0);
+        Ok((applied >= 3.0).then_some(()))
     })
     .await?;
     let settled = count(&cloud)?;

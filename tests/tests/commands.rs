@@ -30,13 +30,21 @@ fn statuses(msgs: &[CloudMessage], id: &str) -> Vec<String> {
         .filter(|m| m.topic.ends_with("/result"))
         .filter_map(|m| serde_json::from_slice::<Json>(&m.payload).ok())
         .filter(|j| j["id"] == id)
-        .map(|j| format!("{}{}", j["status"].as_str().unwrap_or("?"), j["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()))
+        .map(|j| {
+            format!(
+                "{}{}",
+                j["status"].as_str().unwrap_or("?"),
+                j["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+            )
+        })
         .collect()
 }
 
 async fn wait_status(cloud: &CloudSubscriber, gw: &ListeningGateway, id: &str, status: &str) -> Result<Vec<String>> {
     cloud
-        .wait_for(&format!("command {id} to be {status}"), WAIT, |msgs| statuses(msgs, id).iter().any(|s| s.starts_with(status)))
+        .wait_for(&format!("command {id} to be {status}"), WAIT, |msgs| {
+            statuses(msgs, id).iter().any(|s| s.starts_with(status))
+        })
         .await
         .with_context(|| format!("results so far: {:?}\n{}", statuses(&cloud.messages(), id), gw.log()))?;
     Ok(statuses(&cloud.messages(), id))
@@ -49,7 +57,9 @@ async fn holding_register(port: u16, unit: u8, address: u16) -> Result<i64> {
     );
     let out = tokio::process::Command::new(python()?).arg("-c").arg(script).output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().parse().with_context(|| format!("pymodbus client said {text:?} {}", String::from_utf8_lossy(&out.stderr)))
+    text.trim()
+        .parse()
+        .with_context(|| format!("pymodbus client said {text:?} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,9 +101,11 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     gw.gw.write_config(&config)?;
     gw.gw.write_secret("relay", "token", "r1")?;
     gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async { Ok(gw.stderr().contains("subscribed to commands").then_some(())) })
-        .await
-        .with_context(|| gw.log())?;
+    wait_until("the gateway to subscribe to commands", WAIT, || async {
+        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
+    })
+    .await
+    .with_context(|| gw.log())?;
 
     let send = |device: &str, body: Json| {
         let topic = format!("fieldgate/default/{device}/commands");
@@ -138,7 +150,9 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     wait_status(&cloud, &gw, "c7", "written").await?;
     field_watch
         .wait_for("the valve command on the field broker", WAIT, |msgs| {
-            msgs.iter().filter_map(|m| serde_json::from_slice::<Json>(&m.payload).ok()).any(|j| j["open"] == true && j["commandId"] == "c7")
+            msgs.iter()
+                .filter_map(|m| serde_json::from_slice::<Json>(&m.payload).ok())
+                .any(|j| j["open"] == true && j["commandId"] == "c7")
         })
         .await?;
 
@@ -159,7 +173,10 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     cloud
         .wait_for("setpoint 1234 in the plc's telemetry", WAIT, |msgs| {
             msgs.iter().filter(|m| m.topic.ends_with("/telemetry")).filter_map(|m| m.json().ok()).any(|j| {
-                j["device"] == "plc" && j["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == "setpoint" && p["value"] == 1234))
+                j["device"] == "plc"
+                    && j["points"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["name"] == "setpoint" && p["value"] == 1234))
             })
         })
         .await?;

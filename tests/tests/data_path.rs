@@ -21,8 +21,8 @@ use fieldgate_tests::fleet::{check_sim_reading, typed_points};
 use fieldgate_tests::metrics::metric_or_zero;
 use fieldgate_tests::mosquitto::{MosquittoTls, mosquitto_passwd_binary};
 use fieldgate_tests::{
-    CloudSubscriber, DeliveryReport, Gateway, Mosquitto, MosquittoOptions, NatsServer, SimFleet,
-    delivery_report, stream_name, wait_until,
+    CloudSubscriber, DeliveryReport, Gateway, Mosquitto, MosquittoOptions, NatsServer, SimFleet, delivery_report,
+    stream_name, wait_until,
 };
 use tokio::time::Instant;
 
@@ -49,10 +49,7 @@ async fn rig(test: &str, faults: &[Fault], poll: &str, edit: impl FnOnce(&mut Ga
     let broker = Mosquitto::start().await?;
     let cloud = CloudSubscriber::start(&broker.url(), &format!("cloud-{test}"), TELEMETRY).await?;
     let fleet = SimFleet::start(faults).await?;
-    let config = ConfigBuilder::new()
-        .devices(fleet.gateway_devices(poll))
-        .cloud(&broker.url(), edit)
-        .yaml()?;
+    let config = ConfigBuilder::new().devices(fleet.gateway_devices(poll)).cloud(&broker.url(), edit).yaml()?;
     let mut gw = Gateway::new(&nats.url())?;
     gw.write_config(&config)?;
     gw.start_ready().await?;
@@ -215,7 +212,12 @@ async fn values_of_every_type_arrive_decoded() -> Result<()> {
     names.sort();
     assert_eq!(
         names,
-        ["fieldgate_default_json-v3", "fieldgate_default_json-v5", "fieldgate_default_protobuf-v3", "fieldgate_default_protobuf-v5"]
+        [
+            "fieldgate_default_json-v3",
+            "fieldgate_default_json-v5",
+            "fieldgate_default_protobuf-v3",
+            "fieldgate_default_protobuf-v5"
+        ]
     );
     let status = gw.terminate().await?;
     assert!(status.success(), "{status}\n{}", gw.log());
@@ -242,9 +244,7 @@ async fn readings_survive_a_cloud_outage() -> Result<()> {
     r.with_context(|| rig.gw.log())?;
     let before_restart = rig.max_seq()?;
     rig.broker.start_again().await?;
-    rig.gw
-        .wait_metric("fieldgate_uplink_connected", &[("uplink", UPLINK_LABEL)], WAIT, |v| v == 1.0)
-        .await?;
+    rig.gw.wait_metric("fieldgate_uplink_connected", &[("uplink", UPLINK_LABEL)], WAIT, |v| v == 1.0).await?;
     // Fresh readings flow again, past the backlog.
     let last = rig.last_seq().await?;
     rig.wait_for_seq_above(last.max(before_restart)).await?;
@@ -336,9 +336,12 @@ async fn fill_buffer(policy: OnFull) -> Result<()> {
     match policy {
         OnFull::RejectNew => {
             rig.gw
-                .wait_metric("fieldgate_readings_dropped_total", &[("uplink", UPLINK_LABEL), ("reason", reason)], WAIT, |v| {
-                    v >= 20.0
-                })
+                .wait_metric(
+                    "fieldgate_readings_dropped_total",
+                    &[("uplink", UPLINK_LABEL), ("reason", reason)],
+                    WAIT,
+                    |v| v >= 20.0,
+                )
                 .await?;
         }
         OnFull::DropOldest => {
@@ -358,9 +361,7 @@ async fn fill_buffer(policy: OnFull) -> Result<()> {
         }
     }
     rig.broker.start_again().await?;
-    rig.gw
-        .wait_metric("fieldgate_uplink_connected", &[("uplink", UPLINK_LABEL)], WAIT, |v| v == 1.0)
-        .await?;
+    rig.gw.wait_metric("fieldgate_uplink_connected", &[("uplink", UPLINK_LABEL)], WAIT, |v| v == 1.0).await?;
 
     let (report, m) = rig.drain_and_stop_with(policy == OnFull::DropOldest).await?;
     let received = metric_or_zero(&m, "fieldgate_readings_received_total", &[]);
@@ -423,7 +424,8 @@ async fn a_faulty_device_does_not_disturb_the_others() -> Result<()> {
         Ok(expected
             .iter()
             .all(|(i, kind)| {
-                metric_or_zero(&m, "fieldgate_device_errors_total", &[("device", &devices[*i].key()), ("kind", kind)]) > 0.0
+                metric_or_zero(&m, "fieldgate_device_errors_total", &[("device", &devices[*i].key()), ("kind", kind)])
+                    > 0.0
             })
             .then_some(m))
     })
@@ -455,10 +457,7 @@ async fn a_faulty_device_does_not_disturb_the_others() -> Result<()> {
 async fn invalid_config_is_refused_before_touching_the_buffer() -> Result<()> {
     let nats = NatsServer::start().await?;
     let fleet = SimFleet::healthy(1).await?;
-    let mut cfg = ConfigBuilder::new()
-        .devices(fleet.gateway_devices("1s"))
-        .cloud("mqtt://127.0.0.1:1", |_| {})
-        .build();
+    let mut cfg = ConfigBuilder::new().devices(fleet.gateway_devices("1s")).cloud("mqtt://127.0.0.1:1", |_| {}).build();
     cfg.devices[0].poll_interval = Some("fast".into());
     cfg.uplinks[0].mqtt.qos = Some(0);
     set_buffer(&mut cfg.uplinks[0], "1GB", OnFull::DropOldest);
@@ -499,7 +498,9 @@ async fn invalid_config_is_refused_before_touching_the_buffer() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_password_uplink_delivers() -> Result<()> {
     if mosquitto_passwd_binary().is_none() {
-        eprintln!("SKIPPED tls_and_password_uplink_delivers: mosquitto_passwd is not installed (Debian package mosquitto)");
+        eprintln!(
+            "SKIPPED tls_and_password_uplink_delivers: mosquitto_passwd is not installed (Debian package mosquitto)"
+        );
         return Ok(());
     }
     let pki = TestPki::generate()?;

@@ -14,10 +14,10 @@ use fieldgate_crds::{MqttAuth, SecretRef};
 use fieldgate_tests::api::request;
 use fieldgate_tests::cloud_v5::V5Subscriber;
 use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::mosquitto::mosquitto_passwd_binary;
 use fieldgate_tests::otlp::{OtlpReceiver, RecordedSpan};
 use fieldgate_tests::prometheus::{Prometheus, prometheus_binary};
 use fieldgate_tests::{Gateway, Mosquitto, MosquittoOptions, NatsServer, SimFleet, wait_until};
-use fieldgate_tests::mosquitto::mosquitto_passwd_binary;
 
 /// Generous deadline for anything that should happen "soon" on a busy 2-core machine.
 const WAIT: Duration = Duration::from_secs(90);
@@ -232,7 +232,9 @@ async fn the_trace_chain_survives_a_cloud_outage_and_a_gateway_crash() -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_gateway_and_answers_queries() -> Result<()> {
     if prometheus_binary().is_err() {
-        eprintln!("SKIPPED a_real_prometheus_scrapes_the_gateway_and_answers_queries: prometheus is not installed (scripts/setup.sh)");
+        eprintln!(
+            "SKIPPED a_real_prometheus_scrapes_the_gateway_and_answers_queries: prometheus is not installed (scripts/setup.sh)"
+        );
         return Ok(());
     }
     let nats = NatsServer::start().await?;
@@ -256,7 +258,10 @@ async fn a_real_prometheus_scrapes_the_gateway_and_answers_queries() -> Result<(
     prom.wait_query("fieldgate_uplink_connected{uplink=\"default/cloud\"}", WAIT, |v| v == 1.0).await?;
     prom.wait_query("fieldgate_buffer_connected", WAIT, |v| v == 1.0).await?;
     prom.wait_query("fieldgate_buffer_reachable", WAIT, |v| v == 1.0).await?;
-    prom.wait_query("time() - max(fieldgate_device_last_reading_timestamp_seconds)", WAIT, |v| (0.0..10.0).contains(&v)).await?;
+    prom.wait_query("time() - max(fieldgate_device_last_reading_timestamp_seconds)", WAIT, |v| {
+        (0.0..10.0).contains(&v)
+    })
+    .await?;
     prom.wait_query(
         "histogram_quantile(0.99, sum by (le) (rate(fieldgate_sample_to_cloud_latency_seconds_bucket[10s])))",
         WAIT,
@@ -281,7 +286,13 @@ async fn a_real_prometheus_scrapes_the_gateway_and_answers_queries() -> Result<(
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-async fn api(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Result<fieldgate_tests::api::Response> {
+async fn api(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> Result<fieldgate_tests::api::Response> {
     let ct = if body.is_empty() { None } else { Some("application/yaml") };
     request(gw.listen(), method, path, token, ct, body).await
 }
@@ -318,7 +329,9 @@ async fn the_management_api_needs_its_token_limits_requests_and_replaces_the_con
     let device = format!("default/{}", devices[0].name);
     let status = wait_until("the device to be up in /api/v1/status", WAIT, || async {
         let j = api(&gw, "GET", "/api/v1/status", Some(TOKEN), b"").await?.json()?;
-        let up = j["devices"][0]["state"] == "up" && j["uplinks"][0]["connected"] == true && !j["devices"][0]["lastReading"].is_null();
+        let up = j["devices"][0]["state"] == "up"
+            && j["uplinks"][0]["connected"] == true
+            && !j["devices"][0]["lastReading"].is_null();
         Ok(up.then_some(j))
     })
     .await
@@ -363,7 +376,15 @@ async fn the_management_api_needs_its_token_limits_requests_and_replaces_the_con
     // The log level changes at run time; a bad filter is refused.
     let r = api(&gw, "GET", "/api/v1/log-level", Some(TOKEN), b"").await?;
     ensure!(r.code == 200 && r.json()?["level"] == "info", "{r:?}");
-    let r = request(gw.listen(), "PUT", "/api/v1/log-level", Some(TOKEN), Some("application/json"), br#"{"level":"debug"}"#).await?;
+    let r = request(
+        gw.listen(),
+        "PUT",
+        "/api/v1/log-level",
+        Some(TOKEN),
+        Some("application/json"),
+        br#"{"level":"debug"}"#,
+    )
+    .await?;
     ensure!(r.code == 200 && r.json()?["level"] == "debug", "{r:?}");
     wait_until("debug lines in the log", WAIT, || {
         let found = gw.stderr().contains("DEBUG");
@@ -406,7 +427,8 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
     const RIGHT: &str = "right-pa55w0rd-Xq7";
     const WRONG: &str = "wrong-pa55w0rd-Zk9";
     let nats = NatsServer::start().await?;
-    let broker = Mosquitto::start_with(MosquittoOptions { tls: None, password: Some(("gateway".into(), RIGHT.into())) }).await?;
+    let broker =
+        Mosquitto::start_with(MosquittoOptions { tls: None, password: Some(("gateway".into(), RIGHT.into())) }).await?;
     let secured = broker.secure_url().context("password listener")?;
     let fleet = SimFleet::healthy(1).await?;
     let config = ConfigBuilder::new()
@@ -470,9 +492,11 @@ async fn a_command_is_traced_from_the_cloud_message_to_the_device_write_and_read
     let mut gw = traced_gateway(&nats, &otlp, "1")?;
     gw.write_config(&config)?;
     gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async { Ok(gw.stderr().contains("subscribed to commands").then_some(())) })
-        .await
-        .with_context(|| gw.log())?;
+    wait_until("the gateway to subscribe to commands", WAIT, || async {
+        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
+    })
+    .await
+    .with_context(|| gw.log())?;
 
     // The cloud's own trace, handed over as an MQTT v5 user property.
     let (trace_id, cloud_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");

@@ -21,7 +21,8 @@ const WAIT: Duration = Duration::from_secs(60);
 const CLIENT: Duration = Duration::from_secs(30);
 
 fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
-    serde_json::from_value(json!({"name": name, "connection": connection, "points": points, "pollInterval": "300ms"})).unwrap()
+    serde_json::from_value(json!({"name": name, "connection": connection, "points": points, "pollInterval": "300ms"}))
+        .unwrap()
 }
 
 /// Whether the messages hold a reading of `device` with point `name` equal to `value`.
@@ -32,9 +33,17 @@ fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> b
     })
 }
 
-async fn wait_value(cloud: &CloudSubscriber, gw: &ListeningGateway, device: &str, name: &str, value: Json) -> Result<()> {
+async fn wait_value(
+    cloud: &CloudSubscriber,
+    gw: &ListeningGateway,
+    device: &str,
+    name: &str,
+    value: Json,
+) -> Result<()> {
     cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| has_value(msgs, device, name, &value))
+        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| {
+            has_value(msgs, device, name, &value)
+        })
         .await
         .with_context(|| gw.log())
 }
@@ -79,7 +88,11 @@ async fn coap_pushes_from_libcoap_reach_the_cloud_and_bad_ones_are_refused_and_c
     let base = format!("coap://{}", gw.coap);
 
     // A confirmable JSON push with its token: answered (no error) and delivered.
-    let run = coap_client(&["-m", "post", "-e", r#"{"temp":21.5,"hum":40}"#, &format!("{base}/default/th-1?token=s3cret")], CLIENT).await?;
+    let run = coap_client(
+        &["-m", "post", "-e", r#"{"temp":21.5,"hum":40}"#, &format!("{base}/default/th-1?token=s3cret")],
+        CLIENT,
+    )
+    .await?;
     ensure!(!run.text().contains("4.") && !run.text().contains("5."), "push answered with an error: {}", run.text());
     wait_value(cloud, gw, "th-1", "temp", json!(21.5)).await?;
     wait_value(cloud, gw, "th-1", "hum", json!(40)).await?;
@@ -87,42 +100,70 @@ async fn coap_pushes_from_libcoap_reach_the_cloud_and_bad_ones_are_refused_and_c
     // A non-confirmable plain number: delivered and counted as NON.
     coap_client(&["-N", "-B", "3", "-m", "post", "-e", "7.25", &format!("{base}/default/plain-1")], CLIENT).await?;
     wait_value(cloud, gw, "plain-1", "level", json!(7.25)).await?;
-    gw.wait_metric("fieldgate_ingress_messages_total", &[("protocol", "coap"), ("reason", "non")], WAIT, |v| v >= 1.0).await?;
+    gw.wait_metric("fieldgate_ingress_messages_total", &[("protocol", "coap"), ("reason", "non")], WAIT, |v| v >= 1.0)
+        .await?;
 
     // Block-wise (Block1, 64-byte blocks) within the device's 256-byte limit, then beyond it.
     let dir = tempfile::tempdir()?;
     let small = dir.path().join("small.json");
     let text = "x".repeat(180);
     std::fs::write(&small, json!({"blob": text}).to_string())?;
-    let run = coap_client(&["-m", "post", "-b", "64", "-f", small.to_str().unwrap(), &format!("{base}/default/big-1")], CLIENT).await?;
+    let run = coap_client(
+        &["-m", "post", "-b", "64", "-f", small.to_str().unwrap(), &format!("{base}/default/big-1")],
+        CLIENT,
+    )
+    .await?;
     ensure!(!run.text().contains("4."), "block-wise push refused: {}", run.text());
     wait_value(cloud, gw, "big-1", "blob", json!(text)).await?;
     let large = dir.path().join("large.json");
     std::fs::write(&large, json!({"blob": "y".repeat(600)}).to_string())?;
-    let run = coap_client(&["-m", "post", "-b", "64", "-f", large.to_str().unwrap(), &format!("{base}/default/big-1")], CLIENT).await?;
+    let run = coap_client(
+        &["-m", "post", "-b", "64", "-f", large.to_str().unwrap(), &format!("{base}/default/big-1")],
+        CLIENT,
+    )
+    .await?;
     ensure!(run.text().contains("4.13"), "an oversized transfer was not refused with 4.13: {}", run.text());
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/big-1"), ("kind", "too_large")], WAIT, |v| v >= 1.0)
-        .await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/big-1"), ("kind", "too_large")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
 
     // Unknown device, wrong token, malformed payload: 4.04, 4.01, 4.00, each counted.
     let run = coap_client(&["-m", "post", "-e", "1", &format!("{base}/default/ghost")], CLIENT).await?;
     ensure!(run.text().contains("4.04"), "unknown device: {}", run.text());
-    let run = coap_client(&["-m", "post", "-e", r#"{"temp":1}"#, &format!("{base}/default/th-1?token=wrong")], CLIENT).await?;
+    let run = coap_client(&["-m", "post", "-e", r#"{"temp":1}"#, &format!("{base}/default/th-1?token=wrong")], CLIENT)
+        .await?;
     ensure!(run.text().contains("4.01"), "wrong token: {}", run.text());
-    let run = coap_client(&["-m", "post", "-e", r#"{"temp":"#, &format!("{base}/default/th-1?token=s3cret")], CLIENT).await?;
+    let run =
+        coap_client(&["-m", "post", "-e", r#"{"temp":"#, &format!("{base}/default/th-1?token=s3cret")], CLIENT).await?;
     ensure!(run.text().contains("4.00"), "malformed JSON: {}", run.text());
-    gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "coap"), ("reason", "unknown_device")], WAIT, |v| v >= 1.0)
-        .await?;
-    gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "coap"), ("reason", "unauthorized")], WAIT, |v| v >= 1.0)
-        .await?;
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th-1"), ("kind", "json")], WAIT, |v| v >= 1.0).await?;
+    gw.wait_metric(
+        "fieldgate_ingress_rejected_total",
+        &[("protocol", "coap"), ("reason", "unknown_device")],
+        WAIT,
+        |v| v >= 1.0,
+    )
+    .await?;
+    gw.wait_metric(
+        "fieldgate_ingress_rejected_total",
+        &[("protocol", "coap"), ("reason", "unauthorized")],
+        WAIT,
+        |v| v >= 1.0,
+    )
+    .await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th-1"), ("kind", "json")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
 
     // Scripted: garbage datagrams, a wrong method, a retransmitted request.
     let mut probe = CoapProbe::connect(gw.coap).await?;
     probe.send_raw(&[0xff, 0x00, 0x13]).await?;
     probe.send_raw(&[0x40, 0x02]).await?;
-    gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "coap"), ("reason", "malformed")], WAIT, |v| v >= 2.0)
-        .await?;
+    gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "coap"), ("reason", "malformed")], WAIT, |v| {
+        v >= 2.0
+    })
+    .await?;
     let (code, _) = probe.request(RequestType::Get, "/default/plain-1", b"", true).await?;
     ensure!(code == ResponseType::MethodNotAllowed, "GET answered {code:?}");
     let received = || gw.metric("fieldgate_readings_received_total", &[("device", "default/plain-1")]);
@@ -135,7 +176,11 @@ async fn coap_pushes_from_libcoap_reach_the_cloud_and_bad_ones_are_refused_and_c
     ensure!(received().await? == before + 1.0, "a retransmitted request became two readings");
 
     // After all that, the honest device still gets through.
-    let run = coap_client(&["-m", "put", "-e", r#"{"temp":19.0,"hum":41}"#, &format!("{base}/default/th-1?token=s3cret")], CLIENT).await?;
+    let run = coap_client(
+        &["-m", "put", "-e", r#"{"temp":19.0,"hum":41}"#, &format!("{base}/default/th-1?token=s3cret")],
+        CLIENT,
+    )
+    .await?;
     ensure!(!run.text().contains("4."), "{}", run.text());
     wait_value(cloud, gw, "th-1", "hum", json!(41)).await?;
     Ok(())
@@ -169,13 +214,21 @@ async fn libcoap_server_resources_are_polled_and_observed() -> Result<()> {
     let host = json!("127.0.0.1");
     let port = server.addr.port();
     let devices = vec![
-        device("poller", json!({"coap": {"host": host, "port": port, "path": "/temp"}}), json!([{"name": "temp", "type": "float64"}])),
+        device(
+            "poller",
+            json!({"coap": {"host": host, "port": port, "path": "/temp"}}),
+            json!([{"name": "temp", "type": "float64"}]),
+        ),
         device(
             "observer",
             json!({"coap": {"host": host, "port": port, "path": "/temp", "observe": true}}),
             json!([{"name": "temp", "type": "float64"}]),
         ),
-        device("noter", json!({"coap": {"host": host, "port": port, "path": "/note"}}), json!([{"name": "note", "type": "string"}])),
+        device(
+            "noter",
+            json!({"coap": {"host": host, "port": port, "path": "/note"}}),
+            json!([{"name": "note", "type": "string"}]),
+        ),
         device(
             "small",
             json!({"coap": {"host": host, "port": port, "path": "/note", "maxBodyBytes": 64}}),
@@ -188,8 +241,10 @@ async fn libcoap_server_resources_are_polled_and_observed() -> Result<()> {
     wait_value(cloud, gw, "observer", "temp", json!(21.5)).await?;
     // A block-wise answer read whole, and refused beyond the device's limit.
     wait_value(cloud, gw, "noter", "note", json!("n".repeat(1500))).await.with_context(|| server.log())?;
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/small"), ("kind", "too_large")], WAIT, |v| v >= 1.0)
-        .await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/small"), ("kind", "too_large")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
 
     // A change reaches the observer as a notification (and the poller at its next poll).
     server.put("/temp", "23.25").await?;

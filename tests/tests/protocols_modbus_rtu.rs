@@ -43,7 +43,10 @@ async fn devices_on_one_serial_line_and_over_tcp_are_polled_without_collisions()
     let devices = vec![
         device("rtu-1", json!({"modbusRtu": {"port": port, "unitId": 1, "timeout": "500ms"}})),
         device("rtu-2", json!({"modbusRtu": {"port": port, "unitId": 2, "timeout": "500ms"}})),
-        device("rtu-tcp", json!({"modbusRtu": {"address": format!("127.0.0.1:{}", over_tcp.port().unwrap()), "unitId": 5}})),
+        device(
+            "rtu-tcp",
+            json!({"modbusRtu": {"address": format!("127.0.0.1:{}", over_tcp.port().unwrap()), "unitId": 5}}),
+        ),
     ];
     let config = ConfigBuilder::new().devices(devices).cloud(&broker.url(), |_| {}).yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
@@ -58,7 +61,12 @@ async fn devices_on_one_serial_line_and_over_tcp_are_polled_without_collisions()
             for j in msgs.iter().filter_map(|m| m.json().ok()) {
                 let dev = j["device"].as_str().unwrap_or_default().to_string();
                 let Some((r0, r12)) = expected.get(dev.as_str()) else { continue };
-                let v = |name: &str| j["points"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).map(|p| p["value"].clone());
+                let v = |name: &str| {
+                    j["points"]
+                        .as_array()
+                        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                        .map(|p| p["value"].clone())
+                };
                 if v("r0") == Some(json!(r0)) && v("r12") == Some(json!(r12)) {
                     *n.entry(dev).or_default() += 1;
                 }

@@ -29,9 +29,17 @@ fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> b
     })
 }
 
-async fn wait_value(cloud: &CloudSubscriber, gw: &ListeningGateway, device: &str, name: &str, value: Json) -> Result<()> {
+async fn wait_value(
+    cloud: &CloudSubscriber,
+    gw: &ListeningGateway,
+    device: &str,
+    name: &str,
+    value: Json,
+) -> Result<()> {
     cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| has_value(msgs, device, name, &value))
+        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| {
+            has_value(msgs, device, name, &value)
+        })
         .await
         .with_context(|| gw.log())
 }
@@ -58,7 +66,10 @@ impl FieldDevice {
     }
 
     async fn publish(&self, topic: &str, payload: &str) -> Result<()> {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec()).await.map_err(|e| anyhow!("{e}"))
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -107,9 +118,16 @@ async fn field_broker_messages_are_mapped_and_acked_only_after_the_buffer_accept
     dev.publish("plant/meter/state", r#"{"p":"#).await?;
     dev.publish("plant/th/temp", "warm").await?;
     dev.publish("plant/th/pressure", "1013").await?;
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/meter"), ("kind", "json")], WAIT, |v| v >= 1.0).await?;
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "type")], WAIT, |v| v >= 1.0).await?;
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "ambiguous")], WAIT, |v| v >= 1.0).await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/meter"), ("kind", "json")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "type")], WAIT, |v| v >= 1.0)
+        .await?;
+    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/th"), ("kind", "ambiguous")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
     dev.publish("plant/meter/state", r#"{"p":{"w":99.0}}"#).await?;
     wait_value(&cloud, &gw, "meter", "power", json!(99.0)).await?;
 

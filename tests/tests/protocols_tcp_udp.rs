@@ -33,9 +33,17 @@ fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> b
     })
 }
 
-async fn wait_value(cloud: &CloudSubscriber, gw: &ListeningGateway, device: &str, name: &str, value: Json) -> Result<()> {
+async fn wait_value(
+    cloud: &CloudSubscriber,
+    gw: &ListeningGateway,
+    device: &str,
+    name: &str,
+    value: Json,
+) -> Result<()> {
     cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| has_value(msgs, device, name, &value))
+        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| {
+            has_value(msgs, device, name, &value)
+        })
         .await
         .with_context(|| gw.log())
 }
@@ -89,8 +97,16 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
             json!({"tcp": {"tokenSecretRef": {"name": "tcp-1"}}}),
             json!([{"name": "temp", "type": "float64"}, {"name": "count", "type": "uint32"}]),
         ),
-        device("tcp-2", json!({"tcp": {"id": "sensor-2", "tokenSecretRef": {"name": "tcp-2"}}}), json!([{"name": "temp", "type": "float64"}])),
-        device("udp-1", json!({"udp": {"tokenSecretRef": {"name": "udp-1", "key": "secret"}}}), json!([{"name": "level", "type": "float64"}])),
+        device(
+            "tcp-2",
+            json!({"tcp": {"id": "sensor-2", "tokenSecretRef": {"name": "tcp-2"}}}),
+            json!([{"name": "temp", "type": "float64"}]),
+        ),
+        device(
+            "udp-1",
+            json!({"udp": {"tokenSecretRef": {"name": "udp-1", "key": "secret"}}}),
+            json!([{"name": "level", "type": "float64"}]),
+        ),
     ];
     let config = ConfigBuilder::new().devices(devices).cloud(&broker.url(), |_| {}).yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
@@ -142,7 +158,10 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
     big.write.write_all(&[b'x'; 400]).await?;
     assert_eq!(big.answer().await?.as_deref(), Some("ERR too_large"));
     for reason in ["unauthorized", "unknown_device", "no_id", "first_frame_timeout", "too_large"] {
-        gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "tcp"), ("reason", reason)], WAIT, |v| v >= 1.0).await?;
+        gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "tcp"), ("reason", reason)], WAIT, |v| {
+            v >= 1.0
+        })
+        .await?;
     }
     assert_eq!(c.exchange("temp=26").await?, "OK", "the honest device was disturbed");
 
@@ -157,8 +176,13 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
     ensure!(answer == "ERR quarantined", "the 4th connection in a row was answered {answer:?}");
     let mut again = LineDevice::connect(gw.tcp).await?;
     assert_eq!(again.exchange("id=sensor-2 token=t2").await?, "ERR quarantined");
-    gw.wait_metric("fieldgate_device_errors_total", &[("device", "default/tcp-2"), ("kind", "quarantined")], WAIT, |v| v >= 1.0)
-        .await?;
+    gw.wait_metric(
+        "fieldgate_device_errors_total",
+        &[("device", "default/tcp-2"), ("kind", "quarantined")],
+        WAIT,
+        |v| v >= 1.0,
+    )
+    .await?;
     ensure!(gw.stderr().contains("quarantined"), "quarantine not logged\n{}", gw.log());
     ensure!(gw.metric("fieldgate_ingress_connections", &[("protocol", "tcp")]).await? >= 1.0);
 
@@ -177,7 +201,10 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
     udp.send(b"\xff\xfe garbage").await?;
     udp.send(&[b'z'; 300]).await?;
     for reason in ["unauthorized", "not_utf8", "too_large"] {
-        gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "udp"), ("reason", reason)], WAIT, |v| v >= 1.0).await?;
+        gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "udp"), ("reason", reason)], WAIT, |v| {
+            v >= 1.0
+        })
+        .await?;
     }
     Ok(())
 }

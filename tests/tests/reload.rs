@@ -46,10 +46,7 @@ async fn a_config_change_touches_only_the_devices_it_changes() -> Result<()> {
     let names: Vec<String> = devices.iter().map(|d| format!("{}/{}", d.namespace, d.name)).collect();
 
     // Start with devices 0 and 1.
-    let first = ConfigBuilder::new()
-        .devices(devices[..2].iter().cloned())
-        .cloud(&broker.url(), |_| {})
-        .yaml()?;
+    let first = ConfigBuilder::new().devices(devices[..2].iter().cloned()).cloud(&broker.url(), |_| {}).yaml()?;
     let mut gw = Gateway::new(&nats.url())?;
     gw.write_config(&first)?;
     gw.start_ready().await?;
@@ -72,8 +69,7 @@ async fn a_config_change_touches_only_the_devices_it_changes() -> Result<()> {
         .cloud(&broker.url(), |_| {})
         .yaml()?;
     gw.write_config(&second)?;
-    gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "applied")], WAIT, |v| v >= 2.0)
-        .await?;
+    gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "applied")], WAIT, |v| v >= 2.0).await?;
     wait_more(&cloud, &names[2], 3).await?;
 
     // Device 1 is gone: once its last readings drained, no more arrive while device 0 goes on.
@@ -95,8 +91,7 @@ async fn a_config_change_touches_only_the_devices_it_changes() -> Result<()> {
     let bad = second.replace("pollInterval: 200ms", "pollInterval: soon");
     assert_ne!(bad, second);
     gw.write_config(&bad)?;
-    gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "refused")], WAIT, |v| v >= 1.0)
-        .await?;
+    gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "refused")], WAIT, |v| v >= 1.0).await?;
     let n0 = per_device(&cloud)?.get(&names[0]).copied().unwrap_or(0);
     wait_more(&cloud, &names[0], n0 + 2).await?;
     let log = gw.stderr();
@@ -118,10 +113,7 @@ async fn with_the_api_server_unreachable_the_gateway_runs_its_last_applied_confi
     let gw = Gateway::new(&nats.url())?;
     // The last applied config, as the mirror left it on the node's disk.
     gw.write_config(
-        &ConfigBuilder::new()
-            .devices(fleet.gateway_devices("200ms"))
-            .cloud(&broker.url(), |_| {})
-            .yaml()?,
+        &ConfigBuilder::new().devices(fleet.gateway_devices("200ms")).cloud(&broker.url(), |_| {}).yaml()?,
     )?;
     // A kubeconfig whose API server does not exist.
     let dead = fieldgate_tests::free_port()?;

@@ -280,10 +280,7 @@ impl Server {
         edit(&mut p);
         match p.to_bytes() {
             Ok(bytes) => {
-                self.dedup
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .answer((peer, req.header.message_id), &bytes);
+                self.dedup.lock().unwrap_or_else(PoisonError::into_inner).answer((peer, req.header.message_id), &bytes);
                 self.send(&bytes, peer);
             }
             Err(e) => tracing::debug!(error = ?e, "CoAP answer not encodable"),
@@ -564,7 +561,12 @@ impl Client {
     }
 
     /// One request (with retransmissions within the timeout) and its answer.
-    async fn get(&mut self, token: &[u8], observe: Option<u32>, block2: Option<BlockValue>) -> Result<Packet, CoapError> {
+    async fn get(
+        &mut self,
+        token: &[u8],
+        observe: Option<u32>,
+        block2: Option<BlockValue>,
+    ) -> Result<Packet, CoapError> {
         let req = self.request(token, observe, block2);
         self.exchange(req, token).await
     }
@@ -597,7 +599,11 @@ impl Client {
             if body.len() > self.max_body {
                 return Err(CoapError::TooLarge(self.max_body));
             }
-            let next = BlockValue { num: b.num.checked_add(1).ok_or(CoapError::Block)?, more: false, size_exponent: b.size_exponent };
+            let next = BlockValue {
+                num: b.num.checked_add(1).ok_or(CoapError::Block)?,
+                more: false,
+                size_exponent: b.size_exponent,
+            };
             let token: [u8; 4] = rand::random();
             let p = self.get(&token, None, Some(next.clone())).await?;
             check_status(&p)?;
@@ -616,9 +622,16 @@ impl Client {
 }
 
 /// Sends a command to a CoAP device: `method` (PUT or POST) of `payload` to its resource.
-pub(crate) async fn send_command(settings: &CoapConnection, method: RequestType, payload: Vec<u8>) -> Result<(), CoapError> {
+pub(crate) async fn send_command(
+    settings: &CoapConnection,
+    method: RequestType,
+    payload: Vec<u8>,
+) -> Result<(), CoapError> {
     let Some(host) = &settings.host else {
-        return Err(CoapError::Io(std::io::Error::new(std::io::ErrorKind::Unsupported, "the device has no host to send to")));
+        return Err(CoapError::Io(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the device has no host to send to",
+        )));
     };
     let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
     let path = settings.path.clone().unwrap_or_else(|| "/".to_string());
@@ -662,7 +675,9 @@ impl Health {
         if self.up != Some(up) {
             match (up, error) {
                 (true, _) => tracing::info!(device = %self.device, "CoAP device answering"),
-                (false, Some(e)) => tracing::warn!(device = %self.device, kind = e.kind(), error = %e, "CoAP device not answering"),
+                (false, Some(e)) => {
+                    tracing::warn!(device = %self.device, kind = e.kind(), error = %e, "CoAP device not answering")
+                }
                 (false, None) => {}
             }
         }
@@ -693,16 +708,14 @@ pub async fn run(settings: &CoapConnection, task: DeviceTask) {
 
 async fn client_loop(settings: &CoapConnection, host: &str, max_body: usize, task: &DeviceTask) {
     let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
-    let interval = duration_or(task.device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL).max(Duration::from_millis(1));
+    let interval =
+        duration_or(task.device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL).max(Duration::from_millis(1));
     let path = settings.path.clone().unwrap_or_else(|| "/".to_string());
     let port = settings.port.unwrap_or(DEFAULT_PORT);
     let mut observe = settings.observe.unwrap_or(false);
     let labels = task.labels();
-    let mut health = Health {
-        gauge: task.metrics.device_connected.get_or_create(&labels).clone(),
-        up: None,
-        device: task.key(),
-    };
+    let mut health =
+        Health { gauge: task.metrics.device_connected.get_or_create(&labels).clone(), up: None, device: task.key() };
     health.gauge.set(0);
     let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
     let mut client: Option<Client> = None;
@@ -811,7 +824,12 @@ async fn poll_once(c: &mut Client, task: &DeviceTask, slot: u64) -> Result<(), C
 
 /// Registers an observation and turns notifications into readings until the observation
 /// goes silent. `Ok(false)`: the resource does not accept Observe.
-async fn observe_once(c: &mut Client, task: &DeviceTask, ids: &super::hub::IdClock, health: &mut Health) -> Result<bool, CoapError> {
+async fn observe_once(
+    c: &mut Client,
+    task: &DeviceTask,
+    ids: &super::hub::IdClock,
+    health: &mut Health,
+) -> Result<bool, CoapError> {
     let token: [u8; 8] = rand::random();
     let first = c.get(&token, Some(0), None).await?;
     check_status(&first)?;
@@ -842,7 +860,12 @@ async fn observe_once(c: &mut Client, task: &DeviceTask, ids: &super::hub::IdClo
 }
 
 /// One notification (or the registration's answer): a reading, acknowledged once accepted.
-async fn notification(c: &mut Client, task: &DeviceTask, ids: &super::hub::IdClock, p: &Packet) -> Result<(), CoapError> {
+async fn notification(
+    c: &mut Client,
+    task: &DeviceTask,
+    ids: &super::hub::IdClock,
+    p: &Packet,
+) -> Result<(), CoapError> {
     let body = c.rest_of_body(p).await?;
     let points = payload::decode(&task.device.points, &body, last_segment(&c.path))?;
     let d = &task.device;

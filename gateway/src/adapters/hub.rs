@@ -108,8 +108,7 @@ impl Registered {
             Credential::Unreadable => false,
             Credential::Token(t) => {
                 let want = t.expose_str().map(str::as_bytes).unwrap_or(t.expose());
-                want.len() == presented.len()
-                    && want.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+                want.len() == presented.len() && want.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
             }
         }
     }
@@ -259,10 +258,7 @@ impl DeviceHub {
     pub fn register(self: &Arc<Self>, protocol: &'static str, name: String, entry: Registered) -> Registration {
         let entry = Arc::new(entry);
         let key = (protocol, name);
-        self.directory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone(), Arc::clone(&entry));
+        self.directory.write().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&entry));
         self.ensure_listener(protocol);
         Registration { hub: Arc::clone(self), key, entry }
     }
@@ -347,7 +343,11 @@ impl DeviceHub {
 }
 
 /// Binds with retries (another process may hold the port for a moment) until `cancel`.
-pub(crate) async fn bind_udp(hub: &DeviceHub, protocol: &'static str, addr: SocketAddr) -> Option<tokio::net::UdpSocket> {
+pub(crate) async fn bind_udp(
+    hub: &DeviceHub,
+    protocol: &'static str,
+    addr: SocketAddr,
+) -> Option<tokio::net::UdpSocket> {
     let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(10));
     let mut logged = false;
     loop {

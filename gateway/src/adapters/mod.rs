@@ -59,10 +59,7 @@ impl DeviceTask {
 
     /// Labels of this device's metrics.
     pub fn labels(&self) -> DeviceLabels {
-        DeviceLabels {
-            device: self.key(),
-            protocol: self.device.connection.protocol(),
-        }
+        DeviceLabels { device: self.key(), protocol: self.device.connection.protocol() }
     }
 
     /// Counts a failed request of the given kind.
@@ -71,11 +68,7 @@ impl DeviceTask {
         self.metrics.device_last_error.record(&device, kind);
         self.metrics
             .device_errors
-            .get_or_create(&DeviceErrorLabels {
-                device,
-                protocol: self.device.connection.protocol(),
-                kind,
-            })
+            .get_or_create(&DeviceErrorLabels { device, protocol: self.device.connection.protocol(), kind })
             .inc();
     }
 
@@ -103,7 +96,10 @@ impl DeviceTask {
 
     /// Like [`DeviceTask::emit`], and resolves once JetStream accepted the reading: for
     /// adapters that acknowledge to the device only then.
-    pub async fn emit_confirmed(&self, mut reading: Reading) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
+    pub async fn emit_confirmed(
+        &self,
+        mut reading: Reading,
+    ) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
         if !self.report(&mut reading) {
             return Ok(nothing_to_keep());
         }
@@ -113,7 +109,11 @@ impl DeviceTask {
 
     /// [`DeviceTask::emit`] for a reading with its trace (see [`crate::telemetry`]): ends the
     /// adapter's spans and lets the buffer writer continue the trace.
-    pub async fn emit_traced(&self, mut reading: Reading, trace: ReadingTrace) -> Result<(), crate::reading::SinkClosed> {
+    pub async fn emit_traced(
+        &self,
+        mut reading: Reading,
+        trace: ReadingTrace,
+    ) -> Result<(), crate::reading::SinkClosed> {
         if !self.report(&mut reading) {
             return Ok(());
         }

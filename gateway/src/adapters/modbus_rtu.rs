@@ -20,9 +20,9 @@ use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{ModbusRtuConnection, Parity};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_modbus::client::{Context, rtu};
-use tokio_modbus::prelude::{SlaveContext, Request, Response};
 use tokio_modbus::Slave;
+use tokio_modbus::client::{Context, rtu};
+use tokio_modbus::prelude::{Request, Response, SlaveContext};
 
 use super::DeviceTask;
 use super::modbus_tcp::{self, Block, ReadRequest, RequestError};
@@ -113,8 +113,16 @@ async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<C
         };
         let builder = tokio_serial::new(port, settings.baud_rate.unwrap_or(DEFAULT_BAUD))
             .parity(parity)
-            .data_bits(if settings.data_bits == Some(7) { tokio_serial::DataBits::Seven } else { tokio_serial::DataBits::Eight })
-            .stop_bits(if settings.stop_bits == Some(2) { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One });
+            .data_bits(if settings.data_bits == Some(7) {
+                tokio_serial::DataBits::Seven
+            } else {
+                tokio_serial::DataBits::Eight
+            })
+            .stop_bits(if settings.stop_bits == Some(2) {
+                tokio_serial::StopBits::Two
+            } else {
+                tokio_serial::StopBits::One
+            });
         let stream = tokio_serial::SerialStream::open(&builder).map_err(io::Error::other)?;
         return Ok(rtu::attach(stream));
     }
@@ -134,7 +142,12 @@ async fn call(ctx: &mut Context, req: Request<'static>, timeout: Duration) -> Re
 }
 
 /// The bus task: one job at a time, writes first, the line reopened after a breaking error.
-async fn run_bus(key: String, settings: ModbusRtuConnection, mut reads: mpsc::Receiver<Job>, mut writes: mpsc::Receiver<Job>) {
+async fn run_bus(
+    key: String,
+    settings: ModbusRtuConnection,
+    mut reads: mpsc::Receiver<Job>,
+    mut writes: mpsc::Receiver<Job>,
+) {
     let timeout = settings.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
     let mut ctx: Option<Context> = None;
     let mut delays = crate::supervise::backoff(Duration::from_millis(100), Duration::from_secs(10));
@@ -232,7 +245,8 @@ pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask) {
     gauge.set(0);
     let mut up: Option<bool> = None;
     let now_ms = unix_ms(SystemTime::now());
-    let mut ticker = tokio::time::interval_at(Instant::now() + Duration::from_millis(interval_ms - now_ms % interval_ms), interval);
+    let mut ticker =
+        tokio::time::interval_at(Instant::now() + Duration::from_millis(interval_ms - now_ms % interval_ms), interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut last_slot = None;
     loop {
@@ -249,7 +263,9 @@ pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask) {
         last_slot = Some(slot);
         let sampled = SystemTime::now();
         let started = Instant::now();
-        let Some(answer) = task.cancel.run_until_cancelled(bus.run(settings.unit_id, Op::Read(plan.requests.clone()))).await else {
+        let Some(answer) =
+            task.cancel.run_until_cancelled(bus.run(settings.unit_id, Op::Read(plan.requests.clone()))).await
+        else {
             break;
         };
         poll_duration.observe(started.elapsed().as_secs_f64());

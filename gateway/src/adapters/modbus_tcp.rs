@@ -91,16 +91,10 @@ pub fn plan(points: &[Point]) -> ReadPlan {
     for (i, p) in points.iter().enumerate() {
         if let Some(m) = &p.modbus {
             let span = m.span(p.value_type).max(1);
-            by_table
-                .entry(m.table)
-                .or_default()
-                .push((m.address, span, i));
+            by_table.entry(m.table).or_default().push((m.address, span, i));
         }
     }
-    let mut plan = ReadPlan {
-        requests: Vec::new(),
-        locations: vec![None; points.len()],
-    };
+    let mut plan = ReadPlan { requests: Vec::new(), locations: vec![None; points.len()] };
     for (table, mut items) in by_table {
         // By address; at one address the longest span first.
         items.sort_by_key(|&(address, span, i)| (address, std::cmp::Reverse(span), i));
@@ -122,20 +116,12 @@ pub fn plan(points: &[Point]) -> ReadPlan {
                     r
                 }
                 None => {
-                    plan.requests.push(ReadRequest {
-                        table,
-                        address,
-                        count: span,
-                    });
+                    plan.requests.push(ReadRequest { table, address, count: span });
                     plan.requests.len() - 1
                 }
             };
             open = Some(r);
-            plan.locations[i] = Some(Location {
-                request: r,
-                offset: address - plan.requests[r].address,
-                span,
-            });
+            plan.locations[i] = Some(Location { request: r, offset: address - plan.requests[r].address, span });
         }
     }
     plan
@@ -201,11 +187,7 @@ pub fn decode(point: &Point, raw: Raw<'_>) -> Option<pb::Point> {
             }
         }
     };
-    Some(pb::Point {
-        name: point.name.clone(),
-        value: Some(value),
-        unit: point.unit.clone().unwrap_or_default(),
-    })
+    Some(pb::Point { name: point.name.clone(), value: Some(value), unit: point.unit.clone().unwrap_or_default() })
 }
 
 fn number(value_type: ValueType, words: &[u16], order: WordOrder) -> Option<Number> {
@@ -229,10 +211,7 @@ fn number(value_type: ValueType, words: &[u16], order: WordOrder) -> Option<Numb
 /// Two characters per register, trailing NULs and spaces trimmed.
 fn text(words: &[u16]) -> String {
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-    let end = bytes
-        .iter()
-        .rposition(|&b| b != 0 && b != b' ')
-        .map_or(0, |i| i + 1);
+    let end = bytes.iter().rposition(|&b| b != 0 && b != b' ').map_or(0, |i| i + 1);
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
@@ -275,10 +254,7 @@ impl From<tokio_modbus::Error> for RequestError {
             tokio_modbus::Error::Protocol(p) => RequestError::Protocol(p.to_string()),
             // tokio-modbus reports undecodable frames as these I/O kinds.
             tokio_modbus::Error::Transport(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
-                ) =>
+                if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) =>
             {
                 RequestError::Protocol(e.to_string())
             }
@@ -294,16 +270,11 @@ pub(crate) enum Block {
 }
 
 /// Sends one request and waits at most `timeout` for its answer.
-pub(crate) async fn read(
-    ctx: &mut Context,
-    req: ReadRequest,
-    timeout: Duration,
-) -> Result<Block, RequestError> {
+pub(crate) async fn read(ctx: &mut Context, req: ReadRequest, timeout: Duration) -> Result<Block, RequestError> {
     // `Client::call` rather than the `Reader` helpers: those `debug_assert` the answer's
     // length, so a misbehaving device would panic a debug build.
-    let answer = tokio::time::timeout(timeout, ctx.call(req.request()))
-        .await
-        .map_err(|_| RequestError::Timeout(timeout))?;
+    let answer =
+        tokio::time::timeout(timeout, ctx.call(req.request())).await.map_err(|_| RequestError::Timeout(timeout))?;
     let response = answer?.map_err(RequestError::Exception)?;
     let n = usize::from(req.count);
     match (req.table, response) {
@@ -321,11 +292,9 @@ pub(crate) async fn read(
         {
             Ok(Block::Words(words))
         }
-        (_, other) => Err(RequestError::Protocol(format!(
-            "asked {n} items of {:?}, got {}",
-            req.table,
-            describe(&other)
-        ))),
+        (_, other) => {
+            Err(RequestError::Protocol(format!("asked {n} items of {:?}, got {}", req.table, describe(&other))))
+        }
     }
 }
 
@@ -340,12 +309,7 @@ fn describe(response: &Response) -> String {
 }
 
 /// Resolves and connects, within `timeout`.
-async fn connect(
-    host: &str,
-    port: u16,
-    unit_id: u8,
-    timeout: Duration,
-) -> Result<(Context, SocketAddr), io::Error> {
+async fn connect(host: &str, port: u16, unit_id: u8, timeout: Duration) -> Result<(Context, SocketAddr), io::Error> {
     let attempt = async {
         let mut last = None;
         for addr in tokio::net::lookup_host((host, port)).await? {
@@ -354,18 +318,11 @@ async fn connect(
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
-        }))
+        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))))
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no connection within {timeout:?}"),
-            ))
-        })
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}"))))
 }
 
 /// What one poll read.
@@ -387,11 +344,7 @@ async fn poll(
     throttle: &mut LogThrottle,
     trace: &mut ReadingTrace,
 ) -> PollOutcome {
-    let mut outcome = PollOutcome {
-        blocks: Vec::with_capacity(plan.requests.len()),
-        answered: false,
-        broken: None,
-    };
+    let mut outcome = PollOutcome { blocks: Vec::with_capacity(plan.requests.len()), answered: false, broken: None };
     for req in &plan.requests {
         match read(ctx, *req, timeout).await {
             Ok(block) => {
@@ -437,9 +390,7 @@ pub(crate) fn points_read(points: &[Point], plan: &ReadPlan, blocks: &[Option<Bl
             let offset = usize::from(loc.offset);
             let raw = match blocks.get(loc.request)?.as_ref()? {
                 Block::Bits(bits) => Raw::Bit(*bits.get(offset)?),
-                Block::Words(words) => {
-                    Raw::Registers(words.get(offset..offset + usize::from(loc.span))?)
-                }
+                Block::Words(words) => Raw::Registers(words.get(offset..offset + usize::from(loc.span))?),
             };
             decode(point, raw)
         })
@@ -506,9 +457,7 @@ impl Backoff {
     }
 
     fn new() -> Self {
-        Self {
-            delays: Self::builder().build(),
-        }
+        Self { delays: Self::builder().build() }
     }
 
     fn next(&mut self) -> Duration {
@@ -535,8 +484,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
     let key = task.key();
     let labels = task.labels();
     let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
-    let interval = duration_or(device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL)
-        .max(Duration::from_millis(1));
+    let interval = duration_or(device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL).max(Duration::from_millis(1));
     let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
     let port = settings.port.unwrap_or(DEFAULT_PORT);
     let unit_id = settings.unit_id.unwrap_or(DEFAULT_UNIT_ID);
@@ -614,10 +562,8 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
         let sampled = SystemTime::now();
         let started = Instant::now();
         let mut trace = ReadingTrace::read(&key, labels.protocol);
-        let Some(outcome) = task
-            .cancel
-            .run_until_cancelled(poll(ctx, &plan, timeout, &task, &mut throttle, &mut trace))
-            .await
+        let Some(outcome) =
+            task.cancel.run_until_cancelled(poll(ctx, &plan, timeout, &task, &mut throttle, &mut trace)).await
         else {
             break;
         };
@@ -686,11 +632,7 @@ mod tests {
     }
 
     fn req(table: ModbusTable, address: u16, count: u16) -> ReadRequest {
-        ReadRequest {
-            table,
-            address,
-            count,
-        }
+        ReadRequest { table, address, count }
     }
 
     use ModbusTable::{Coil, Discrete, Holding, Input};
@@ -708,26 +650,10 @@ mod tests {
         assert_eq!(
             plan.locations,
             vec![
-                Some(Location {
-                    request: 0,
-                    offset: 2,
-                    span: 2
-                }),
-                Some(Location {
-                    request: 0,
-                    offset: 0,
-                    span: 1
-                }),
-                Some(Location {
-                    request: 0,
-                    offset: 1,
-                    span: 1
-                }),
-                Some(Location {
-                    request: 0,
-                    offset: 4,
-                    span: 4
-                }),
+                Some(Location { request: 0, offset: 2, span: 2 }),
+                Some(Location { request: 0, offset: 0, span: 1 }),
+                Some(Location { request: 0, offset: 1, span: 1 }),
+                Some(Location { request: 0, offset: 4, span: 4 }),
             ]
         );
     }
@@ -738,29 +664,11 @@ mod tests {
         if let Some(m) = bit.modbus.as_mut() {
             m.bit = Some(3);
         }
-        let points = vec![
-            p("wide", ValueType::Uint64, Holding, 10),
-            p("low", ValueType::Uint32, Holding, 12),
-            bit,
-        ];
+        let points = vec![p("wide", ValueType::Uint64, Holding, 10), p("low", ValueType::Uint32, Holding, 12), bit];
         let plan = plan(&points);
         assert_eq!(plan.requests, vec![req(Holding, 10, 4)]);
-        assert_eq!(
-            plan.locations[1],
-            Some(Location {
-                request: 0,
-                offset: 2,
-                span: 2
-            })
-        );
-        assert_eq!(
-            plan.locations[2],
-            Some(Location {
-                request: 0,
-                offset: 1,
-                span: 1
-            })
-        );
+        assert_eq!(plan.locations[1], Some(Location { request: 0, offset: 2, span: 2 }));
+        assert_eq!(plan.locations[2], Some(Location { request: 0, offset: 1, span: 1 }));
     }
 
     #[test]
@@ -795,56 +703,23 @@ mod tests {
             .chain([p("f", ValueType::Float32, Holding, 249)]) // 249-250: does not fit 125..250
             .collect();
         let plan = plan(&points);
-        assert_eq!(
-            plan.requests,
-            vec![
-                req(Holding, 0, 125),
-                req(Holding, 125, 5),
-                req(Holding, 249, 2)
-            ]
-        );
-        assert_eq!(
-            plan.locations[126],
-            Some(Location {
-                request: 1,
-                offset: 1,
-                span: 1
-            })
-        );
+        assert_eq!(plan.requests, vec![req(Holding, 0, 125), req(Holding, 125, 5), req(Holding, 249, 2)]);
+        assert_eq!(plan.locations[126], Some(Location { request: 1, offset: 1, span: 1 }));
 
         // A value straddling the 125 boundary moves whole to the next request.
         let mut points = vec![p("x", ValueType::Uint64, Holding, 122)];
         points.extend((0..122).map(|i| p(&format!("r{i}"), ValueType::Uint16, Holding, i)));
         let straddling = super::plan(&points);
-        assert_eq!(
-            straddling.requests,
-            vec![req(Holding, 0, 122), req(Holding, 122, 4)]
-        );
-        assert_eq!(
-            straddling.locations[0],
-            Some(Location {
-                request: 1,
-                offset: 0,
-                span: 4
-            })
-        );
+        assert_eq!(straddling.requests, vec![req(Holding, 0, 122), req(Holding, 122, 4)]);
+        assert_eq!(straddling.locations[0], Some(Location { request: 1, offset: 0, span: 4 }));
     }
 
     #[test]
     fn plan_reads_up_to_2000_coils_per_request() {
-        let points: Vec<Point> = (0..2001)
-            .map(|i| p(&format!("c{i}"), ValueType::Bool, Coil, i))
-            .collect();
+        let points: Vec<Point> = (0..2001).map(|i| p(&format!("c{i}"), ValueType::Bool, Coil, i)).collect();
         let plan = plan(&points);
         assert_eq!(plan.requests, vec![req(Coil, 0, 2000), req(Coil, 2000, 1)]);
-        assert_eq!(
-            plan.locations[2000],
-            Some(Location {
-                request: 1,
-                offset: 0,
-                span: 1
-            })
-        );
+        assert_eq!(plan.locations[2000], Some(Location { request: 1, offset: 0, span: 1 }));
     }
 
     #[test]
@@ -874,19 +749,10 @@ mod tests {
         let v = |t| value(&p("x", t, Holding, 0), &[0xfffe, 0x1234, 0x5678, 0x9abc]);
         assert_eq!(v(ValueType::Int16), Some(Value::IntValue(-2)));
         assert_eq!(v(ValueType::Uint16), Some(Value::UintValue(0xfffe)));
-        assert_eq!(
-            v(ValueType::Int32),
-            Some(Value::IntValue(0xfffe_1234_u32 as i32 as i64))
-        );
+        assert_eq!(v(ValueType::Int32), Some(Value::IntValue(0xfffe_1234_u32 as i32 as i64)));
         assert_eq!(v(ValueType::Uint32), Some(Value::UintValue(0xfffe_1234)));
-        assert_eq!(
-            v(ValueType::Int64),
-            Some(Value::IntValue(0xfffe_1234_5678_9abc_u64 as i64))
-        );
-        assert_eq!(
-            v(ValueType::Uint64),
-            Some(Value::UintValue(0xfffe_1234_5678_9abc))
-        );
+        assert_eq!(v(ValueType::Int64), Some(Value::IntValue(0xfffe_1234_5678_9abc_u64 as i64)));
+        assert_eq!(v(ValueType::Uint64), Some(Value::UintValue(0xfffe_1234_5678_9abc)));
     }
 
     #[test]
@@ -904,30 +770,15 @@ mod tests {
         assert_eq!(value(&f64p, &words), Some(Value::DoubleValue(-1234.125)));
         let reversed: Vec<u16> = words.iter().rev().copied().collect();
         let f64_le = with_order(f64p, WordOrder::LittleEndian);
-        assert_eq!(
-            value(&f64_le, &reversed),
-            Some(Value::DoubleValue(-1234.125))
-        );
+        assert_eq!(value(&f64_le, &reversed), Some(Value::DoubleValue(-1234.125)));
     }
 
     #[test]
     fn decode_honours_little_endian_word_order_for_integers() {
-        let u32_le = with_order(
-            p("x", ValueType::Uint32, Holding, 0),
-            WordOrder::LittleEndian,
-        );
-        assert_eq!(
-            value(&u32_le, &[0x5678, 0x1234]),
-            Some(Value::UintValue(0x1234_5678))
-        );
-        let i64_le = with_order(
-            p("x", ValueType::Int64, Holding, 0),
-            WordOrder::LittleEndian,
-        );
-        assert_eq!(
-            value(&i64_le, &[0xfffe, 0xffff, 0xffff, 0xffff]),
-            Some(Value::IntValue(-2))
-        );
+        let u32_le = with_order(p("x", ValueType::Uint32, Holding, 0), WordOrder::LittleEndian);
+        assert_eq!(value(&u32_le, &[0x5678, 0x1234]), Some(Value::UintValue(0x1234_5678)));
+        let i64_le = with_order(p("x", ValueType::Int64, Holding, 0), WordOrder::LittleEndian);
+        assert_eq!(value(&i64_le, &[0xfffe, 0xffff, 0xffff, 0xffff]), Some(Value::IntValue(-2)));
     }
 
     #[test]
@@ -938,9 +789,7 @@ mod tests {
         t.unit = Some("Cel".into());
         let out = decode(&t, Raw::Registers(&[(-250i16) as u16])).unwrap();
         assert_eq!(out.unit, "Cel");
-        let Some(Value::DoubleValue(d)) = out.value else {
-            panic!("not a double: {out:?}")
-        };
+        let Some(Value::DoubleValue(d)) = out.value else { panic!("not a double: {out:?}") };
         assert!((d - -30.0).abs() < 1e-9, "{d}");
 
         let mut u = p("u", ValueType::Uint32, Holding, 0);
@@ -983,23 +832,10 @@ mod tests {
         if let Some(m) = s.modbus.as_mut() {
             m.length = Some(4);
         }
-        let words = |text: &[u8; 8]| -> Vec<u16> {
-            text.chunks(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                .collect()
-        };
-        assert_eq!(
-            value(&s, &words(b"AB C\0\0\0\0")),
-            Some(Value::StringValue("AB C".into()))
-        );
-        assert_eq!(
-            value(&s, &words(b" PUMP1  ")),
-            Some(Value::StringValue(" PUMP1".into()))
-        );
-        assert_eq!(
-            value(&s, &words(b"\0\0\0\0\0\0\0\0")),
-            Some(Value::StringValue(String::new()))
-        );
+        let words = |text: &[u8; 8]| -> Vec<u16> { text.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect() };
+        assert_eq!(value(&s, &words(b"AB C\0\0\0\0")), Some(Value::StringValue("AB C".into())));
+        assert_eq!(value(&s, &words(b" PUMP1  ")), Some(Value::StringValue(" PUMP1".into())));
+        assert_eq!(value(&s, &words(b"\0\0\0\0\0\0\0\0")), Some(Value::StringValue(String::new())));
     }
 
     #[test]
@@ -1021,14 +857,7 @@ mod tests {
     }
 
     fn sim_device(index: u32, port: u16, extra: u16, timeout: &str) -> GatewayDevice {
-        let mut d = sim::gateway_device(
-            "default",
-            &format!("sim-{index}"),
-            "127.0.0.1",
-            port,
-            "50ms",
-            extra,
-        );
+        let mut d = sim::gateway_device("default", &format!("sim-{index}"), "127.0.0.1", port, "50ms", extra);
         let Connection::ModbusTcp(c) = &mut d.connection else { unreachable!() };
         c.timeout = Some(timeout.into());
         d
@@ -1057,29 +886,16 @@ mod tests {
             };
             let key = task.key();
             let adapter = tokio::spawn(crate::adapters::run(task));
-            Self {
-                readings,
-                metrics,
-                cancel,
-                adapter,
-                key,
-            }
+            Self { readings, metrics, cancel, adapter, key }
         }
 
         fn errors(&self, kind: &'static str) -> u64 {
-            let labels = DeviceErrorLabels {
-                device: self.key.clone(),
-                protocol: "modbus_tcp",
-                kind,
-            };
+            let labels = DeviceErrorLabels { device: self.key.clone(), protocol: "modbus_tcp", kind };
             self.metrics.device_errors.get_or_create(&labels).get()
         }
 
         fn connected(&self) -> i64 {
-            let labels = crate::metrics::DeviceLabels {
-                device: self.key.clone(),
-                protocol: "modbus_tcp",
-            };
+            let labels = crate::metrics::DeviceLabels { device: self.key.clone(), protocol: "modbus_tcp" };
             self.metrics.device_connected.get_or_create(&labels).get()
         }
 
@@ -1094,10 +910,7 @@ mod tests {
         async fn until(&self, what: &str, condition: impl Fn(&Self) -> bool) {
             let deadline = tokio::time::Instant::now() + WAIT;
             while !condition(self) {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "timed out waiting for {what}"
-                );
+                assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -1121,44 +934,22 @@ mod tests {
         let r = h.reading().await;
         let c = sim::expected_c_consistent(&r.points).unwrap_or_else(|e| panic!("{e}: {r:?}"));
         assert!((3000..3100).contains(&c), "c = {c}");
-        assert_eq!(
-            r.points.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
-            names
-        );
+        assert_eq!(r.points.iter().map(|p| p.name.clone()).collect::<Vec<_>>(), names);
         let label = r.points.iter().find(|p| p.name == "label").unwrap();
         assert_eq!(label.value, Some(Value::StringValue("SIM00003".into())));
-        assert_eq!(
-            (r.namespace.as_str(), r.device.as_str(), r.node.as_str()),
-            ("default", "sim-3", "node-1")
-        );
+        assert_eq!((r.namespace.as_str(), r.device.as_str(), r.node.as_str()), ("default", "sim-3", "node-1"));
         assert_eq!(r.buffer_seq, 0);
-        let slot: u64 =
-            r.id.strip_prefix("default/sim-3/")
-                .unwrap()
-                .parse()
-                .unwrap();
-        assert_eq!(
-            slot % 50,
-            0,
-            "slot {slot} is not a multiple of the interval"
-        );
+        let slot: u64 = r.id.strip_prefix("default/sim-3/").unwrap().parse().unwrap();
+        assert_eq!(slot % 50, 0, "slot {slot} is not a multiple of the interval");
         assert!(reading::age(r.time_unix_nano) < Duration::from_secs(5));
         assert!(r.time_unix_nano / 1_000_000 >= slot);
 
         // Later readings are in later slots.
         let r2 = h.reading().await;
-        let slot2: u64 = r2
-            .id
-            .strip_prefix("default/sim-3/")
-            .unwrap()
-            .parse()
-            .unwrap();
+        let slot2: u64 = r2.id.strip_prefix("default/sim-3/").unwrap().parse().unwrap();
         assert!(slot2 > slot, "{} then {}", r.id, r2.id);
         assert_eq!(h.connected(), 1);
-        assert_eq!(
-            h.errors("io") + h.errors("timeout") + h.errors("protocol"),
-            0
-        );
+        assert_eq!(h.errors("io") + h.errors("timeout") + h.errors("protocol"), 0);
 
         // The checker notices a value that does not fit.
         let mut wrong = r2.points.clone();
@@ -1179,23 +970,13 @@ mod tests {
         let (port, sim_cancel) = start_sim(SimDevice::new(1, 300)).await;
         let device = sim_device(1, port, 300, "1s");
         assert_eq!(
-            plan(&device.points)
-                .requests
-                .iter()
-                .filter(|r| r.table == Holding)
-                .count(),
+            plan(&device.points).requests.iter().filter(|r| r.table == Holding).count(),
             3,
             "326 holding registers"
         );
         let mut h = Harness::start(device);
         let r = h.reading().await;
-        assert_eq!(
-            r.points
-                .iter()
-                .filter(|p| p.name.starts_with("reg"))
-                .count(),
-            300
-        );
+        assert_eq!(r.points.iter().filter(|p| p.name.starts_with("reg")).count(), 300);
         sim::expected_c_consistent(&r.points).unwrap_or_else(|e| panic!("{e}"));
         h.stop().await;
         sim_cancel.cancel();
@@ -1205,20 +986,15 @@ mod tests {
     async fn reading_keeps_the_points_of_requests_that_succeeded() {
         let (port, sim_cancel) = start_sim(SimDevice::new(0, 0)).await;
         let mut device = sim_device(0, port, 0, "1s");
-        device
-            .points
-            .push(p("missing", ValueType::Uint16, Holding, 1000));
-        device
-            .points
-            .push(p("missing_coil", ValueType::Bool, Coil, 100));
+        device.points.push(p("missing", ValueType::Uint16, Holding, 1000));
+        device.points.push(p("missing_coil", ValueType::Bool, Coil, 100));
         let mut h = Harness::start(device);
 
         let r = h.reading().await;
         assert!(r.points.iter().all(|p| !p.name.starts_with("missing")));
         assert!(r.points.iter().any(|p| p.name == "u16"));
         sim::expected_c_consistent(&r.points).unwrap_or_else(|e| panic!("{e}"));
-        h.until("exceptions counted", |h| h.errors("exception") >= 2)
-            .await;
+        h.until("exceptions counted", |h| h.errors("exception") >= 2).await;
         // An exception keeps the connection.
         assert_eq!(h.errors("io") + h.errors("connect"), 0);
         assert_eq!(h.connected(), 1);
@@ -1232,12 +1008,8 @@ mod tests {
         let (port, sim_cancel) = start_sim(sim.clone()).await;
         let mut h = Harness::start(sim_device(0, port, 0, "200ms"));
 
-        h.until(&format!("{kind} errors"), |h| h.errors(kind) >= 3)
-            .await;
-        assert!(
-            h.readings.try_recv().is_err(),
-            "no reading while every request fails"
-        );
+        h.until(&format!("{kind} errors"), |h| h.errors(kind) >= 3).await;
+        assert!(h.readings.try_recv().is_err(), "no reading while every request fails");
         if kind != "exception" {
             assert_eq!(h.connected(), 0);
         }
@@ -1277,17 +1049,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let mut h = Harness::start(sim_device(0, addr.port(), 0, "200ms"));
-        h.until("connect errors", |h| h.errors("connect") >= 2)
-            .await;
+        h.until("connect errors", |h| h.errors("connect") >= 2).await;
         assert_eq!(h.connected(), 0);
 
         let listener = TcpListener::bind(addr).await.unwrap();
         let sim_cancel = CancellationToken::new();
-        tokio::spawn(sim::serve(
-            listener,
-            SimDevice::new(0, 0),
-            sim_cancel.clone(),
-        ));
+        tokio::spawn(sim::serve(listener, SimDevice::new(0, 0), sim_cancel.clone()));
         let r = h.reading().await;
         sim::expected_c_consistent(&r.points).unwrap_or_else(|e| panic!("{e}"));
         h.stop().await;
@@ -1300,8 +1067,7 @@ mod tests {
         let (port, sim_cancel) = start_sim(sim.clone()).await;
         let h = Harness::start(sim_device(0, port, 0, "60s"));
         // Connected and waiting for an answer that never comes; stop() allows 2s.
-        h.until("a request in flight", |_| sim.requests() >= 1)
-            .await;
+        h.until("a request in flight", |_| sim.requests() >= 1).await;
         h.stop().await;
         sim_cancel.cancel();
     }

@@ -86,9 +86,9 @@ impl Client {
     fn subscribe(&self, topic: &str) -> Result<(), String> {
         match self {
             Client::V4(c) => c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                c.try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).map_err(|e| e.to_string())
+            }
         }
     }
 
@@ -142,7 +142,11 @@ impl EventLoop {
                 Ok(match el.poll().await.map_err(|e| e.to_string())? {
                     E::Incoming(Packet::ConnAck(_)) => Event::Connected,
                     E::Incoming(Packet::SubAck(a)) => Event::Subscribed {
-                        refused: a.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).count(),
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .count(),
                     },
                     E::Incoming(Packet::Publish(p)) => Event::Message {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
@@ -169,7 +173,8 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
 }
 
 fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, EventLoop), IngestError> {
-    let (host, port) = host_port(&settings.url).ok_or_else(|| IngestError::Settings(format!("bad url {:?}", settings.url)))?;
+    let (host, port) =
+        host_port(&settings.url).ok_or_else(|| IngestError::Settings(format!("bad url {:?}", settings.url)))?;
     let d = &task.device;
     let client_id = settings.client_id.clone().unwrap_or_else(|| {
         let mut id = format!("fieldgate-{}-{}-{}", task.node, d.namespace, d.name);
@@ -215,7 +220,11 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, E
 
 /// Acknowledges messages in arrival order once their outcome is known. Ends (telling
 /// `broken`) at the first reading the buffer did not accept.
-async fn acknowledge(client: Client, mut rx: mpsc::UnboundedReceiver<(AckHandle, Outcome)>, broken: oneshot::Sender<()>) {
+async fn acknowledge(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<(AckHandle, Outcome)>,
+    broken: oneshot::Sender<()>,
+) {
     while let Some((handle, outcome)) = rx.recv().await {
         let accepted = match outcome {
             Outcome::Now => true,
@@ -335,10 +344,21 @@ async fn session(
 
 /// Publishes a command to the device's `commandTopic` on its field broker (QoS 1, its own
 /// short connection) and waits for the broker's acknowledgement.
-pub(crate) async fn publish_command(settings: &MqttDeviceConnection, task: &DeviceTask, payload: Bytes, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn publish_command(
+    settings: &MqttDeviceConnection,
+    task: &DeviceTask,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<(), String> {
     let Some(topic) = settings.command_topic.clone() else { return Err("the device has no commandTopic".into()) };
     let mut own = settings.clone();
-    own.client_id = Some(format!("{}-cmd", settings.client_id.clone().unwrap_or_else(|| format!("fieldgate-{}-{}", task.device.namespace, task.device.name))));
+    own.client_id = Some(format!(
+        "{}-cmd",
+        settings
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("fieldgate-{}-{}", task.device.namespace, task.device.name))
+    ));
     let (client, mut events) = {
         let (host, port) = host_port(&own.url).ok_or("bad url")?;
         let id = own.client_id.clone().unwrap_or_default();
@@ -373,7 +393,9 @@ pub(crate) async fn publish_command(settings: &MqttDeviceConnection, task: &Devi
             if !published {
                 published = true;
                 let queued = match &client {
-                    Client::V4(c) => c.try_publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone()).map_err(|e| e.to_string()),
+                    Client::V4(c) => c
+                        .try_publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone())
+                        .map_err(|e| e.to_string()),
                     Client::V5(c) => c
                         .try_publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone())
                         .map_err(|e| e.to_string()),
@@ -382,7 +404,9 @@ pub(crate) async fn publish_command(settings: &MqttDeviceConnection, task: &Devi
             }
         }
     };
-    let result = tokio::time::timeout(timeout, sent).await.unwrap_or_else(|_| Err(format!("no acknowledgement within {timeout:?}")));
+    let result = tokio::time::timeout(timeout, sent)
+        .await
+        .unwrap_or_else(|_| Err(format!("no acknowledgement within {timeout:?}")));
     client.disconnect().await;
     result
 }

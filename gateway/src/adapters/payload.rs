@@ -243,7 +243,8 @@ pub fn convert(point: &Point, v: &Json) -> Result<pb::Point, PayloadError> {
 fn integer(t: ValueType, n: &serde_json::Number) -> Option<Value> {
     let whole = |f: f64| (f.fract() == 0.0 && f.is_finite()).then_some(f);
     let signed = n.as_i64().or_else(|| n.as_f64().and_then(whole).filter(|f| f.abs() < 9.0e15).map(|f| f as i64));
-    let unsigned = n.as_u64().or_else(|| n.as_f64().and_then(whole).filter(|f| (0.0..9.0e15).contains(f)).map(|f| f as u64));
+    let unsigned =
+        n.as_u64().or_else(|| n.as_f64().and_then(whole).filter(|f| (0.0..9.0e15).contains(f)).map(|f| f as u64));
     Some(match t {
         ValueType::Int16 => Value::IntValue(i64::from(i16::try_from(signed?).ok()?)),
         ValueType::Int32 => Value::IntValue(i64::from(i32::try_from(signed?).ok()?)),
@@ -297,7 +298,10 @@ mod tests {
         assert_eq!(decode(&two, b"true", Some("on")).unwrap()[0].value, Some(Value::BoolValue(true)));
         assert_eq!(decode(&two, b"1.5", None).unwrap_err(), PayloadError::Ambiguous);
         let text = vec![pt("label", ValueType::String)];
-        assert_eq!(decode(&text, b"hello world", None).unwrap()[0].value, Some(Value::StringValue("hello world".into())));
+        assert_eq!(
+            decode(&text, b"hello world", None).unwrap()[0].value,
+            Some(Value::StringValue("hello world".into()))
+        );
     }
 
     #[test]

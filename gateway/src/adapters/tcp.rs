@@ -86,7 +86,8 @@ impl State {
         let args = &self.hub.args;
         let slot = Arc::new(CommandSlot { conn: self.next_conn.fetch_add(1, Ordering::Relaxed), ..Default::default() });
         let key = dev.task.key();
-        let old = self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&slot));
+        let old =
+            self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&slot));
         let Some(old) = old else { return Some(slot) };
         old.replaced.store(true, Ordering::Release);
         old.notify.notify_one();
@@ -275,7 +276,13 @@ enum Wake {
 
 /// One device connection. The idle state holds only the wait below: identification, frame
 /// handling and command writes run boxed, so their state is allocated only while they run.
-async fn connection(mut conn: Conn, peer: SocketAddr, state: Arc<State>, _slot: OwnedSemaphorePermit, gauge: prometheus_client::metrics::gauge::Gauge) {
+async fn connection(
+    mut conn: Conn,
+    peer: SocketAddr,
+    state: Arc<State>,
+    _slot: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+) {
     let _gauge = GaugeGuard(gauge);
     let Some((me, first)) = Box::pin(identify(&mut conn, peer, &state)).await else { return };
     let max = state.hub.args.max_frame_bytes;
@@ -311,7 +318,11 @@ fn parse(bytes: Vec<u8>) -> Result<serde_json::Map<String, serde_json::Value>, F
 }
 
 /// The first frame: credentials (and maybe values). `None`: refused, the connection closes.
-async fn identify(conn: &mut Conn, peer: SocketAddr, state: &State) -> Option<(Identified, Option<serde_json::Map<String, serde_json::Value>>)> {
+async fn identify(
+    conn: &mut Conn,
+    peer: SocketAddr,
+    state: &State,
+) -> Option<(Identified, Option<serde_json::Map<String, serde_json::Value>>)> {
     let hub = &state.hub;
     let max = hub.args.max_frame_bytes;
     let first = match tokio::time::timeout(hub.args.first_frame_timeout, conn.next_frame(max)).await {
@@ -389,7 +400,11 @@ async fn write_commands(conn: &mut Conn, slot: &CommandSlot) -> bool {
 
 /// One frame after identification: a reading answered `OK` once accepted, or `ERR <reason>`.
 /// `false` when the connection must close.
-async fn handle_frame(conn: &mut Conn, me: &Identified, frame: Result<serde_json::Map<String, serde_json::Value>, FrameError>) -> bool {
+async fn handle_frame(
+    conn: &mut Conn,
+    me: &Identified,
+    frame: Result<serde_json::Map<String, serde_json::Value>, FrameError>,
+) -> bool {
     let dev = &me.dev;
     let mut frame = match frame {
         Ok(m) => m,
@@ -481,7 +496,8 @@ mod size {
         let a = l.local_addr().unwrap();
         let _c = tokio::net::TcpStream::connect(a).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
-        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()));
+        let metrics =
+            std::sync::Arc::new(crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()));
         let hub = crate::adapters::hub::DeviceHub::for_tests(std::sync::Arc::clone(&metrics));
         let state = std::sync::Arc::new(super::State { hub, flaps: Default::default(), next_conn: Default::default() });
         let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();

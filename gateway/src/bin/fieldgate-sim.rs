@@ -45,13 +45,8 @@ struct Args {
 }
 
 fn parse_fault(text: &str) -> Result<(u16, Fault), String> {
-    let (index, kind) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not INDEX=KIND"))?;
-    let index = index
-        .trim()
-        .parse()
-        .map_err(|e| format!("device index {index:?}: {e}"))?;
+    let (index, kind) = text.split_once('=').ok_or_else(|| format!("{text:?} is not INDEX=KIND"))?;
+    let index = index.trim().parse().map_err(|e| format!("device index {index:?}: {e}"))?;
     let fault = kind.parse().map_err(|e: sim::UnknownFault| e.to_string())?;
     Ok((index, fault))
 }
@@ -81,10 +76,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let faults: BTreeMap<u16, Fault> = args.faults.iter().copied().collect();
     if let Some(index) = faults.keys().find(|&&i| i >= args.devices) {
-        bail!(
-            "--fault {index}=...: there are only {} devices",
-            args.devices
-        );
+        bail!("--fault {index}=...: there are only {} devices", args.devices);
     }
     // Ports and indices agree: device i on base-port + i.
     let ports = (0..args.devices).map(|i| (i, args.base_port + i));
@@ -119,10 +111,7 @@ async fn main() -> anyhow::Result<()> {
         }
         servers.spawn(sim::serve(listener, device, cancel.clone()));
     }
-    println!(
-        "fieldgate-sim: {} devices on {}:{}-{last_port}",
-        args.devices, args.host, args.base_port
-    );
+    println!("fieldgate-sim: {} devices on {}:{}-{last_port}", args.devices, args.host, args.base_port);
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("stopping"),

@@ -22,11 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::buffer::TRACEPARENT_HEADER;
 use crate::buffer::{BufferError, UplinkBuffer};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
-use crate::buffer::TRACEPARENT_HEADER;
 use crate::telemetry::{self, BufferEntry, StageSpan, TraceparentText};
 
 pub mod mqtt;
@@ -101,10 +101,7 @@ pub async fn ensure_consumer(
     buffer: &UplinkBuffer,
     window: u16,
 ) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), BufferError> {
-    let err = |e: async_nats::Error| BufferError::Consumer {
-        stream: buffer.stream.clone(),
-        source: e,
-    };
+    let err = |e: async_nats::Error| BufferError::Consumer { stream: buffer.stream.clone(), source: e };
     let expected = match stream.consumer_info(CONSUMER).await {
         Ok(info) => info.delivered.stream_sequence + 1,
         Err(_) => stream.info().await.map_err(|e| err(e.into()))?.state.first_sequence.max(1),
@@ -293,10 +290,7 @@ impl Driver {
         let traceparent = span.traceparent();
         match link.send(token, topic, payload.into(), traceparent.as_ref().map(TraceparentText::as_str)) {
             Ok(()) => {
-                self.in_flight.insert(
-                    token,
-                    InFlight { msg, sent: Instant::now(), sampled_unix_nano, span },
-                );
+                self.in_flight.insert(token, InFlight { msg, sent: Instant::now(), sampled_unix_nano, span });
             }
             Err(e) => {
                 span.fail("queue");
@@ -321,9 +315,7 @@ impl Driver {
         let m = &self.task.metrics;
         self.outcome(DeliveryOutcome::acked);
         m.delivery_latency.get_or_create(&self.labels).observe(f.sent.elapsed().as_secs_f64());
-        m.sample_to_cloud_latency
-            .get_or_create(&self.labels)
-            .observe(reading::age(f.sampled_unix_nano).as_secs_f64());
+        m.sample_to_cloud_latency.get_or_create(&self.labels).observe(reading::age(f.sampled_unix_nano).as_secs_f64());
     }
 
     async fn refused(&mut self, token: Token, reason: &str) {
@@ -377,12 +369,8 @@ impl Driver {
             self.count_gap(lost.len() as u64).await;
         }
         let m = &self.task.metrics;
-        m.buffer_messages
-            .get_or_create(&self.labels)
-            .set(i64::try_from(st.messages).unwrap_or(i64::MAX));
-        m.buffer_bytes
-            .get_or_create(&self.labels)
-            .set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
+        m.buffer_messages.get_or_create(&self.labels).set(i64::try_from(st.messages).unwrap_or(i64::MAX));
+        m.buffer_bytes.get_or_create(&self.labels).set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
         let age = if st.messages == 0 {
             0.0
         } else {
@@ -557,10 +545,7 @@ async fn open_messages(d: &mut Driver) -> Result<pull::Stream, UplinkError> {
         .messages()
         .await
         .map_err(|e| {
-            UplinkError::Buffer(BufferError::Consumer {
-                stream: d.task.buffer.stream.clone(),
-                source: e.into(),
-            })
+            UplinkError::Buffer(BufferError::Consumer { stream: d.task.buffer.stream.clone(), source: e.into() })
         })
 }
 

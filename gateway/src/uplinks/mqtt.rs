@@ -106,12 +106,7 @@ fn split_url(url: &str) -> Option<(bool, String, Option<u16>)> {
 impl MqttSettings {
     /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
     /// `path` is the uplink's field path, for errors.
-    pub fn resolve(
-        u: &GatewayUplink,
-        node: &str,
-        secrets: &SecretStore,
-        path: &str,
-    ) -> Result<Self, SettingsError> {
+    pub fn resolve(u: &GatewayUplink, node: &str, secrets: &SecretStore, path: &str) -> Result<Self, SettingsError> {
         let m = &u.mqtt;
         let (tls_url, host, port) = split_url(&m.url)
             .ok_or_else(|| settings_err(format!("{path}.mqtt.url"), format!("cannot parse {:?}", m.url)))?;
@@ -123,21 +118,14 @@ impl MqttSettings {
                 let user = secrets
                     .read(&a.secret_ref.name, "username")
                     .map_err(|e| settings_err(at.clone(), e.to_string()))?;
-                let user = user
-                    .expose_str()
-                    .map_err(|_| settings_err(at.clone(), "username is not UTF-8"))?
-                    .to_string();
-                let password = secrets
-                    .read(&a.secret_ref.name, "password")
-                    .map_err(|e| settings_err(at, e.to_string()))?;
+                let user =
+                    user.expose_str().map_err(|_| settings_err(at.clone(), "username is not UTF-8"))?.to_string();
+                let password =
+                    secrets.read(&a.secret_ref.name, "password").map_err(|e| settings_err(at, e.to_string()))?;
                 Some((user, password))
             }
         };
-        let tls = if tls_url {
-            Some(Arc::new(tls_config(u, secrets, path)?))
-        } else {
-            None
-        };
+        let tls = if tls_url { Some(Arc::new(tls_config(u, secrets, path)?)) } else { None };
         let client_id = m.client_id.clone().unwrap_or_else(|| {
             let mut id = format!("fieldgate-{node}-{}-{}", u.namespace, u.name);
             id.truncate(64);
@@ -150,11 +138,7 @@ impl MqttSettings {
             port,
             version: m.protocol_version.unwrap_or(5),
             client_id,
-            keep_alive: m
-                .keep_alive
-                .as_deref()
-                .and_then(|k| parse_duration(k).ok())
-                .unwrap_or(Duration::from_secs(30)),
+            keep_alive: m.keep_alive.as_deref().and_then(|k| parse_duration(k).ok()).unwrap_or(Duration::from_secs(30)),
             max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             credentials,
             tls,
@@ -208,9 +192,7 @@ fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<ru
             let mut n = 0;
             for cert in CertificateDer::pem_slice_iter(pem.expose()) {
                 let cert = cert.map_err(|e| settings_err(at.clone(), format!("bad PEM in key {key:?}: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| settings_err(at.clone(), format!("bad CA certificate: {e}")))?;
+                roots.add(cert).map_err(|e| settings_err(at.clone(), format!("bad CA certificate: {e}")))?;
                 n += 1;
             }
             if n == 0 {
@@ -302,7 +284,13 @@ impl MqttLink {
     ///
     /// `traceparent` (sampled readings only) goes out as the MQTT v5 user property
     /// `traceparent`; MQTT 3.1.1 has no properties, so it is not sent there.
-    pub fn send(&self, token: Token, topic: String, payload: Bytes, traceparent: Option<&str>) -> Result<(), UplinkError> {
+    pub fn send(
+        &self,
+        token: Token,
+        topic: String,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<(), UplinkError> {
         let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
         q.push_back(token);
         let sent = match &self.client {
@@ -316,7 +304,13 @@ impl MqttLink {
                         user_properties: vec![(crate::telemetry::TRACEPARENT.to_string(), tp.to_string())],
                         ..Default::default()
                     };
-                    c.try_publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload, properties)
+                    c.try_publish_with_properties(
+                        topic,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                        properties,
+                    )
                 }
             }
             .map_err(|e| UplinkError::Queue(e.to_string())),

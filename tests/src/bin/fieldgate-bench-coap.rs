@@ -16,10 +16,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use fieldgate_crds::GatewayDevice;
+use fieldgate_tests::Mosquitto;
 use fieldgate_tests::coap_peer::CoapServer;
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::Mosquitto;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -85,7 +85,10 @@ async fn worker(target: SocketAddr, method: RequestType, path: String, until: In
                     if p.header.message_id != mid {
                         continue;
                     }
-                    break matches!(p.header.code, MessageClass::Response(ResponseType::Changed | ResponseType::Created));
+                    break matches!(
+                        p.header.code,
+                        MessageClass::Response(ResponseType::Changed | ResponseType::Created)
+                    );
                 }
             }
         };
@@ -98,13 +101,20 @@ async fn worker(target: SocketAddr, method: RequestType, path: String, until: In
     Ok((lat, failed))
 }
 
-async fn ramp(name: &str, target: SocketAddr, method: RequestType, paths: &[String], args: &Args) -> Result<Vec<Level>> {
+async fn ramp(
+    name: &str,
+    target: SocketAddr,
+    method: RequestType,
+    paths: &[String],
+    args: &Args,
+) -> Result<Vec<Level>> {
     let mut out = Vec::new();
     println!("\n{name}");
     println!("{:>6} {:>10} {:>9} {:>9} {:>7}", "conc", "req/s", "p50 ms", "p99 ms", "failed");
     for &c in &args.levels {
         let until = Instant::now() + Duration::from_secs(args.seconds);
-        let workers: Vec<_> = (0..c).map(|i| tokio::spawn(worker(target, method, paths[i % paths.len()].clone(), until))).collect();
+        let workers: Vec<_> =
+            (0..c).map(|i| tokio::spawn(worker(target, method, paths[i % paths.len()].clone(), until))).collect();
         let mut all = Vec::new();
         let mut failed = 0;
         for w in workers {
@@ -113,8 +123,17 @@ async fn ramp(name: &str, target: SocketAddr, method: RequestType, paths: &[Stri
             failed += f;
         }
         all.sort_unstable();
-        let pct = |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).map_or(0.0, |v| f64::from(*v) / 1000.0);
-        let level = Level { concurrency: c, rate: all.len() as f64 / args.seconds as f64, p50_ms: pct(0.50), p99_ms: pct(0.99), failed };
+        let pct = |q: f64| {
+            all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+                .map_or(0.0, |v| f64::from(*v) / 1000.0)
+        };
+        let level = Level {
+            concurrency: c,
+            rate: all.len() as f64 / args.seconds as f64,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            failed,
+        };
         println!("{:>6} {:>10.0} {:>9.2} {:>9.2} {:>7}", c, level.rate, level.p50_ms, level.p99_ms, failed);
         out.push(level);
     }
@@ -150,10 +169,17 @@ async fn main() -> Result<()> {
     gw.start_ready().await?;
     let paths: Vec<String> = (0..args.devices).map(|i| format!("/default/bench-{i}")).collect();
     // Warm up (the listener binds lazily, JetStream streams are created).
-    ramp("warm-up", gw.coap, RequestType::Post, &paths, &Args { levels: vec![4], seconds: 1, devices: args.devices, nats_sync: String::new() })
-        .await
-        .context("warm-up")?;
-    let title = format!("fieldgate CoAP push -> JetStream, sync_interval {} (CON POST, answered after PubAck)", args.nats_sync);
+    ramp(
+        "warm-up",
+        gw.coap,
+        RequestType::Post,
+        &paths,
+        &Args { levels: vec![4], seconds: 1, devices: args.devices, nats_sync: String::new() },
+    )
+    .await
+    .context("warm-up")?;
+    let title =
+        format!("fieldgate CoAP push -> JetStream, sync_interval {} (CON POST, answered after PubAck)", args.nats_sync);
     let gateway = ramp(&title, gw.coap, RequestType::Post, &paths, &args).await?;
     let accepted = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
     let _ = gw.terminate().await;
@@ -163,7 +189,13 @@ async fn main() -> Result<()> {
     match (g, c) {
         (Some(g), Some(c)) => println!(
             "RESULT coap push at p99<10ms: fieldgate {:.0} req/s (c={}, p99 {:.2} ms) vs libcoap {:.0} req/s (c={}, p99 {:.2} ms): ratio {:.2}",
-            g.rate, g.concurrency, g.p99_ms, c.rate, c.concurrency, c.p99_ms, g.rate / c.rate
+            g.rate,
+            g.concurrency,
+            g.p99_ms,
+            c.rate,
+            c.concurrency,
+            c.p99_ms,
+            g.rate / c.rate
         ),
         _ => println!("RESULT no level met p99 < 10 ms: fieldgate {g:?}, libcoap {c:?}"),
     }

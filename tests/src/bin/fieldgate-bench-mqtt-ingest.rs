@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fieldgate_crds::GatewayDevice;
+use fieldgate_tests::Mosquitto;
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::time::Instant;
 
@@ -131,12 +131,15 @@ async fn main() -> Result<()> {
                 "points": [{"name": "v", "type": "uint64"}]}))
         })
         .collect::<Result<_, _>>()?;
-    let config = ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| u.mqtt.max_in_flight = Some(1000)).yaml()?;
+    let config =
+        ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| u.mqtt.max_in_flight = Some(1000)).yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
     gw.start_ready().await?;
-    gw.wait_metric("fieldgate_device_connected", &[("protocol", "mqtt")], Duration::from_secs(60), |v| v >= args.devices as f64)
-        .await?;
+    gw.wait_metric("fieldgate_device_connected", &[("protocol", "mqtt")], Duration::from_secs(60), |v| {
+        v >= args.devices as f64
+    })
+    .await?;
     let (count, _t2) = counter(cloud.port(), "gateway-counter", "fieldgate/#").await?;
     let topics: Vec<String> = (0..args.devices).map(|i| format!("bench/d{i}/v")).collect();
     let started = Instant::now();
@@ -153,7 +156,10 @@ async fn main() -> Result<()> {
         n as f64 / accepted.as_secs_f64(),
         published.as_secs_f64()
     );
-    println!("RESULT mqtt ingest -> cloud: fieldgate {through:.0} msg/s vs direct {ceiling:.0} msg/s: ratio {:.2}", through / ceiling);
+    println!(
+        "RESULT mqtt ingest -> cloud: fieldgate {through:.0} msg/s vs direct {ceiling:.0} msg/s: ratio {:.2}",
+        through / ceiling
+    );
     let _ = gw.terminate().await;
     Ok(())
 }

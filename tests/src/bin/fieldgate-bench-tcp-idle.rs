@@ -68,7 +68,10 @@ async fn main() -> Result<()> {
     let n = args.connections;
     let limit = open_files_limit().unwrap_or(0);
     if limit < n as u64 + 200 {
-        bail!("the open-file limit is {limit}: raise it above {} (ulimit -n) for this process and the gateway", n + 200);
+        bail!(
+            "the open-file limit is {limit}: raise it above {} (ulimit -n) for this process and the gateway",
+            n + 200
+        );
     }
     let nats = NatsServer::start().await?;
     let broker = Mosquitto::start().await?;
@@ -104,7 +107,8 @@ async fn main() -> Result<()> {
         .into_iter()
         .collect::<Result<_>>()?;
     let opened = started.elapsed();
-    gw.wait_metric("fieldgate_ingress_connections", &[("protocol", "tcp")], Duration::from_secs(60), |v| v >= n as f64).await?;
+    gw.wait_metric("fieldgate_ingress_connections", &[("protocol", "tcp")], Duration::from_secs(60), |v| v >= n as f64)
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = gw.rss_kib().context("gateway RSS")?;
     let kernel_after = tcp_kernel_pages();

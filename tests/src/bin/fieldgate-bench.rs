@@ -66,11 +66,7 @@ fn sibling_binary(name: &str) -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no parent dir")?;
     let p = dir.join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        bail!("{} not found: run `cargo build --release --workspace --bins`", p.display())
-    }
+    if p.is_file() { Ok(p) } else { bail!("{} not found: run `cargo build --release --workspace --bins`", p.display()) }
 }
 
 /// A QoS 1 subscriber that counts readings and, for sampled ones, the sample -> cloud latency.
@@ -82,10 +78,7 @@ struct Counter {
 }
 
 fn now_unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// `"timeUnixNano":123` without parsing the whole JSON document.
@@ -309,9 +302,7 @@ async fn mosquitto_ceiling(args: &Args, payload_len: usize) -> Result<f64> {
     });
     let t0 = Instant::now();
     for _ in 0..n {
-        client
-            .publish_bytes("probe/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone())
-            .await?;
+        client.publish_bytes("probe/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone()).await?;
     }
     let _ = tokio::time::timeout(Duration::from_secs(120), poller).await;
     let c = counter.count.clone();
@@ -346,9 +337,7 @@ async fn nats_ceiling(args: &Args, payload_len: usize) -> Result<f64> {
         {
             r?;
         }
-        let msg = jetstream::message::PublishMessage::build()
-            .message_id(format!("probe/{i}"))
-            .payload(payload.clone());
+        let msg = jetstream::message::PublishMessage::build().message_id(format!("probe/{i}")).payload(payload.clone());
         let ack = js.send_publish("probe", msg).await?;
         in_flight.push(ack.into_future());
     }
@@ -385,10 +374,7 @@ async fn main() -> Result<()> {
 
     let l = run_path(&args, args.latency_devices, &args.latency_poll_interval, true).await?;
     println!("latency run ({:.0} points/s delivered):", l.points_per_s);
-    println!(
-        "  sample -> cloud     p50 {:.2} ms, p99 {:.2} ms ({} samples)",
-        l.p50_ms, l.p99_ms, l.latency_samples
-    );
+    println!("  sample -> cloud     p50 {:.2} ms, p99 {:.2} ms ({} samples)", l.p50_ms, l.p99_ms, l.latency_samples);
     println!("  gateway CPU         {:>10.3} CPU-s per 10^6 points", l.cpu_s_per_million);
     println!("  gateway RSS         {:>10.1} MiB (peak {:.1} MiB)", l.rss_mib, l.hwm_mib);
 
