@@ -217,6 +217,14 @@ impl CloudSubscriber {
         Ok(self.keys()?.into_iter().map(|k| k.id).collect())
     }
 
+    /// Waits until a JSON reading of `device` (`namespace/name`) carries point `name` = `value`.
+    pub async fn wait_value(&self, device: &str, name: &str, value: &Json, timeout: Duration) -> Result<()> {
+        self.wait_for(&format!("{device}.{name} = {value} at the cloud"), timeout, |msgs| {
+            has_value(msgs, device, name, value)
+        })
+        .await
+    }
+
     /// Waits until `cond` holds for the messages received so far.
     pub async fn wait_for<F>(&self, what: &str, timeout: Duration, mut cond: F) -> Result<()>
     where
@@ -269,4 +277,12 @@ impl Drop for CloudSubscriber {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Whether `msgs` hold a JSON reading of `device` (`namespace/name`) with point `name` = `value`.
+pub fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> bool {
+    msgs.iter().filter_map(|m| m.json().ok()).any(|r| {
+        r["device"] == device
+            && r["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["value"] == *value))
+    })
 }

@@ -14,7 +14,7 @@ use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::coap_peer::{CoapProbe, CoapServer, coap_client};
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer};
+use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use serde_json::{Value as Json, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -25,14 +25,6 @@ fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
         .unwrap()
 }
 
-/// Whether the messages hold a reading of `device` with point `name` equal to `value`.
-fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> bool {
-    msgs.iter().filter_map(|m| m.json().ok()).any(|r| {
-        r["device"] == device
-            && r["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["value"] == *value))
-    })
-}
-
 async fn wait_value(
     cloud: &CloudSubscriber,
     gw: &ListeningGateway,
@@ -40,12 +32,7 @@ async fn wait_value(
     name: &str,
     value: Json,
 ) -> Result<()> {
-    cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| {
-            has_value(msgs, device, name, &value)
-        })
-        .await
-        .with_context(|| gw.log())
+    cloud.wait_value(device, name, &value, WAIT).await.with_context(|| gw.log())
 }
 
 struct Rig {

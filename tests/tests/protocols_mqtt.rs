@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer};
+use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value as Json, json};
 
@@ -22,13 +22,6 @@ fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
     serde_json::from_value(json!({"name": name, "connection": connection, "points": points})).unwrap()
 }
 
-fn has_value(msgs: &[CloudMessage], device: &str, name: &str, value: &Json) -> bool {
-    msgs.iter().filter_map(|m| m.json().ok()).any(|r| {
-        r["device"] == device
-            && r["points"].as_array().is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["value"] == *value))
-    })
-}
-
 async fn wait_value(
     cloud: &CloudSubscriber,
     gw: &ListeningGateway,
@@ -36,12 +29,7 @@ async fn wait_value(
     name: &str,
     value: Json,
 ) -> Result<()> {
-    cloud
-        .wait_for(&format!("{device}.{name} = {value} at the cloud"), WAIT, |msgs| {
-            has_value(msgs, device, name, &value)
-        })
-        .await
-        .with_context(|| gw.log())
+    cloud.wait_value(device, name, &value, WAIT).await.with_context(|| gw.log())
 }
 
 /// A field device publishing to the field broker (QoS 1), its event loop polled in the background.
