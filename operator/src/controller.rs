@@ -459,6 +459,19 @@ mod tests {
     use serde_json::{Value, json};
     use tower_test::mock;
 
+    /// The mocked API server's answer to a status write: the object with the written status.
+    fn echo_status(uri: &str, body: Value) -> Value {
+        let mut object = if uri.contains("/devices/") {
+            serde_json::to_value(Device::test("meter-1")).unwrap()
+        } else if uri.contains("/uplinks/") {
+            serde_json::to_value(Uplink::test("cloud").auth("creds")).unwrap()
+        } else {
+            return body;
+        };
+        object["status"] = body["status"].clone();
+        object
+    }
+
     fn filled<K>(objects: Vec<K>) -> Store<K>
     where
         K: kube::Resource + Clone + 'static,
@@ -577,16 +590,8 @@ mod tests {
                     serde_json::to_value(secret("default", "creds", &[("username", "u"), ("password", "p")])).unwrap()
                 } else if uri.contains("labelSelector") {
                     json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []})
-                } else if uri.contains("/devices/") {
-                    let mut d = serde_json::to_value(Device::test("meter-1")).unwrap();
-                    d["status"] = body["status"].clone();
-                    d
-                } else if uri.contains("/uplinks/") {
-                    let mut u = serde_json::to_value(Uplink::test("cloud").auth("creds")).unwrap();
-                    u["status"] = body["status"].clone();
-                    u
                 } else {
-                    body
+                    echo_status(&uri, body)
                 };
                 send.send_response(
                     Response::builder()
@@ -611,17 +616,7 @@ mod tests {
                 let uri = req.uri().to_string();
                 let bytes = req.into_body().collect_bytes().await.unwrap();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let reply = if uri.contains("/devices/") {
-                    let mut d = serde_json::to_value(Device::test("meter-1")).unwrap();
-                    d["status"] = body["status"].clone();
-                    d
-                } else if uri.contains("/uplinks/") {
-                    let mut u = serde_json::to_value(Uplink::test("cloud").auth("creds")).unwrap();
-                    u["status"] = body["status"].clone();
-                    u
-                } else {
-                    body
-                };
+                let reply = echo_status(&uri, body);
                 send.send_response(
                     Response::builder()
                         .status(StatusCode::OK)

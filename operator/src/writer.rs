@@ -380,19 +380,33 @@ impl Writer {
         result
     }
 
+    /// Server-side applies `status` to the object `key` of kind `K`; `Ok(false)` when the
+    /// object is gone.
+    async fn apply_status<K>(&self, key: &ObjectKey, status: serde_json::Value) -> Result<bool, WriteError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let kind = K::kind(&());
+        let api = Api::<K>::namespaced(self.client.clone(), &key.namespace);
+        let patch = json!({"apiVersion": K::api_version(&()), "kind": kind, "status": status});
+        match api.patch_status(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(source) => Err(WriteError::Status { object: format!("{kind} {key}"), source }),
+        }
+    }
+
     async fn write_device_status(
         &self,
         d: &Device,
         v: &DeviceVerdict,
         status: serde_json::Value,
     ) -> Result<bool, WriteError> {
-        let key = ObjectKey::of(d);
-        let api = Api::<Device>::namespaced(self.client.clone(), &key.namespace);
-        let patch = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "Device", "status": status});
-        match api.patch_status(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-            Err(source) => return Err(WriteError::Status { object: format!("Device {key}"), source }),
+        if !self.apply_status::<Device>(&ObjectKey::of(d), status).await? {
+            return Ok(false);
         }
         self.metrics.wrote("device_status");
         let recorder = self.recorder();
@@ -408,13 +422,8 @@ impl Writer {
         v: &UplinkVerdict,
         status: serde_json::Value,
     ) -> Result<bool, WriteError> {
-        let key = ObjectKey::of(u);
-        let api = Api::<Uplink>::namespaced(self.client.clone(), &key.namespace);
-        let patch = json!({"apiVersion": "fieldgate.io/v1alpha1", "kind": "Uplink", "status": status});
-        match api.patch_status(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-            Err(source) => return Err(WriteError::Status { object: format!("Uplink {key}"), source }),
+        if !self.apply_status::<Uplink>(&ObjectKey::of(u), status).await? {
+            return Ok(false);
         }
         self.metrics.wrote("uplink_status");
         let was = u.status.as_ref().and_then(|s| s.condition(CONFIGURED)).map(|c| c.status.clone());
