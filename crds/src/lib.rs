@@ -52,7 +52,8 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Erro
 ///
 /// - ConfigMap `fieldgate-gateway-<node>`: key [`CONFIG_KEY`] holds the node's
 ///   [`GatewayConfig`] as YAML; annotation [`CONFIG_HASH_ANNOTATION`] carries its version.
-/// - Secret `fieldgate-gateway-<node>`: only the credentials that node's uplinks reference.
+/// - Secret `fieldgate-gateway-<node>`: only the credentials that node's devices (token and
+///   MQTT credential Secrets) and uplinks reference.
 ///   Data key `<namespace>_<secret>_<key>` holds key `<key>` of Secret `<secret>` in namespace
 ///   `<namespace>`. The rendered config refers to that Secret as `<namespace>_<secret>`, so the
 ///   gateway writes data key `k` to `<secrets-dir>/<dir>/<file>` where
@@ -84,6 +85,14 @@ pub mod node_objects {
         format!("{namespace}_{name}")
     }
 
+    /// Splits a name made by [`secret_dir`] back into the namespace and the Secret's name.
+    /// `None` for any other name (such as a plain Secret name of a standalone config).
+    pub fn split_secret_dir(dir: &str) -> Option<(&str, &str)> {
+        let (namespace, name) = dir.split_once('_')?;
+        (crate::validate::is_dns_label(namespace) && crate::validate::is_dns_subdomain(name))
+            .then_some((namespace, name))
+    }
+
     /// Data key in the per-node Secret for `key` of Secret `name` in `namespace`.
     pub fn secret_key(namespace: &str, name: &str, key: &str) -> String {
         format!("{namespace}_{name}_{key}")
@@ -109,6 +118,18 @@ pub mod node_objects {
             assert_eq!(secret_dir("plant-a", "cloud.creds"), "plant-a_cloud.creds");
             assert_eq!(split_secret_key("nounderscore"), None);
             assert_eq!(split_secret_key("a_b_"), None);
+        }
+
+        #[test]
+        fn secret_dirs_split_back_into_namespace_and_name() {
+            let dir = secret_dir("plant-a", "cloud.creds");
+            assert_eq!(split_secret_dir(&dir), Some(("plant-a", "cloud.creds")));
+            let data_key = secret_key("plant-a", "cloud.creds", "token");
+            let (d, _) = split_secret_key(&data_key).unwrap();
+            assert_eq!(split_secret_dir(d), Some(("plant-a", "cloud.creds")));
+            for other in ["cloud-creds", "plant.a_creds", "_creds", "plant-a_", "plant-a_Creds", "a_b_c"] {
+                assert_eq!(split_secret_dir(other), None, "{other}");
+            }
         }
     }
 }

@@ -182,13 +182,23 @@ fn validate_modbus_tcp(errs: &mut ValidationErrors, path: &str, c: &ModbusTcpCon
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
-fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection) {
+/// Which names a device's Secret reference may carry.
+#[derive(Clone, Copy)]
+enum SecretNames {
+    /// A Device object's: the name of a Secret in its namespace.
+    Object,
+    /// A GatewayConfig's: a Secret name (standalone), or the per-node name
+    /// `<namespace>_<secret>` the operator renders ([`crate::node_objects::secret_dir`]).
+    Config,
+}
+
+fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection, names: SecretNames) {
     match c {
         Connection::ModbusTcp(m) => validate_modbus_tcp(errs, &format!("{path}.modbusTcp"), m),
-        Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c),
+        Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c, names),
         Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m),
-        Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r),
-        Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r),
+        Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r, names),
+        Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r, names),
         Connection::ModbusRtu(m) => validate_modbus_rtu(errs, &format!("{path}.modbusRtu"), m),
     }
 }
@@ -223,8 +233,18 @@ fn validate_modbus_rtu(errs: &mut ValidationErrors, path: &str, c: &crate::devic
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
-fn validate_secret_ref(errs: &mut ValidationErrors, path: &str, r: &crate::device::DeviceSecretRef) {
-    if !is_dns_subdomain(&r.name) {
+fn validate_secret_ref(
+    errs: &mut ValidationErrors,
+    path: &str,
+    r: &crate::device::DeviceSecretRef,
+    names: SecretNames,
+) {
+    let rendered = || crate::node_objects::split_secret_dir(&r.name).is_some();
+    let valid = match names {
+        SecretNames::Object => is_dns_subdomain(&r.name),
+        SecretNames::Config => is_dns_subdomain(&r.name) || rendered(),
+    };
+    if !valid {
         errs.push(format!("{path}.name"), format!("{:?} is not a Secret name", r.name));
     }
     if r.key.as_deref().is_some_and(|k| k.is_empty() || k.contains('/')) {
@@ -232,7 +252,7 @@ fn validate_secret_ref(errs: &mut ValidationErrors, path: &str, r: &crate::devic
     }
 }
 
-fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection) {
+fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection, names: SecretNames) {
     if c.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
         errs.push(format!("{path}.host"), "must not be empty");
     }
@@ -255,7 +275,7 @@ fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::Coa
         errs.push(format!("{path}.maxBodyBytes"), format!("{n} is not within 16-1048576"));
     }
     if let Some(r) = &c.token_secret_ref {
-        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), r);
+        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), r, names);
     }
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
@@ -294,13 +314,13 @@ fn validate_mqtt_device(errs: &mut ValidationErrors, path: &str, m: &crate::devi
     check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
 }
 
-fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawConnection) {
+fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawConnection, names: SecretNames) {
     if let Some(id) = &r.id
         && (id.is_empty() || id.len() > 128 || id.contains(|c: char| c.is_whitespace() || c.is_control()))
     {
         errs.push(format!("{path}.id"), format!("{id:?} must be 1-128 characters without spaces"));
     }
-    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.token_secret_ref);
+    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.token_secret_ref, names);
 }
 
 /// Checks the reporting rule of a point (`at` is the point's path).
@@ -426,7 +446,7 @@ impl DeviceSpec {
     /// Checks a Device's own spec (before its profile is merged in); paths start at `spec`.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
-        validate_connection(&mut errs, "spec.connection", &self.connection);
+        validate_connection(&mut errs, "spec.connection", &self.connection, SecretNames::Object);
         check_duration(&mut errs, "spec.pollInterval", self.poll_interval.as_ref(), MIN_POLL_INTERVAL);
         let modbus = matches!(self.connection, Connection::ModbusTcp(_) | Connection::ModbusRtu(_));
         validate_points(&mut errs, "spec.points", &self.points, modbus);
@@ -468,7 +488,7 @@ fn validate_device(errs: &mut ValidationErrors, path: &str, d: &GatewayDevice) {
     if !is_dns_subdomain(&d.name) {
         errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", d.name));
     }
-    validate_connection(errs, &format!("{path}.connection"), &d.connection);
+    validate_connection(errs, &format!("{path}.connection"), &d.connection, SecretNames::Config);
     check_duration(errs, &format!("{path}.pollInterval"), d.poll_interval.as_ref(), MIN_POLL_INTERVAL);
     if d.points.is_empty() {
         errs.push(format!("{path}.points"), "a device needs at least one point");
@@ -632,6 +652,39 @@ uplinks:
         let mut cfg = parse(VALID);
         cfg.uplinks[0].mqtt.tls = Some(Default::default());
         assert_eq!(paths(&cfg), ["uplinks[0].mqtt.tls"]);
+    }
+
+    #[test]
+    fn a_config_may_name_a_token_secret_as_the_operator_renders_it_but_a_device_may_not() {
+        let raw = |name: &str| {
+            Connection::Tcp(crate::device::RawConnection {
+                id: None,
+                token_secret_ref: crate::device::DeviceSecretRef { name: name.into(), key: None },
+            })
+        };
+        let mut cfg = parse(VALID);
+        cfg.devices[0].points.truncate(1);
+        cfg.devices[0].points[0].modbus = None;
+        for name in ["tok", "plant-a_tok", "plant-a_tok.v2"] {
+            cfg.devices[0].connection = raw(name);
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for name in ["Tok", "_tok", "plant-a_", "plant.a_tok"] {
+            cfg.devices[0].connection = raw(name);
+            assert_eq!(paths(&cfg), ["devices[0].connection.tcp.tokenSecretRef.name"], "{name}");
+        }
+        let spec = DeviceSpec {
+            profile: None,
+            points: cfg.devices[0].points.clone(),
+            connection: raw("plant-a_tok"),
+            poll_interval: None,
+            placement: None,
+        };
+        let errs = spec.validate().unwrap_err().0;
+        assert_eq!(
+            errs.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["spec.connection.tcp.tokenSecretRef.name"]
+        );
     }
 
     #[test]

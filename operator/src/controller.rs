@@ -6,9 +6,10 @@
 //! runs only while this replica holds the Lease; the watch caches stay warm on standbys.
 //!
 //! Inputs: Devices, DeviceProfiles, Uplinks (all namespaces), Nodes labelled
-//! `fieldgate.io/gateway=true`, and Secret *metadata* (all namespaces). Secret values are
-//! fetched only for Secrets that Uplinks reference, and again only when their
-//! resourceVersion changes, so the operator never caches every Secret of the cluster.
+//! `fieldgate.io/gateway=true`, and Secret *metadata* (all namespaces): any Secret change
+//! triggers a reconcile. Secret values are fetched only for Secrets that Devices or Uplinks
+//! reference, and again only when their resourceVersion changes, so the operator never caches
+//! every Secret of the cluster.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -239,9 +240,10 @@ impl Reconciler {
         }
     }
 
-    /// Reads the Secrets uplinks reference (cached by resourceVersion).
+    /// Reads the Secrets devices and uplinks reference (cached by resourceVersion).
     async fn referenced_secrets(&mut self, world: &World) -> Result<(SecretIndex, SecretValues), ReconcileError> {
         let mut wanted: Vec<ObjectKey> = world.uplinks.iter().flat_map(|u| render::secret_refs(u)).collect();
+        wanted.extend(world.devices.iter().flat_map(|d| render::device_secret_refs(d)));
         wanted.sort();
         wanted.dedup();
         let mut index = SecretIndex::new();
@@ -631,6 +633,98 @@ mod tests {
         drop(reconciler);
         let uris = server.await.unwrap();
         assert!(uris.iter().all(|u| !u.contains("/secrets/") && !u.contains("/configmaps")), "{uris:?}");
+    }
+
+    #[tokio::test]
+    async fn a_device_token_secret_reaches_its_nodes_secret_and_a_change_to_it_is_copied_again() {
+        use fieldgate_crds::{Connection, DeviceSecretRef, RawConnection};
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let device = Device::test("meter-1").spec_with(|s| {
+            s.connection = Connection::Tcp(RawConnection {
+                id: None,
+                token_secret_ref: DeviceSecretRef { name: "dev-tok".into(), key: None },
+            });
+            s.points[0].modbus = None;
+        });
+        let (secrets, mut w_secrets) = reflector::store::<PartialObjectMeta<Secret>>();
+        w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "dev-tok", "1")));
+        w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "unrelated", "1")));
+        let stores = Stores::new(
+            filled(vec![device]),
+            filled(vec![]),
+            filled(vec![]),
+            filled(vec![Node::gateway("edge-1")]),
+            secrets,
+        );
+        let writer = Writer::new(
+            client.clone(),
+            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
+            Arc::clone(&metrics),
+        );
+        let settings = LoopSettings {
+            debounce: Duration::ZERO,
+            resync: Duration::from_secs(300),
+            failover_grace: Duration::from_secs(300),
+            fail_back: false,
+        };
+        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+
+        // The API server: the token Secret's value changes between its two reads; every Secret
+        // read and every per-node Secret written is recorded.
+        let log: Arc<std::sync::Mutex<Vec<(String, Value)>>> = Arc::default();
+        let server_log = Arc::clone(&log);
+        let server = tokio::spawn(async move {
+            let mut reads = 0;
+            while let Some((req, send)) = handle.next_request().await {
+                let uri = req.uri().to_string();
+                let method = req.method().clone();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let reply = if method == http::Method::GET && uri.contains("/secrets/") {
+                    reads += 1;
+                    let token = if reads == 1 { "one" } else { "two" };
+                    server_log.lock().unwrap().push((format!("GET {uri}"), Value::Null));
+                    serde_json::to_value(secret("default", "dev-tok", &[("token", token), ("other", "x")])).unwrap()
+                } else if uri.contains("labelSelector") {
+                    json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []})
+                } else {
+                    if uri.contains("/secrets/fieldgate-gateway-") {
+                        server_log.lock().unwrap().push((format!("{method} {uri}"), body["data"].clone()));
+                    }
+                    echo_status(&uri, body)
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        let take = |log: &std::sync::Mutex<Vec<(String, Value)>>| std::mem::take(&mut *log.lock().unwrap());
+
+        let (rendered, summary) = reconciler.reconcile().await.unwrap();
+        assert!(rendered.devices.values().all(|v| v.verdict.configured()), "{:?}", rendered.devices);
+        assert_eq!(summary.secrets, 1);
+        let calls = take(&log);
+        assert_eq!(calls[0].0, "GET /api/v1/namespaces/default/secrets/dev-tok", "only the referenced Secret");
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls[1].0.contains("/namespaces/fieldgate-system/secrets/fieldgate-gateway-edge-1"), "{calls:?}");
+        // Only the referenced key, under the per-node layout; "one" in base64.
+        assert_eq!(calls[1].1, json!({"default_dev-tok_token": "b25l"}));
+
+        // The Secret changes (a new resourceVersion, as its metadata watch shows): read again and
+        // the node's Secret rewritten.
+        w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "dev-tok", "2")));
+        let (_, summary) = reconciler.reconcile().await.unwrap();
+        assert_eq!((summary.configmaps, summary.secrets), (0, 1));
+        let calls = take(&log);
+        assert_eq!(calls[0].0, "GET /api/v1/namespaces/default/secrets/dev-tok");
+        assert_eq!(calls[1].1, json!({"default_dev-tok_token": "dHdv"}));
+        drop(reconciler);
+        server.await.unwrap();
     }
 
     #[tokio::test]

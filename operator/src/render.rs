@@ -6,14 +6,16 @@
 //! 1. Profiles are checked on their own.
 //! 2. Each Device is checked, its profile merged in (the profile's points in order, a device
 //!    point of the same name replacing the profile's, the device's other points appended), the
-//!    merged device checked again, and the device placed on a node ([`crate::placement`]).
-//!    Any problem keeps the device off every gateway and makes its verdict `Configured=False`
-//!    with the field path.
+//!    merged device checked again, its referenced Secrets and keys checked, and the device
+//!    placed on a node ([`crate::placement`]). Any problem keeps the device off every gateway
+//!    and makes its verdict `Configured=False` with the field path.
 //! 3. Each Uplink is checked (spec, label selector, referenced Secrets and keys) and selects
 //!    the configured Devices of its namespace by label; a node runs an uplink when it serves at
 //!    least one device the uplink selects.
 //! 4. Every node serving at least one device gets a config whose `version` is a hash of its
-//!    content, plus the list of Secret keys its uplinks need.
+//!    content, plus the list of Secret keys its devices and uplinks need (and no other).
+//!    Secret references in the config are renamed to the per-node Secret's layout
+//!    ([`fieldgate_crds::node_objects`]).
 //!
 //! [`plan`] makes every decision but leaves each node's config unbuilt ([`NodePlan`]): the
 //! controller builds, applies and drops them one node at a time, so the merged points of all
@@ -26,8 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate_crds::node_objects::secret_dir;
-use fieldgate_crds::validate::ValidationErrors;
-use fieldgate_crds::{Device, DeviceProfile, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, Point, Uplink};
+use fieldgate_crds::validate::{ValidationErrors, is_dns_subdomain};
+use fieldgate_crds::{
+    Connection, Device, DeviceProfile, DeviceSecretRef, GatewayConfig, GatewayDevice, GatewayUplink, MqttAuth,
+    MqttUplink, Point, Uplink,
+};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
@@ -78,8 +83,8 @@ pub struct World {
     pub uplinks: Vec<Arc<Uplink>>,
     /// Nodes; those without the gateway label are ignored.
     pub nodes: Vec<Arc<Node>>,
-    /// The Secrets Uplinks may reference. `None`: unknown, references are not checked
-    /// (offline render without Secret manifests).
+    /// The Secrets Devices and Uplinks may reference. `None`: unknown, references are not
+    /// checked (offline render without Secret manifests).
     pub secrets: Option<SecretIndex>,
 }
 
@@ -131,9 +136,9 @@ pub enum Reason {
     NoMatchingNode,
     /// The Uplink's device selector is malformed.
     InvalidSelector,
-    /// The Uplink references a Secret that does not exist.
+    /// The Device or Uplink references a Secret that does not exist.
     UnknownSecret,
-    /// A referenced Secret lacks a key the Uplink needs.
+    /// A referenced Secret lacks a key the Device or Uplink needs.
     MissingSecretKey,
 }
 
@@ -239,7 +244,7 @@ pub struct SecretItem {
 pub struct NodeConfig {
     /// The config, `version` set to its content hash.
     pub config: GatewayConfig,
-    /// The Secret keys its uplinks reference.
+    /// The Secret keys its devices and uplinks reference.
     pub secrets: BTreeSet<SecretItem>,
 }
 
@@ -283,7 +288,7 @@ impl NodePlan<'_> {
             kind: GatewayConfig::KIND.to_string(),
             node: Some(self.node.clone()),
             version: None,
-            devices: self.devices.iter().map(|d| gateway_device(&d.key, d.device, d.profile_points)).collect(),
+            devices: self.devices.iter().map(|d| node_device(&d.key, d.device, d.profile_points)).collect(),
             uplinks: self.uplinks.clone(),
         };
         config.version = Some(unversioned_hash(&config));
@@ -414,8 +419,10 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     let policy = FailoverPolicy { fail_back: settings.fail_back };
     let mut configured: BTreeMap<ObjectKey, Configured<'w>> = BTreeMap::new();
     for (key, device) in devices {
-        let (problems, merged) = check_device(&key, device, &profiles, &out.profiles);
-        let mut problems = problems;
+        let (mut problems, merged) = check_device(&key, device, &profiles, &out.profiles);
+        if let Some(index) = &world.secrets {
+            check_secrets(&device_secret_items(&key.namespace, &device.spec.connection), index, &mut problems);
+        }
         let placed = placement::place(
             &key,
             device.spec.placement.as_ref(),
@@ -492,11 +499,14 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     // 4. Per-node plans (configs are built from them on demand).
     let mut per_node: BTreeMap<String, NodePlan<'w>> = BTreeMap::new();
     for (key, Configured { node, device, profile_points, .. }) in configured {
-        per_node
-            .entry(node.clone())
-            .or_insert_with(|| NodePlan { node, devices: Vec::new(), uplinks: Vec::new(), secrets: BTreeSet::new() })
-            .devices
-            .push(PlannedDevice { key, device, profile_points });
+        let np = per_node.entry(node.clone()).or_insert_with(|| NodePlan {
+            node,
+            devices: Vec::new(),
+            uplinks: Vec::new(),
+            secrets: BTreeSet::new(),
+        });
+        np.secrets.extend(device_secret_items(&key.namespace, &device.spec.connection).into_iter().map(|(_, i)| i));
+        np.devices.push(PlannedDevice { key, device, profile_points });
     }
     for (node, list) in node_uplinks {
         if let Some(np) = per_node.get_mut(&node) {
@@ -606,7 +616,22 @@ fn check_device<'w>(
     if problems.is_empty() { (problems, Some(profile_points)) } else { (problems, None) }
 }
 
-/// The device as a gateway runs it: its profile's points merged in.
+/// The device as its node's gateway runs it: [`gateway_device`] with its Secret references
+/// renamed to the per-node Secret's layout (see [`fieldgate_crds::node_objects`]).
+fn node_device(key: &ObjectKey, device: &Device, profile_points: &[Point]) -> GatewayDevice {
+    let mut d = gateway_device(key, device, profile_points);
+    let rename = |r: &mut DeviceSecretRef| r.name = secret_dir(&key.namespace, &r.name);
+    match &mut d.connection {
+        Connection::Coap(c) => c.token_secret_ref.iter_mut().for_each(rename),
+        Connection::Tcp(r) | Connection::Udp(r) => rename(&mut r.token_secret_ref),
+        Connection::Mqtt(m) => m.auth.iter_mut().for_each(|a| rename_auth(&key.namespace, a)),
+        Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => {}
+    }
+    d
+}
+
+/// The device as a gateway runs it: its profile's points merged in, its Secret references as
+/// the Device names them.
 fn gateway_device(key: &ObjectKey, device: &Device, profile_points: &[Point]) -> GatewayDevice {
     GatewayDevice {
         namespace: key.namespace.clone(),
@@ -687,24 +712,65 @@ pub fn secret_refs(uplink: &Uplink) -> Vec<ObjectKey> {
     secret_items(&namespace, &uplink.spec.mqtt).into_iter().map(|(_, item)| item.secret).collect()
 }
 
+/// The Secrets a Device references (they need not exist).
+pub fn device_secret_refs(device: &Device) -> Vec<ObjectKey> {
+    let namespace = ObjectKey::of(device).namespace;
+    device_secret_items(&namespace, &device.spec.connection).into_iter().map(|(_, item)| item.secret).collect()
+}
+
+/// The key of `name` in `namespace` a reference needs.
+fn item(namespace: &str, name: &str, key: &str) -> SecretItem {
+    SecretItem { secret: ObjectKey::new(namespace, name), key: key.to_string() }
+}
+
+/// The keys `username` and `password` of MQTT credentials, each with the path of the reference.
+fn auth_items(namespace: &str, at: &str, auth: &MqttAuth) -> [(String, SecretItem); 2] {
+    ["username", "password"].map(|key| (format!("{at}.secretRef.name"), item(namespace, &auth.secret_ref.name, key)))
+}
+
+/// The Secret keys a device needs, each with the path of its reference. A reference the spec
+/// check refuses (a token Secret name that is not a Secret name, empty MQTT credentials) is
+/// left out: it is reported once, as an invalid spec.
+fn device_secret_items(namespace: &str, connection: &Connection) -> Vec<(String, SecretItem)> {
+    let token = |at: &str, r: &DeviceSecretRef| {
+        let path = if r.key.is_some() { format!("{at}.key") } else { format!("{at}.name") };
+        let item = item(namespace, &r.name, r.key.as_deref().unwrap_or(DEFAULT_TOKEN_KEY));
+        is_dns_subdomain(&r.name).then_some((path, item))
+    };
+    match connection {
+        Connection::Coap(c) => {
+            c.token_secret_ref.iter().filter_map(|r| token("spec.connection.coap.tokenSecretRef", r)).collect()
+        }
+        Connection::Tcp(r) => token("spec.connection.tcp.tokenSecretRef", &r.token_secret_ref).into_iter().collect(),
+        Connection::Udp(r) => token("spec.connection.udp.tokenSecretRef", &r.token_secret_ref).into_iter().collect(),
+        Connection::Mqtt(m) => m
+            .auth
+            .iter()
+            .filter(|a| !a.secret_ref.name.is_empty())
+            .flat_map(|a| auth_items(namespace, "spec.connection.mqtt.auth", a))
+            .collect(),
+        Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+    }
+}
+
+/// The key of a device token Secret when its reference names none (as the gateway reads it).
+const DEFAULT_TOKEN_KEY: &str = "token";
+
 /// The Secret keys an uplink needs, each with the path of its reference.
 fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)> {
-    let item = |name: &str, key: &str| SecretItem { secret: ObjectKey::new(namespace, name), key: key.to_string() };
     let mut out = Vec::new();
     if let Some(auth) = &mqtt.auth {
-        for key in ["username", "password"] {
-            out.push(("spec.mqtt.auth.secretRef.name".to_string(), item(&auth.secret_ref.name, key)));
-        }
+        out.extend(auth_items(namespace, "spec.mqtt.auth", auth));
     }
     if let Some(tls) = &mqtt.tls {
         if let Some(ca) = &tls.ca_secret_ref {
             let path =
                 if ca.key.is_some() { "spec.mqtt.tls.caSecretRef.key" } else { "spec.mqtt.tls.caSecretRef.name" };
-            out.push((path.to_string(), item(&ca.name, ca.key.as_deref().unwrap_or("ca.crt"))));
+            out.push((path.to_string(), item(namespace, &ca.name, ca.key.as_deref().unwrap_or("ca.crt"))));
         }
         if let Some(cert) = &tls.client_cert_secret_ref {
             for key in ["tls.crt", "tls.key"] {
-                out.push(("spec.mqtt.tls.clientCertSecretRef.name".to_string(), item(&cert.name, key)));
+                out.push(("spec.mqtt.tls.clientCertSecretRef.name".to_string(), item(namespace, &cert.name, key)));
             }
         }
     }
@@ -714,7 +780,7 @@ fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)>
 fn check_secrets(items: &[(String, SecretItem)], index: &SecretIndex, problems: &mut Vec<Problem>) {
     let mut reported = BTreeSet::new();
     for (path, item) in items {
-        let name_path = path.replace(".key", ".name");
+        let name_path = path.strip_suffix(".key").map_or_else(|| path.clone(), |p| format!("{p}.name"));
         match index.get(&item.secret) {
             None => {
                 if reported.insert(item.secret.clone()) {
@@ -740,7 +806,7 @@ fn check_secrets(items: &[(String, SecretItem)], index: &SecretIndex, problems: 
 fn rendered_mqtt(namespace: &str, mqtt: &MqttUplink) -> MqttUplink {
     let mut m = mqtt.clone();
     if let Some(auth) = &mut m.auth {
-        auth.secret_ref.name = secret_dir(namespace, &auth.secret_ref.name);
+        rename_auth(namespace, auth);
     }
     if let Some(tls) = &mut m.tls {
         if let Some(ca) = &mut tls.ca_secret_ref {
@@ -751,6 +817,11 @@ fn rendered_mqtt(namespace: &str, mqtt: &MqttUplink) -> MqttUplink {
         }
     }
     m
+}
+
+/// MQTT credentials renamed to the per-node Secret's layout.
+fn rename_auth(namespace: &str, auth: &mut MqttAuth) {
+    auth.secret_ref.name = secret_dir(namespace, &auth.secret_ref.name);
 }
 
 #[cfg(test)]

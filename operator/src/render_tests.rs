@@ -3,7 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use fieldgate_crds::{Device, MqttTls, SecretKeyRef, SecretRef, Uplink, ValueType};
+use fieldgate_crds::{
+    CoapConnection, Connection, Device, DeviceSecretRef, GatewayDevice, MqttAuth, MqttDeviceConnection, MqttTls,
+    RawConnection, SecretKeyRef, SecretRef, Uplink, ValueType,
+};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -584,4 +587,290 @@ fn the_grace_period_is_a_setting() {
     let short = Settings { failover_grace: Duration::from_secs(10), ..settings() };
     let r = render(&world(many_devices(50), vec![], vec![], nodes), &Placements::new(), &short);
     assert_eq!(r.nodes.keys().collect::<Vec<_>>(), ["edge-001"]);
+}
+
+// ---- device credentials ----
+
+/// A point read from a JSON message (CoAP, MQTT, TCP, UDP devices).
+fn field_point(name: &str) -> fieldgate_crds::Point {
+    fieldgate_crds::Point { modbus: None, ..point(name, 0) }
+}
+
+fn token_ref(name: &str, key: Option<&str>) -> DeviceSecretRef {
+    DeviceSecretRef { name: name.into(), key: key.map(str::to_string) }
+}
+
+/// A device on `node` whose connection is `connection`.
+fn field_device(name: &str, node: &str, connection: Connection) -> Device {
+    Device::test(name).pinned(node).spec_with(|s| {
+        s.connection = connection;
+        s.points = vec![field_point("temp")];
+    })
+}
+
+fn coap_device(name: &str, node: &str, token: Option<DeviceSecretRef>) -> Device {
+    field_device(name, node, Connection::Coap(CoapConnection { token_secret_ref: token, ..Default::default() }))
+}
+
+fn tcp_device(name: &str, node: &str, token: DeviceSecretRef) -> Device {
+    field_device(name, node, Connection::Tcp(RawConnection { id: None, token_secret_ref: token }))
+}
+
+fn udp_device(name: &str, node: &str, token: DeviceSecretRef) -> Device {
+    field_device(name, node, Connection::Udp(RawConnection { id: None, token_secret_ref: token }))
+}
+
+fn mqtt_device(name: &str, node: &str, secret: &str) -> Device {
+    field_device(
+        name,
+        node,
+        Connection::Mqtt(MqttDeviceConnection {
+            url: "mqtt://field-broker:1883".into(),
+            topics: vec![format!("plant/{name}/#")],
+            auth: Some(MqttAuth { secret_ref: SecretRef { name: secret.into() } }),
+            ..Default::default()
+        }),
+    )
+}
+
+/// `namespace/secret:key` of every Secret key a node gets.
+fn node_secrets(r: &Rendered, node: &str) -> Vec<String> {
+    r.nodes[node].secrets.iter().map(|s| format!("{}:{}", s.secret, s.key)).collect()
+}
+
+fn rendered_device<'r>(r: &'r Rendered, node: &str, name: &str) -> &'r GatewayDevice {
+    r.nodes[node].config.devices.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} not on {node}"))
+}
+
+/// The token reference of a rendered CoAP, TCP or UDP device.
+fn rendered_token<'r>(r: &'r Rendered, node: &str, name: &str) -> &'r DeviceSecretRef {
+    match &rendered_device(r, node, name).connection {
+        Connection::Coap(c) => c.token_secret_ref.as_ref().unwrap(),
+        Connection::Tcp(raw) | Connection::Udp(raw) => &raw.token_secret_ref,
+        other => panic!("{name} has no token: {other:?}"),
+    }
+}
+
+#[test]
+fn a_coap_device_token_is_copied_to_its_node_and_the_config_names_the_copy() {
+    let d = coap_device("th-1", "edge-000", Some(token_ref("coap-tok", None)));
+    let mut w = world(vec![d], vec![], vec![], gateways(1));
+    w.secrets = Some(index(&[("coap-tok", &["token", "unrelated"])]));
+    let r = render(&w, &Placements::new(), &settings());
+    assert!(r.devices[&key("th-1")].verdict.configured(), "{:?}", r.devices[&key("th-1")].verdict);
+    assert_eq!(node_secrets(&r, "edge-000"), ["default/coap-tok:token"]);
+    // The key stays unset: the gateway reads `token` then, which is the key copied.
+    assert_eq!(rendered_token(&r, "edge-000", "th-1"), &token_ref("default_coap-tok", None));
+}
+
+#[test]
+fn a_coap_device_without_a_token_needs_no_secret() {
+    let mut w = world(vec![coap_device("open", "edge-000", None)], vec![], vec![], gateways(1));
+    w.secrets = Some(SecretIndex::new());
+    let r = render(&w, &Placements::new(), &settings());
+    assert!(r.devices[&key("open")].verdict.configured());
+    assert!(node_secrets(&r, "edge-000").is_empty());
+}
+
+#[test]
+fn a_tcp_device_token_is_copied_with_its_named_key() {
+    let d = tcp_device("meter-tcp", "edge-000", token_ref("tcp-tok", Some("meter-1")));
+    let mut w = world(vec![d], vec![], vec![], gateways(1));
+    w.secrets = Some(index(&[("tcp-tok", &["meter-1", "meter-2"])]));
+    let r = render(&w, &Placements::new(), &settings());
+    assert!(r.devices[&key("meter-tcp")].verdict.configured());
+    assert_eq!(node_secrets(&r, "edge-000"), ["default/tcp-tok:meter-1"]);
+    assert_eq!(rendered_token(&r, "edge-000", "meter-tcp"), &token_ref("default_tcp-tok", Some("meter-1")));
+}
+
+#[test]
+fn a_udp_device_token_is_copied_under_its_namespace() {
+    let d = udp_device("beacon", "edge-000", token_ref("udp-tok", None)).in_ns("plant-a");
+    let mut w = world(vec![d], vec![], vec![], gateways(1));
+    w.secrets =
+        Some([(ObjectKey::new("plant-a", "udp-tok"), BTreeSet::from(["token".to_string()]))].into_iter().collect());
+    let r = render(&w, &Placements::new(), &settings());
+    assert!(r.devices[&ObjectKey::new("plant-a", "beacon")].verdict.configured());
+    assert_eq!(node_secrets(&r, "edge-000"), ["plant-a/udp-tok:token"]);
+    assert_eq!(rendered_token(&r, "edge-000", "beacon"), &token_ref("plant-a_udp-tok", None));
+}
+
+#[test]
+fn an_mqtt_device_gets_its_username_and_password_like_an_uplink() {
+    let mut w = world(vec![mqtt_device("th-mqtt", "edge-000", "field-creds")], vec![], vec![], gateways(1));
+    w.secrets = Some(index(&[("field-creds", &["username", "password", "unrelated"])]));
+    let r = render(&w, &Placements::new(), &settings());
+    assert!(r.devices[&key("th-mqtt")].verdict.configured());
+    assert_eq!(node_secrets(&r, "edge-000"), ["default/field-creds:password", "default/field-creds:username"]);
+    let Connection::Mqtt(m) = &rendered_device(&r, "edge-000", "th-mqtt").connection else { unreachable!() };
+    assert_eq!(m.auth.as_ref().unwrap().secret_ref.name, "default_field-creds");
+}
+
+#[test]
+fn missing_device_secrets_and_keys_refuse_only_that_device_with_the_path() {
+    let devices = vec![
+        tcp_device("no-secret", "edge-000", token_ref("ghost", None)),
+        coap_device("no-key", "edge-000", Some(token_ref("coap-tok", Some("th-9")))),
+        udp_device("no-token", "edge-000", token_ref("udp-tok", None)),
+        mqtt_device("no-password", "edge-000", "field-creds"),
+        tcp_device("fine", "edge-000", token_ref("tcp-tok", None)),
+    ];
+    let mut w = world(devices, vec![], vec![Uplink::test("all")], gateways(1));
+    w.secrets = Some(index(&[
+        ("coap-tok", &["th-1"]),
+        ("udp-tok", &["other"]),
+        ("field-creds", &["username"]),
+        ("tcp-tok", &["token"]),
+    ]));
+    let r = render(&w, &Placements::new(), &settings());
+    assert_eq!(
+        device_paths(&r, "no-secret"),
+        [("UnknownSecret", "spec.connection.tcp.tokenSecretRef.name".to_string())]
+    );
+    assert_eq!(
+        device_paths(&r, "no-key"),
+        [("MissingSecretKey", "spec.connection.coap.tokenSecretRef.key".to_string())]
+    );
+    assert_eq!(
+        device_paths(&r, "no-token"),
+        [("MissingSecretKey", "spec.connection.udp.tokenSecretRef.name".to_string())]
+    );
+    assert_eq!(
+        device_paths(&r, "no-password"),
+        [("MissingSecretKey", "spec.connection.mqtt.auth.secretRef.name".to_string())]
+    );
+    let v = &r.devices[&key("no-secret")].verdict;
+    assert_eq!(v.reason(), "UnknownSecret");
+    assert_eq!(
+        v.message(),
+        "spec.connection.tcp.tokenSecretRef.name: no Secret \"ghost\" in namespace \"default\"",
+        "the Configured condition's message"
+    );
+    assert!(r.devices[&key("no-key")].verdict.message().contains("Secret \"coap-tok\" has no key \"th-9\""));
+    assert!(r.devices[&key("no-secret")].placed.is_none());
+
+    // The other device runs, alone, with only its own Secret; the uplink carries only it.
+    let cfg = &r.nodes["edge-000"].config;
+    assert_eq!(cfg.devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["fine"]);
+    assert_eq!(uplink_devices(&r, "edge-000", "all"), Some(vec!["fine".to_string()]));
+    assert_eq!(node_secrets(&r, "edge-000"), ["default/tcp-tok:token"]);
+}
+
+#[test]
+fn an_invalid_token_secret_name_is_reported_once_as_an_invalid_spec() {
+    let mut w = world(vec![tcp_device("m", "edge-000", token_ref("Not_A_Name", None))], vec![], vec![], gateways(1));
+    w.secrets = Some(SecretIndex::new());
+    let r = render(&w, &Placements::new(), &settings());
+    assert_eq!(device_paths(&r, "m"), [("InvalidSpec", "spec.connection.tcp.tokenSecretRef.name".to_string())]);
+}
+
+#[test]
+fn a_device_secret_reaches_only_the_node_of_its_device() {
+    let devices = vec![
+        tcp_device("on-a", "edge-000", token_ref("a-tok", None)),
+        mqtt_device("mqtt-on-a", "edge-000", "a-creds"),
+        udp_device("on-b", "edge-001", token_ref("b-tok", None)),
+        tcp_device("also-on-b", "edge-001", token_ref("shared-tok", None)),
+        coap_device("also-on-c", "edge-002", Some(token_ref("shared-tok", None))),
+    ];
+    let secrets = index(&[
+        ("a-tok", &["token"]),
+        ("a-creds", &["username", "password"]),
+        ("b-tok", &["token"]),
+        ("shared-tok", &["token"]),
+        ("creds", &["username", "password"]),
+    ]);
+    for known in [Some(secrets), None] {
+        let mut w = world(devices.clone(), vec![], vec![Uplink::test("cloud").auth("creds")], gateways(3));
+        w.secrets = known.clone();
+        let r = render(&w, &Placements::new(), &settings());
+        assert!(r.devices.values().all(|v| v.verdict.configured()), "{:?}", r.devices);
+        assert_eq!(
+            node_secrets(&r, "edge-000"),
+            [
+                "default/a-creds:password",
+                "default/a-creds:username",
+                "default/a-tok:token",
+                "default/creds:password",
+                "default/creds:username",
+            ],
+            "secrets known: {}",
+            known.is_some()
+        );
+        assert_eq!(
+            node_secrets(&r, "edge-001"),
+            ["default/b-tok:token", "default/creds:password", "default/creds:username", "default/shared-tok:token"]
+        );
+        assert_eq!(
+            node_secrets(&r, "edge-002"),
+            ["default/creds:password", "default/creds:username", "default/shared-tok:token"]
+        );
+    }
+}
+
+/// Devices of every kind with credentials, on two nodes, with every Secret present.
+fn credentialed_world() -> World {
+    let devices = vec![
+        coap_device("coap", "edge-000", Some(token_ref("coap-tok", None))),
+        tcp_device("tcp", "edge-000", token_ref("tcp-tok", Some("meter-1"))),
+        udp_device("udp", "edge-001", token_ref("udp-tok", None)),
+        mqtt_device("mqtt", "edge-001", "field-creds"),
+        Device::test("modbus").pinned("edge-001"),
+    ];
+    let mut w = world(devices, vec![], vec![Uplink::test("cloud").auth("creds")], gateways(2));
+    w.secrets = Some(index(&[
+        ("coap-tok", &["token"]),
+        ("tcp-tok", &["meter-1"]),
+        ("udp-tok", &["token"]),
+        ("field-creds", &["username", "password"]),
+        ("creds", &["username", "password"]),
+    ]));
+    w
+}
+
+#[test]
+fn every_device_secret_reference_names_a_file_the_gateway_writes_from_the_node_secret() {
+    use fieldgate_crds::node_objects::{secret_key, split_secret_key};
+    let r = render(&credentialed_world(), &Placements::new(), &settings());
+    assert!(r.devices.values().all(|v| v.verdict.configured()), "{:?}", r.devices);
+    for (node, nc) in &r.nodes {
+        // The files the gateway writes from the node's Secret: `<dir>/<file>`.
+        let data_keys: Vec<String> =
+            nc.secrets.iter().map(|s| secret_key(&s.secret.namespace, &s.secret.name, &s.key)).collect();
+        let files: BTreeSet<(String, String)> = data_keys
+            .iter()
+            .map(|k| split_secret_key(k).map(|(d, f)| (d.to_string(), f.to_string())).unwrap())
+            .collect();
+        for d in &nc.config.devices {
+            let wanted: Vec<(String, String)> = match &d.connection {
+                Connection::Coap(c) => c
+                    .token_secret_ref
+                    .iter()
+                    .map(|t| (t.name.clone(), t.key.clone().unwrap_or_else(|| "token".into())))
+                    .collect(),
+                Connection::Tcp(raw) | Connection::Udp(raw) => {
+                    let t = &raw.token_secret_ref;
+                    vec![(t.name.clone(), t.key.clone().unwrap_or_else(|| "token".into()))]
+                }
+                Connection::Mqtt(m) => m
+                    .auth
+                    .iter()
+                    .flat_map(|a| ["username", "password"].map(|k| (a.secret_ref.name.clone(), k.to_string())))
+                    .collect(),
+                Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+            };
+            for f in wanted {
+                assert!(files.contains(&f), "{node}: {} reads {f:?}, not in {files:?}", d.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn rendered_device_secret_references_pass_the_gateways_validation() {
+    let r = render(&credentialed_world(), &Placements::new(), &settings());
+    assert_eq!(r.nodes.len(), 2);
+    for (node, nc) in &r.nodes {
+        nc.config.validate().unwrap_or_else(|e| panic!("{node}: {e}"));
+    }
 }

@@ -3,8 +3,8 @@
 //! - Per node serving devices, with server-side apply (field manager `fieldgate-operator`,
 //!   owner reference to the Node): ConfigMap `fieldgate-gateway-<node>` (key `gateway.yaml`,
 //!   annotation `fieldgate.io/config-hash`) and Secret `fieldgate-gateway-<node>` with only the
-//!   keys that node's uplinks reference (layout: [`fieldgate_crds::node_objects`]). Applied
-//!   only when their hash changed since this leader last applied them.
+//!   keys that node's devices and uplinks reference (layout: [`fieldgate_crds::node_objects`]).
+//!   Applied only when their hash changed since this leader last applied them.
 //! - Per-node objects of nodes that no longer serve any device are deleted.
 //! - `Device` and `Uplink` status through the status subresource (server-side apply: the
 //!   operator owns `node`, `observedGeneration`, `failedOverFrom` and the `Configured`
@@ -46,7 +46,7 @@ pub const MANAGER: &str = "fieldgate-operator";
 /// `app.kubernetes.io/managed-by` value on the per-node objects.
 pub const MANAGED_BY: &str = "fieldgate-operator";
 
-/// Values of the Secrets referenced by uplinks: `(namespace, name) -> key -> value`.
+/// Values of the Secrets referenced by devices and uplinks: `(namespace, name) -> key -> value`.
 pub type SecretValues = BTreeMap<ObjectKey, BTreeMap<String, ByteString>>;
 
 /// What went wrong with one write.

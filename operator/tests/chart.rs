@@ -249,6 +249,171 @@ fn invalid_values_are_refused_by_the_schema() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Device listeners
+
+/// The gateway container of the rendered DaemonSet.
+fn gateway_container(objects: &[Value]) -> &Value {
+    let ds = find(objects, "DaemonSet", "fg-gateway");
+    ds["spec"]["template"]["spec"]["containers"].as_array().unwrap().iter().find(|c| c["name"] == "gateway").unwrap()
+}
+
+fn env_var(container: &Value, name: &str) -> Option<Value> {
+    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
+}
+
+/// `(name, port, protocol)` of the gateway's containerPorts other than metrics.
+fn listener_ports(container: &Value) -> Vec<(String, i64, String)> {
+    container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] != "metrics")
+        .map(|p| {
+            let protocol = p["protocol"].as_str().unwrap_or("TCP").to_string();
+            (p["name"].as_str().unwrap().to_string(), p["containerPort"].as_i64().unwrap(), protocol)
+        })
+        .collect()
+}
+
+/// `(name, port, targetPort, protocol)` of the listeners Service.
+fn service_ports(service: &Value) -> Vec<(String, i64, String, String)> {
+    service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["port"].as_i64().unwrap(),
+                p["targetPort"].as_str().unwrap().to_string(),
+                p["protocol"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn strings(v: &[(&str, i64, &str)]) -> Vec<(String, i64, String)> {
+    v.iter().map(|(n, p, proto)| (n.to_string(), *p, proto.to_string())).collect()
+}
+
+#[test]
+fn the_device_listeners_are_exposed_by_default_through_a_node_local_service() {
+    let Some(py) = python() else { return };
+    let r = helm(&py, json!({}));
+    assert_lint_clean(&r);
+    let gw = gateway_container(&r.objects);
+    // The gateway's own variables of --coap-listen, --tcp-listen and --udp-listen, at its defaults.
+    assert_eq!(env_var(gw, "FIELDGATE_COAP_LISTEN"), Some(json!("0.0.0.0:5683")));
+    assert_eq!(env_var(gw, "FIELDGATE_TCP_LISTEN"), Some(json!("0.0.0.0:7700")));
+    assert_eq!(env_var(gw, "FIELDGATE_UDP_LISTEN"), Some(json!("0.0.0.0:7700")));
+    assert_eq!(listener_ports(gw), strings(&[("coap", 5683, "UDP"), ("tcp", 7700, "TCP"), ("udp", 7700, "UDP")]));
+
+    let svc = find(&r.objects, "Service", "fg-gateway-listeners");
+    assert_eq!(svc["spec"]["type"], json!("ClusterIP"));
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], json!("Local"));
+    assert!(svc["spec"]["externalTrafficPolicy"].is_null(), "only NodePort and LoadBalancer take it");
+    assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/name"], json!("fieldgate-gateway"));
+    let ports: Vec<(String, i64, String, String)> = [("coap", 5683, "UDP"), ("tcp", 7700, "TCP"), ("udp", 7700, "UDP")]
+        .iter()
+        .map(|(n, p, proto)| (n.to_string(), *p, n.to_string(), proto.to_string()))
+        .collect();
+    assert_eq!(service_ports(svc), ports);
+
+    // Restricted: no host port and no host network anywhere.
+    let ds = find(&r.objects, "DaemonSet", "fg-gateway");
+    assert!(!ds.to_string().contains("hostPort"), "{ds}");
+    assert!(ds["spec"]["template"]["spec"]["hostNetwork"].is_null());
+}
+
+#[test]
+fn a_disabled_listener_loses_its_port_and_listens_on_the_pods_loopback_only() {
+    let Some(py) = python() else { return };
+    let r = helm(
+        &py,
+        json!({"gateway": {"listeners": {"tcp": {"enabled": false, "port": 7700}, "coap": {"enabled": true, "port": 5684}}}}),
+    );
+    assert_lint_clean(&r);
+    let gw = gateway_container(&r.objects);
+    assert_eq!(env_var(gw, "FIELDGATE_TCP_LISTEN"), Some(json!("127.0.0.1:7700")));
+    assert_eq!(env_var(gw, "FIELDGATE_COAP_LISTEN"), Some(json!("0.0.0.0:5684")));
+    assert_eq!(listener_ports(gw), strings(&[("coap", 5684, "UDP"), ("udp", 7700, "UDP")]));
+    let svc = find(&r.objects, "Service", "fg-gateway-listeners");
+    let names: Vec<String> = service_ports(svc).into_iter().map(|p| p.0).collect();
+    assert_eq!(names, ["coap", "udp"]);
+
+    // Every listener off: no ports and no Service at all.
+    let off = json!({"enabled": false, "port": 7700});
+    let r = helm(
+        &py,
+        json!({"gateway": {"listeners": {"tcp": off, "udp": off, "coap": {"enabled": false, "port": 5683}}}}),
+    );
+    assert_lint_clean(&r);
+    assert!(listener_ports(gateway_container(&r.objects)).is_empty());
+    assert!(r.objects.iter().all(|o| o["metadata"]["name"] != "fg-gateway-listeners"));
+
+    // The Service can be left out while the listeners stay.
+    let r = helm(&py, json!({"gateway": {"listeners": {"service": {"enabled": false}}}}));
+    assert_lint_clean(&r);
+    assert_eq!(listener_ports(gateway_container(&r.objects)).len(), 3);
+    assert!(r.objects.iter().all(|o| o["metadata"]["name"] != "fg-gateway-listeners"));
+}
+
+#[test]
+fn node_ports_keep_traffic_on_the_node_and_host_network_is_a_separate_opt_in() {
+    let Some(py) = python() else { return };
+    let r = helm(
+        &py,
+        json!({"gateway": {"listeners": {
+            "coap": {"enabled": true, "port": 5683, "nodePort": 30683},
+            "service": {"type": "NodePort", "annotations": {"example.com/owner": "ot"}}}}}),
+    );
+    assert_lint_clean(&r);
+    let svc = find(&r.objects, "Service", "fg-gateway-listeners");
+    assert_eq!(svc["spec"]["type"], json!("NodePort"));
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], json!("Local"));
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], json!("Local"));
+    assert_eq!(svc["metadata"]["annotations"]["example.com/owner"], json!("ot"));
+    let ports = svc["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports[0]["nodePort"], json!(30683));
+    assert!(ports[1]["nodePort"].is_null(), "0: Kubernetes picks it");
+    let ds = find(&r.objects, "DaemonSet", "fg-gateway");
+    assert!(ds["spec"]["template"]["spec"]["hostNetwork"].is_null(), "a NodePort does not need the host network");
+    assert_restricted(ds, true);
+
+    let r = helm(&py, json!({"gateway": {"listeners": {"service": {"type": "LoadBalancer"}}}}));
+    assert_lint_clean(&r);
+    let svc = find(&r.objects, "Service", "fg-gateway-listeners");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], json!("Local"));
+
+    let r = helm(&py, json!({"gateway": {"hostNetwork": true}}));
+    assert_lint_clean(&r);
+    let pod = &find(&r.objects, "DaemonSet", "fg-gateway")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], json!(true));
+    assert_eq!(pod["dnsPolicy"], json!("ClusterFirstWithHostNet"));
+}
+
+#[test]
+fn invalid_listener_values_are_refused() {
+    let Some(py) = python() else { return };
+    for (values, word) in [
+        (json!({"gateway": {"listeners": {"coap": {"enabled": true, "port": 0}}}}), "port"),
+        (json!({"gateway": {"listeners": {"tcp": {"enabled": true, "port": 70000}}}}), "port"),
+        (json!({"gateway": {"listeners": {"udp": {"enabled": true, "port": "7700"}}}}), "port"),
+        (json!({"gateway": {"listeners": {"udp": {"enabled": true, "port": 7700, "nodePort": 70000}}}}), "nodePort"),
+        (json!({"gateway": {"listeners": {"service": {"type": "ExternalName"}}}}), "type"),
+        (json!({"gateway": {"listeners": {"sctp": {"enabled": true, "port": 9}}}}), "sctp"),
+        (json!({"gateway": {"hostNetwork": "yes"}}), "hostNetwork"),
+        (json!({"gateway": {"listeners": {"udp": {"enabled": true, "port": 5683}}}}), "both UDP port 5683"),
+        (json!({"gateway": {"listeners": {"tcp": {"enabled": true, "port": 4222}}}}), "tcp.port 4222 is taken"),
+        (json!({"gateway": {"listeners": {"tcp": {"enabled": false, "port": 9464}}}}), "tcp.port 9464 is taken"),
+    ] {
+        let r = helm(&py, values.clone());
+        let err = r.error.unwrap_or_else(|| panic!("{values} was accepted"));
+        assert!(err.contains(word), "{values}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dashboard, alerts, scrape objects
 
 /// Every sample name the gateway and the operator expose, from their real registries: a

@@ -4,7 +4,9 @@
 //! They apply the generated CRDs, label one node `fieldgate.io/gateway=true` (and remove the
 //! label afterwards if they added it), run the operator as a local process for a fresh
 //! namespace, and check: the per-node ConfigMap, the Device conditions, a change propagating,
-//! an invalid Device refused with its field path, and deletion cleaning up. Use a cluster
+//! an invalid Device refused with its field path, a Device's token Secret copied into the
+//! per-node Secret (and copied again when it changes), a Device whose Secret is missing refused
+//! with the reference's path, and deletion cleaning up. Use a cluster
 //! without another Fieldgate operator: both would write Device status.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use fieldgate_crds::{Device, DeviceProfile, Uplink};
 use fieldgate_tests::cluster::{TestCluster, skip_without_cluster};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -55,6 +57,18 @@ fn device(name: &str, poll: &str) -> serde_json::Value {
             "profile": "meter",
             "connection": {"modbusTcp": {"host": "10.0.0.7", "port": 502}},
             "pollInterval": poll
+        }
+    })
+}
+
+/// A raw TCP device whose token is key `token` of Secret `secret`.
+fn tcp_device(name: &str, secret: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "fieldgate.io/v1alpha1", "kind": "Device",
+        "metadata": {"name": name},
+        "spec": {
+            "connection": {"tcp": {"tokenSecretRef": {"name": secret}}},
+            "points": [{"name": "temp", "type": "float64"}]
         }
     })
 }
@@ -147,8 +161,50 @@ async fn operator_renders_configures_propagates_refuses_and_cleans_up() {
     let cm = cms.get(&cm_name).await.unwrap();
     assert!(!cm.data.unwrap()["gateway.yaml"].contains("broken"));
 
-    // 4. Deleting every Device deletes the node's ConfigMap.
-    for name in ["meter-1", "broken"] {
+    // 4. A device's token Secret reaches the node's Secret under the per-node layout, the node's
+    //    config names the copy, and a change to the Secret is copied again.
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let token = |value: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pusher-token"},
+            "stringData": {"token": value, "unrelated": "never copied"}})
+    };
+    secrets.patch("pusher-token", &pp, &Patch::Apply(token("first"))).await.unwrap();
+    devices.patch("pusher", &pp, &Patch::Apply(tcp_device("pusher", "pusher-token"))).await.unwrap();
+    let data_key = format!("{ns}_pusher-token_token");
+    let node_secret = |wanted: &'static str| {
+        let (secrets, name, data_key) = (secrets.clone(), cm_name.clone(), data_key.clone());
+        async move {
+            let s = secrets.get_opt(&name).await.ok()??;
+            let data = s.data?;
+            (data.get(&data_key)?.0 == wanted.as_bytes() && data.len() == 1).then_some(())
+        }
+    };
+    eventually("the token in the node's Secret", Duration::from_secs(30), || node_secret("first")).await;
+    let cm = cms.get(&cm_name).await.unwrap();
+    let cfg = fieldgate_crds::GatewayConfig::from_yaml(&cm.data.unwrap()["gateway.yaml"]).unwrap();
+    let pusher = cfg.devices.iter().find(|d| d.name == "pusher").expect("pusher in the node's config");
+    let fieldgate_crds::Connection::Tcp(raw) = &pusher.connection else { panic!("{:?}", pusher.connection) };
+    assert_eq!(raw.token_secret_ref.name, format!("{ns}_pusher-token"));
+    secrets.patch("pusher-token", &pp, &Patch::Apply(token("second"))).await.unwrap();
+    eventually("the changed token in the node's Secret", Duration::from_secs(30), || node_secret("second")).await;
+
+    // 5. A Device whose Secret does not exist is refused with the reference's path; the others run.
+    devices.patch("no-token", &pp, &Patch::Apply(tcp_device("no-token", "missing-token"))).await.unwrap();
+    let message = eventually("no-token Configured=False", Duration::from_secs(30), || {
+        let devices = devices.clone();
+        async move {
+            let s = devices.get("no-token").await.ok()?.status?;
+            let c = s.condition("Configured")?;
+            (c.status == "False").then(|| c.message.clone())
+        }
+    })
+    .await;
+    assert!(message.contains("spec.connection.tcp.tokenSecretRef.name"), "{message}");
+    let s = devices.get("pusher").await.unwrap().status.unwrap();
+    assert_eq!(s.condition("Configured").unwrap().status, "True");
+
+    // 6. Deleting every Device deletes the node's ConfigMap.
+    for name in ["meter-1", "broken", "pusher", "no-token"] {
         devices.delete(name, &DeleteParams::default()).await.unwrap();
     }
     eventually("the ConfigMap deleted", Duration::from_secs(30), || {

@@ -26,3 +26,23 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The gateway's device listeners, by their key under gateway.listeners. */}}
+{{- define "fieldgate.listenerNames" -}}coap tcp udp{{- end -}}
+
+{{/* The transport protocol of a listener (its key given). */}}
+{{- define "fieldgate.listenerProtocol" -}}{{ if eq . "tcp" }}TCP{{ else }}UDP{{ end }}{{- end -}}
+
+{{/* Fails on listener ports that would collide inside the gateway pod. */}}
+{{- define "fieldgate.checkListeners" -}}
+{{- $g := .Values.gateway -}}
+{{- $l := $g.listeners -}}
+{{- if eq (int $l.coap.port) (int $l.udp.port) -}}
+{{- fail (printf "gateway.listeners.coap.port and gateway.listeners.udp.port are both UDP port %d: choose two ports" (int $l.coap.port)) -}}
+{{- end -}}
+{{- range $taken := list (int $g.metricsPort) 4222 8222 -}}
+{{- if eq (int $l.tcp.port) $taken -}}
+{{- fail (printf "gateway.listeners.tcp.port %d is taken in the gateway pod (gateway.metricsPort, NATS 4222 and 8222)" $taken) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
