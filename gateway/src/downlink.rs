@@ -17,7 +17,10 @@
 //!    `failed` (on a shared RTU bus the write goes before queued reads); CoAP PUT/POST to the
 //!    device's resource and MQTT publish to the device's `commandTopic` are answered `written`
 //!    once the device or its broker acknowledged them; a TCP device gets the frame
-//!    `{"command": id, "point", "value"}` on its live connection, `written` once sent.
+//!    `{"command": id, "point", "value"}` on its live connection, `written` once sent; a UDP
+//!    device gets it as a datagram to the source of its last authenticated datagram, `written`
+//!    once sent, `failed` when it sent none in the last 2 minutes
+//!    ([`crate::adapters::udp::COMMAND_PEER_MAX_AGE`]).
 //! 3. **Results** are published (QoS 1) on `<command topic>/result` as
 //!    `{"id", "namespace", "device", "point", "status", "reason"?, "atUnixMs"}`.
 //!
@@ -455,7 +458,14 @@ async fn execute_on(
                 Err(e) => Outcome::why("failed", e),
             }
         }
-        Connection::Udp(_) => Outcome::why("refused", "UDP devices have no connection to send commands on"),
+        Connection::Udp(_) => {
+            // Sent where the device's last authenticated datagram came from, if recent enough.
+            let line = json!({"command": cmd.id, "point": cmd.point, "value": cmd.value}).to_string();
+            match crate::adapters::udp::send_command(&task.hub, &task.key(), line).await {
+                Ok(()) => Outcome::of("written"),
+                Err(e) => Outcome::why("failed", e),
+            }
+        }
     }
 }
 

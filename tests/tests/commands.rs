@@ -1,8 +1,9 @@
 //! Commands from the cloud to devices, end to end: the uplink's command topic -> JetStream ->
 //! the device's protocol -> results on `<command topic>/result`. Modbus writes are read back
 //! from pymodbus (TCP and RTU on a pty line), CoAP PUTs land in libcoap's server, MQTT
-//! commands on the device's field broker. A command delivered twice runs once; an expired
-//! one not at all; a read-only point is refused.
+//! commands on the device's field broker, TCP and UDP devices get a JSON line (UDP: at the
+//! source of their last authenticated datagram). A command delivered twice runs once; an
+//! expired one not at all; a read-only point is refused.
 //!
 //! Needs `cargo build --workspace --bins` first (the tests run the gateway binary).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -180,5 +181,88 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
             })
         })
         .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-udp-commands", "fieldgate/#").await?;
+    let udp_device = |name: &str| {
+        device(json!({"name": name, "connection": {"udp": {"tokenSecretRef": {"name": name}}},
+            "points": [{"name": "position", "type": "uint16", "access": "readWrite"}]}))
+    };
+    let config = ConfigBuilder::new()
+        .devices(vec![udp_device("blinds"), udp_device("mute")])
+        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .yaml()?;
+    let mut gw = ListeningGateway::new(&nats.url())?;
+    gw.gw.write_config(&config)?;
+    gw.gw.write_secret("blinds", "token", "b1")?;
+    gw.gw.write_secret("mute", "token", "m1")?;
+    gw.start_ready().await?;
+    wait_until("the gateway to subscribe to commands", WAIT, || async {
+        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
+    })
+    .await
+    .with_context(|| gw.log())?;
+    let send = |device: &str, body: Json| {
+        let topic = format!("fieldgate/default/{device}/commands");
+        let cloud = &cloud;
+        async move { cloud.publish(&topic, body.to_string().into_bytes()).await }
+    };
+    // One datagram to the gateway's UDP listener, and the next one back (with its source).
+    let exchange = async |socket: &tokio::net::UdpSocket, datagram: &[u8]| -> Result<String> {
+        socket.send_to(datagram, gw.udp).await?;
+        receive(socket, gw.udp).await
+    };
+    async fn receive(socket: &tokio::net::UdpSocket, from: std::net::SocketAddr) -> Result<String> {
+        let mut buf = [0u8; 1024];
+        let (n, src) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf)).await.context("no datagram")??;
+        ensure!(src == from, "a datagram from {src}, not from the gateway's listener {from}");
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+    let command = |text: &str, id: &str, value: u64| -> Result<()> {
+        let line = text.strip_suffix('\n').context("a command is one line")?;
+        let frame: Json = serde_json::from_str(line).with_context(|| format!("{text:?}"))?;
+        ensure!(frame == json!({"command": id, "point": "position", "value": value}), "{frame}");
+        Ok(())
+    };
+
+    // After an authenticated datagram, a command comes back to its source, from the port the
+    // device sends to.
+    let blinds = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    ensure!(exchange(&blinds, b"id=default/blinds token=b1 position=10").await? == "OK\n");
+    send("blinds", json!({"id": "u1", "point": "position", "value": 42, "ttl": "5m"})).await?;
+    command(&receive(&blinds, gw.udp).await?, "u1", 42)?;
+    let s = wait_status(&cloud, &gw, "u1", "written").await?;
+    ensure!(s == ["accepted", "written"], "u1: {s:?}");
+
+    // The device's address changes (a NAT rebinding): commands follow its latest
+    // authenticated datagram, here a keep-alive with only id and token. A datagram with a
+    // wrong token does not move them.
+    let moved = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    ensure!(exchange(&moved, b"id=default/blinds token=b1").await? == "OK\n");
+    let intruder = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    intruder.send_to(b"id=default/blinds token=guess position=1", gw.udp).await?;
+    gw.wait_metric("fieldgate_ingress_rejected_total", &[("protocol", "udp"), ("reason", "unauthorized")], WAIT, |v| {
+        v >= 1.0
+    })
+    .await?;
+    send("blinds", json!({"id": "u2", "point": "position", "value": 7})).await?;
+    command(&receive(&moved, gw.udp).await?, "u2", 7)?;
+    wait_status(&cloud, &gw, "u2", "written").await?;
+    let mut buf = [0u8; 64];
+    ensure!(intruder.try_recv_from(&mut buf).is_err(), "the unauthenticated sender got a datagram");
+    ensure!(blinds.try_recv_from(&mut buf).is_err(), "the device's old address got a datagram");
+
+    // A device that never sent: nowhere to send to.
+    send("mute", json!({"id": "u3", "point": "position", "value": 1})).await?;
+    let s = wait_status(&cloud, &gw, "u3", "failed").await?;
+    ensure!(
+        s == ["accepted", "failed: no authenticated datagram from the device in the last 120s (none received yet)"],
+        "u3: {s:?}"
+    );
     Ok(())
 }

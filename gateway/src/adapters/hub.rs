@@ -196,6 +196,8 @@ pub struct DeviceHub {
     running: RwLock<HashMap<String, DeviceTask>>,
     /// Live TCP device connections by `namespace/name`, for commands.
     pub tcp_live: Mutex<HashMap<String, Arc<CommandSlot>>>,
+    /// The UDP listener's socket and where each UDP device last sent from, for commands.
+    pub udp_peers: super::udp::UdpPeers,
 }
 
 /// Frames waiting to be written to a live connection (commands), and what wakes it.
@@ -245,6 +247,7 @@ impl DeviceHub {
             reporters: Default::default(),
             running: RwLock::default(),
             tcp_live: Mutex::default(),
+            udp_peers: Default::default(),
         })
     }
 
