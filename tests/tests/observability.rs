@@ -375,7 +375,7 @@ async fn the_management_api_needs_its_token_limits_requests_and_replaces_the_con
 
     // The log level changes at run time; a bad filter is refused.
     let r = api(&gw, "GET", "/api/v1/log-level", Some(TOKEN), b"").await?;
-    ensure!(r.code == 200 && r.json()?["level"] == "info", "{r:?}");
+    ensure!(r.code == 200 && r.json()?["level"].as_str().is_some_and(|l| l.starts_with("info")), "{r:?}");
     let r = request(
         gw.listen(),
         "PUT",

@@ -9,15 +9,25 @@
 //!
 //! Polling, planning and decoding are those of [`super::modbus_tcp`]: requests coalesced per
 //! table, wall-clock aligned polls, deterministic reading ids. Error kinds: `connect` (the
-//! line cannot be opened), `timeout`, `exception`, `protocol`, `io`.
+//! line cannot be opened), `timeout` (nothing came back), `bad_frame` (bytes came back but no
+//! valid RTU frame: a bad CRC, a truncated frame, noise), `protocol` (a valid frame answering
+//! something else: another unit, another function, a wrong length), `exception`, `io`.
+//!
+//! tokio-modbus alone reports a frame with a bad CRC or a truncated one as a timeout (it drops
+//! bytes and waits for a frame that never completes), so the line keeps the first bytes it
+//! received since each request was sent ([`Heard`]) and a failed request is classified by
+//! what actually came back.
 
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{ModbusRtuConnection, Parity};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_modbus::Slave;
@@ -31,6 +41,8 @@ use crate::reading::{self, Reading};
 const DEFAULT_BAUD: u32 = 9600;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest RTU frame (256 bytes, "Modbus over serial line" V1.02): what [`Heard`] keeps.
+const MAX_FRAME: usize = 256;
 
 /// What a device asks the bus to do.
 pub(crate) enum Op {
@@ -45,9 +57,87 @@ pub(crate) enum Answer {
     /// The line could not be opened.
     Unavailable(String),
     /// One result per request run (a breaking error ends the list).
-    Read(Vec<Result<Block, RequestError>>),
+    Read(Vec<Result<Block, LineError>>),
     /// The response to a call.
-    Call(Result<Response, RequestError>),
+    Call(Result<Response, LineError>),
+}
+
+/// Why a request on the line failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LineError {
+    /// As on Modbus TCP (nothing came back, an exception, a valid frame answering something
+    /// else, the connection broke).
+    #[error(transparent)]
+    Request(RequestError),
+    /// Bytes came back, but no valid RTU frame.
+    #[error("no valid RTU frame in the {received} byte(s) received ({what})")]
+    BadFrame {
+        /// Bytes received after the request was sent.
+        received: usize,
+        /// What they look like: a bad CRC, a truncated frame, noise.
+        what: &'static str,
+    },
+}
+
+impl LineError {
+    /// A static label for metrics.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            LineError::Request(e) => e.kind(),
+            LineError::BadFrame { .. } => "bad_frame",
+        }
+    }
+
+    /// Whether the line must be reopened (see [`RequestError::breaks_connection`]).
+    pub(crate) fn breaks_connection(&self) -> bool {
+        match self {
+            LineError::Request(e) => e.breaks_connection(),
+            LineError::BadFrame { .. } => true,
+        }
+    }
+}
+
+/// CRC-16/MODBUS: `crc` (start with 0xFFFF) extended by `byte`.
+fn crc16_step(mut crc: u16, byte: u8) -> u16 {
+    crc ^= u16::from(byte);
+    for _ in 0..8 {
+        crc = if crc & 1 == 1 { (crc >> 1) ^ 0xa001 } else { crc >> 1 };
+    }
+    crc
+}
+
+/// CRC-16/MODBUS of `data` (sent low byte first).
+fn crc16(data: &[u8]) -> u16 {
+    data.iter().fold(0xffff, |crc, b| crc16_step(crc, *b))
+}
+
+/// Whether `bytes` start with a complete RTU frame whose CRC is right.
+fn starts_with_frame(bytes: &[u8]) -> bool {
+    let mut crc = 0xffff_u16;
+    for (i, b) in bytes.iter().enumerate() {
+        // `crc` covers `bytes[..i]`: is it followed by its own CRC? (address + function at least)
+        if i >= 2 && bytes.get(i..i + 2) == Some(&crc.to_le_bytes()[..]) {
+            return true;
+        }
+        crc = crc16_step(crc, *b);
+    }
+    false
+}
+
+/// What bytes that hold no valid frame look like, judged by the length their header implies.
+fn describe_bad_frame(bytes: &[u8]) -> &'static str {
+    let expected = match bytes.get(1) {
+        Some(0x01..=0x04) => bytes.get(2).map(|n| 5 + usize::from(*n)),
+        Some(0x05 | 0x06 | 0x0f | 0x10) => Some(8),
+        Some(0x81..=0xab) => Some(5),
+        _ => None,
+    };
+    match expected {
+        Some(n) if bytes.len() < n => "a truncated frame",
+        Some(n) if bytes.len() == n && crc16(&bytes[..n - 2]).to_le_bytes() != bytes[n - 2..] => "a bad CRC",
+        _ if bytes.len() < 4 => "a truncated frame",
+        _ => "noise",
+    }
 }
 
 pub(crate) struct Job {
@@ -104,7 +194,87 @@ impl Buses {
     }
 }
 
-async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<Context> {
+/// The first bytes (up to [`MAX_FRAME`]) the line received since it was last cleared, and
+/// how many there were.
+#[derive(Clone, Default)]
+struct Heard(Arc<Mutex<(Vec<u8>, usize)>>);
+
+impl Heard {
+    fn record(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut heard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = MAX_FRAME.saturating_sub(heard.0.len());
+        heard.0.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        heard.1 += bytes.len();
+    }
+
+    fn clear(&self) {
+        let mut heard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        heard.0.clear();
+        heard.1 = 0;
+    }
+
+    /// `e`, or [`LineError::BadFrame`] when what came back since the request holds no valid
+    /// frame (tokio-modbus says `Timeout` or `Protocol` for those).
+    fn classify(&self, e: RequestError) -> LineError {
+        if !matches!(e, RequestError::Timeout(_) | RequestError::Protocol(_)) {
+            return LineError::Request(e);
+        }
+        let heard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (bytes, received) = (&heard.0, heard.1);
+        if received == 0 || starts_with_frame(bytes) {
+            return LineError::Request(e);
+        }
+        LineError::BadFrame { received, what: describe_bad_frame(bytes) }
+    }
+}
+
+/// The line's byte stream, telling [`Heard`] what it reads.
+struct Tap<T> {
+    inner: T,
+    heard: Heard,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.heard.record(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// An open line: the Modbus client and what its stream heard.
+struct Line {
+    ctx: Context,
+    heard: Heard,
+}
+
+fn attach<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: T) -> Line {
+    let heard = Heard::default();
+    Line { ctx: rtu::attach(Tap { inner: stream, heard: heard.clone() }), heard }
+}
+
+async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<Line> {
     if let Some(port) = &settings.port {
         let parity = match settings.parity.unwrap_or_default() {
             Parity::None => tokio_serial::Parity::None,
@@ -124,14 +294,14 @@ async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<C
                 tokio_serial::StopBits::One
             });
         let stream = tokio_serial::SerialStream::open(&builder).map_err(io::Error::other)?;
-        return Ok(rtu::attach(stream));
+        return Ok(attach(stream));
     }
     let address = settings.address.as_deref().unwrap_or_default();
     let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")))??;
     let _ = stream.set_nodelay(true);
-    Ok(rtu::attach(stream))
+    Ok(attach(stream))
 }
 
 async fn call(ctx: &mut Context, req: Request<'static>, timeout: Duration) -> Result<Response, RequestError> {
@@ -149,7 +319,7 @@ async fn run_bus(
     mut writes: mpsc::Receiver<Job>,
 ) {
     let timeout = settings.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
-    let mut ctx: Option<Context> = None;
+    let mut line: Option<Line> = None;
     let mut delays = crate::supervise::backoff(Duration::from_millis(100), Duration::from_secs(10));
     let mut retry_at: Option<Instant> = None;
     let mut healthy = None;
@@ -161,14 +331,14 @@ async fn run_bus(
             Some(j) = reads.recv() => j,
             else => break,
         };
-        if ctx.is_none() {
+        if line.is_none() {
             if retry_at.is_some_and(|at| Instant::now() < at) {
                 let _ = job.reply.send(Answer::Unavailable("backing off".into()));
                 continue;
             }
             match open(&settings, timeout).await {
-                Ok(c) => {
-                    ctx = Some(c);
+                Ok(l) => {
+                    line = Some(l);
                     retry_at = None;
                     delays = crate::supervise::backoff(Duration::from_millis(100), Duration::from_secs(10));
                     if healthy != Some(true) {
@@ -187,15 +357,16 @@ async fn run_bus(
                 }
             }
         }
-        let Some(c) = ctx.as_mut() else { continue };
+        let Some(Line { ctx: c, heard }) = line.as_mut() else { continue };
         c.set_slave(Slave(job.unit));
         let (answer, broken) = match job.op {
             Op::Read(requests) => {
                 let mut out = Vec::with_capacity(requests.len());
                 let mut broken = false;
                 for r in requests {
-                    let result = modbus_tcp::read(c, r, timeout).await;
-                    broken = result.as_ref().is_err_and(RequestError::breaks_connection);
+                    heard.clear();
+                    let result = modbus_tcp::read(c, r, timeout).await.map_err(|e| heard.classify(e));
+                    broken = result.as_ref().is_err_and(LineError::breaks_connection);
                     out.push(result);
                     if broken {
                         break;
@@ -204,14 +375,15 @@ async fn run_bus(
                 (Answer::Read(out), broken)
             }
             Op::Call(req) => {
-                let result = call(c, req, timeout).await;
-                let broken = result.as_ref().is_err_and(RequestError::breaks_connection);
+                heard.clear();
+                let result = call(c, req, timeout).await.map_err(|e| heard.classify(e));
+                let broken = result.as_ref().is_err_and(LineError::breaks_connection);
                 (Answer::Call(result), broken)
             }
         };
         if broken {
             // A late answer on a reused line would be taken for the next request's.
-            ctx = None;
+            line = None;
         }
         let _ = job.reply.send(answer);
     }
@@ -334,4 +506,68 @@ pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask) {
         }
     }
     gauge.set(0);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut f = body.to_vec();
+        f.extend_from_slice(&crc16(body).to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn crc_is_modbus_crc16() {
+        // The often-quoted request 01 03 00 00 00 0A (10 holding registers of unit 1): C5 CD.
+        assert_eq!(crc16(&[0x01, 0x03, 0x00, 0x00, 0x00, 0x0a]).to_le_bytes(), [0xc5, 0xcd]);
+    }
+
+    #[test]
+    fn bad_frames_are_told_from_valid_ones() {
+        let answer = framed(&[0x02, 0x03, 0x04, 0x03, 0xe8, 0x03, 0xe9]);
+        assert!(starts_with_frame(&answer));
+        let mut trailing = answer.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(starts_with_frame(&trailing), "a valid frame followed by noise");
+        assert!(starts_with_frame(&framed(&[0x63, 0x83, 0x02])), "an exception of another unit");
+
+        let mut bad_crc = answer.clone();
+        *bad_crc.last_mut().unwrap() ^= 0xff;
+        assert!(!starts_with_frame(&bad_crc));
+        assert_eq!(describe_bad_frame(&bad_crc), "a bad CRC");
+        assert!(!starts_with_frame(&answer[..5]));
+        assert_eq!(describe_bad_frame(&answer[..5]), "a truncated frame");
+        assert_eq!(describe_bad_frame(&[0x02]), "a truncated frame");
+        assert_eq!(describe_bad_frame(&[0x17, 0x55, 0xaa, 0x01, 0x02, 0x03]), "noise");
+    }
+
+    #[test]
+    fn errors_are_classified_by_what_came_back() {
+        let heard = Heard::default();
+        let timeout = || RequestError::Timeout(Duration::from_millis(500));
+        assert_eq!(heard.classify(timeout()).kind(), "timeout", "nothing came back");
+        heard.record(&[0x02, 0x03, 0x04, 0x03]);
+        let e = heard.classify(timeout());
+        assert_eq!(e.kind(), "bad_frame");
+        assert!(e.breaks_connection());
+        assert_eq!(e.to_string(), "no valid RTU frame in the 4 byte(s) received (a truncated frame)");
+        heard.clear();
+        heard.record(&framed(&[0x63, 0x03, 0x02, 0x00, 0x01]));
+        assert_eq!(heard.classify(RequestError::Protocol("header".into())).kind(), "protocol", "another unit");
+        heard.clear();
+        heard.record(&[0xaa; 300]);
+        heard.record(&[0xaa; 300]);
+        assert_eq!(heard.0.lock().unwrap().0.len(), MAX_FRAME);
+        assert!(matches!(
+            heard.classify(RequestError::Protocol("too many retries".into())),
+            LineError::BadFrame { received: 600, what: "noise" }
+        ));
+        assert_eq!(
+            heard.classify(RequestError::Exception(tokio_modbus::ExceptionCode::IllegalDataAddress)).kind(),
+            "exception"
+        );
+    }
 }
