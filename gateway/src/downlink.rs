@@ -451,9 +451,10 @@ async fn execute_on(
                 Err(e) => Outcome::why("failed", e),
             }
         }
-        Connection::Tcp(_) => {
+        Connection::Tcp(r) => {
             let line = json!({"command": cmd.id, "point": cmd.point, "value": cmd.value}).to_string();
-            match crate::adapters::tcp::send_command(&task.hub, &task.key(), line).await {
+            let id = crate::adapters::tcp::device_id(r, &task.device);
+            match crate::adapters::tcp::send_command(&task.hub, &id, line).await {
                 Ok(()) => Outcome::of("written"),
                 Err(e) => Outcome::why("failed", e),
             }

@@ -188,6 +188,8 @@ pub struct Metrics {
     pub ingress_messages: Family<IngressLabels, Counter>,
     /// Open inbound connections, by protocol.
     pub ingress_connections: Family<ProtocolLabels, Gauge>,
+    /// Of those, the idle ones parked off the runtime (raw TCP), by protocol.
+    pub ingress_parked: Family<ProtocolLabels, Gauge>,
     /// Unix time of the device's last reading (for staleness alerts and `/api/v1`).
     pub device_last_reading: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
     /// Whether the gateway's NATS connection (the buffer) is up (1) or not (0).
@@ -260,6 +262,7 @@ impl Metrics {
             ingress_rejected: Family::default(),
             ingress_messages: Family::default(),
             ingress_connections: Family::default(),
+            ingress_parked: Family::default(),
             device_last_reading: Family::default(),
             buffer_connected: Gauge::default(),
             buffer_connects: Counter::default(),
@@ -325,6 +328,11 @@ impl Metrics {
             m.ingress_messages.clone(),
         );
         r.register("ingress_connections", "Open inbound device connections", m.ingress_connections.clone());
+        r.register(
+            "ingress_parked_connections",
+            "Idle inbound device connections parked off the runtime",
+            m.ingress_parked.clone(),
+        );
         r.register(
             "device_last_reading_timestamp_seconds",
             "Unix time of the device's last reading",

@@ -53,6 +53,12 @@ pub struct HubArgs {
     /// How long a flapping device id is refused.
     #[arg(long, env = "FIELDGATE_QUARANTINE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub quarantine: Duration,
+    /// An identified TCP connection silent for this long is parked: its socket leaves the
+    /// runtime for a shared epoll set, so an idle device costs a few hundred bytes. `0s`
+    /// parks as soon as nothing is buffered; a longer time keeps chatty devices on the
+    /// runtime (a parked connection costs a task spawn and four `epoll_ctl` calls per wake-up).
+    #[arg(long, env = "FIELDGATE_TCP_PARK_AFTER", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub tcp_park_after: Duration,
 }
 
 impl HubArgs {
@@ -69,6 +75,7 @@ impl HubArgs {
             flap_limit: 5,
             flap_window: Duration::from_secs(60),
             quarantine: Duration::from_secs(60),
+            tcp_park_after: Duration::ZERO,
         }
     }
 }
@@ -92,13 +99,15 @@ pub struct Registered {
     pub token: Credential,
     /// Largest body accepted from it.
     pub max_body: usize,
+    /// The device's live TCP connection, for commands (raw TCP devices only).
+    pub live: Mutex<Option<Arc<CommandSlot>>>,
     ids: IdClock,
 }
 
 impl Registered {
     /// A new registration.
     pub fn new(task: DeviceTask, token: Credential, max_body: usize) -> Self {
-        Self { task, token, max_body, ids: IdClock::default() }
+        Self { task, token, max_body, live: Mutex::default(), ids: IdClock::default() }
     }
 
     /// Whether `presented` is this device's token (constant time in the token's length).
@@ -165,6 +174,13 @@ pub struct Registration {
     entry: Arc<Registered>,
 }
 
+impl Registration {
+    /// What was registered.
+    pub fn entry(&self) -> &Arc<Registered> {
+        &self.entry
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut dir = self.hub.directory.write().unwrap_or_else(PoisonError::into_inner);
@@ -194,10 +210,10 @@ pub struct DeviceHub {
     pub reporters: crate::reporting::Reporters,
     /// Running devices by `namespace/name` (commands look them up here).
     running: RwLock<HashMap<String, DeviceTask>>,
-    /// Live TCP device connections by `namespace/name`, for commands.
-    pub tcp_live: Mutex<HashMap<String, Arc<CommandSlot>>>,
     /// The UDP listener's socket and where each UDP device last sent from, for commands.
     pub udp_peers: super::udp::UdpPeers,
+    /// Idle TCP device connections, parked off the runtime.
+    pub tcp_park: super::tcp::Park,
 }
 
 /// Frames waiting to be written to a live connection (commands), and what wakes it.
@@ -246,8 +262,8 @@ impl DeviceHub {
             buses: Default::default(),
             reporters: Default::default(),
             running: RwLock::default(),
-            tcp_live: Mutex::default(),
             udp_peers: Default::default(),
+            tcp_park: super::tcp::Park::default(),
         })
     }
 
@@ -276,6 +292,12 @@ impl DeviceHub {
     /// The running device `namespace/name`.
     pub fn device(&self, key: &str) -> Option<DeviceTask> {
         self.running.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    }
+
+    /// Every device registered with `protocol`'s listener.
+    pub fn registered(&self, protocol: &'static str) -> Vec<Arc<Registered>> {
+        let dir = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        dir.iter().filter(|((p, _), _)| *p == protocol).map(|(_, e)| Arc::clone(e)).collect()
     }
 
     /// The device registered under `(protocol, name)`.

@@ -20,17 +20,23 @@
 //! `unauthorized`, `quarantined`, and the payload kinds). After identification, bad frames
 //! count as device errors with their payload kind and keep the connection.
 //!
-//! Memory: an idle connection holds its socket, a task and an empty frame buffer; reads go
-//! through a stack buffer, so partial frames are the only per-connection heap data.
+//! Memory: an identified connection silent for `--tcp-park-after` is *parked*: its socket
+//! leaves the runtime (a registered tokio socket and a task cost about 1.3 KiB of user space)
+//! for one shared epoll set, and what remains is a map entry with the socket, the device and
+//! any partial frame. A frame, a close, a command or a replacement wakes it back onto the
+//! runtime. Reads go through a stack buffer, so partial frames are the only per-connection
+//! heap data. Parked connections: `fieldgate_ingress_parked_connections{protocol="tcp"}`.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use fieldgate_crds::RawConnection;
+use mio::unix::SourceFd;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,17 +53,152 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs one raw TCP or UDP device: registers its id with the listener until cancelled.
 pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceTask) {
     let d = &task.device;
-    let id = settings.id.clone().unwrap_or_else(|| format!("{}/{}", d.namespace, d.name));
+    let id = device_id(settings, d);
     let credential = task.hub.credential(&settings.token_secret_ref, &task);
     let max = task.hub.args.max_frame_bytes;
-    let _registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
+    let registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
     task.cancel.cancelled().await;
     // Close the device's live connection, if any.
-    let slot = task.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).get(&task.key()).cloned();
+    let slot = registration.entry().live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     if let Some(slot) = slot {
         slot.stop.store(true, Ordering::Release);
-        slot.notify.notify_one();
+        task.hub.tcp_park.wake(&slot);
     }
+}
+
+/// The id a raw TCP or UDP device identifies itself with.
+pub(crate) fn device_id(settings: &RawConnection, d: &fieldgate_crds::GatewayDevice) -> String {
+    settings.id.clone().unwrap_or_else(|| format!("{}/{}", d.namespace, d.name))
+}
+
+/// Idle identified connections, parked off the runtime on one epoll set (see the module doc).
+#[derive(Default)]
+pub struct Park {
+    /// Where parked sockets are registered; set when the listener starts.
+    registry: OnceLock<mio::Registry>,
+    /// Parked connections by connection number (the epoll token).
+    parked: Mutex<HashMap<u64, Box<Parked>>>,
+}
+
+/// A parked connection: its socket, outside the runtime, and everything else it holds.
+struct Parked {
+    stream: std::net::TcpStream,
+    partial: Vec<u8>,
+    session: Session,
+}
+
+impl Park {
+    /// Wakes the connection of `slot`, parked or not, to look at its flags and commands.
+    pub(crate) fn wake(&self, slot: &CommandSlot) {
+        // An active connection takes the notification; a parked one finds it stored when resumed.
+        slot.notify.notify_one();
+        self.unpark(slot.conn);
+    }
+
+    /// Puts a parked connection back on the runtime.
+    fn unpark(&self, conn: u64) {
+        let Some(p) = self.parked.lock().unwrap_or_else(PoisonError::into_inner).remove(&conn) else { return };
+        if let Some(registry) = self.registry.get() {
+            let _ = registry.deregister(&mut SourceFd(&p.stream.as_raw_fd()));
+        }
+        p.session.state.parked.dec();
+        tokio::spawn(resume(*p));
+    }
+}
+
+/// Parks an idle connection. Gives it back when it must stay on the runtime (work is
+/// waiting, or the socket cannot be parked); `None` once it is parked or closed.
+fn park(conn: Conn, s: Session) -> Option<(Conn, Session)> {
+    let hub = Arc::clone(&s.state.hub);
+    let Some(registry) = hub.tcp_park.registry.get() else { return Some((conn, s)) };
+    let mut parked = hub.tcp_park.parked.lock().unwrap_or_else(PoisonError::into_inner);
+    let slot = &s.me.slot;
+    let busy = slot.stop.load(Ordering::Acquire)
+        || slot.replaced.load(Ordering::Acquire)
+        || !slot.pending.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+        || conn.partial.contains(&b'\n');
+    if busy {
+        return Some((conn, s));
+    }
+    let id = slot.conn;
+    let Conn { stream, partial } = conn;
+    let Ok(stream) = stream.into_std() else {
+        drop(parked);
+        s.release();
+        return None;
+    };
+    // Registered while the map is locked: a wake-up waits for the entry to be there.
+    let token = mio::Token(usize::try_from(id).unwrap_or(usize::MAX));
+    if registry.register(&mut SourceFd(&stream.as_raw_fd()), token, mio::Interest::READABLE).is_err() {
+        drop(parked);
+        return match TcpStream::from_std(stream) {
+            Ok(stream) => Some((Conn { stream, partial }, s)),
+            Err(_) => {
+                s.release();
+                None
+            }
+        };
+    }
+    s.state.parked.inc();
+    parked.insert(id, Box::new(Parked { stream, partial, session: s }));
+    None
+}
+
+async fn resume(p: Parked) {
+    let Parked { stream, partial, session } = p;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => serve(Conn { stream, partial }, session).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "parked TCP connection could not resume");
+            session.release();
+        }
+    }
+}
+
+/// Token of the waker that ends the park thread (connection numbers never reach it).
+const PARK_WAKER: mio::Token = mio::Token(usize::MAX);
+
+/// Resumes parked connections whose sockets became readable (a frame, or the peer closed).
+/// Runs on its own thread, blocked in `epoll_wait`; resumed connections go to the runtime.
+fn park_thread(hub: &DeviceHub, mut poll: mio::Poll, runtime: &tokio::runtime::Handle) {
+    let _runtime = runtime.enter();
+    let mut events = mio::Events::with_capacity(1024);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!(error = %e, "parked TCP connections: epoll wait failed");
+            return;
+        }
+        for event in &events {
+            if event.token() == PARK_WAKER {
+                if hub.cancel.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            hub.tcp_park.unpark(event.token().0 as u64);
+        }
+    }
+}
+
+/// Starts the park: its epoll set and the thread that watches it.
+fn start_park(hub: &Arc<DeviceHub>) -> io::Result<()> {
+    let poll = mio::Poll::new()?;
+    let waker = mio::Waker::new(poll.registry(), PARK_WAKER)?;
+    if hub.tcp_park.registry.set(poll.registry().try_clone()?).is_err() {
+        return Ok(()); // already running
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let thread_hub = Arc::clone(hub);
+    std::thread::Builder::new().name("tcp-park".into()).spawn(move || park_thread(&thread_hub, poll, &runtime))?;
+    let hub = Arc::clone(hub);
+    tokio::spawn(async move {
+        hub.cancel.cancelled().await;
+        let _ = waker.wake();
+    });
+    Ok(())
 }
 
 #[derive(Default)]
@@ -72,6 +213,8 @@ struct State {
     hub: Arc<DeviceHub>,
     flaps: Mutex<HashMap<String, Flaps>>,
     next_conn: AtomicU64,
+    /// `fieldgate_ingress_parked_connections{protocol="tcp"}`.
+    parked: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl State {
@@ -85,12 +228,11 @@ impl State {
     fn take_over(&self, id: &str, dev: &Registered) -> Option<Arc<CommandSlot>> {
         let args = &self.hub.args;
         let slot = Arc::new(CommandSlot { conn: self.next_conn.fetch_add(1, Ordering::Relaxed), ..Default::default() });
-        let key = dev.task.key();
-        let old =
-            self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&slot));
+        let old = dev.live.lock().unwrap_or_else(PoisonError::into_inner).replace(Arc::clone(&slot));
         let Some(old) = old else { return Some(slot) };
+        let key = dev.task.key();
         old.replaced.store(true, Ordering::Release);
-        old.notify.notify_one();
+        self.hub.tcp_park.wake(&old);
         let now = Instant::now();
         let mut flaps = self.flaps.lock().unwrap_or_else(PoisonError::into_inner);
         let f = flaps.entry(id.to_string()).or_default();
@@ -107,7 +249,7 @@ impl State {
         f.replacements = 0;
         f.window_start = None;
         drop(flaps);
-        self.release(&key, &slot);
+        Self::release(dev, &slot);
         tracing::warn!(
             device = %key, quarantine = ?args.quarantine,
             "device id keeps reconnecting (flapping): quarantined, its connections are refused"
@@ -116,10 +258,11 @@ impl State {
         None
     }
 
-    fn release(&self, key: &str, slot: &Arc<CommandSlot>) {
-        let mut live = self.hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            live.remove(key);
+    /// The connection of `slot` closed: it is no longer the device's live one.
+    fn release(dev: &Registered, slot: &Arc<CommandSlot>) {
+        let mut live = dev.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.as_ref().is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            *live = None;
         }
     }
 }
@@ -127,16 +270,24 @@ impl State {
 /// Runs the TCP listener until the hub's token is cancelled.
 pub(crate) async fn listen(hub: Arc<DeviceHub>) {
     let Some(listener) = bind_tcp(&hub, hub.args.tcp_listen).await else { return };
-    let state = Arc::new(State { hub: Arc::clone(&hub), flaps: Mutex::default(), next_conn: AtomicU64::new(0) });
+    let parked = hub.metrics.ingress_parked.get_or_create(&ProtocolLabels { protocol: PROTOCOL }).clone();
+    let state =
+        Arc::new(State { hub: Arc::clone(&hub), flaps: Mutex::default(), next_conn: AtomicU64::new(0), parked });
+    if let Err(e) = start_park(&hub) {
+        tracing::warn!(error = %e, "cannot park idle TCP connections: they stay on the runtime");
+    }
     let slots = Arc::new(Semaphore::new(hub.args.tcp_max_connections));
     let gauge = hub.metrics.ingress_connections.get_or_create(&ProtocolLabels { protocol: PROTOCOL }).clone();
     loop {
         let accepted = tokio::select! {
             () = hub.cancel.cancelled() => {
                 // Wake every live connection to close.
-                for slot in hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).values() {
+                let live = hub.registered(PROTOCOL).into_iter().filter_map(|dev| {
+                    dev.live.lock().unwrap_or_else(PoisonError::into_inner).clone()
+                });
+                for slot in live.collect::<Vec<_>>() {
                     slot.stop.store(true, Ordering::Release);
-                    slot.notify.notify_one();
+                    hub.tcp_park.wake(&slot);
                 }
                 return;
             }
@@ -268,49 +419,83 @@ struct Identified {
     slot: Arc<CommandSlot>,
 }
 
-/// What woke an idle connection.
+/// What woke a waiting connection.
 enum Wake {
     Slot,
     Frame(Result<Vec<u8>, FrameError>),
+    Idle,
 }
 
-/// One device connection. The idle state holds only the wait below: identification, frame
-/// handling and command writes run boxed, so their state is allocated only while they run.
+/// An identified connection's state, except its socket.
+struct Session {
+    state: Arc<State>,
+    me: Identified,
+    _permit: OwnedSemaphorePermit,
+    _gauge: GaugeGuard,
+}
+
+impl Session {
+    /// The connection closed: it is no longer the device's live one.
+    fn release(&self) {
+        State::release(&self.me.dev, &self.me.slot);
+    }
+}
+
+/// One device connection: identification, then [`serve`].
 async fn connection(
     mut conn: Conn,
     peer: SocketAddr,
     state: Arc<State>,
-    _slot: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     gauge: prometheus_client::metrics::gauge::Gauge,
 ) {
-    let _gauge = GaugeGuard(gauge);
+    let gauge = GaugeGuard(gauge);
     let Some((me, first)) = Box::pin(identify(&mut conn, peer, &state)).await else { return };
-    let max = state.hub.args.max_frame_bytes;
+    let session = Session { state, me, _permit: permit, _gauge: gauge };
     if let Some(frame) = first
-        && !Box::pin(handle_frame(&mut conn, &me, Ok(frame))).await
+        && !Box::pin(handle_frame(&mut conn, &session.me, Ok(frame))).await
     {
-        state.release(&me.dev.task.key(), &me.slot);
+        session.release();
         return;
     }
+    serve(conn, session).await;
+}
+
+/// An identified connection on the runtime: frames and commands until it closes, or parks
+/// after `--tcp-park-after` of silence. Frame handling and command writes run boxed, so the
+/// waiting state stays small.
+async fn serve(mut conn: Conn, mut s: Session) {
+    let max = s.state.hub.args.max_frame_bytes;
+    let park_after = s.state.hub.args.tcp_park_after;
     loop {
         let wake = tokio::select! {
-            () = me.slot.notify.notified() => Wake::Slot,
+            biased;
+            () = s.me.slot.notify.notified() => Wake::Slot,
             f = conn.next_frame(max) => Wake::Frame(f),
+            () = tokio::time::sleep(park_after) => Wake::Idle,
         };
+        let me = &s.me;
         let keep = match wake {
+            Wake::Idle => match park(conn, s) {
+                None => return,
+                Some((c, back)) => {
+                    (conn, s) = (c, back);
+                    continue;
+                }
+            },
             Wake::Slot if me.slot.stop.load(Ordering::Acquire) => false,
             Wake::Slot if me.slot.replaced.load(Ordering::Acquire) => {
                 Box::pin(conn.answer("ERR replaced")).await;
                 false
             }
             Wake::Slot => Box::pin(write_commands(&mut conn, &me.slot)).await,
-            Wake::Frame(f) => Box::pin(handle_frame(&mut conn, &me, f.and_then(parse))).await,
+            Wake::Frame(f) => Box::pin(handle_frame(&mut conn, me, f.and_then(parse))).await,
         };
         if !keep {
             break;
         }
     }
-    state.release(&me.dev.task.key(), &me.slot);
+    s.release();
 }
 
 fn parse(bytes: Vec<u8>) -> Result<serde_json::Map<String, serde_json::Value>, FrameError> {
@@ -379,7 +564,7 @@ async fn identify(
     let me = Identified { dev, id, slot };
     if frame.is_empty() {
         if !conn.answer("OK").await {
-            state.release(&me.dev.task.key(), &me.slot);
+            State::release(&me.dev, &me.slot);
             return None;
         }
         return Some((me, None));
@@ -446,12 +631,13 @@ async fn handle_frame(
 }
 
 /// Writes a command frame to the device's live connection; `Ok` once written.
-pub(crate) async fn send_command(hub: &DeviceHub, device: &str, line: String) -> Result<(), &'static str> {
-    let slot = hub.tcp_live.lock().unwrap_or_else(PoisonError::into_inner).get(device).cloned();
+pub(crate) async fn send_command(hub: &DeviceHub, id: &str, line: String) -> Result<(), &'static str> {
+    let dev = hub.lookup(PROTOCOL, id).ok_or("the device is not registered with the TCP listener")?;
+    let slot = dev.live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let Some(slot) = slot else { return Err("the device is not connected") };
     let (tx, rx) = tokio::sync::oneshot::channel();
     slot.pending.lock().unwrap_or_else(PoisonError::into_inner).push_back((line, tx));
-    slot.notify.notify_one();
+    hub.tcp_park.wake(&slot);
     match rx.await {
         Ok(true) => Ok(()),
         _ => Err("the connection closed before the frame was written"),
@@ -489,7 +675,8 @@ mod tests {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod size {
-    /// An idle connection is a task holding this future: keep it small (15k idle devices).
+    /// A connection waiting for its first frame (or not yet parked) is a task holding this
+    /// future: keep it small.
     #[tokio::test]
     async fn an_idle_connection_future_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -499,7 +686,12 @@ mod size {
         let metrics =
             std::sync::Arc::new(crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()));
         let hub = crate::adapters::hub::DeviceHub::for_tests(std::sync::Arc::clone(&metrics));
-        let state = std::sync::Arc::new(super::State { hub, flaps: Default::default(), next_conn: Default::default() });
+        let state = std::sync::Arc::new(super::State {
+            hub,
+            flaps: Default::default(),
+            next_conn: Default::default(),
+            parked: Default::default(),
+        });
         let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
         let g = metrics.ingress_connections.get_or_create(&crate::metrics::ProtocolLabels { protocol: "tcp" }).clone();
         let fut = super::connection(super::Conn { stream: s, partial: Vec::new() }, peer, state, slot, g);

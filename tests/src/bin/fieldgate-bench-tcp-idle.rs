@@ -5,8 +5,9 @@
 //! Configures `--connections` TCP devices, starts the gateway, measures its resident memory
 //! (`VmRSS`, user space) with every device configured but none connected, then connects and
 //! identifies every device (`id=... token=...` -> `OK`) and measures again while all
-//! connections are open and idle. Prints the difference per connection, and the kernel's
-//! TCP socket memory from `/proc/net/sockstat` for reference (not part of the figure).
+//! connections are open and idle (parked, see `--tcp-park-after`). Prints the difference per
+//! connection, and the kernel's TCP socket memory from `/proc/net/sockstat` for reference (not
+//! part of the figure).
 //! Needs an open-file limit above the connection count for this process and the gateway
 //! (`ulimit -n`).
 
@@ -109,6 +110,11 @@ async fn main() -> Result<()> {
     let opened = started.elapsed();
     gw.wait_metric("fieldgate_ingress_connections", &[("protocol", "tcp")], Duration::from_secs(60), |v| v >= n as f64)
         .await?;
+    // Idle connections leave the runtime (`--tcp-park-after`, at once by default).
+    gw.wait_metric("fieldgate_ingress_parked_connections", &[("protocol", "tcp")], Duration::from_secs(60), |v| {
+        v >= n as f64
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = gw.rss_kib().context("gateway RSS")?;
     let kernel_after = tcp_kernel_pages();
