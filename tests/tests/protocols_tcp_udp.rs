@@ -196,3 +196,66 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
     }
     Ok(())
 }
+
+/// Idle identified connections are parked off the runtime (`--tcp-park-after`, at once by
+/// default) and come back for a frame, a replacement, the peer's close and the device's removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_connections_park_and_wake() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-park", "fieldgate/#").await?;
+    let dev = || {
+        device(
+            "park-1",
+            json!({"tcp": {"tokenSecretRef": {"name": "park"}}}),
+            json!([{"name": "v", "type": "float64"}]),
+        )
+    };
+    let config = ConfigBuilder::new().devices(vec![dev()]).cloud(&broker.url(), |_| {}).yaml()?;
+    let mut gw = ListeningGateway::new(&nats.url())?;
+    gw.gw.write_secret("park", "token", "p")?;
+    gw.gw.write_config(&config)?;
+    gw.start_ready().await?;
+    let tcp = [("protocol", "tcp")];
+    let gauges = |open: f64, parked: f64| {
+        let gw = &gw;
+        async move {
+            gw.wait_metric("fieldgate_ingress_connections", &tcp, WAIT, |v| v == open).await?;
+            gw.wait_metric("fieldgate_ingress_parked_connections", &tcp, WAIT, |v| v == parked).await
+        }
+    };
+
+    // Identified and silent: parked.
+    let mut a = LineDevice::connect(gw.tcp).await?;
+    assert_eq!(a.exchange("id=default/park-1 token=p").await?, "OK");
+    gauges(1.0, 1.0).await?;
+    // A frame wakes it; it is answered after JetStream accepted it, and parks again.
+    assert_eq!(a.exchange("v=1.5").await?, "OK");
+    wait_value(&cloud, &gw, "park-1", "v", json!(1.5)).await?;
+    gauges(1.0, 1.0).await?;
+    // A partial frame stays with the parked connection until its end arrives.
+    a.write.write_all(b"v=2").await?;
+    gauges(1.0, 1.0).await?;
+    assert_eq!(a.exchange(".5").await?, "OK");
+    wait_value(&cloud, &gw, "park-1", "v", json!(2.5)).await?;
+
+    // A newer connection replaces the parked one, which is told and closed.
+    let mut b = LineDevice::connect(gw.tcp).await?;
+    assert_eq!(b.exchange("id=default/park-1 token=p").await?, "OK");
+    assert_eq!(a.answer().await?.as_deref(), Some("ERR replaced"));
+    a.expect_closed().await?;
+    gauges(1.0, 1.0).await?;
+    // The peer closing a parked connection frees it.
+    drop(b);
+    gauges(0.0, 0.0).await?;
+
+    // Removing the device closes its parked connection.
+    let mut c = LineDevice::connect(gw.tcp).await?;
+    assert_eq!(c.exchange("id=default/park-1 token=p").await?, "OK");
+    gauges(1.0, 1.0).await?;
+    let empty = ConfigBuilder::new().devices(vec![]).cloud(&broker.url(), |_| {}).yaml()?;
+    gw.gw.write_config(&empty)?;
+    c.expect_closed().await.with_context(|| gw.log())?;
+    gauges(0.0, 0.0).await?;
+    Ok(())
+}
