@@ -458,7 +458,8 @@ async fn connection(
         session.release();
         return;
     }
-    serve(conn, session).await;
+    // Boxed: the identification state above is all a connecting device's task holds inline.
+    Box::pin(serve(conn, session)).await;
 }
 
 /// An identified connection on the runtime: frames and commands until it closes, or parks
