@@ -311,6 +311,7 @@ pub async fn run_writer(
     let mut in_flight = FuturesUnordered::new();
     // Publishes awaiting their PubAck, per uplink: counted as drops if the grace runs out.
     let mut pending: HashMap<String, u64> = HashMap::new();
+    let mut accepted: HashMap<String, prometheus_client::metrics::counter::Counter> = HashMap::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
@@ -342,10 +343,20 @@ pub async fn run_writer(
                 }
                 match result {
                     Ok(()) => {
-                        metrics
-                            .readings_accepted
-                            .get_or_create(&UplinkLabels { uplink: buffer.uplink.clone() })
-                            .inc();
+                        // One series per uplink, looked up once: this runs for every reading.
+                        match accepted.get(&buffer.uplink) {
+                            Some(counter) => {
+                                counter.inc();
+                            }
+                            None => {
+                                let counter = metrics
+                                    .readings_accepted
+                                    .get_or_create(&UplinkLabels { uplink: buffer.uplink.clone() })
+                                    .clone();
+                                counter.inc();
+                                accepted.insert(buffer.uplink.clone(), counter);
+                            }
+                        }
                     }
                     Err(reason) => metrics.dropped(&buffer.uplink, reason),
                 }
@@ -385,7 +396,12 @@ pub async fn run_writer(
                         settings.give_up_after,
                         span,
                     );
-                    *pending.entry(b.uplink.clone()).or_default() += 1;
+                    match pending.get_mut(&b.uplink) {
+                        Some(n) => *n += 1,
+                        None => {
+                            pending.insert(b.uplink.clone(), 1);
+                        }
+                    }
                     let tracker = tracker.clone();
                     in_flight.push(async move {
                         let outcome = fut.await;

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use coap_lite::block_handler::BlockValue;
@@ -34,12 +34,14 @@ use coap_lite::option_value::OptionValueU32;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use fieldgate_crds::CoapConnection;
 use fieldgate_crds::validate::parse_duration;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::hub::{Credential, DeviceHub, Registered, bind_udp};
 use super::{DeviceTask, payload};
+use crate::metrics::IngressLabels;
 use crate::reading::{self, Reading, pb};
 
 const PROTOCOL: &str = "coap";
@@ -236,6 +238,10 @@ struct Server {
     blocks: Mutex<Blocks>,
     pending: Arc<Semaphore>,
     next_mid: AtomicU16,
+    /// `fieldgate_ingress_messages_total{protocol="coap"}` for CON and NON requests, looked up
+    /// on first use (every request counts one).
+    con_messages: OnceLock<Counter>,
+    non_messages: OnceLock<Counter>,
 }
 
 /// Runs the push listener until the hub's token is cancelled.
@@ -248,6 +254,8 @@ pub(crate) async fn listen(hub: Arc<DeviceHub>) {
         blocks: Mutex::default(),
         pending: Arc::new(Semaphore::new(MAX_PENDING)),
         next_mid: AtomicU16::new(rand::random()),
+        con_messages: OnceLock::new(),
+        non_messages: OnceLock::new(),
     });
     let mut buf = vec![0u8; DATAGRAM];
     loop {
@@ -268,6 +276,16 @@ impl Server {
         if let Err(e) = self.socket.try_send_to(bytes, peer) {
             tracing::debug!(%peer, error = %e, "CoAP answer not sent");
         }
+    }
+
+    /// Counts a handled request of `kind` (`con` or `non`).
+    fn count_message(&self, kind: &'static str) {
+        let cell = if kind == "con" { &self.con_messages } else { &self.non_messages };
+        cell.get_or_init(|| {
+            let labels = IngressLabels { protocol: PROTOCOL, reason: kind };
+            self.hub.metrics.ingress_messages.get_or_create(&labels).clone()
+        })
+        .inc();
     }
 
     fn mid(&self) -> u16 {
@@ -338,7 +356,7 @@ impl Server {
                 return;
             }
         }
-        hub.count_message(PROTOCOL, kind);
+        self.count_message(kind);
         let path = path_of(&req);
         let Some(dev) = hub.lookup(PROTOCOL, &path) else {
             hub.reject(PROTOCOL, "unknown_device");

@@ -74,23 +74,33 @@ impl DeviceTask {
 
     /// Applies the points' reporting rules ([`crate::reporting`]); `false` when nothing is
     /// left to send.
-    fn report(&self, reading: &mut Reading) -> bool {
-        crate::reporting::apply(&self.hub.reporters, &self.key(), &self.device, &mut reading.points)
+    fn report(&self, key: &str, reading: &mut Reading) -> bool {
+        crate::reporting::apply(&self.hub.reporters, key, &self.device, &mut reading.points)
     }
 
-    fn count_reading(&self, reading: &Reading) {
-        let labels = self.labels();
-        self.metrics.readings_received.get_or_create(&labels).inc();
+    /// Applies the reporting rules and counts what is left: `false` when nothing is left to
+    /// send. The device key is built once for both (this runs for every reading).
+    fn report_and_count(&self, reading: &mut Reading) -> bool {
+        let key = self.key();
+        if !self.report(&key, reading) {
+            return false;
+        }
+        let labels = DeviceLabels { device: key, protocol: self.device.connection.protocol() };
+        self.count_reading(&labels, reading);
+        true
+    }
+
+    fn count_reading(&self, labels: &DeviceLabels, reading: &Reading) {
+        self.metrics.readings_received.get_or_create(labels).inc();
         let sampled = reading.time_unix_nano as f64 / 1e9;
-        self.metrics.device_last_reading.get_or_create(&labels).set(sampled);
+        self.metrics.device_last_reading.get_or_create(labels).set(sampled);
     }
 
     /// Counts a reading and hands it to the buffer writer. `Err` means the gateway is stopping.
     pub async fn emit(&self, mut reading: Reading) -> Result<(), crate::reading::SinkClosed> {
-        if !self.report(&mut reading) {
+        if !self.report_and_count(&mut reading) {
             return Ok(());
         }
-        self.count_reading(&reading);
         self.sink.submit(reading).await
     }
 
@@ -100,10 +110,9 @@ impl DeviceTask {
         &self,
         mut reading: Reading,
     ) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
-        if !self.report(&mut reading) {
+        if !self.report_and_count(&mut reading) {
             return Ok(nothing_to_keep());
         }
-        self.count_reading(&reading);
         self.sink.submit_confirmed(reading).await
     }
 
@@ -114,10 +123,9 @@ impl DeviceTask {
         mut reading: Reading,
         trace: ReadingTrace,
     ) -> Result<(), crate::reading::SinkClosed> {
-        if !self.report(&mut reading) {
+        if !self.report_and_count(&mut reading) {
             return Ok(());
         }
-        self.count_reading(&reading);
         let handoff = trace.finish(&reading.id, reading.points.len());
         self.sink.submit_traced(reading, handoff).await
     }
@@ -128,10 +136,9 @@ impl DeviceTask {
         mut reading: Reading,
         trace: ReadingTrace,
     ) -> Result<crate::reading::Acceptance, crate::reading::SinkClosed> {
-        if !self.report(&mut reading) {
+        if !self.report_and_count(&mut reading) {
             return Ok(nothing_to_keep());
         }
-        self.count_reading(&reading);
         let handoff = trace.finish(&reading.id, reading.points.len());
         self.sink.submit_confirmed_traced(reading, handoff).await
     }

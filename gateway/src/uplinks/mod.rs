@@ -133,9 +133,18 @@ struct InFlight {
     span: StageSpan,
 }
 
+/// The metric series every confirmed delivery updates, looked up once (on the first
+/// confirmation, so the series appear only once there is something to count).
+struct ConfirmedMetrics {
+    acked: prometheus_client::metrics::counter::Counter,
+    delivery_latency: prometheus_client::metrics::histogram::Histogram,
+    sample_to_cloud_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
 /// Everything the driver loop keeps between events.
 struct Driver {
     task: UplinkTask,
+    confirmed_metrics: Option<ConfirmedMetrics>,
     labels: UplinkLabels,
     encoding: Encoding,
     window: usize,
@@ -312,10 +321,23 @@ impl Driver {
             // The broker has it; if the ack is lost JetStream redelivers: a duplicate, same id.
             debug!(uplink = %self.labels.uplink, error = %e, "JetStream ack failed");
         }
-        let m = &self.task.metrics;
-        self.outcome(DeliveryOutcome::acked);
-        m.delivery_latency.get_or_create(&self.labels).observe(f.sent.elapsed().as_secs_f64());
-        m.sample_to_cloud_latency.get_or_create(&self.labels).observe(reading::age(f.sampled_unix_nano).as_secs_f64());
+        let m = self.confirmed_metrics.get_or_insert_with(|| {
+            let metrics = &self.task.metrics;
+            ConfirmedMetrics {
+                acked: metrics
+                    .deliveries
+                    .get_or_create(&DeliveryLabels {
+                        uplink: self.labels.uplink.clone(),
+                        outcome: DeliveryOutcome::acked,
+                    })
+                    .clone(),
+                delivery_latency: metrics.delivery_latency.get_or_create(&self.labels).clone(),
+                sample_to_cloud_latency: metrics.sample_to_cloud_latency.get_or_create(&self.labels).clone(),
+            }
+        });
+        m.acked.inc();
+        m.delivery_latency.observe(f.sent.elapsed().as_secs_f64());
+        m.sample_to_cloud_latency.observe(reading::age(f.sampled_unix_nano).as_secs_f64());
     }
 
     async fn refused(&mut self, token: Token, reason: &str) {
@@ -388,6 +410,7 @@ pub async fn run(task: UplinkTask) {
     let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
     let window = usize::from(task.mqtt.max_in_flight);
     let mut d = Driver {
+        confirmed_metrics: None,
         encoding: task.uplink.encoding.unwrap_or_default(),
         labels,
         window,
