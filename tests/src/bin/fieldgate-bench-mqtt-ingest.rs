@@ -21,8 +21,8 @@ use tokio::time::Instant;
 #[derive(Parser, Debug)]
 #[command(about = "Fieldgate MQTT ingest benchmark")]
 struct Args {
-    /// Messages per run.
-    #[arg(long, default_value_t = 30_000)]
+    /// Messages per run (150,000: about 5 s per side; shorter runs are dominated by start-up).
+    #[arg(long, default_value_t = 150_000)]
     messages: u64,
     /// Devices (topics) the messages are spread over.
     #[arg(long, default_value_t = 8)]
