@@ -486,6 +486,22 @@ mod tests {
         store
     }
 
+    /// A reconciler of `stores` writing through `client`, without debounce.
+    fn test_reconciler(client: Client, stores: Stores, metrics: Arc<Metrics>) -> Reconciler {
+        let writer = Writer::new(
+            client.clone(),
+            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
+            Arc::clone(&metrics),
+        );
+        let settings = LoopSettings {
+            debounce: Duration::ZERO,
+            resync: Duration::from_secs(300),
+            failover_grace: Duration::from_secs(300),
+            fail_back: false,
+        };
+        Reconciler::new(client, stores, writer, metrics, settings)
+    }
+
     fn secret_meta(ns: &str, name: &str, rv: &str) -> PartialObjectMeta<Secret> {
         ObjectMeta {
             name: Some(name.into()),
@@ -517,18 +533,7 @@ mod tests {
             filled(vec![Node::gateway("edge-1")]),
             filled(vec![secret_meta("default", "creds", "10")]),
         );
-        let writer = Writer::new(
-            client.clone(),
-            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
-            Arc::clone(&metrics),
-        );
-        let settings = LoopSettings {
-            debounce: Duration::ZERO,
-            resync: Duration::from_secs(300),
-            failover_grace: Duration::from_secs(300),
-            fail_back: false,
-        };
-        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+        let mut reconciler = test_reconciler(client, stores, metrics);
         // The API server fails the Secret read: the reconcile fails, and its trace says so.
         let server = tokio::spawn(async move {
             let (_req, send) = handle.next_request().await.unwrap();
@@ -564,18 +569,7 @@ mod tests {
             filled(vec![Node::gateway("edge-1")]),
             filled(vec![secret_meta("default", "creds", "10"), secret_meta("default", "unrelated", "3")]),
         );
-        let writer = Writer::new(
-            client.clone(),
-            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
-            Arc::clone(&metrics),
-        );
-        let settings = LoopSettings {
-            debounce: Duration::ZERO,
-            resync: Duration::from_secs(300),
-            failover_grace: Duration::from_secs(300),
-            fail_back: false,
-        };
-        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+        let mut reconciler = test_reconciler(client, stores, metrics);
 
         let server = tokio::spawn(async move {
             let mut gets = Vec::new();
@@ -658,18 +652,7 @@ mod tests {
             filled(vec![Node::gateway("edge-1")]),
             secrets,
         );
-        let writer = Writer::new(
-            client.clone(),
-            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
-            Arc::clone(&metrics),
-        );
-        let settings = LoopSettings {
-            debounce: Duration::ZERO,
-            resync: Duration::from_secs(300),
-            failover_grace: Duration::from_secs(300),
-            fail_back: false,
-        };
-        let mut reconciler = Reconciler::new(client, stores, writer, metrics, settings);
+        let mut reconciler = test_reconciler(client, stores, metrics);
 
         // The API server: the token Secret's value changes between its two reads; every Secret
         // read and every per-node Secret written is recorded.

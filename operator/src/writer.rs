@@ -547,34 +547,59 @@ fn same_condition(c: Option<&Condition>, status: &str, reason: &str, message: &s
     })
 }
 
-/// The operator's part of a Device's status, when it differs from what the object shows.
-pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json::Value> {
-    let cur = d.status.clone().unwrap_or_default();
-    let ok = v.verdict.configured();
-    let reason = v.verdict.reason();
-    let message = configured_message(&v.verdict, "rendered into the gateway config of its node");
-    let node = v.placed.as_ref().map(|p| p.node.clone());
-    let failed_over_from = v.placed.as_ref().and_then(|p| p.failed_over_from.clone());
+/// What the operator writes of an object's conditions: `Configured`, and `Ready=False` while
+/// not configured.
+struct Shown<'a> {
+    configured: Option<&'a Condition>,
+    ready: Option<&'a Condition>,
+    observed_generation: Option<i64>,
+}
+
+/// The `Configured` (and, while not configured, `Ready`) conditions and `observedGeneration`
+/// of `verdict`; `None` when the object already shows them and `rest_unchanged` (its other
+/// operator-written fields) holds.
+fn configured_status(
+    shown: &Shown<'_>,
+    verdict: &Verdict,
+    generation: Option<i64>,
+    message: String,
+    rest_unchanged: bool,
+) -> Option<serde_json::Value> {
+    let ok = verdict.configured();
+    let reason = verdict.reason();
     let status_word = if ok { "True" } else { "False" };
-    let ready = cur.condition(READY);
-    let unchanged = cur.node == node
-        && cur.observed_generation == v.generation
-        && cur.failed_over_from == failed_over_from
-        && same_condition(cur.condition(CONFIGURED), status_word, reason, &message, v.generation)
-        && (ok || same_condition(ready, "False", NOT_CONFIGURED, &message, v.generation))
-        && (!ok || ready.is_none_or(|c| c.reason != NOT_CONFIGURED));
+    let unchanged = rest_unchanged
+        && shown.observed_generation == generation
+        && same_condition(shown.configured, status_word, reason, &message, generation)
+        && (ok || same_condition(shown.ready, "False", NOT_CONFIGURED, &message, generation))
+        && (!ok || shown.ready.is_none_or(|c| c.reason != NOT_CONFIGURED));
     if unchanged {
         return None;
     }
-    let mut conditions =
-        vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
+    let mut conditions = vec![condition(CONFIGURED, ok, reason, message.clone(), generation, shown.configured)];
     if !ok {
-        conditions.push(condition(READY, false, NOT_CONFIGURED, message, v.generation, ready));
+        conditions.push(condition(READY, false, NOT_CONFIGURED, message, generation, shown.ready));
     }
     let mut status = json!({"conditions": conditions});
-    if let Some(g) = v.generation {
+    if let Some(g) = generation {
         status["observedGeneration"] = json!(g);
     }
+    Some(status)
+}
+
+/// The operator's part of a Device's status, when it differs from what the object shows.
+pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json::Value> {
+    let cur = d.status.clone().unwrap_or_default();
+    let message = configured_message(&v.verdict, "rendered into the gateway config of its node");
+    let node = v.placed.as_ref().map(|p| p.node.clone());
+    let failed_over_from = v.placed.as_ref().and_then(|p| p.failed_over_from.clone());
+    let shown = Shown {
+        configured: cur.condition(CONFIGURED),
+        ready: cur.condition(READY),
+        observed_generation: cur.observed_generation,
+    };
+    let rest_unchanged = cur.node == node && cur.failed_over_from == failed_over_from;
+    let mut status = configured_status(&shown, &v.verdict, v.generation, message, rest_unchanged)?;
     if let Some(n) = node {
         status["node"] = json!(n);
     }
@@ -587,28 +612,13 @@ pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json:
 /// The operator's part of an Uplink's status, when it differs from what the object shows.
 pub fn uplink_status_change(u: &Uplink, v: &UplinkVerdict) -> Option<serde_json::Value> {
     let cur = u.status.clone().unwrap_or_default();
-    let ok = v.verdict.configured();
-    let reason = v.verdict.reason();
     let message = configured_message(&v.verdict, "rendered into the gateway configs of the nodes of its devices");
-    let status_word = if ok { "True" } else { "False" };
-    let ready = cur.condition(READY);
-    let unchanged = cur.observed_generation == v.generation
-        && same_condition(cur.condition(CONFIGURED), status_word, reason, &message, v.generation)
-        && (ok || same_condition(ready, "False", NOT_CONFIGURED, &message, v.generation))
-        && (!ok || ready.is_none_or(|c| c.reason != NOT_CONFIGURED));
-    if unchanged {
-        return None;
-    }
-    let mut conditions =
-        vec![condition(CONFIGURED, ok, reason, message.clone(), v.generation, cur.condition(CONFIGURED))];
-    if !ok {
-        conditions.push(condition(READY, false, NOT_CONFIGURED, message, v.generation, ready));
-    }
-    let mut status = json!({"conditions": conditions});
-    if let Some(g) = v.generation {
-        status["observedGeneration"] = json!(g);
-    }
-    Some(status)
+    let shown = Shown {
+        configured: cur.condition(CONFIGURED),
+        ready: cur.condition(READY),
+        observed_generation: cur.observed_generation,
+    };
+    configured_status(&shown, &v.verdict, v.generation, message, true)
 }
 
 fn configured_event(was: Option<&str>, v: &Verdict) -> Option<Event> {
