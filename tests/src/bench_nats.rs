@@ -39,6 +39,11 @@ impl BenchNats {
         Ok(Self { _dir: dir, port, _proc: proc })
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self._proc.pid()
+    }
+
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)

@@ -32,6 +32,7 @@ pub mod mosquitto;
 pub mod nats;
 pub mod otlp;
 pub mod process;
+pub mod procstat;
 pub mod prometheus;
 pub mod pymodbus;
 

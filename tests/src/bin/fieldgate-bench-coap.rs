@@ -20,6 +20,7 @@ use fieldgate_tests::Mosquitto;
 use fieldgate_tests::coap_peer::CoapServer;
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
+use fieldgate_tests::procstat::cpu_seconds;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 #[command(about = "Fieldgate CoAP push benchmark")]
 struct Args {
     /// Concurrency levels (workers with one request in flight each).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128")]
     levels: Vec<usize>,
     /// Seconds per level.
     #[arg(long, default_value_t = 4)]
@@ -140,6 +141,10 @@ async fn ramp(
     Ok(out)
 }
 
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+}
+
 fn best(levels: &[Level]) -> Option<Level> {
     levels.iter().filter(|l| l.p99_ms < 10.0 && l.failed == 0).copied().max_by(|a, b| a.rate.total_cmp(&b.rate))
 }
@@ -182,9 +187,20 @@ async fn main() -> Result<()> {
     .context("warm-up")?;
     let title =
         format!("fieldgate CoAP push -> JetStream, sync_interval {} (CON POST, answered after PubAck)", args.nats_sync);
+    // CPU of every process on the path, over the measured ramp only.
+    let pids = [
+        ("gateway", gw.pid().unwrap_or(0)),
+        ("nats-server", nats.pid()),
+        ("mosquitto", broker.pid().unwrap_or(0)),
+        ("load generator", std::process::id()),
+    ];
+    let accepted_before = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
+    let cpu_before = pids.map(|(_, pid)| cpu_seconds(pid));
     let gateway = ramp(&title, gw.coap, RequestType::Post, &paths, &args).await?;
+    let cpu_after = pids.map(|(_, pid)| cpu_seconds(pid));
     let accepted = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
     let _ = gw.terminate().await;
+    let readings = accepted - accepted_before;
 
     let (g, c) = (best(&gateway), best(&ceiling));
     println!();
@@ -202,5 +218,19 @@ async fn main() -> Result<()> {
         _ => println!("RESULT no level met p99 < 10 ms: fieldgate {g:?}, libcoap {c:?}"),
     }
     println!("readings accepted by JetStream during the run: {accepted}");
+    if readings > 0.0 {
+        let per: Vec<String> = pids
+            .iter()
+            .zip(cpu_before.iter().zip(&cpu_after))
+            .map(|((name, _), (b, a))| format!("{name} {:.1} µs", (a - b) / readings * 1e6))
+            .collect();
+        let total: f64 = cpu_before.iter().zip(&cpu_after).map(|(b, a)| a - b).sum::<f64>() / readings * 1e6;
+        println!(
+            "CPU per accepted reading over the gateway's ramp: {} (total {total:.1} µs: {:.0} readings/s would fill {} cores)",
+            per.join(", "),
+            num_cpus() as f64 / total * 1e6,
+            num_cpus()
+        );
+    }
     Ok(())
 }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use clap::Parser;
 use fieldgate_crds::OnFull;
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
+use fieldgate_tests::procstat::proc_stats;
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, free_port, wait_until};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -136,36 +137,6 @@ impl Drop for Counter {
     }
 }
 
-struct ProcStats {
-    cpu_ticks: u64,
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-fn proc_stats(pid: u32) -> Result<ProcStats> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).context("bad /proc stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // fields[0] is the state (field 3); utime is field 14, stime field 15.
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok(ProcStats { cpu_ticks: utime + stime, rss_kib: kib("VmRSS:"), hwm_kib: kib("VmHWM:") })
-}
-
-fn clock_ticks() -> f64 {
-    // Linux exposes utime/stime in USER_HZ, which is 100 on every supported architecture.
-    100.0
-}
-
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -262,7 +233,7 @@ async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -
 
     let readings = (c1 - c0) as f64;
     let points = readings * (POINTS_FIXED + u64::from(args.extra_registers)) as f64;
-    let cpu_s = (s1.cpu_ticks - s0.cpu_ticks) as f64 / clock_ticks();
+    let cpu_s = s1.cpu_s - s0.cpu_s;
     let mut lat = counter.latencies_us.lock().await.clone();
     lat.sort_unstable();
     Ok(RunResult {
