@@ -24,7 +24,7 @@ use fieldgate_tests::procstat::cpu_seconds;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Fieldgate CoAP push benchmark")]
 struct Args {
     /// Concurrency levels (workers with one request in flight each).
@@ -194,13 +194,21 @@ async fn main() -> Result<()> {
         ("mosquitto", broker.pid().unwrap_or(0)),
         ("load generator", std::process::id()),
     ];
-    let accepted_before = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
-    let cpu_before = pids.map(|(_, pid)| cpu_seconds(pid));
     let gateway = ramp(&title, gw.coap, RequestType::Post, &paths, &args).await?;
-    let cpu_after = pids.map(|(_, pid)| cpu_seconds(pid));
+    // The best level once more, with the CPU of every process on the path.
+    let mut cpu = None;
+    if let Some(top) = best(&gateway) {
+        let again = Args { levels: vec![top.concurrency], ..(*args).clone() };
+        let accepted_before = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
+        let cpu_before = pids.map(|(_, pid)| cpu_seconds(pid));
+        let title = format!("the same at c={}, for the CPU per reading", top.concurrency);
+        ramp(&title, gw.coap, RequestType::Post, &paths, &again).await?;
+        let cpu_after = pids.map(|(_, pid)| cpu_seconds(pid));
+        let readings = gw.metric("fieldgate_readings_accepted_total", &[]).await? - accepted_before;
+        cpu = Some((readings, cpu_before, cpu_after));
+    }
     let accepted = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
     let _ = gw.terminate().await;
-    let readings = accepted - accepted_before;
 
     let (g, c) = (best(&gateway), best(&ceiling));
     println!();
@@ -218,7 +226,9 @@ async fn main() -> Result<()> {
         _ => println!("RESULT no level met p99 < 10 ms: fieldgate {g:?}, libcoap {c:?}"),
     }
     println!("readings accepted by JetStream during the run: {accepted}");
-    if readings > 0.0 {
+    if let Some((readings, cpu_before, cpu_after)) = cpu
+        && readings > 0.0
+    {
         let per: Vec<String> = pids
             .iter()
             .zip(cpu_before.iter().zip(&cpu_after))
@@ -226,7 +236,7 @@ async fn main() -> Result<()> {
             .collect();
         let total: f64 = cpu_before.iter().zip(&cpu_after).map(|(b, a)| a - b).sum::<f64>() / readings * 1e6;
         println!(
-            "CPU per accepted reading over the gateway's ramp: {} (total {total:.1} µs: {:.0} readings/s would fill {} cores)",
+            "CPU per accepted reading at that level: {} (total {total:.1} µs: {:.0} readings/s would fill {} cores)",
             per.join(", "),
             num_cpus() as f64 / total * 1e6,
             num_cpus()
