@@ -20,7 +20,7 @@ use fieldgate_tests::Mosquitto;
 use fieldgate_tests::coap_peer::CoapServer;
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
-use fieldgate_tests::procstat::cpu_seconds;
+use fieldgate_tests::procstat::{cpu_seconds, proc_stats};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -205,6 +205,11 @@ async fn main() -> Result<()> {
         ramp(&title, gw.coap, RequestType::Post, &paths, &again).await?;
         let cpu_after = pids.map(|(_, pid)| cpu_seconds(pid));
         let readings = gw.metric("fieldgate_readings_accepted_total", &[]).await? - accepted_before;
+        let rss: Vec<String> = pids
+            .iter()
+            .filter_map(|(name, pid)| proc_stats(*pid).ok().map(|st| format!("{name} {} MiB", st.rss_kib / 1024)))
+            .collect();
+        println!("resident memory after it: {}", rss.join(", "));
         cpu = Some((readings, cpu_before, cpu_after));
     }
     let accepted = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
