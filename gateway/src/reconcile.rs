@@ -82,7 +82,7 @@ pub struct Running {
     shared: Shared,
     sink: Option<ReadingSink>,
     routes: watch::Sender<Arc<Routes>>,
-    devices: BTreeMap<String, Worker<GatewayDevice>>,
+    devices: BTreeMap<String, Worker<Arc<GatewayDevice>>>,
     uplinks: BTreeMap<String, Worker<(GatewayUplink, u64)>>,
     version: Option<String>,
 }
@@ -165,7 +165,7 @@ impl Running {
         let running: Vec<String> = self.devices.keys().cloned().collect();
         for k in running {
             match wanted_devices.get(&k) {
-                Some(d) if self.devices.get(&k).is_some_and(|w| w.spec == **d) => {
+                Some(d) if self.devices.get(&k).is_some_and(|w| *w.spec == **d) => {
                     applied.unchanged += 1;
                 }
                 Some(d) => {
@@ -221,8 +221,9 @@ impl Running {
     fn start_device(&mut self, k: String, d: &GatewayDevice) {
         let Some(sink) = &self.sink else { return };
         let cancel = CancellationToken::new();
+        let device = Arc::new(d.clone());
         let task = DeviceTask {
-            device: Arc::new(d.clone()),
+            device: Arc::clone(&device),
             node: self.shared.node.clone(),
             sink: sink.clone(),
             metrics: Arc::clone(&self.shared.metrics),
@@ -235,7 +236,7 @@ impl Running {
             cancel.clone(),
             move || adapters::run(task.clone()),
         ));
-        self.devices.insert(k, Worker { spec: d.clone(), cancel, handle });
+        self.devices.insert(k, Worker { spec: device, cancel, handle });
     }
 
     /// Stops every device adapter and lets go of the reading sink, so the writer can drain.

@@ -419,6 +419,16 @@ mod tests {
         }
     }
 
+    /// Every configured device is a task holding this future (and a supervisor holding its
+    /// maker): thousands of push devices that only wait must stay cheap.
+    #[test]
+    fn a_device_task_stays_small() {
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let hub = DeviceHub::for_tests(Arc::clone(&metrics));
+        let size = std::mem::size_of_val(&super::super::run(task(&hub, &metrics)));
+        assert!(size <= 512, "the device future grew to {size} bytes");
+    }
+
     #[test]
     fn pushed_reading_ids_never_repeat() {
         let clock = IdClock::default();

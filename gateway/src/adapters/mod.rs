@@ -152,15 +152,18 @@ fn nothing_to_keep() -> crate::reading::Acceptance {
 }
 
 /// Runs one device with the adapter of its protocol until `task.cancel` fires.
+///
+/// Each adapter runs boxed: inline, every device's task would be as large as the largest
+/// adapter's state (a Modbus poller's), also for the TCP and UDP devices that only wait.
 pub async fn run(task: DeviceTask) {
     let _running = task.hub.running(&task);
     let device = Arc::clone(&task.device);
     match &device.connection {
-        Connection::ModbusTcp(settings) => modbus_tcp::run(settings, task).await,
-        Connection::Coap(settings) => coap::run(settings, task).await,
-        Connection::Mqtt(settings) => mqtt_ingest::run(settings, task).await,
-        Connection::Tcp(settings) => tcp::run("tcp", settings, task).await,
-        Connection::Udp(settings) => tcp::run("udp", settings, task).await,
-        Connection::ModbusRtu(settings) => modbus_rtu::run(settings, task).await,
+        Connection::ModbusTcp(settings) => Box::pin(modbus_tcp::run(settings, task)).await,
+        Connection::Coap(settings) => Box::pin(coap::run(settings, task)).await,
+        Connection::Mqtt(settings) => Box::pin(mqtt_ingest::run(settings, task)).await,
+        Connection::Tcp(settings) => Box::pin(tcp::run("tcp", settings, task)).await,
+        Connection::Udp(settings) => Box::pin(tcp::run("udp", settings, task)).await,
+        Connection::ModbusRtu(settings) => Box::pin(modbus_rtu::run(settings, task)).await,
     }
 }
