@@ -90,16 +90,9 @@ async fn devices_on_one_serial_line_and_over_tcp_are_polled_without_collisions()
 // ---------------------------------------------------------------------------------------------
 // Malformed frames
 
-/// CRC-16/MODBUS (polynomial 0xA001 reflected, initial 0xFFFF), sent low byte first.
+/// CRC-16/MODBUS, sent low byte first.
 fn crc16(data: &[u8]) -> u16 {
-    let mut crc = 0xffffu16;
-    for b in data {
-        crc ^= u16::from(*b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xa001 } else { crc >> 1 };
-        }
-    }
-    crc
+    crc::Crc::<u16>::new(&crc::CRC_16_MODBUS).checksum(data)
 }
 
 /// `body` followed by its CRC.

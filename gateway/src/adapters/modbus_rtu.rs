@@ -97,29 +97,23 @@ impl LineError {
     }
 }
 
-/// CRC-16/MODBUS: `crc` (start with 0xFFFF) extended by `byte`.
-fn crc16_step(mut crc: u16, byte: u8) -> u16 {
-    crc ^= u16::from(byte);
-    for _ in 0..8 {
-        crc = if crc & 1 == 1 { (crc >> 1) ^ 0xa001 } else { crc >> 1 };
-    }
-    crc
-}
+/// CRC-16/MODBUS, sent low byte first.
+const MODBUS_CRC: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_MODBUS);
 
-/// CRC-16/MODBUS of `data` (sent low byte first).
+/// CRC-16/MODBUS of `data`.
 fn crc16(data: &[u8]) -> u16 {
-    data.iter().fold(0xffff, |crc, b| crc16_step(crc, *b))
+    MODBUS_CRC.checksum(data)
 }
 
 /// Whether `bytes` start with a complete RTU frame whose CRC is right.
 fn starts_with_frame(bytes: &[u8]) -> bool {
-    let mut crc = 0xffff_u16;
+    let mut digest = MODBUS_CRC.digest();
     for (i, b) in bytes.iter().enumerate() {
-        // `crc` covers `bytes[..i]`: is it followed by its own CRC? (address + function at least)
-        if i >= 2 && bytes.get(i..i + 2) == Some(&crc.to_le_bytes()[..]) {
+        // `digest` covers `bytes[..i]`: is it followed by its own CRC? (address + function at least)
+        if i >= 2 && bytes.get(i..i + 2) == Some(&digest.clone().finalize().to_le_bytes()[..]) {
             return true;
         }
-        crc = crc16_step(crc, *b);
+        digest.update(&[*b]);
     }
     false
 }
