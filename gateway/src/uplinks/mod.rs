@@ -153,8 +153,9 @@ struct Driver {
     expected_seq: u64,
     topics: HashMap<String, String>,
     stream: Option<stream::Stream>,
-    /// Sequences given back to JetStream (NAKed) and not delivered again yet: if the buffer
-    /// policy evicts one of them meanwhile, it is counted as dropped.
+    /// Sequences given back to JetStream (NAKed, or prefetched by a closed pull stream) and not
+    /// delivered again yet: if the buffer policy evicts one of them meanwhile, it is counted as
+    /// dropped.
     released: BTreeSet<u64>,
 }
 
@@ -210,6 +211,31 @@ impl Driver {
         }
     }
 
+    /// A first delivery skipped sequences `from..to`. Those below the stream's first sequence
+    /// are gone (evicted or expired) and counted now. Those still in the stream were handed to
+    /// a pull stream that was closed (link lost) before passing them on: JetStream redelivers
+    /// them after `redeliverAfter`, so they are tracked like released entries, and counted
+    /// only if the buffer drops them before that.
+    async fn skipped(&mut self, from: u64, to: u64) {
+        let first = match &mut self.stream {
+            Some(s) => s.info().await.ok().map(|i| i.state.first_sequence),
+            None => None,
+        };
+        let Some(first) = first else {
+            self.count_gap(to - from).await;
+            return;
+        };
+        let gone_to = first.clamp(from, to);
+        self.count_gap(gone_to - from).await;
+        // At most what closed pull streams had prefetched; anything larger is not a hand-over.
+        let window = u64::try_from(self.window).unwrap_or(u64::MAX);
+        if to - gone_to > window.saturating_mul(16) {
+            self.count_gap(to - gone_to).await;
+        } else {
+            self.released.extend(gone_to..to);
+        }
+    }
+
     async fn count_gap(&mut self, missing: u64) {
         if missing == 0 {
             return;
@@ -243,11 +269,14 @@ impl Driver {
         self.released.remove(&seq);
         if delivered > 1 {
             self.task.metrics.redeliveries.get_or_create(&self.labels).inc();
-        } else {
+        }
+        // A redelivery can be this driver's first sight of an entry too: one a closed pull
+        // stream had prefetched (a link loss) comes back only after `redeliverAfter`.
+        if seq >= self.expected_seq {
             if seq > self.expected_seq {
-                self.count_gap(seq - self.expected_seq).await;
+                self.skipped(self.expected_seq, seq).await;
             }
-            self.expected_seq = self.expected_seq.max(seq + 1);
+            self.expected_seq = seq + 1;
         }
         let reading = match Reading::decode(msg.payload.as_ref()) {
             Ok(r) => r,
