@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use crate::gateway::{READY_TIMEOUT, STOP_TIMEOUT};
 use crate::metrics::http_get;
 use crate::process::Proc;
-use crate::{Gateway, file_tail, free_port, wait_until};
+use crate::{CloudSubscriber, Gateway, file_tail, free_port, wait_until};
 
 /// A gateway process with device listeners. Killed on drop.
 pub struct ListeningGateway {
@@ -132,4 +132,16 @@ impl ListeningGateway {
     ) -> Result<f64> {
         self.gw.wait_metric(name, labels, timeout, pred).await.map_err(|e| e.context(self.log()))
     }
+}
+
+/// Waits (up to a minute) until the cloud received `value` for point `name` of `device`; the
+/// error carries the gateway's log.
+pub async fn wait_value(
+    cloud: &CloudSubscriber,
+    gw: &ListeningGateway,
+    device: &str,
+    name: &str,
+    value: serde_json::Value,
+) -> Result<()> {
+    cloud.wait_value(device, name, &value, Duration::from_secs(60)).await.with_context(|| gw.log())
 }

@@ -51,6 +51,21 @@ async fn wait_status(cloud: &CloudSubscriber, gw: &ListeningGateway, id: &str, s
     Ok(statuses(&cloud.messages(), id))
 }
 
+/// Starts the gateway and waits until it subscribed to the uplink's command topic.
+async fn start_subscribed(gw: &mut ListeningGateway) -> Result<()> {
+    gw.start_ready().await?;
+    wait_until("the gateway to subscribe to commands", WAIT, || async {
+        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
+    })
+    .await
+    .with_context(|| gw.log())
+}
+
+/// Publishes command `body` to `device`'s command topic, as the cloud does.
+async fn send_command(cloud: &CloudSubscriber, device: &str, body: Json) -> Result<()> {
+    cloud.publish(&format!("fieldgate/default/{device}/commands"), body.to_string().into_bytes()).await
+}
+
 async fn holding_register(port: u16, unit: u8, address: u16) -> Result<i64> {
     let script = format!(
         "from pymodbus.client import ModbusTcpClient\nc = ModbusTcpClient('127.0.0.1', port={port})\nc.connect()\n\
@@ -101,53 +116,47 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
     gw.gw.write_secret("relay", "token", "r1")?;
-    gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async {
-        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
-    })
-    .await
-    .with_context(|| gw.log())?;
-
-    let send = |device: &str, body: Json| {
-        let topic = format!("fieldgate/default/{device}/commands");
-        let cloud = &cloud;
-        async move { cloud.publish(&topic, body.to_string().into_bytes()).await }
-    };
+    start_subscribed(&mut gw).await?;
 
     // A Modbus TCP write, read back by the gateway and by pymodbus's own client.
-    send("plc", json!({"id": "c1", "point": "setpoint", "value": 1234, "ttl": "5m"})).await?;
+    send_command(&cloud, "plc", json!({"id": "c1", "point": "setpoint", "value": 1234, "ttl": "5m"})).await?;
     let s = wait_status(&cloud, &gw, "c1", "verified").await?;
     ensure!(s == ["accepted", "written", "verified"], "c1: {s:?}");
     ensure!(holding_register(plc.port().unwrap(), 1, 0).await? == 1234);
 
     // Delivered twice: executed once.
-    send("plc", json!({"id": "c1", "point": "setpoint", "value": 999})).await?;
+    send_command(&cloud, "plc", json!({"id": "c1", "point": "setpoint", "value": 999})).await?;
     wait_status(&cloud, &gw, "c1", "duplicate").await?;
     ensure!(holding_register(plc.port().unwrap(), 1, 0).await? == 1234, "a repeated command id was executed again");
 
     // Expired, read-only, unknown: not executed.
-    send("plc", json!({"id": "c2", "point": "setpoint", "value": 7, "expiresAt": "2020-01-01T00:00:00Z"})).await?;
+    send_command(
+        &cloud,
+        "plc",
+        json!({"id": "c2", "point": "setpoint", "value": 7, "expiresAt": "2020-01-01T00:00:00Z"}),
+    )
+    .await?;
     wait_status(&cloud, &gw, "c2", "expired").await?;
-    send("plc", json!({"id": "c3", "point": "limit", "value": 1})).await?;
+    send_command(&cloud, "plc", json!({"id": "c3", "point": "limit", "value": 1})).await?;
     wait_status(&cloud, &gw, "c3", "refused").await?;
-    send("ghost", json!({"id": "c4", "point": "x", "value": 1})).await?;
+    send_command(&cloud, "ghost", json!({"id": "c4", "point": "x", "value": 1})).await?;
     wait_status(&cloud, &gw, "c4", "failed").await?;
     ensure!(holding_register(plc.port().unwrap(), 1, 0).await? == 1234);
     ensure!(holding_register(plc.port().unwrap(), 1, 1).await? == 20, "a read-only point was written");
 
     // Modbus RTU on the shared line: written between polls and read back.
-    send("rtu", json!({"id": "c5", "point": "sp", "value": -5})).await?;
+    send_command(&cloud, "rtu", json!({"id": "c5", "point": "sp", "value": -5})).await?;
     let s = wait_status(&cloud, &gw, "c5", "verified").await?;
     ensure!(s.last().map(String::as_str) == Some("verified"), "c5: {s:?}");
 
     // CoAP PUT to the device's resource (libcoap's server keeps it).
-    send("lamp", json!({"id": "c6", "point": "level", "value": 3.5})).await?;
+    send_command(&cloud, "lamp", json!({"id": "c6", "point": "level", "value": 3.5})).await?;
     wait_status(&cloud, &gw, "c6", "written").await?;
     let run = coap_client(&[&coap.uri("/lamp")], Duration::from_secs(20)).await?;
     ensure!(run.stdout.trim() == "3.5", "the lamp resource holds {:?}", run.text());
 
     // MQTT publish to the device's command topic on its field broker.
-    send("valve", json!({"id": "c7", "point": "open", "value": true})).await?;
+    send_command(&cloud, "valve", json!({"id": "c7", "point": "open", "value": true})).await?;
     wait_status(&cloud, &gw, "c7", "written").await?;
     field_watch
         .wait_for("the valve command on the field broker", WAIT, |msgs| {
@@ -164,7 +173,7 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     w.write_all(b"id=default/relay token=r1\n").await?;
     let hello = tokio::time::timeout(WAIT, lines.next_line()).await??;
     ensure!(hello.as_deref() == Some("OK"), "{hello:?}");
-    send("relay", json!({"id": "c8", "point": "on", "value": true})).await?;
+    send_command(&cloud, "relay", json!({"id": "c8", "point": "on", "value": true})).await?;
     let frame = tokio::time::timeout(WAIT, lines.next_line()).await??.context("closed")?;
     let frame: Json = serde_json::from_str(&frame)?;
     ensure!(frame["command"] == "c8" && frame["point"] == "on" && frame["value"] == true, "{frame}");
@@ -201,17 +210,7 @@ async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
     gw.gw.write_config(&config)?;
     gw.gw.write_secret("blinds", "token", "b1")?;
     gw.gw.write_secret("mute", "token", "m1")?;
-    gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async {
-        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
-    })
-    .await
-    .with_context(|| gw.log())?;
-    let send = |device: &str, body: Json| {
-        let topic = format!("fieldgate/default/{device}/commands");
-        let cloud = &cloud;
-        async move { cloud.publish(&topic, body.to_string().into_bytes()).await }
-    };
+    start_subscribed(&mut gw).await?;
     // One datagram to the gateway's UDP listener, and the next one back (with its source).
     let exchange = async |socket: &tokio::net::UdpSocket, datagram: &[u8]| -> Result<String> {
         socket.send_to(datagram, gw.udp).await?;
@@ -234,7 +233,7 @@ async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
     // device sends to.
     let blinds = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     ensure!(exchange(&blinds, b"id=default/blinds token=b1 position=10").await? == "OK\n");
-    send("blinds", json!({"id": "u1", "point": "position", "value": 42, "ttl": "5m"})).await?;
+    send_command(&cloud, "blinds", json!({"id": "u1", "point": "position", "value": 42, "ttl": "5m"})).await?;
     command(&receive(&blinds, gw.udp).await?, "u1", 42)?;
     let s = wait_status(&cloud, &gw, "u1", "written").await?;
     ensure!(s == ["accepted", "written"], "u1: {s:?}");
@@ -250,7 +249,7 @@ async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
         v >= 1.0
     })
     .await?;
-    send("blinds", json!({"id": "u2", "point": "position", "value": 7})).await?;
+    send_command(&cloud, "blinds", json!({"id": "u2", "point": "position", "value": 7})).await?;
     command(&receive(&moved, gw.udp).await?, "u2", 7)?;
     wait_status(&cloud, &gw, "u2", "written").await?;
     let mut buf = [0u8; 64];
@@ -258,7 +257,7 @@ async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
     ensure!(blinds.try_recv_from(&mut buf).is_err(), "the device's old address got a datagram");
 
     // A device that never sent: nowhere to send to.
-    send("mute", json!({"id": "u3", "point": "position", "value": 1})).await?;
+    send_command(&cloud, "mute", json!({"id": "u3", "point": "position", "value": 1})).await?;
     let s = wait_status(&cloud, &gw, "u3", "failed").await?;
     ensure!(
         s == ["accepted", "failed: no authenticated datagram from the device in the last 120s (none received yet)"],

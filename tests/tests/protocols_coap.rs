@@ -13,7 +13,7 @@ use coap_lite::{RequestType, ResponseType};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::coap_peer::{CoapProbe, CoapServer, coap_client};
 use fieldgate_tests::config::ConfigBuilder;
-use fieldgate_tests::listening::ListeningGateway;
+use fieldgate_tests::listening::{ListeningGateway, wait_value};
 use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use serde_json::{Value as Json, json};
 
@@ -23,16 +23,6 @@ const CLIENT: Duration = Duration::from_secs(30);
 fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
     serde_json::from_value(json!({"name": name, "connection": connection, "points": points, "pollInterval": "300ms"}))
         .unwrap()
-}
-
-async fn wait_value(
-    cloud: &CloudSubscriber,
-    gw: &ListeningGateway,
-    device: &str,
-    name: &str,
-    value: Json,
-) -> Result<()> {
-    cloud.wait_value(device, name, &value, WAIT).await.with_context(|| gw.log())
 }
 
 struct Rig {

@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::config::ConfigBuilder;
-use fieldgate_tests::listening::ListeningGateway;
+use fieldgate_tests::listening::{ListeningGateway, wait_value};
 use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value as Json, json};
@@ -20,16 +20,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
     serde_json::from_value(json!({"name": name, "connection": connection, "points": points})).unwrap()
-}
-
-async fn wait_value(
-    cloud: &CloudSubscriber,
-    gw: &ListeningGateway,
-    device: &str,
-    name: &str,
-    value: Json,
-) -> Result<()> {
-    cloud.wait_value(device, name, &value, WAIT).await.with_context(|| gw.log())
 }
 
 /// A field device publishing to the field broker (QoS 1), its event loop polled in the background.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::config::ConfigBuilder;
-use fieldgate_tests::listening::ListeningGateway;
+use fieldgate_tests::listening::{ListeningGateway, wait_value};
 use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use serde_json::{Value as Json, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -24,16 +24,6 @@ const ANSWER: Duration = Duration::from_secs(20);
 
 fn device(name: &str, connection: Json, points: Json) -> GatewayDevice {
     serde_json::from_value(json!({"name": name, "connection": connection, "points": points})).unwrap()
-}
-
-async fn wait_value(
-    cloud: &CloudSubscriber,
-    gw: &ListeningGateway,
-    device: &str,
-    name: &str,
-    value: Json,
-) -> Result<()> {
-    cloud.wait_value(device, name, &value, WAIT).await.with_context(|| gw.log())
 }
 
 /// A line-oriented TCP device.
