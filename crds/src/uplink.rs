@@ -39,7 +39,7 @@ pub struct UplinkSpec {
 }
 
 /// Connection to an MQTT broker.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('mqtts://') || self.url.startsWith('ssl://')").message("tls needs an mqtts:// url"))]
 #[x_kube(validation = Rule::new("!has(self.qos) || self.qos == 1").message("only QoS 1 is supported"))]
 #[x_kube(validation = Rule::new("!has(self.protocolVersion) || self.protocolVersion == 3 || self.protocolVersion == 5").message("protocolVersion is 3 (3.1.1) or 5"))]

@@ -92,14 +92,7 @@ pub fn world(devices: usize, nodes: usize) -> World {
                 mqtt: MqttUplink {
                     url: "mqtts://broker.example.com:8883".into(),
                     protocol_version: Some(5),
-                    topic: None,
-                    command_topic: None,
-                    qos: None,
-                    client_id: None,
-                    keep_alive: None,
-                    max_in_flight: None,
-                    auth: None,
-                    tls: None,
+                    ..Default::default()
                 },
                 encoding: None,
                 buffer: None,
