@@ -1,10 +1,15 @@
 //! The buffer: one JetStream stream per uplink on the node's disk, and the writer that puts
 //! readings into it.
 //!
-//! A reading is *accepted* once JetStream acknowledged it (PubAck); until then it is only in
-//! flight. Publishes are pipelined (a bounded number await their PubAck at once) and carry the
-//! reading id as `Nats-Msg-Id`, so a publish retried after a timeout or a NATS restart is
-//! stored once. A reading JetStream refuses is dropped and counted with its reason.
+//! A reading is *accepted* once JetStream acknowledged the entry that carries it (PubAck);
+//! until then it is only in flight. An entry is one JetStream message holding up to
+//! [`MAX_ENTRY_READINGS`] readings (`BufferEntry` in `proto/fieldgate/v1/reading.proto`): each
+//! uplink's lane stores one entry at a time, and the next carries every reading that arrived
+//! meanwhile (group commit). Its headers give the `buffer_seq` of its first reading and their
+//! count, so `buffer_seq` numbers the uplink's readings without gaps, and the uplink can tell
+//! how many readings a lost entry held. An entry is retried after a timeout or a NATS restart
+//! under the same `Nats-Msg-Id`, so it is stored once. An entry JetStream refuses is dropped and
+//! each of its readings counted with the reason.
 //!
 //! Streams use interest retention: an entry leaves the disk once its uplink's consumer acked
 //! it, which the uplink does only after the cloud broker's PUBACK. `maxBytes`/`maxAge` bound
@@ -25,8 +30,6 @@ use bytes::Bytes;
 use fieldgate_crds::quantity::parse_bytes;
 use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -214,74 +217,220 @@ fn classify(e: &PublishError) -> Refusal {
     }
 }
 
-/// Publishes one entry until JetStream accepts it, refuses it for good, or `give_up_after`.
-async fn publish_until_accepted(
-    js: jetstream::Context,
-    subject: String,
-    id: String,
-    payload: Bytes,
-    give_up_after: Duration,
-    span: StageSpan,
-) -> Result<(), DropReason> {
-    let traceparent = span.traceparent();
-    let outcome = async {
-        let deadline = Instant::now() + give_up_after;
-        let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
-        let mut attempts: i64 = 0;
-        loop {
-            attempts += 1;
-            let mut publish = PublishMessage::build().message_id(&id).payload(payload.clone());
-            if let Some(tp) = &traceparent {
-                // Sampled readings only: the trace continues in the uplink that delivers it.
-                publish = publish.header(TRACEPARENT_HEADER, tp.as_str());
-            }
-            let result = match js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            let refusal = match result {
-                Ok(()) => return (Ok(()), attempts),
-                Err(e) => {
-                    let refusal = classify(&e);
-                    debug!(subject = %subject, id = %id, error = %e, ?refusal, "publish not accepted");
-                    refusal
-                }
-            };
-            match refusal {
-                Refusal::Full => return (Err(DropReason::buffer_full_rejected), attempts),
-                Refusal::TooLarge => return (Err(DropReason::too_large), attempts),
-                Refusal::Transient if Instant::now() >= deadline => {
-                    return (Err(DropReason::buffer_unavailable), attempts);
-                }
-                Refusal::Transient => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    };
-    let (result, attempts) = outcome.await;
-    let mut span = span;
-    if span.is_recording() {
-        span.attributes(|| vec![opentelemetry::KeyValue::new("fieldgate.publish.attempts", attempts)]);
-        match result {
-            Ok(()) => span.ok(),
-            Err(reason) => span.fail(reason.as_str()),
-        }
-        span.end();
-    }
-    result
+/// Most readings one buffer entry carries.
+pub const MAX_ENTRY_READINGS: usize = 256;
+/// Most payload bytes one buffer entry carries (a larger reading still gets an entry of its
+/// own, and JetStream's `max_payload` decides whether it fits).
+pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
+
+/// Entry header: the `buffer_seq` of the entry's first reading.
+pub const SEQ_HEADER: async_nats::HeaderName = async_nats::HeaderName::from_static("Fieldgate-Seq");
+/// Entry header: how many readings the entry carries.
+pub const READINGS_HEADER: async_nats::HeaderName = async_nats::HeaderName::from_static("Fieldgate-Readings");
+/// Entry header, once per sampled reading: `<index in the entry> <traceparent>`, where the
+/// reading's trace continues in the uplink that delivers it.
+pub const TRACE_HEADER: async_nats::HeaderName = async_nats::HeaderName::from_static("Fieldgate-Trace");
+
+/// The readings an entry covers, from its headers: `(buffer_seq of the first, count)`.
+pub fn entry_range(headers: Option<&async_nats::HeaderMap>) -> Option<(u64, u64)> {
+    let h = headers?;
+    let first = h.get(SEQ_HEADER)?.as_str().parse().ok()?;
+    let n = h.get(READINGS_HEADER)?.as_str().parse().ok()?;
+    Some((first, n))
 }
 
-/// The JetStream header carrying a sampled reading's trace context.
-pub const TRACEPARENT_HEADER: async_nats::HeaderName =
-    async_nats::HeaderName::from_static(crate::telemetry::TRACEPARENT);
+/// The sampled readings of an entry: `(index in the entry, traceparent)`.
+pub fn entry_traces(headers: Option<&async_nats::HeaderMap>) -> Vec<(usize, &str)> {
+    let Some(h) = headers else { return Vec::new() };
+    h.get_all(TRACE_HEADER)
+        .filter_map(|v| {
+            let (i, tp) = v.as_str().split_once(' ')?;
+            Some((i.parse().ok()?, tp))
+        })
+        .collect()
+}
+
+/// A buffer entry's payload is not a `BufferEntry`.
+#[derive(Debug, thiserror::Error)]
+#[error("not a buffer entry: {0}")]
+pub struct EntryError(&'static str);
+
+/// The readings of an entry's payload (`BufferEntry` in `proto/fieldgate/v1/reading.proto`),
+/// each as its own protobuf bytes, without decoding them.
+pub fn entry_readings(payload: &[u8]) -> Result<Vec<&[u8]>, EntryError> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let mut buf = payload;
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).map_err(|_| EntryError("bad field key"))?;
+        if tag != 1 || wire != WireType::LengthDelimited {
+            return Err(EntryError("unexpected field"));
+        }
+        let len = decode_varint(&mut buf).map_err(|_| EntryError("bad length"))?;
+        let len = usize::try_from(len).map_err(|_| EntryError("bad length"))?;
+        if len > buf.len() {
+            return Err(EntryError("truncated reading"));
+        }
+        out.push(&buf[..len]);
+        buf = &buf[len..];
+    }
+    Ok(out)
+}
+
+/// Packs encoded readings into one entry payload (a `BufferEntry`).
+fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let size: usize = readings.clone().map(|r| 1 + encoded_len_varint(r.len() as u64) + r.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    for r in readings {
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(r.len() as u64, &mut out);
+        out.extend_from_slice(r);
+    }
+    Bytes::from(out)
+}
+
+/// The `buffer_seq` an empty stream whose last entry had stream sequence `last_entry` starts
+/// at. Every entry carries at most [`MAX_ENTRY_READINGS`] readings and only stored entries
+/// advance the count, so no reading of an earlier entry can have a `buffer_seq` at or above
+/// this: the sequence keeps growing across restarts even when nothing is left to read it from.
+pub fn seq_floor(last_entry: u64) -> u64 {
+    last_entry.saturating_mul(MAX_ENTRY_READINGS as u64).saturating_add(1)
+}
+
+/// The `buffer_seq` the next entry of `b` starts at: right after the stream's last entry, or
+/// the [`seq_floor`] when the stream holds none.
+async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<u64, async_nats::Error> {
+    let mut stream = js.get_stream(&b.stream).await?;
+    let state = stream.info().await?.state.clone();
+    if state.messages > 0 {
+        match stream.get_last_raw_message_by_subject(&b.subject).await {
+            Ok(m) => {
+                if let Some((first, n)) = entry_range(Some(&m.headers)) {
+                    info!(uplink = %b.uplink, next = first + n, "bufferSeq continues at {} after the buffer's last entry", first + n);
+                    return Ok(first + n);
+                }
+            }
+            Err(e) => debug!(stream = %b.stream, error = %e, "last entry not readable; continuing past every entry"),
+        }
+    }
+    let floor = seq_floor(state.last_sequence);
+    if state.last_sequence > 0 {
+        info!(uplink = %b.uplink, next = floor, "the buffer is empty: bufferSeq continues at {floor}, past any earlier entry");
+    }
+    Ok(floor)
+}
+
+/// One reading waiting in an uplink's lane.
+struct Queued {
+    payload: Bytes,
+    id: String,
+    tracker: Option<Arc<AcceptanceTracker>>,
+    /// `fieldgate.buffer.append` (recorded for sampled readings only).
+    span: StageSpan,
+    since: Instant,
+}
+
+impl Queued {
+    fn resolve(self, outcome: Result<(), DropReason>, attempts: i64) {
+        let mut span = self.span;
+        if span.is_recording() {
+            span.attributes(|| vec![opentelemetry::KeyValue::new("fieldgate.publish.attempts", attempts)]);
+            match outcome {
+                Ok(()) => span.ok(),
+                Err(reason) => span.fail(reason.as_str()),
+            }
+            span.end();
+        }
+        if let Some(t) = self.tracker {
+            t.resolve(outcome);
+        }
+    }
+}
+
+/// How an entry's publish ended.
+enum Stored {
+    /// Stored now: the sequence advances past its readings.
+    New,
+    /// JetStream already held these readings (a duplicate id from an earlier entry).
+    Before,
+}
+
+/// Publishes one entry until JetStream stores it, refuses it for good, or `give_up_after`.
+async fn publish_entry(
+    js: &jetstream::Context,
+    b: &UplinkBuffer,
+    first_seq: u64,
+    batch: &[Queued],
+    give_up_after: Duration,
+) -> (Result<Stored, DropReason>, i64) {
+    let n = batch.len();
+    let payload = encode_entry(batch.iter().map(|q| q.payload.as_ref()));
+    let mut headers = async_nats::HeaderMap::new();
+    // One reading: its own id, as a lone reading always had; more: the first id and the count,
+    // the same for every retry of this entry.
+    let id = match batch {
+        [one] => one.id.clone(),
+        _ => format!("{}+{n}", batch.first().map(|q| q.id.as_str()).unwrap_or_default()),
+    };
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+    headers.insert(SEQ_HEADER, first_seq.to_string().as_str());
+    headers.insert(READINGS_HEADER, n.to_string().as_str());
+    for (i, q) in batch.iter().enumerate() {
+        if let Some(tp) = q.span.traceparent() {
+            headers.append(TRACE_HEADER, format!("{i} {}", tp.as_str()).as_str());
+        }
+    }
+    let deadline = Instant::now() + give_up_after;
+    let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
+    let mut attempts: i64 = 0;
+    loop {
+        attempts += 1;
+        let publish = PublishMessage::build().headers(headers.clone()).payload(payload.clone());
+        let result = match js.send_publish(b.subject.clone(), publish).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let refusal = match result {
+            Ok(ack) if !ack.duplicate => return (Ok(Stored::New), attempts),
+            Ok(ack) => return (Ok(stored_before(js, b, ack.sequence, first_seq, attempts).await), attempts),
+            Err(e) => {
+                let refusal = classify(&e);
+                debug!(subject = %b.subject, id = %id, error = %e, ?refusal, "publish not accepted");
+                refusal
+            }
+        };
+        match refusal {
+            Refusal::Full => return (Err(DropReason::buffer_full_rejected), attempts),
+            Refusal::TooLarge => return (Err(DropReason::too_large), attempts),
+            Refusal::Transient if Instant::now() >= deadline => return (Err(DropReason::buffer_unavailable), attempts),
+            Refusal::Transient => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// JetStream called a publish a duplicate: either this entry, stored by an earlier attempt
+/// whose ack was lost, or an earlier entry with the same id. Only the first advances the
+/// sequence.
+async fn stored_before(js: &jetstream::Context, b: &UplinkBuffer, seq: u64, first_seq: u64, attempts: i64) -> Stored {
+    let stored = async { js.get_stream(&b.stream).await.ok()?.get_raw_message(seq).await.ok() }.await;
+    match stored.and_then(|m| entry_range(Some(&m.headers))) {
+        Some((first, _)) if first == first_seq => Stored::New,
+        Some(_) => Stored::Before,
+        // Already delivered and gone: only a retry can have stored it moments ago.
+        None if attempts > 1 => Stored::New,
+        None => Stored::Before,
+    }
+}
 
 /// Settings of the buffer writer.
 #[derive(Clone, Debug)]
 pub struct WriterSettings {
-    /// Publishes awaiting their PubAck at once.
-    pub max_in_flight: usize,
+    /// Readings waiting per uplink before the adapters wait.
+    pub lane_capacity: usize,
     /// How long a publish is retried while JetStream is unreachable before the reading is
     /// dropped (`buffer_unavailable`).
     pub give_up_after: Duration,
@@ -289,14 +438,20 @@ pub struct WriterSettings {
 
 impl Default for WriterSettings {
     fn default() -> Self {
-        Self { max_in_flight: 1024, give_up_after: Duration::from_secs(30) }
+        Self { lane_capacity: 1024, give_up_after: Duration::from_secs(30) }
     }
 }
 
 /// Drains the adapters' queue into JetStream until every sender is gone, then waits for the
 /// outstanding PubAcks: nothing handed to the writer is left unresolved in memory. If
-/// `abandon` fires first (the shutdown grace period ran out), the publishes still awaiting a
-/// PubAck are counted as dropped (`buffer_unavailable`) before it returns.
+/// `abandon` fires first (the shutdown grace period ran out), the readings not yet accepted
+/// are counted as dropped (`buffer_unavailable`) before it returns.
+///
+/// Each uplink has a lane: its readings are stored as entries of up to
+/// [`MAX_ENTRY_READINGS`], one entry awaiting its PubAck at a time, the next holding whatever
+/// arrived meanwhile (group commit: one write, and with `sync_interval: always` one fsync, for
+/// many readings under load; no waiting when idle). One entry at a time also means a refused
+/// entry leaves no gap in `buffer_seq`.
 ///
 /// `routes` may change while it runs (a config reload): each reading goes to the routes in
 /// force when the writer takes it.
@@ -308,114 +463,193 @@ pub async fn run_writer(
     mut rx: mpsc::Receiver<Submission>,
     abandon: tokio_util::sync::CancellationToken,
 ) {
-    let mut in_flight = FuturesUnordered::new();
-    // Publishes awaiting their PubAck, per uplink: counted as drops if the grace runs out.
-    let mut pending: HashMap<String, u64> = HashMap::new();
-    let mut accepted: HashMap<String, prometheus_client::metrics::counter::Counter> = HashMap::new();
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
+    let mut lanes: HashMap<String, mpsc::Sender<Queued>> = HashMap::new();
+    let mut lane_tasks = tokio::task::JoinSet::new();
+    loop {
+        let next = tokio::select! {
             biased;
             () = abandon.cancelled() => {
                 rx.close();
                 let current = Arc::clone(&routes.borrow());
+                let mut left: HashMap<&str, u64> = HashMap::new();
                 while let Ok(reading) = rx.try_recv() {
                     for &route in current.targets(&reading.namespace, &reading.device) {
-                        *pending.entry(current.buffers()[route].uplink.clone()).or_default() += 1;
+                        *left.entry(current.buffers()[route].uplink.as_str()).or_default() += 1;
                     }
                 }
-                for (uplink, n) in pending.iter().filter(|(_, n)| **n > 0) {
+                for (uplink, n) in left {
                     warn!(uplink = %uplink, dropped = n, "shutdown grace ran out: readings not yet accepted are dropped");
-                    metrics
-                        .readings_dropped
-                        .get_or_create(&crate::metrics::DropLabels {
-                            uplink: uplink.clone(),
-                            reason: DropReason::buffer_unavailable,
-                        })
-                        .inc_by(*n);
+                    metrics.dropped_n(uplink, DropReason::buffer_unavailable, n);
                 }
-                return;
+                break;
             }
-            Some((buffer, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let buffer: Arc<UplinkBuffer> = buffer;
-                if let Some(n) = pending.get_mut(&buffer.uplink) {
-                    *n = n.saturating_sub(1);
+            next = rx.recv() => next,
+        };
+        let Some(mut reading) = next else {
+            info!(lanes = lanes.len(), "buffer writer draining");
+            break;
+        };
+        // A lane outlives its uplink leaving the config (it idles): were it replaced when the
+        // uplink comes back, two lanes would number the same stream's readings.
+        let current = Arc::clone(&routes.borrow());
+        let targets = current.targets(&reading.namespace, &reading.device);
+        if targets.is_empty() {
+            let mut span = append_span(reading.trace.as_ref(), "none", "", &reading.id);
+            span.fail(DropReason::no_uplink.as_str());
+            span.end();
+            metrics.dropped("none", DropReason::no_uplink);
+            if let Some(tx) = reading.accepted.take() {
+                let _ = tx.send(Err(DropReason::no_uplink));
+            }
+            continue;
+        }
+        let payload = Bytes::from(reading.encode_to_vec());
+        // Tells a waiting adapter once every route resolved (see `submit_confirmed`).
+        let tracker = reading.accepted.take().map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
+        for &route in targets {
+            let b = &current.buffers()[route];
+            let lane = lanes.entry(b.uplink.clone()).or_insert_with(|| {
+                let (tx, lane_rx) = mpsc::channel(settings.lane_capacity);
+                lane_tasks.spawn(run_lane(
+                    js.clone(),
+                    Arc::clone(b),
+                    Arc::clone(&metrics),
+                    settings.give_up_after,
+                    lane_rx,
+                    abandon.clone(),
+                ));
+                tx
+            });
+            let queued = Queued {
+                payload: payload.clone(),
+                id: reading.id.clone(),
+                tracker: tracker.clone(),
+                span: append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id),
+                since: Instant::now(),
+            };
+            // Waits while the lane is full: the adapters feel the buffer's pace.
+            let sent = tokio::select! {
+                biased;
+                () = abandon.cancelled() => false,
+                sent = lane.send(queued) => sent.is_ok(),
+            };
+            if !sent {
+                metrics.dropped(&b.uplink, DropReason::buffer_unavailable);
+            }
+        }
+    }
+    // Closing the lanes lets each store what it holds and stop (or count it, if abandoned).
+    lanes.clear();
+    while lane_tasks.join_next().await.is_some() {}
+    warn_if_dropped(&metrics, &routes.borrow());
+    info!("buffer writer stopped");
+}
+
+/// Stores one uplink's readings as entries, one awaiting its PubAck at a time.
+async fn run_lane(
+    js: jetstream::Context,
+    b: Arc<UplinkBuffer>,
+    metrics: Arc<Metrics>,
+    give_up_after: Duration,
+    mut rx: mpsc::Receiver<Queued>,
+    abandon: tokio_util::sync::CancellationToken,
+) {
+    let labels = UplinkLabels { uplink: b.uplink.clone() };
+    let accepted = metrics.readings_accepted.get_or_create(&labels).clone();
+    let last_seq = metrics.buffer_last_seq.get_or_create(&labels).clone();
+    let mut next_seq: Option<u64> = None;
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut carry: Option<Queued> = None;
+    let mut restore_delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        if batch.is_empty() {
+            let first = match carry.take() {
+                Some(q) => q,
+                None => tokio::select! {
+                    biased;
+                    () = abandon.cancelled() => break,
+                    q = rx.recv() => match q {
+                        Some(q) => q,
+                        None => return,
+                    },
+                },
+            };
+            batch.push(first);
+        }
+        let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
+        while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
+            let Ok(q) = rx.try_recv() else { break };
+            if bytes + q.payload.len() > MAX_ENTRY_BYTES {
+                carry = Some(q);
+            } else {
+                bytes += q.payload.len();
+                batch.push(q);
+            }
+        }
+        let first_seq = match next_seq {
+            Some(s) => s,
+            None => match restore_next_seq(&js, &b).await {
+                Ok(s) => {
+                    debug!(uplink = %b.uplink, next = s, "buffer sequence restored");
+                    last_seq.set(i64::try_from(s - 1).unwrap_or(i64::MAX));
+                    next_seq = Some(s);
+                    s
                 }
-                match result {
-                    Ok(()) => {
-                        // One series per uplink, looked up once: this runs for every reading.
-                        match accepted.get(&buffer.uplink) {
-                            Some(counter) => {
-                                counter.inc();
-                            }
-                            None => {
-                                let counter = metrics
-                                    .readings_accepted
-                                    .get_or_create(&UplinkLabels { uplink: buffer.uplink.clone() })
-                                    .clone();
-                                counter.inc();
-                                accepted.insert(buffer.uplink.clone(), counter);
-                            }
+                Err(e) => {
+                    debug!(uplink = %b.uplink, error = %e, "buffer not reachable; readings wait");
+                    let (expired, waiting): (Vec<Queued>, Vec<Queued>) =
+                        batch.drain(..).partition(|q| q.since.elapsed() >= give_up_after);
+                    batch = waiting;
+                    if !expired.is_empty() {
+                        metrics.dropped_n(&b.uplink, DropReason::buffer_unavailable, expired.len() as u64);
+                        for q in expired {
+                            q.resolve(Err(DropReason::buffer_unavailable), 0);
                         }
                     }
-                    Err(reason) => metrics.dropped(&buffer.uplink, reason),
+                    let delay = restore_delays.next().unwrap_or(Duration::from_secs(2));
+                    tokio::select! {
+                        biased;
+                        () = abandon.cancelled() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            },
+        };
+        let n = batch.len() as u64;
+        let (outcome, attempts) = tokio::select! {
+            biased;
+            () = abandon.cancelled() => break,
+            o = publish_entry(&js, &b, first_seq, &batch, give_up_after) => o,
+        };
+        match outcome {
+            Ok(stored) => {
+                if matches!(stored, Stored::New) {
+                    next_seq = Some(first_seq + n);
+                    last_seq.set(i64::try_from(first_seq + n - 1).unwrap_or(i64::MAX));
+                }
+                accepted.inc_by(n);
+                for q in batch.drain(..) {
+                    q.resolve(Ok(()), attempts);
                 }
             }
-            next = rx.recv(), if open && in_flight.len() < settings.max_in_flight => {
-                let Some(mut reading) = next else {
-                    open = false;
-                    info!(pending = in_flight.len(), "buffer writer draining");
-                    continue;
-                };
-                let current = Arc::clone(&routes.borrow());
-                let targets = current.targets(&reading.namespace, &reading.device);
-                if targets.is_empty() {
-                    let mut span = append_span(reading.trace.as_ref(), "none", "", &reading.id);
-                    span.fail(DropReason::no_uplink.as_str());
-                    span.end();
-                    metrics.dropped("none", DropReason::no_uplink);
-                    if let Some(tx) = reading.accepted.take() {
-                        let _ = tx.send(Err(DropReason::no_uplink));
-                    }
-                    continue;
-                }
-                let payload = Bytes::from(reading.encode_to_vec());
-                // Tells a waiting adapter once every route resolved (see `submit_confirmed`).
-                let tracker = reading
-                    .accepted
-                    .take()
-                    .map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
-                for &route in targets {
-                    let b = Arc::clone(&current.buffers()[route]);
-                    let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
-                    let fut = publish_until_accepted(
-                        js.clone(),
-                        b.subject.clone(),
-                        reading.id.clone(),
-                        payload.clone(),
-                        settings.give_up_after,
-                        span,
-                    );
-                    match pending.get_mut(&b.uplink) {
-                        Some(n) => *n += 1,
-                        None => {
-                            pending.insert(b.uplink.clone(), 1);
-                        }
-                    }
-                    let tracker = tracker.clone();
-                    in_flight.push(async move {
-                        let outcome = fut.await;
-                        if let Some(t) = tracker {
-                            t.resolve(outcome);
-                        }
-                        (b, outcome)
-                    });
+            Err(reason) => {
+                metrics.dropped_n(&b.uplink, reason, n);
+                for q in batch.drain(..) {
+                    q.resolve(Err(reason), attempts);
                 }
             }
         }
     }
-    warn_if_dropped(&metrics, &routes.borrow());
-    info!("buffer writer stopped");
+    // Abandoned: what is held here was not accepted.
+    rx.close();
+    let mut left = batch.len() as u64 + u64::from(carry.is_some());
+    while rx.try_recv().is_ok() {
+        left += 1;
+    }
+    if left > 0 {
+        warn!(uplink = %b.uplink, dropped = left, "shutdown grace ran out: readings not yet accepted are dropped");
+        metrics.dropped_n(&b.uplink, DropReason::buffer_unavailable, left);
+    }
 }
 
 fn warn_if_dropped(metrics: &Metrics, routes: &Routes) {
@@ -441,6 +675,46 @@ mod tests {
     fn names_map_one_to_one_onto_jetstream() {
         assert_eq!(stream_name("plant-a", "cloud.eu"), "fieldgate_plant-a_cloud_eu");
         assert_eq!(subject("plant-a", "cloud.eu"), "fieldgate.plant-a.cloud_eu");
+    }
+
+    #[test]
+    fn an_entry_carries_its_readings_and_their_place() {
+        let readings: Vec<Vec<u8>> = (0..3u64)
+            .map(|i| {
+                crate::reading::Reading {
+                    id: crate::reading::message_id("ns", "d", i),
+                    device: "d".into(),
+                    time_unix_nano: i,
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            })
+            .collect();
+        let payload = encode_entry(readings.iter().map(Vec::as_slice));
+        let back = entry_readings(&payload).unwrap();
+        assert_eq!(back, readings.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        // The payload is the `BufferEntry` message of the proto file.
+        let decoded = crate::reading::pb::BufferEntry::decode(payload.as_ref()).unwrap();
+        assert_eq!(decoded.readings[2].id, "ns/d/2");
+        assert!(entry_readings(&payload[..payload.len() - 1]).is_err());
+        assert!(entry_readings(b"\x10\x01").is_err());
+        assert!(entry_readings(&[]).unwrap().is_empty());
+
+        let mut h = async_nats::HeaderMap::new();
+        assert_eq!(entry_range(Some(&h)), None);
+        h.insert(SEQ_HEADER, "41");
+        h.insert(READINGS_HEADER, "3");
+        h.append(TRACE_HEADER, "2 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(entry_range(Some(&h)), Some((41, 3)));
+        assert_eq!(entry_traces(Some(&h)), vec![(2, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+    }
+
+    #[test]
+    fn the_sequence_floor_is_past_every_earlier_reading() {
+        assert_eq!(seq_floor(0), 1);
+        // However full each of 10 entries was, their readings numbered below the floor.
+        let most = 1 + 10 * MAX_ENTRY_READINGS as u64;
+        assert!(seq_floor(10) >= most);
     }
 
     #[test]

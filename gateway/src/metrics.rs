@@ -170,6 +170,8 @@ pub struct Metrics {
     pub sample_to_cloud_latency: Family<UplinkLabels, Histogram>,
     /// Readings in the uplink's buffer not yet acknowledged by the cloud.
     pub buffer_messages: Family<UplinkLabels, Gauge>,
+    /// `buffer_seq` of the last reading the uplink's buffer stored.
+    pub buffer_last_seq: Family<UplinkLabels, Gauge>,
     /// Bytes in the uplink's buffer.
     pub buffer_bytes: Family<UplinkLabels, Gauge>,
     /// Age of the oldest reading not yet acknowledged by the cloud.
@@ -253,6 +255,7 @@ impl Metrics {
             delivery_latency: Family::new_with_constructor(latency_histogram),
             sample_to_cloud_latency: Family::new_with_constructor(latency_histogram),
             buffer_messages: Family::default(),
+            buffer_last_seq: Family::default(),
             buffer_bytes: Family::default(),
             buffer_oldest_unsent_age: Family::default(),
             uplink_connected: Family::default(),
@@ -304,6 +307,11 @@ impl Metrics {
             "buffer_messages",
             "Readings buffered and not yet acknowledged by the cloud",
             m.buffer_messages.clone(),
+        );
+        r.register(
+            "buffer_last_seq",
+            "bufferSeq of the last reading stored in the uplink buffer",
+            m.buffer_last_seq.clone(),
         );
         r.register_with_unit(
             "buffer",
@@ -358,5 +366,12 @@ impl Metrics {
     /// Counts a dropped reading.
     pub fn dropped(&self, uplink: &str, reason: DropReason) {
         self.readings_dropped.get_or_create(&DropLabels { uplink: uplink.to_string(), reason }).inc();
+    }
+
+    /// Counts `n` dropped readings of `uplink`.
+    pub fn dropped_n(&self, uplink: &str, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.readings_dropped.get_or_create(&DropLabels { uplink: uplink.to_string(), reason }).inc_by(n);
+        }
     }
 }

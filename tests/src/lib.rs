@@ -45,7 +45,7 @@ use tokio::time::Instant;
 
 pub use cloud::{CloudMessage, CloudSubscriber};
 pub use config::{ConfigBuilder, stream_name, stream_subject};
-pub use delivery::{DeliveryReport, delivery_report};
+pub use delivery::{DeliveryReport, delivery_report, seq_starts};
 pub use fleet::SimFleet;
 pub use gateway::Gateway;
 pub use metrics::metric;

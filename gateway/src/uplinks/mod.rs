@@ -8,7 +8,7 @@
 //! in the buffer's sequence seen by the consumer is an entry the buffer policy evicted, and is
 //! counted as a drop with its reason.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,16 +22,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::buffer::TRACEPARENT_HEADER;
-use crate::buffer::{BufferError, UplinkBuffer};
+use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
 use crate::telemetry::{self, BufferEntry, StageSpan, TraceparentText};
 
 pub mod mqtt;
+mod ranges;
 
 use mqtt::{MqttLink, MqttSettings};
+use ranges::RangeSet;
 
 /// Identifies one delivery on a link.
 pub type Token = u64;
@@ -94,17 +95,18 @@ pub struct UplinkTask {
     pub grace: Duration,
 }
 
-/// Creates (or updates) the uplink's durable consumer. Returns it with the first stream
-/// sequence this run has not seen delivered before (for gap detection).
+/// Creates (or updates) the uplink's durable consumer. Returns it with the stream sequence of
+/// the last entry it delivered before (0 for a new consumer), where this run's accounting
+/// starts.
 pub async fn ensure_consumer(
     stream: &mut stream::Stream,
     buffer: &UplinkBuffer,
     window: u16,
 ) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), BufferError> {
     let err = |e: async_nats::Error| BufferError::Consumer { stream: buffer.stream.clone(), source: e };
-    let expected = match stream.consumer_info(CONSUMER).await {
-        Ok(info) => info.delivered.stream_sequence + 1,
-        Err(_) => stream.info().await.map_err(|e| err(e.into()))?.state.first_sequence.max(1),
+    let delivered = match stream.consumer_info(CONSUMER).await {
+        Ok(info) => info.delivered.stream_sequence,
+        Err(_) => 0,
     };
     let config = pull::Config {
         durable_name: Some(CONSUMER.to_string()),
@@ -122,11 +124,42 @@ pub async fn ensure_consumer(
             stream.get_consumer(CONSUMER).await.map_err(err)?
         }
     };
-    Ok((consumer, expected))
+    Ok((consumer, delivered))
 }
 
-struct InFlight {
+/// A buffer entry being delivered: acked once every reading in it is confirmed.
+struct Entry {
     msg: jetstream::Message,
+    /// `buffer_seq` of its first reading.
+    first: u64,
+    /// Its readings.
+    n: u64,
+    /// Readings sent and not yet confirmed or refused.
+    unresolved: usize,
+    /// A reading was refused or could not be sent: the entry goes back to JetStream.
+    failed: bool,
+    /// `buffer_seq`s of its readings already settled (confirmed by the broker, or dropped as
+    /// undecodable): if the entry goes back to JetStream and is evicted before it returns,
+    /// these are not lost.
+    settled: Vec<u64>,
+}
+
+impl Entry {
+    /// Gives the entry back to JetStream, remembering its unsettled readings in `released`.
+    async fn release(self, released: &mut RangeSet, delay: Option<Duration>) {
+        released.insert(self.first, self.first + self.n);
+        for s in &self.settled {
+            released.remove(*s, s + 1);
+        }
+        let _ = self.msg.ack_with(AckKind::Nak(delay)).await;
+    }
+}
+
+/// One reading on its way to the broker.
+struct InFlight {
+    /// The entry carrying it.
+    entry: u64,
+    buffer_seq: u64,
     sent: Instant,
     sampled_unix_nano: u64,
     /// `fieldgate.uplink.publish`, ended at the PUBACK (recorded for sampled readings only).
@@ -150,13 +183,21 @@ struct Driver {
     window: usize,
     in_flight: HashMap<Token, InFlight>,
     next_token: Token,
-    expected_seq: u64,
+    entries: HashMap<u64, Entry>,
+    next_entry: u64,
+    /// The first `buffer_seq` this driver has not seen delivered (`None`: learnt from the
+    /// next entry).
+    expected: Option<u64>,
+    /// Set when the run started after entries it cannot read any more: the stream sequence of
+    /// the last entry delivered before. Entries after it that vanished unseen are counted,
+    /// without their readings' exact number.
+    unknown_after: Option<u64>,
     topics: HashMap<String, String>,
     stream: Option<stream::Stream>,
-    /// Sequences given back to JetStream (NAKed, or prefetched by a closed pull stream) and not
+    /// Readings given back to JetStream (NAKed, or prefetched by a closed pull stream) and not
     /// delivered again yet: if the buffer policy evicts one of them meanwhile, it is counted as
     /// dropped.
-    released: BTreeSet<u64>,
+    released: RangeSet,
 }
 
 async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, String>> {
@@ -182,6 +223,12 @@ pub fn render_topic(template: &str, namespace: &str, device: &str, uplink: &str,
         .replace("{node}", node)
 }
 
+/// The readings an entry at stream sequence `seq` covers, if it is there and readable.
+async fn entry_at(stream: &stream::Stream, seq: u64) -> Option<(u64, u64)> {
+    let m = stream.get_raw_message(seq).await.ok()?;
+    entry_range(Some(&m.headers))
+}
+
 impl Driver {
     fn outcome(&self, outcome: DeliveryOutcome) {
         self.task
@@ -191,15 +238,28 @@ impl Driver {
             .inc();
     }
 
+    /// Where this run's accounting starts: after the last entry the consumer delivered before.
+    async fn start_accounting(&mut self, stream: &stream::Stream, delivered: u64) {
+        self.expected = None;
+        self.unknown_after = None;
+        if delivered == 0 {
+            // A new consumer: nothing delivered before it to account for.
+            return;
+        }
+        if let Some((first, n)) = entry_at(stream, delivered).await {
+            self.expected = Some(first + n);
+        } else if let Some((first, _)) = entry_at(stream, delivered + 1).await {
+            self.expected = Some(first);
+        } else {
+            self.unknown_after = Some(delivered);
+        }
+    }
+
     /// Gives every unconfirmed delivery back to JetStream for immediate redelivery.
     async fn release_all(&mut self) {
         for (_, mut f) in self.in_flight.drain() {
             f.span.fail("interrupted");
             f.span.end();
-            if let Ok(info) = f.msg.info() {
-                self.released.insert(info.stream_sequence);
-            }
-            let _ = f.msg.ack_with(AckKind::Nak(None)).await;
             self.task
                 .metrics
                 .deliveries
@@ -209,34 +269,61 @@ impl Driver {
                 })
                 .inc();
         }
-    }
-
-    /// A first delivery skipped sequences `from..to`. Those below the stream's first sequence
-    /// are gone (evicted or expired) and counted now. Those still in the stream were handed to
-    /// a pull stream that was closed (link lost) before passing them on: JetStream redelivers
-    /// them after `redeliverAfter`, so they are tracked like released entries, and counted
-    /// only if the buffer drops them before that.
-    async fn skipped(&mut self, from: u64, to: u64) {
-        let first = match &mut self.stream {
-            Some(s) => s.info().await.ok().map(|i| i.state.first_sequence),
-            None => None,
-        };
-        let Some(first) = first else {
-            self.count_gap(to - from).await;
-            return;
-        };
-        let gone_to = first.clamp(from, to);
-        self.count_gap(gone_to - from).await;
-        // At most what closed pull streams had prefetched; anything larger is not a hand-over.
-        let window = u64::try_from(self.window).unwrap_or(u64::MAX);
-        if to - gone_to > window.saturating_mul(16) {
-            self.count_gap(to - gone_to).await;
-        } else {
-            self.released.extend(gone_to..to);
+        for (_, e) in self.entries.drain() {
+            e.release(&mut self.released, None).await;
         }
     }
 
-    async fn count_gap(&mut self, missing: u64) {
+    /// The `buffer_seq` of the first reading still in the stream: `Some(None)` when the stream
+    /// is empty, `None` when the buffer cannot tell now.
+    async fn first_present(&mut self) -> Option<Option<u64>> {
+        let s = self.stream.as_mut()?;
+        let st = s.info().await.ok()?.state.clone();
+        if st.messages == 0 {
+            return Some(None);
+        }
+        entry_at(s, st.first_sequence).await.map(|(first, _)| Some(first))
+    }
+
+    /// A first delivery skipped the readings `from..to`. Those below the stream's first entry
+    /// are gone (evicted or expired) and counted now. Those still in the stream were handed to
+    /// a pull stream that was closed (link lost) before passing them on: JetStream redelivers
+    /// them after `redeliverAfter`, so they are tracked like released ones, and counted only if
+    /// the buffer drops them before that.
+    async fn skipped(&mut self, from: u64, to: u64) {
+        let gone_to = match self.first_present().await {
+            Some(Some(first)) => first.clamp(from, to),
+            Some(None) => to,
+            None => from,
+        };
+        debug!(uplink = %self.labels.uplink, from, gone_to, to, "first delivery skipped readings");
+        self.count_gap(gone_to - from, false).await;
+        self.released.insert(gone_to, to);
+    }
+
+    /// The first entry this run sees (stream sequence `seq`, first reading `first`) when it
+    /// could not tell where its accounting starts. Earlier entries still in the stream come
+    /// back and are tracked like released ones; earlier entries gone unseen since the last one
+    /// delivered before this run are counted, one reading each at least.
+    async fn first_sight(&mut self, seq: u64, first: u64) {
+        let Some(s) = self.stream.as_mut() else { return };
+        let Ok(info) = s.info().await else { return };
+        let first_seq = info.state.first_sequence;
+        if let Some(d) = self.unknown_after.take() {
+            let gone = seq.min(first_seq).saturating_sub(d + 1);
+            self.count_gap(gone, true).await;
+        }
+        if first_seq < seq
+            && let Some(s) = &self.stream
+            && let Some((present, _)) = entry_at(s, first_seq).await
+        {
+            self.released.insert(present, first);
+        }
+    }
+
+    /// Counts `missing` readings the buffer policy dropped (`at_least`: a lower bound, the
+    /// entries that held them being gone unread).
+    async fn count_gap(&mut self, missing: u64, at_least: bool) {
         if missing == 0 {
             return;
         }
@@ -249,15 +336,15 @@ impl Driver {
             _ => false,
         };
         let reason = if full { DropReason::buffer_full_evicted } else { DropReason::max_age_expired };
-        self.task
-            .metrics
-            .readings_dropped
-            .get_or_create(&crate::metrics::DropLabels { uplink: self.labels.uplink.clone(), reason })
-            .inc_by(missing);
-        warn!(uplink = %self.labels.uplink, dropped = missing, ?reason, "buffered readings were dropped by the buffer policy");
+        self.task.metrics.dropped_n(&self.labels.uplink, reason, missing);
+        if at_least {
+            warn!(uplink = %self.labels.uplink, entries = missing, ?reason, "buffer entries expired while no gateway was delivering them; counted as one reading each, they may have held more");
+        } else {
+            warn!(uplink = %self.labels.uplink, dropped = missing, ?reason, "buffered readings were dropped by the buffer policy");
+        }
     }
 
-    /// Turns a buffered entry into a delivery on `link`.
+    /// Turns a buffered entry into one delivery per reading on `link`.
     async fn deliver(&mut self, link: &MqttLink, msg: jetstream::Message) {
         let (seq, delivered, info_published) = match msg.info() {
             Ok(i) => (i.stream_sequence, i.delivered, i.published),
@@ -266,76 +353,140 @@ impl Driver {
                 return;
             }
         };
-        self.released.remove(&seq);
         if delivered > 1 {
             self.task.metrics.redeliveries.get_or_create(&self.labels).inc();
         }
+        let Some((first, n)) = entry_range(msg.headers.as_ref()) else {
+            warn!(uplink = %self.labels.uplink, seq, "buffer entry without its Fieldgate-Seq/Fieldgate-Readings headers dropped");
+            self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        self.released.remove(first, first + n);
         // A redelivery can be this driver's first sight of an entry too: one a closed pull
         // stream had prefetched (a link loss) comes back only after `redeliverAfter`.
-        if seq >= self.expected_seq {
-            if seq > self.expected_seq {
-                self.skipped(self.expected_seq, seq).await;
-            }
-            self.expected_seq = seq + 1;
+        match self.expected {
+            Some(e) if first > e => self.skipped(e, first).await,
+            Some(_) => {}
+            None => self.first_sight(seq, first).await,
         }
-        let reading = match Reading::decode(msg.payload.as_ref()) {
-            Ok(r) => r,
+        if self.expected.is_none_or(|e| e < first + n) {
+            self.expected = Some(first + n);
+        }
+        let readings = match entry_readings(&msg.payload) {
+            Ok(r) if r.len() as u64 == n => r,
+            Ok(r) => {
+                warn!(uplink = %self.labels.uplink, seq, readings = r.len(), expected = n, "buffer entry with the wrong number of readings dropped");
+                self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
             Err(e) => {
                 warn!(uplink = %self.labels.uplink, seq, error = %e, "undecodable buffer entry dropped");
-                self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+                self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
         };
-        let topic = match self.topics.get(&reading.device) {
-            Some(t) => t.clone(),
-            None => {
-                let t = render_topic(
-                    &self.task.mqtt.topic,
-                    &reading.namespace,
-                    &reading.device,
-                    &self.task.uplink.name,
-                    &self.task.node,
-                );
-                self.topics.insert(reading.device.clone(), t.clone());
-                t
+        let traces = entry_traces(msg.headers.as_ref());
+        let entry = self.next_entry;
+        self.next_entry += 1;
+        let (mut sent, mut failed, mut settled) = (0usize, false, Vec::new());
+        for (i, raw) in readings.iter().enumerate() {
+            let buffer_seq = first + i as u64;
+            let reading = match Reading::decode(*raw) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(uplink = %self.labels.uplink, buffer_seq, error = %e, "undecodable buffered reading dropped");
+                    self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+                    settled.push(buffer_seq);
+                    continue;
+                }
+            };
+            let topic = match self.topics.get(&reading.device) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = render_topic(
+                        &self.task.mqtt.topic,
+                        &reading.namespace,
+                        &reading.device,
+                        &self.task.uplink.name,
+                        &self.task.node,
+                    );
+                    self.topics.insert(reading.device.clone(), t.clone());
+                    t
+                }
+            };
+            let sampled_unix_nano = reading.time_unix_nano;
+            let payload = match self.encoding {
+                Encoding::Protobuf => reading::with_buffer_seq(raw, buffer_seq),
+                Encoding::Json => {
+                    let mut reading = reading;
+                    reading.buffer_seq = buffer_seq;
+                    reading::encode(&reading, Encoding::Json)
+                }
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            let mut span = match traces.iter().find(|(at, _)| *at == i) {
+                // Only sampled readings carry a trace context: nothing to do for the others.
+                None => StageSpan::default(),
+                Some((_, tp)) => telemetry::delivery_spans(
+                    BufferEntry {
+                        traceparent: Some(tp),
+                        stored: std::time::SystemTime::from(info_published),
+                        seq: buffer_seq,
+                        delivered,
+                    },
+                    &self.labels.uplink,
+                ),
+            };
+            let traceparent = span.traceparent();
+            match link.send(token, topic, payload.into(), traceparent.as_ref().map(TraceparentText::as_str)) {
+                Ok(()) => {
+                    let f = InFlight { entry, buffer_seq, sent: Instant::now(), sampled_unix_nano, span };
+                    self.in_flight.insert(token, f);
+                    sent += 1;
+                }
+                Err(e) => {
+                    span.fail("queue");
+                    debug!(uplink = %self.labels.uplink, error = %e, "delivery not queued");
+                    self.outcome(DeliveryOutcome::interrupted);
+                    failed = true;
+                    break;
+                }
             }
-        };
-        let sampled_unix_nano = reading.time_unix_nano;
-        let payload = match self.encoding {
-            Encoding::Protobuf => reading::with_buffer_seq(&msg.payload, seq),
-            Encoding::Json => {
-                let mut reading = reading;
-                reading.buffer_seq = seq;
-                reading::encode(&reading, Encoding::Json)
-            }
-        };
-        let token = self.next_token;
-        self.next_token += 1;
-        let mut span = match msg.headers.as_ref().and_then(|h| h.get(TRACEPARENT_HEADER)) {
-            // Only sampled readings carry a trace context: nothing to do for the others.
-            None => StageSpan::default(),
-            Some(tp) => telemetry::delivery_spans(
-                BufferEntry {
-                    traceparent: Some(tp.as_str()),
-                    stored: std::time::SystemTime::from(info_published),
-                    seq,
-                    delivered,
-                },
-                &self.labels.uplink,
-            ),
-        };
-        let traceparent = span.traceparent();
-        match link.send(token, topic, payload.into(), traceparent.as_ref().map(TraceparentText::as_str)) {
-            Ok(()) => {
-                self.in_flight.insert(token, InFlight { msg, sent: Instant::now(), sampled_unix_nano, span });
-            }
-            Err(e) => {
-                span.fail("queue");
-                debug!(uplink = %self.labels.uplink, error = %e, "delivery not queued");
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                self.outcome(DeliveryOutcome::interrupted);
-            }
+        }
+        let e = Entry { msg, first, n, unresolved: sent, failed, settled };
+        if sent == 0 {
+            self.settle(e).await;
+        } else {
+            self.entries.insert(entry, e);
+        }
+    }
+
+    /// Every reading of an entry was confirmed (ack), or one was not (back to JetStream).
+    async fn settle(&mut self, e: Entry) {
+        if e.failed {
+            e.release(&mut self.released, Some(Duration::from_secs(1))).await;
+        } else if let Err(err) = e.msg.ack().await {
+            // The broker has it; if the ack is lost JetStream redelivers: duplicates, same ids.
+            debug!(uplink = %self.labels.uplink, error = %err, "JetStream ack failed");
+        }
+    }
+
+    /// One reading (`buffer_seq`) of `entry` resolved: confirmed, or `failed`.
+    async fn resolved(&mut self, entry: u64, buffer_seq: u64, failed: bool) {
+        let Some(e) = self.entries.get_mut(&entry) else { return };
+        e.unresolved = e.unresolved.saturating_sub(1);
+        e.failed |= failed;
+        if !failed {
+            e.settled.push(buffer_seq);
+        }
+        if e.unresolved == 0
+            && let Some(e) = self.entries.remove(&entry)
+        {
+            self.settle(e).await;
         }
     }
 
@@ -345,10 +496,6 @@ impl Driver {
             f.span.event("mqtt.puback", Vec::new);
             f.span.ok();
             f.span.end();
-        }
-        if let Err(e) = f.msg.ack().await {
-            // The broker has it; if the ack is lost JetStream redelivers: a duplicate, same id.
-            debug!(uplink = %self.labels.uplink, error = %e, "JetStream ack failed");
         }
         let m = self.confirmed_metrics.get_or_insert_with(|| {
             let metrics = &self.task.metrics;
@@ -367,6 +514,7 @@ impl Driver {
         m.acked.inc();
         m.delivery_latency.observe(f.sent.elapsed().as_secs_f64());
         m.sample_to_cloud_latency.observe(reading::age(f.sampled_unix_nano).as_secs_f64());
+        self.resolved(f.entry, f.buffer_seq, false).await;
     }
 
     async fn refused(&mut self, token: Token, reason: &str) {
@@ -377,8 +525,8 @@ impl Driver {
             f.span.end();
         }
         debug!(uplink = %self.labels.uplink, reason, "broker refused a delivery; it will be sent again");
-        let _ = f.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
         self.outcome(DeliveryOutcome::refused);
+        self.resolved(f.entry, f.buffer_seq, true).await;
     }
 
     async fn report_buffer(&mut self) {
@@ -390,11 +538,11 @@ impl Driver {
                 return;
             };
             let window = u16::try_from(self.window).unwrap_or(u16::MAX);
-            let Ok((_, expected)) = ensure_consumer(&mut s, &self.task.buffer, window).await else {
+            let Ok((_, delivered)) = ensure_consumer(&mut s, &self.task.buffer, window).await else {
                 reachable.set(0);
                 return;
             };
-            self.expected_seq = expected;
+            self.start_accounting(&s, delivered).await;
             self.stream = Some(s);
         }
         let Some(s) = &mut self.stream else { return };
@@ -404,23 +552,52 @@ impl Driver {
         };
         reachable.set(1);
         let st = info.state.clone();
-        // Entries below the stream's first sequence are gone. Those this driver never received
-        // (from `expected_seq` on) or gave back and never got again were evicted: count them
-        // now, while the outage lasts, not when the link is back.
-        if st.first_sequence > self.expected_seq {
-            let missing = st.first_sequence - self.expected_seq;
-            self.expected_seq = st.first_sequence;
-            self.count_gap(missing).await;
-        }
-        let lost: Vec<u64> = self.released.range(..st.first_sequence).copied().collect();
-        if !lost.is_empty() {
-            for s in &lost {
-                self.released.remove(s);
+        // Readings below the stream's first entry are gone. Those this driver never received
+        // (from `expected` on) or gave back and never got again were evicted: count them now,
+        // while the outage lasts, not when the link is back.
+        if st.messages == 0 {
+            let lost = self.released.remove_below(u64::MAX);
+            self.count_gap(lost, false).await;
+            if let Some(d) = self.unknown_after
+                && st.last_sequence > d
+            {
+                self.unknown_after = Some(st.last_sequence);
+                self.count_gap(st.last_sequence - d, true).await;
             }
-            self.count_gap(lost.len() as u64).await;
+        } else if let Some(s) = &self.stream
+            && let Some((first, _)) = entry_at(s, st.first_sequence).await
+        {
+            if let Some(d) = self.unknown_after
+                && self.expected.is_none()
+            {
+                self.unknown_after = None;
+                self.expected = Some(first);
+                self.count_gap(st.first_sequence.saturating_sub(d + 1), true).await;
+            }
+            if let Some(e) = self.expected
+                && e < first
+            {
+                debug!(uplink = %self.labels.uplink, from = e, to = first, "unseen readings below the first entry");
+                self.expected = Some(first);
+                self.count_gap(first - e, false).await;
+            }
+            let lost = self.released.remove_below(first);
+            debug!(uplink = %self.labels.uplink, first, lost, "released readings below the first entry");
+            self.count_gap(lost, false).await;
+        }
+        // Readings from the first entry's to the last one's end (entries acked out of order
+        // in between still count: at most the in-flight window).
+        let mut backlog = 0;
+        if st.messages > 0
+            && let Some(s) = &self.stream
+            && let Some((first, _)) = entry_at(s, st.first_sequence).await
+            && let Ok(last) = s.get_last_raw_message_by_subject(&self.task.buffer.subject).await
+            && let Some((last_first, last_n)) = entry_range(Some(&last.headers))
+        {
+            backlog = (last_first + last_n).saturating_sub(first);
         }
         let m = &self.task.metrics;
-        m.buffer_messages.get_or_create(&self.labels).set(i64::try_from(st.messages).unwrap_or(i64::MAX));
+        m.buffer_messages.get_or_create(&self.labels).set(i64::try_from(backlog).unwrap_or(i64::MAX));
         m.buffer_bytes.get_or_create(&self.labels).set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
         let age = if st.messages == 0 {
             0.0
@@ -445,10 +622,13 @@ pub async fn run(task: UplinkTask) {
         window,
         in_flight: HashMap::new(),
         next_token: 0,
-        expected_seq: 1,
+        entries: HashMap::new(),
+        next_entry: 0,
+        expected: None,
+        unknown_after: None,
         topics: HashMap::new(),
         stream: None,
-        released: BTreeSet::new(),
+        released: RangeSet::default(),
         task,
     };
     let metrics = Arc::clone(&d.task.metrics);
@@ -584,9 +764,9 @@ pub async fn run(task: UplinkTask) {
 async fn open_messages(d: &mut Driver) -> Result<pull::Stream, UplinkError> {
     let mut stream = d.task.buffer.ensure_stream(&d.task.js).await?;
     let window = u16::try_from(d.window).unwrap_or(u16::MAX);
-    let (consumer, expected) = ensure_consumer(&mut stream, &d.task.buffer, window).await?;
+    let (consumer, delivered) = ensure_consumer(&mut stream, &d.task.buffer, window).await?;
     if d.stream.is_none() {
-        d.expected_seq = expected;
+        d.start_accounting(&stream, delivered).await;
     }
     d.stream = Some(stream);
     consumer

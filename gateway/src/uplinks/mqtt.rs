@@ -249,7 +249,8 @@ impl MqttLink {
     /// Opens a link; events (connected, confirmed, refused, lost) arrive on `events`.
     pub fn open(s: &MqttSettings, events: mpsc::UnboundedSender<LinkEvent>) -> Self {
         let queued: Queued = Arc::default();
-        let capacity = usize::from(s.max_in_flight) + 16;
+        // The window, plus a whole buffer entry pulled while the window was not yet full.
+        let capacity = usize::from(s.max_in_flight) + crate::buffer::MAX_ENTRY_READINGS + 16;
         let (client, task) = if s.version == 3 {
             let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
             o.set_keep_alive(s.keep_alive)
