@@ -34,6 +34,7 @@ use coap_lite::option_value::OptionValueU32;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use fieldgate_crds::CoapConnection;
 use fieldgate_crds::validate::parse_duration;
+use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
@@ -258,16 +259,28 @@ pub(crate) async fn listen(hub: Arc<DeviceHub>) {
         non_messages: OnceLock::new(),
     });
     let mut buf = vec![0u8; DATAGRAM];
+    // Requests waiting for the buffer to accept their reading: polled here, so that a stored
+    // buffer entry wakes this one task rather than a task per request.
+    let mut waiting = futures::stream::FuturesUnordered::new();
     loop {
         let received = tokio::select! {
-            () = hub.cancel.cancelled() => return,
+            biased;
+            () = hub.cancel.cancelled() => break,
+            Some(()) = waiting.next(), if !waiting.is_empty() => continue,
             r = server.socket.recv_from(&mut buf) => r,
         };
         match received {
-            Ok((n, peer)) => server.handle(&buf[..n], peer),
+            Ok((n, peer)) => {
+                if let Some(answer) = server.handle(&buf[..n], peer) {
+                    waiting.push(answer);
+                }
+            }
             Err(e) => tracing::debug!(error = %e, "CoAP receive failed"),
         }
     }
+    // Stopping: the requests already taken are still answered (the buffer writer resolves
+    // every reading it was handed).
+    while waiting.next().await.is_some() {}
 }
 
 impl Server {
@@ -309,18 +322,24 @@ impl Server {
         self.reply(req, peer, status, |p| p.payload = why.as_bytes().to_vec());
     }
 
-    fn handle(self: &Arc<Self>, data: &[u8], peer: SocketAddr) {
+    /// Handles one datagram; a reading to keep comes back as the future that answers it once
+    /// the buffer accepted the reading (the listener polls them all, no task each).
+    fn handle(
+        self: &Arc<Self>,
+        data: &[u8],
+        peer: SocketAddr,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + use<>> {
         let hub = &self.hub;
         if data.len() >= DATAGRAM {
             hub.reject(PROTOCOL, "too_large");
-            return;
+            return None;
         }
         let req = match Packet::from_bytes(data) {
             Ok(p) => p,
             Err(e) => {
                 hub.reject(PROTOCOL, "malformed");
                 tracing::debug!(%peer, error = ?e, "undecodable CoAP datagram");
-                return;
+                return None;
             }
         };
         let method = match req.header.code {
@@ -332,11 +351,11 @@ impl Server {
                 {
                     self.send(&bytes, peer);
                 }
-                return;
+                return None;
             }
             _ => {
                 hub.reject(PROTOCOL, "unexpected_response");
-                return;
+                return None;
             }
         };
         let kind = match req.header.get_type() {
@@ -344,16 +363,16 @@ impl Server {
             MessageType::NonConfirmable => "non",
             _ => {
                 hub.reject(PROTOCOL, "malformed");
-                return;
+                return None;
             }
         };
         let key = (peer, req.header.message_id);
         match self.dedup.lock().unwrap_or_else(PoisonError::into_inner).check(key) {
             Seen::New => {}
-            Seen::InProgress => return,
+            Seen::InProgress => return None,
             Seen::Answered(bytes) => {
                 self.send(&bytes, peer);
-                return;
+                return None;
             }
         }
         self.count_message(kind);
@@ -361,17 +380,17 @@ impl Server {
         let Some(dev) = hub.lookup(PROTOCOL, &path) else {
             hub.reject(PROTOCOL, "unknown_device");
             self.refuse(&req, peer, ResponseType::NotFound, "unknown device");
-            return;
+            return None;
         };
         if !matches!(method, RequestType::Post | RequestType::Put) {
             dev.task.count_error("method");
             self.refuse(&req, peer, ResponseType::MethodNotAllowed, "POST or PUT a reading");
-            return;
+            return None;
         }
         if !dev.token_matches(query(&req, "token").unwrap_or_default()) {
             hub.reject(PROTOCOL, "unauthorized");
             self.refuse(&req, peer, ResponseType::Unauthorized, "wrong or missing token");
-            return;
+            return None;
         }
         let too_large = |server: &Self| {
             dev.task.count_error("too_large");
@@ -384,14 +403,14 @@ impl Server {
         let size1 = req.get_first_option_as::<OptionValueU32>(CoapOption::Size1).and_then(Result::ok);
         if size1.is_some_and(|s| usize::try_from(s.0).unwrap_or(usize::MAX) > dev.max_body) {
             too_large(self);
-            return;
+            return None;
         }
         let (body, block1) = match block(&req, CoapOption::Block1) {
             None => (req.payload.clone(), None),
             Some(Err(())) => {
                 dev.task.count_error("malformed");
                 self.refuse(&req, peer, ResponseType::BadRequest, "bad Block1 option");
-                return;
+                return None;
             }
             Some(Ok(b)) => {
                 let step = self.blocks.lock().unwrap_or_else(PoisonError::into_inner).add(
@@ -405,29 +424,29 @@ impl Server {
                         self.reply(&req, peer, ResponseType::Continue, |p| {
                             p.add_option_as(CoapOption::Block1, ack);
                         });
-                        return;
+                        return None;
                     }
                     BlockStep::Done(body, ack) => (body, Some(ack)),
                     BlockStep::TooLarge => {
                         too_large(self);
-                        return;
+                        return None;
                     }
                     BlockStep::Incomplete => {
                         dev.task.count_error("block");
                         self.refuse(&req, peer, ResponseType::RequestEntityIncomplete, "block out of sequence");
-                        return;
+                        return None;
                     }
                     BlockStep::Busy => {
                         hub.reject(PROTOCOL, "overloaded");
                         self.refuse(&req, peer, ResponseType::ServiceUnavailable, "too many transfers");
-                        return;
+                        return None;
                     }
                 }
             }
         };
         if body.len() > dev.max_body {
             too_large(self);
-            return;
+            return None;
         }
         let points = match payload::decode(&dev.task.device.points, &body, None) {
             Ok(p) => p,
@@ -435,16 +454,16 @@ impl Server {
                 dev.task.count_error(e.kind());
                 tracing::debug!(device = %dev.task.key(), %peer, kind = e.kind(), error = %e, "CoAP push refused");
                 self.refuse(&req, peer, ResponseType::BadRequest, &e.to_string());
-                return;
+                return None;
             }
         };
         let Ok(permit) = Arc::clone(&self.pending).try_acquire_owned() else {
             hub.reject(PROTOCOL, "overloaded");
             self.refuse(&req, peer, ResponseType::ServiceUnavailable, "busy");
-            return;
+            return None;
         };
         let server = Arc::clone(self);
-        tokio::spawn(async move {
+        Some(async move {
             let reading = dev.reading(points);
             let accepted = match dev.task.emit_confirmed(reading).await {
                 Ok(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
@@ -461,7 +480,7 @@ impl Server {
                 server.refuse(&req, peer, ResponseType::ServiceUnavailable, "not accepted, try again");
             }
             drop(permit);
-        });
+        })
     }
 }
 

@@ -367,6 +367,22 @@ impl DeviceHub {
     }
 }
 
+/// Receive buffer asked for on a device listener: many devices answering one poll round or
+/// pushing at once arrive as a burst, and a datagram the buffer cannot hold is lost (the
+/// kernel caps it at `net.core.rmem_max`).
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// A bound, non-blocking UDP socket with a receive buffer sized for bursts.
+fn udp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::debug!(listen = %addr, error = %e, "receive buffer size not raised");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
 /// Binds with retries (another process may hold the port for a moment) until `cancel`.
 pub(crate) async fn bind_udp(
     hub: &DeviceHub,
@@ -376,7 +392,7 @@ pub(crate) async fn bind_udp(
     let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(10));
     let mut logged = false;
     loop {
-        match tokio::net::UdpSocket::bind(addr).await {
+        match udp_listener(addr) {
             Ok(s) => {
                 let local = s.local_addr().unwrap_or(addr);
                 hub.set_bound(protocol, local);

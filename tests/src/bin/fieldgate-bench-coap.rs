@@ -28,7 +28,7 @@ use tokio::time::Instant;
 #[command(about = "Fieldgate CoAP push benchmark")]
 struct Args {
     /// Concurrency levels (workers with one request in flight each).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128,192,256")]
     levels: Vec<usize>,
     /// Seconds per level.
     #[arg(long, default_value_t = 4)]
@@ -214,6 +214,10 @@ async fn main() -> Result<()> {
     }
     let accepted = gw.metric("fieldgate_readings_accepted_total", &[]).await?;
     let _ = gw.terminate().await;
+    // Group commit: how many readings each JetStream entry carried on average.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut stream = js.get_stream(fieldgate_gateway::buffer::stream_name("default", "cloud")).await?;
+    let entries = stream.info().await?.state.last_sequence;
 
     let (g, c) = (best(&gateway), best(&ceiling));
     println!();
@@ -230,7 +234,10 @@ async fn main() -> Result<()> {
         ),
         _ => println!("RESULT no level met p99 < 10 ms: fieldgate {g:?}, libcoap {c:?}"),
     }
-    println!("readings accepted by JetStream during the run: {accepted}");
+    println!(
+        "readings accepted by JetStream during the run: {accepted}, in {entries} buffer entries ({:.1} readings each)",
+        accepted / entries.max(1) as f64
+    );
     if let Some((readings, cpu_before, cpu_after)) = cpu
         && readings > 0.0
     {
