@@ -181,9 +181,10 @@ struct Driver {
     labels: UplinkLabels,
     encoding: Encoding,
     window: usize,
-    in_flight: HashMap<Token, InFlight>,
+    /// Touched by every reading: a fast hasher (the keys are this driver's own counters).
+    in_flight: HashMap<Token, InFlight, foldhash::fast::RandomState>,
     next_token: Token,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, foldhash::fast::RandomState>,
     next_entry: u64,
     /// The first `buffer_seq` this driver has not seen delivered (`None`: learnt from the
     /// next entry).
@@ -192,7 +193,7 @@ struct Driver {
     /// the last entry delivered before. Entries after it that vanished unseen are counted,
     /// without their readings' exact number.
     unknown_after: Option<u64>,
-    topics: HashMap<String, String>,
+    topics: HashMap<String, String, foldhash::fast::RandomState>,
     stream: Option<stream::Stream>,
     /// Readings given back to JetStream (NAKed, or prefetched by a closed pull stream) and not
     /// delivered again yet: if the buffer policy evicts one of them meanwhile, it is counted as
@@ -620,13 +621,13 @@ pub async fn run(task: UplinkTask) {
         encoding: task.uplink.encoding.unwrap_or_default(),
         labels,
         window,
-        in_flight: HashMap::new(),
+        in_flight: HashMap::default(),
         next_token: 0,
-        entries: HashMap::new(),
+        entries: HashMap::default(),
         next_entry: 0,
         expected: None,
         unknown_after: None,
-        topics: HashMap::new(),
+        topics: HashMap::default(),
         stream: None,
         released: RangeSet::default(),
         task,
