@@ -408,31 +408,35 @@ async fn fill_buffer(policy: OnFull) -> Result<()> {
                 report.unique_ids
             );
         }
-        OnFull::DropOldest => {
-            // A delivery cut by the broker's stop can reach the cloud without its PUBACK
-            // reaching the gateway; evicted afterwards, it is counted as dropped. So the count
-            // may exceed what never arrived by at most the interrupted deliveries, and may
-            // never fall short of it.
-            let interrupted = metric_or_zero(
-                &m,
-                "fieldgate_deliveries_total",
-                &[("uplink", UPLINK_LABEL), ("outcome", "interrupted")],
-            );
-            let missing = report.missing.len() as f64;
-            ensure!(
-                missing <= by_policy && by_policy <= missing + interrupted,
-                "{missing} sequences never reached the cloud but {by_policy} evictions were counted \
-                 ({interrupted} deliveries interrupted): {report}"
-            );
-            ensure!(
-                received == report.unique_ids as f64 + dropped - (by_policy - missing),
-                "accounting does not close: received {received} != delivered {} + dropped {dropped} \
-                 - evicted after reaching the cloud {}\n{report}",
-                report.unique_ids,
-                by_policy - missing
-            );
-        }
+        OnFull::DropOldest => assert_policy_drops_close(&report, &m, reason)?,
     }
+    Ok(())
+}
+
+/// Checks that the readings the buffer policy dropped (`reason`) are the ones that never
+/// reached the cloud, and that the accounting closes. A delivery cut by the broker's stop can
+/// reach the cloud without its PUBACK reaching the gateway; dropped afterwards, it is counted
+/// as dropped. So the count may exceed what never arrived by at most the interrupted
+/// deliveries, and may never fall short of it.
+fn assert_policy_drops_close(report: &DeliveryReport, m: &str, reason: &str) -> Result<()> {
+    let received = metric_or_zero(m, "fieldgate_readings_received_total", &[]);
+    let dropped = metric_or_zero(m, "fieldgate_readings_dropped_total", &[]);
+    let by_policy = metric_or_zero(m, "fieldgate_readings_dropped_total", &[("reason", reason)]);
+    let interrupted =
+        metric_or_zero(m, "fieldgate_deliveries_total", &[("uplink", UPLINK_LABEL), ("outcome", "interrupted")]);
+    let missing = report.missing.len() as f64;
+    ensure!(
+        missing <= by_policy && by_policy <= missing + interrupted,
+        "{missing} sequences never reached the cloud but {by_policy} drops ({reason}) were counted \
+         ({interrupted} deliveries interrupted): {report}"
+    );
+    ensure!(
+        received == report.unique_ids as f64 + dropped - (by_policy - missing),
+        "accounting does not close: received {received} != delivered {} + dropped {dropped} \
+         - dropped after reaching the cloud {}\n{report}",
+        report.unique_ids,
+        by_policy - missing
+    );
     Ok(())
 }
 
@@ -580,4 +584,38 @@ async fn tls_and_password_uplink_delivers() -> Result<()> {
     let status = gw.terminate().await?;
     ensure!(status.success(), "{status}");
     Ok(())
+}
+
+/// Readings older than the buffer's `maxAge` expire while the cloud is away: each is counted
+/// as `max_age_expired`, once, and the rest arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_past_max_age_expire_and_are_counted() -> Result<()> {
+    let mut rig = rig("max-age", &[Fault::None; 4], "100ms", |u| {
+        u.buffer.get_or_insert_with(Default::default).max_age = Some("2s".into());
+    })
+    .await?;
+    rig.cloud.wait_for_count(10, WAIT).await.with_context(|| rig.gw.log())?;
+    rig.broker.stop().await?;
+    rig.gw
+        .wait_metric(
+            "fieldgate_readings_dropped_total",
+            &[("uplink", UPLINK_LABEL), ("reason", "max_age_expired")],
+            WAIT,
+            |v| v >= 40.0,
+        )
+        .await?;
+    rig.broker.start_again().await?;
+    rig.gw.wait_metric("fieldgate_uplink_connected", &[("uplink", UPLINK_LABEL)], WAIT, |v| v == 1.0).await?;
+    let (report, m) = rig.drain_and_stop_with(true).await?;
+    eprintln!(
+        "max age: {report}; expired {}, {}",
+        metric_or_zero(&m, "fieldgate_readings_dropped_total", &[("reason", "max_age_expired")]),
+        delivery_metrics(&m)
+    );
+    report.assert_consistent()?;
+    ensure!(
+        metric_or_zero(&m, "fieldgate_readings_dropped_total", &[("reason", "buffer_full_evicted")]) == 0.0,
+        "expiry counted as eviction"
+    );
+    assert_policy_drops_close(&report, &m, "max_age_expired")
 }
