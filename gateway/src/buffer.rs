@@ -506,9 +506,10 @@ pub async fn run_writer(
         let payload = Bytes::from(reading.encode_to_vec());
         // Tells a waiting adapter once every route resolved (see `submit_confirmed`).
         let tracker = reading.accepted.take().map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
-        for &route in targets {
+        for (i, &route) in targets.iter().enumerate() {
             let b = &current.buffers()[route];
-            let lane = lanes.entry(b.uplink.clone()).or_insert_with(|| {
+            // Looked up by reference: this runs for every reading.
+            if !lanes.contains_key(&b.uplink) {
                 let (tx, lane_rx) = mpsc::channel(settings.lane_capacity);
                 lane_tasks.spawn(run_lane(
                     js.clone(),
@@ -518,15 +519,13 @@ pub async fn run_writer(
                     lane_rx,
                     abandon.clone(),
                 ));
-                tx
-            });
-            let queued = Queued {
-                payload: payload.clone(),
-                id: reading.id.clone(),
-                tracker: tracker.clone(),
-                span: append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id),
-                since: Instant::now(),
-            };
+                lanes.insert(b.uplink.clone(), tx);
+            }
+            let Some(lane) = lanes.get(&b.uplink) else { continue };
+            let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
+            // The last route takes the id; only further routes copy it.
+            let id = if i + 1 == targets.len() { std::mem::take(&mut reading.reading.id) } else { reading.id.clone() };
+            let queued = Queued { payload: payload.clone(), id, tracker: tracker.clone(), span, since: Instant::now() };
             // Waits while the lane is full: the adapters feel the buffer's pace.
             let sent = tokio::select! {
                 biased;

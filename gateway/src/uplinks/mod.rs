@@ -553,6 +553,11 @@ impl Driver {
         };
         reachable.set(1);
         let st = info.state.clone();
+        // The first reading still in the stream (None: empty, or its entry left meanwhile).
+        let first_present = match &self.stream {
+            Some(s) if st.messages > 0 => entry_at(s, st.first_sequence).await.map(|(first, _)| first),
+            _ => None,
+        };
         // Readings below the stream's first entry are gone. Those this driver never received
         // (from `expected` on) or gave back and never got again were evicted: count them now,
         // while the outage lasts, not when the link is back.
@@ -565,9 +570,7 @@ impl Driver {
                 self.unknown_after = Some(st.last_sequence);
                 self.count_gap(st.last_sequence - d, true).await;
             }
-        } else if let Some(s) = &self.stream
-            && let Some((first, _)) = entry_at(s, st.first_sequence).await
-        {
+        } else if let Some(first) = first_present {
             if let Some(d) = self.unknown_after
                 && self.expected.is_none()
             {
@@ -589,9 +592,8 @@ impl Driver {
         // Readings from the first entry's to the last one's end (entries acked out of order
         // in between still count: at most the in-flight window).
         let mut backlog = 0;
-        if st.messages > 0
+        if let Some(first) = first_present
             && let Some(s) = &self.stream
-            && let Some((first, _)) = entry_at(s, st.first_sequence).await
             && let Ok(last) = s.get_last_raw_message_by_subject(&self.task.buffer.subject).await
             && let Some((last_first, last_n)) = entry_range(Some(&last.headers))
         {
