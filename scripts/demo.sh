@@ -17,7 +17,7 @@ mqtt_version="${MQTT_VERSION:-5}"
 
 bash scripts/setup.sh
 echo "demo: building (first run takes a few minutes)"
-cargo build --quiet --bins -p fieldgate-gateway
+cargo build --quiet --bins -p fieldgate-gateway -p fieldgate-sim
 
 py="$root/.venv/bin/python"
 work="$root/.demo"

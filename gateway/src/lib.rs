@@ -17,7 +17,6 @@ pub mod reading;
 pub mod reconcile;
 pub mod reporting;
 pub mod secrets;
-pub mod sim;
 pub mod supervise;
 pub mod telemetry;
 pub mod uplinks;

@@ -7,11 +7,8 @@ use prost::Message;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
-/// Types generated from `proto/fieldgate/v1/reading.proto`.
-pub mod pb {
-    #![allow(missing_docs, clippy::all)]
-    include!(concat!(env!("OUT_DIR"), "/fieldgate.v1.rs"));
-}
+/// Types generated from `proto/fieldgate/v1/reading.proto` (the `fieldgate-proto` crate).
+pub use fieldgate_proto::v1 as pb;
 
 pub use pb::point::Value;
 pub use pb::{Point, Reading};

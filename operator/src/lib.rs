@@ -6,12 +6,10 @@
 //! - [`writer`] does the API writes for one render (server-side apply, status, events);
 //!   [`controller`] watches the inputs and runs render + writer on every change;
 //!   [`lease`] makes sure only one replica writes.
-//! - [`app`] wires `fieldgate-operator run`; [`offline`] is `render -f`; [`bench`] measures,
-//!   [`coldstart`] against a mocked API server.
+//! - [`app`] wires `fieldgate-operator run`; [`offline`] is `render -f`. The benchmark
+//!   (`fieldgate-bench-operator`, with its mocked API server) lives in the test crate.
 
 pub mod app;
-pub mod bench;
-pub mod coldstart;
 pub mod controller;
 pub mod lease;
 pub mod management;

@@ -1,9 +1,9 @@
-//! `fieldgate-operator`: the controller (`run`) and the offline tools (`render`, `crds`, `bench`).
+//! `fieldgate-operator`: the controller (`run`) and the offline tools (`render`, `crds`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fieldgate_operator::{app, bench, coldstart, offline, telemetry};
+use fieldgate_operator::{app, offline, telemetry};
 
 #[derive(Parser)]
 #[command(name = "fieldgate-operator", version, about)]
@@ -24,8 +24,6 @@ enum Command {
     Render(offline::RenderArgs),
     /// Print the CustomResourceDefinitions of fieldgate.io/v1alpha1 as YAML.
     Crds,
-    /// Measure render time and memory on a synthetic world.
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -57,8 +55,6 @@ fn main() -> anyhow::Result<ExitCode> {
                 print!("---\n{yaml}");
             }
         }
-        Command::Bench(b) if b.cold_start => print!("{}", coldstart::run(&b)?),
-        Command::Bench(b) => print!("{}", bench::run(&b)?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -54,18 +54,3 @@ fn crds_prints_the_committed_definitions() {
         assert!(text.contains(&committed), "{name}");
     }
 }
-
-#[test]
-fn the_leader_applies_every_node_config_against_a_mocked_api_server() {
-    // The real `run` (leader election on) as a child process of the cold-start bench.
-    let out = operator()
-        .args(["bench", "--cold-start", "--devices", "300", "--nodes", "5", "--timeout", "90s"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("all 5 ConfigMaps applied"), "{text}");
-    assert!(text.contains("all 300 Device + 15 Uplink statuses written"), "{text}");
-    assert!(text.contains("unexpected: []"), "every request was one the mock knows: {text}");
-}

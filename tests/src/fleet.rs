@@ -1,11 +1,11 @@
-//! Simulated Modbus devices in this process (`fieldgate_gateway::sim`), each on its own port.
+//! Simulated Modbus devices in this process (`fieldgate_sim`), each on its own port.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, anyhow, bail};
 use fieldgate_crds::{GatewayDevice, Point, ValueType};
 use fieldgate_gateway::reading::{Value, pb};
-use fieldgate_gateway::sim::{self, Fault, SimDevice};
+use fieldgate_sim::{self as sim, Fault, SimDevice};
 use serde_json::Value as Json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

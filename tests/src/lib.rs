@@ -30,6 +30,7 @@ pub mod listening;
 pub mod metrics;
 pub mod mosquitto;
 pub mod nats;
+pub mod operator_bench;
 pub mod otlp;
 pub mod process;
 pub mod procstat;

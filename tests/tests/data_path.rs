@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fieldgate_crds::{Encoding, GatewayUplink, MqttAuth, MqttTls, OnFull, SecretKeyRef, SecretRef};
 use fieldgate_gateway::buffer::{entry_range, subject};
-use fieldgate_gateway::sim::Fault;
+use fieldgate_sim::Fault;
 use fieldgate_tests::certs::TestPki;
 use fieldgate_tests::cloud::ReadingKey;
 use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, UPLINK, mqtt_uplink, set_buffer, to_yaml};

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use fieldgate_gateway::sim::Fault;
+use fieldgate_sim::Fault;
 use fieldgate_tests::certs::TestPki;
 use fieldgate_tests::fleet::check_sim_reading;
 use fieldgate_tests::mosquitto::{MosquittoTls, mosquitto_passwd_binary};

@@ -623,7 +623,7 @@ mod tests {
     use super::*;
     use crate::metrics::{DeviceErrorLabels, Metrics};
     use crate::reading::ReadingSink;
-    use crate::sim::{self, Fault, SimDevice};
+    use fieldgate_sim::{self as sim, Fault, SimDevice};
 
     // ---- plan -----------------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -
         _ => fieldgate_crds::Encoding::Json,
     };
     let devices_cfg = (0..devices).map(|i| {
-        fieldgate_gateway::sim::gateway_device(
+        fieldgate_sim::gateway_device(
             "default",
             &format!("sim-{i:04}"),
             "127.0.0.1",

@@ -1,6 +1,6 @@
 //! `fieldgate-sim`: simulated Modbus TCP devices for demos, end-to-end tests and benchmarks.
 //!
-//! Serves N devices on ports P..P+N-1 (register map: `fieldgate_gateway::sim`), or prints the
+//! Serves N devices on ports P..P+N-1 (register map: the `fieldgate_sim` library), or prints the
 //! gateway `devices:` list that reads them (`--print-devices`).
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fieldgate_crds::GatewayDevice;
-use fieldgate_gateway::sim::{self, Fault, SimDevice};
+use fieldgate_sim::{self as sim, Fault, SimDevice};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;

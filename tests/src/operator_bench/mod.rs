@@ -1,4 +1,4 @@
-//! `fieldgate-operator bench`: render time and memory on a synthetic world (by default 10,000
+//! `fieldgate-bench-operator`: render time and memory on a synthetic world (by default 10,000
 //! Devices over 100 gateway nodes, 10 profiles, 5 uplinks, in 10 namespaces).
 //!
 //! Prints figures; asserts nothing. Memory is the process's resident set from
@@ -17,10 +17,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 
-use crate::offline::assumed_gateway_node;
-use crate::render::{self, Placements, Settings, World};
+use fieldgate_operator::offline::assumed_gateway_node;
+use fieldgate_operator::render::{self, Placements, Settings, World};
 
-/// Arguments of `bench`.
+pub mod cold_start;
+
+/// Arguments of `fieldgate-bench-operator`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// Devices.
@@ -144,7 +146,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let profile =
         if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
-    writeln!(out, "fieldgate-operator bench: {} devices, {} gateway nodes, {profile}", args.devices, args.nodes)?;
+    writeln!(out, "fieldgate-bench-operator: {} devices, {} gateway nodes, {profile}", args.devices, args.nodes)?;
     writeln!(
         out,
         "(in-process: objects + render + serialised configs; for the whole operator against an API server, see --cold-start)"

@@ -1,8 +1,8 @@
-//! `fieldgate-operator bench --cold-start`: cold start to every ConfigMap applied, and the
+//! `fieldgate-bench-operator --cold-start`: cold start to every ConfigMap applied, and the
 //! operator's memory while it gets there.
 //!
 //! This process serves a mocked API server (axum on `127.0.0.1:0`) holding the synthetic world
-//! of [`crate::bench::world`] as an API server returns it (uid, resourceVersion,
+//! of [`super::world`] as an API server returns it (uid, resourceVersion,
 //! creationTimestamp, managedFields, kubectl's last-applied-configuration annotation on
 //! Devices, Nodes with a status), and starts the real operator — this executable,
 //! `fieldgate-operator run`, leader election on — as a child process whose kubeconfig points at
@@ -35,8 +35,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{self, BenchArgs};
-use crate::render::{self, Placements, Settings};
+use super::{self as bench, BenchArgs};
+use fieldgate_operator::render::{self, Placements, Settings};
 
 /// Namespace of the per-node objects and the Lease in the bench.
 const NAMESPACE: &str = "fieldgate-system";
@@ -567,7 +567,9 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
     let metrics_port = free_port()?;
 
     let started = Instant::now();
-    let exe = std::env::current_exe()?;
+    // The operator binary built next to this bench (`cargo build --release --workspace --bins`).
+    let exe = std::env::current_exe()?.with_file_name("fieldgate-operator");
+    anyhow::ensure!(exe.is_file(), "{} not found: run `cargo build --release --workspace --bins`", exe.display());
     let mut command = match &args.wrap {
         Some(wrapper) => {
             let mut c = tokio::process::Command::new(wrapper);
@@ -672,7 +674,7 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         if cfg!(debug_assertions) { "debug build (slow; use --release for real figures)" } else { "release build" };
     writeln!(
         out,
-        "fieldgate-operator bench --cold-start: {} devices, {} gateway nodes, {build}",
+        "fieldgate-bench-operator --cold-start: {} devices, {} gateway nodes, {build}",
         args.devices, args.nodes
     )?;
     writeln!(

@@ -53,7 +53,8 @@ use tokio_modbus::server::tcp::Server;
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 
-use crate::reading::{Value, pb};
+use fieldgate_proto::v1 as pb;
+use pb::point::Value;
 
 /// Holding (and input) registers of the fixed part of the map.
 pub const FIXED_REGISTERS: u16 = 26;
