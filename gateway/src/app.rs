@@ -302,9 +302,10 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     let reloads = metrics.config_reloads.clone();
     let config_of = |l: &LoadedConfig| Some(Arc::new(l.config.clone()));
     applied_tx.send_replace(config_of(&loaded));
+    let (device_count, uplink_count) = (loaded.config.devices.len(), loaded.config.uplinks.len());
     match running.apply(loaded, &signal).await {
-        Ok(applied) => {
-            info!(node = %args.node, devices = applied.added.len(), "gateway running");
+        Ok(_) => {
+            info!(node = %args.node, devices = device_count, uplinks = uplink_count, "gateway running");
             reloads.get_or_create(&ReloadLabels { outcome: ReloadOutcome::applied }).inc();
             management.set_ready(true);
         }

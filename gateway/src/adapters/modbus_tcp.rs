@@ -229,6 +229,9 @@ pub(crate) enum RequestError {
     Protocol(String),
     #[error("connection failed: {0}")]
     Io(io::Error),
+    /// The device ended the connection (end of stream) while a request waited for its answer.
+    #[error("connection failed: the device closed the connection")]
+    Closed,
 }
 
 impl RequestError {
@@ -237,7 +240,7 @@ impl RequestError {
             RequestError::Timeout(_) => "timeout",
             RequestError::Exception(_) => "exception",
             RequestError::Protocol(_) => "protocol",
-            RequestError::Io(_) => "io",
+            RequestError::Io(_) | RequestError::Closed => "io",
         }
     }
 
@@ -251,6 +254,7 @@ impl RequestError {
 impl From<tokio_modbus::Error> for RequestError {
     fn from(e: tokio_modbus::Error) -> Self {
         match e {
+            tokio_modbus::Error::Transport(e) if DeviceClosed::marks(&e) => RequestError::Closed,
             tokio_modbus::Error::Protocol(p) => RequestError::Protocol(p.to_string()),
             // tokio-modbus reports undecodable frames as these I/O kinds.
             tokio_modbus::Error::Transport(e)
@@ -308,13 +312,80 @@ fn describe(response: &Response) -> String {
     }
 }
 
+/// Marks the end of the device's stream. tokio-modbus reports a stream that ended while a
+/// request waited as `io::Error::last_os_error()`, whatever errno was left behind ("Success
+/// (os error 0)", "Operation now in progress", ...): [`EndMarked`] reports it as this instead.
+#[derive(Debug)]
+struct DeviceClosed;
+
+impl fmt::Display for DeviceClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the device closed the connection")
+    }
+}
+
+impl std::error::Error for DeviceClosed {}
+
+impl DeviceClosed {
+    fn marks(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<DeviceClosed>())
+    }
+}
+
+/// A device connection whose end of stream is an error naming it ([`DeviceClosed`]).
+#[derive(Debug)]
+struct EndMarked(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for EndMarked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if wanted && buf.filled().len() == before => {
+                std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, DeviceClosed)))
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for EndMarked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// A Modbus TCP client context on `stream`, addressing `unit_id`.
+fn attach(stream: tokio::net::TcpStream, unit_id: u8) -> Context {
+    tcp::attach_slave(EndMarked(stream), Slave(unit_id))
+}
+
 /// Resolves and connects, within `timeout`.
 async fn connect(host: &str, port: u16, unit_id: u8, timeout: Duration) -> Result<(Context, SocketAddr), io::Error> {
     let attempt = async {
         let mut last = None;
         for addr in tokio::net::lookup_host((host, port)).await? {
-            match tcp::connect_slave(addr, Slave(unit_id)).await {
-                Ok(ctx) => return Ok((ctx, addr)),
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => return Ok((attach(stream, unit_id), addr)),
                 Err(e) => last = Some(e),
             }
         }
@@ -1040,6 +1111,29 @@ mod tests {
     #[tokio::test]
     async fn reset_connections_count_as_io_errors_and_polling_recovers() {
         fault_is_counted_and_polling_recovers(Fault::Reset, "io").await;
+    }
+
+    #[tokio::test]
+    async fn a_device_closing_the_connection_is_reported_as_closed_not_as_success() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 12];
+            s.read_exact(&mut request).await.unwrap();
+            // No answer: an orderly close (FIN), as a device that drops the session does.
+        });
+        let mut ctx = attach(tokio::net::TcpStream::connect(addr).await.unwrap(), 1);
+        let req = ReadRequest { table: ModbusTable::Holding, address: 0, count: 1 };
+        let err = match read(&mut ctx, req, Duration::from_secs(10)).await {
+            Err(e) => e,
+            Ok(_) => panic!("a closed connection answered"),
+        };
+        peer.await.unwrap();
+        assert_eq!(err.to_string(), "connection failed: the device closed the connection");
+        assert_eq!(err.kind(), "io");
+        assert!(err.breaks_connection());
     }
 
     #[tokio::test]
