@@ -53,7 +53,11 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Erro
 /// - ConfigMap `fieldgate-gateway-<node>`: key [`CONFIG_KEY`] holds the node's
 ///   [`GatewayConfig`] as YAML; annotation [`CONFIG_HASH_ANNOTATION`] carries its version.
 /// - Secret `fieldgate-gateway-<node>`: only the credentials that node's devices (token and
-///   MQTT credential Secrets) and uplinks reference.
+///   MQTT credential Secrets) and uplinks reference. Gateways cannot read it: the operator
+///   serves each gateway its own node's copy ([`node_objects::NodeCredentials`] at
+///   [`node_objects::CREDENTIALS_PATH`]), to a ServiceAccount token bound to a pod on that
+///   node. The ConfigMap's [`node_objects::SECRET_HASH_ANNOTATION`] names the credentials
+///   that go with the config; the Secret is applied before the ConfigMap.
 ///   Data key `<namespace>_<secret>_<key>` holds key `<key>` of Secret `<secret>` in namespace
 ///   `<namespace>`. The rendered config refers to that Secret as `<namespace>_<secret>`, so the
 ///   gateway writes data key `k` to `<secrets-dir>/<dir>/<file>` where
@@ -65,8 +69,37 @@ pub mod node_objects {
     pub const CONFIG_KEY: &str = "gateway.yaml";
     /// Annotation on the per-node ConfigMap with the config's content hash (its `version`).
     pub const CONFIG_HASH_ANNOTATION: &str = "fieldgate.io/config-hash";
-    /// Annotation on the per-node Secret with a hash of its content.
+    /// Annotation on the per-node Secret with a hash of its content, and on the per-node
+    /// ConfigMap with the hash of the credentials that go with the config.
     pub const SECRET_HASH_ANNOTATION: &str = "fieldgate.io/secret-hash";
+    /// Path of the operator's credentials endpoint (HTTPS, `GET`, bearer token).
+    pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+    /// Default audience of the projected ServiceAccount token a gateway presents there.
+    pub const CREDENTIALS_AUDIENCE: &str = "fieldgate-credentials";
+
+    /// What the credentials endpoint answers: the per-node Secret of the caller's node.
+    #[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    pub struct NodeCredentials {
+        /// The node, as the caller's token names it.
+        pub node: String,
+        /// The Secret's content hash (its [`SECRET_HASH_ANNOTATION`]); empty when the node has
+        /// no Secret (it serves no device).
+        pub hash: String,
+        /// The Secret's data: key `<namespace>_<secret>_<key>` (see [`split_secret_key`]).
+        #[serde(default)]
+        pub data: std::collections::BTreeMap<String, k8s_openapi::ByteString>,
+    }
+
+    /// Keys only: values never reach a log.
+    impl std::fmt::Debug for NodeCredentials {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("NodeCredentials")
+                .field("node", &self.node)
+                .field("hash", &self.hash)
+                .field("keys", &self.data.keys().collect::<Vec<_>>())
+                .finish()
+        }
+    }
     /// Annotation on both per-node objects naming the node (node names may exceed the
     /// 63 characters of a label value).
     pub const NODE_ANNOTATION: &str = "fieldgate.io/node";
@@ -110,6 +143,19 @@ pub mod node_objects {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn node_credentials_never_show_their_values() {
+            let c = NodeCredentials {
+                node: "edge-1".into(),
+                hash: "h".into(),
+                data: [("default_creds_password".to_string(), k8s_openapi::ByteString(b"hunter2".to_vec()))].into(),
+            };
+            let shown = format!("{c:?}");
+            assert!(shown.contains("default_creds_password") && !shown.contains("hunter2"), "{shown}");
+            let json = serde_json::to_value(&c).unwrap();
+            assert_eq!(json["data"]["default_creds_password"], "aHVudGVyMg==");
+        }
 
         #[test]
         fn secret_keys_split_back_into_directory_and_file() {

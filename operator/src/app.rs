@@ -1,22 +1,28 @@
 //! `fieldgate-operator run`: the wiring diagram, top to bottom.
 //!
-//! Start the management server (not ready) -> start the watches -> join the leader election
-//! -> wait for the caches -> ready -> reconcile while leading -> on SIGTERM: stop the loop,
-//! release the Lease, stop serving.
+//! Start the management server (not ready) -> find the owner of what the operator writes (its
+//! Deployment) -> serve the credentials endpoint -> start the watches -> join the leader
+//! election -> wait for the caches -> ready -> reconcile while leading -> on SIGTERM: stop
+//! the loop, release the Lease, stop serving.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::controller::{self, LoopSettings, Reconciler};
-use crate::lease::{self, Elector, LeaseSettings};
+use crate::credentials::{self, CREDENTIALS_AUDIENCE, CredentialService, CredentialSettings};
+use crate::lease::{self, API_CALL_TIMEOUT, Elector, Leadership, LeaseSettings};
 use crate::management::{self, Management};
 use crate::metrics::Metrics;
 use crate::writer::{Writer, WriterSettings};
@@ -63,6 +69,79 @@ pub struct Args {
     /// (each allocating thread gets its own allocator arena).
     #[arg(long, env = "FIELDGATE_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
+    /// The operator's Deployment (in `--namespace`): owner of the per-node ConfigMaps and
+    /// Secrets and of the Lease, so that removing the release removes them. Unset: each
+    /// node's objects are owned by the Node.
+    #[arg(long, env = "FIELDGATE_OWNER_DEPLOYMENT")]
+    pub owner_deployment: Option<String>,
+    /// Address of the credentials endpoint (HTTPS) where each gateway gets its own node's
+    /// credentials. Unset: not served.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_LISTEN", requires_all = ["credentials_tls_cert", "credentials_tls_key", "gateway_service_account"])]
+    pub credentials_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) of the credentials endpoint.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_TLS_CERT")]
+    pub credentials_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the credentials endpoint.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_TLS_KEY")]
+    pub credentials_tls_key: Option<PathBuf>,
+    /// The gateways' ServiceAccount, `<namespace>/<name>`: only its tokens get credentials.
+    #[arg(long, env = "FIELDGATE_GATEWAY_SERVICE_ACCOUNT")]
+    pub gateway_service_account: Option<String>,
+    /// Audience the gateways' tokens must carry.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_AUDIENCE", default_value = CREDENTIALS_AUDIENCE)]
+    pub credentials_audience: String,
+}
+
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `--gateway-service-account` is not `<namespace>/<name>`.
+    #[error("--gateway-service-account {0:?}: expected <namespace>/<name>")]
+    ServiceAccount(String),
+    /// The owner Deployment could not be read for a reason retrying cannot fix.
+    #[error("owner Deployment {name}: {source}")]
+    Owner {
+        /// Its name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The owner reference of Deployment `name`, read once at start (retried while the API
+/// server is unreachable or failing; each attempt bounded). `None` when stopped meanwhile.
+async fn owner_of(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    stop: &CancellationToken,
+) -> Result<Option<OwnerReference>, StartError> {
+    let api = Api::<Deployment>::namespaced(client.clone(), namespace);
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match tokio::time::timeout(API_CALL_TIMEOUT, api.get(name)).await {
+            Ok(Ok(d)) => {
+                return Ok(Some(OwnerReference {
+                    api_version: "apps/v1".into(),
+                    kind: "Deployment".into(),
+                    name: d.name_any(),
+                    uid: d.uid().unwrap_or_default(),
+                    ..OwnerReference::default()
+                }));
+            }
+            Ok(Err(kube::Error::Api(s))) if s.code < 500 && s.code != 429 => {
+                return Err(StartError::Owner { name: name.to_string(), source: kube::Error::Api(s) });
+            }
+            Ok(Err(e)) => warn!(error = %e, deployment = name, retry_in = ?delay, "owner Deployment not readable yet"),
+            Err(_) => warn!(deployment = name, retry_in = ?delay, "owner Deployment: no answer in time"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn wait_for_signal() {
@@ -101,6 +180,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    let owner = match &args.owner_deployment {
+        Some(name) => match owner_of(&client, &args.namespace, name, &stop).await? {
+            Some(o) => Some(o),
+            None => return Ok(()),
+        },
+        None => None,
+    };
+
+    if let Some(listen) = args.credentials_listen {
+        let sa = args.gateway_service_account.clone().unwrap_or_default();
+        let Some((sa_ns, sa_name)) = sa.split_once('/') else {
+            return Err(StartError::ServiceAccount(sa).into());
+        };
+        let settings = CredentialSettings {
+            namespace: args.namespace.clone(),
+            audience: args.credentials_audience.clone(),
+            gateway_user: format!("system:serviceaccount:{sa_ns}:{sa_name}"),
+        };
+        let (cert, key) = (args.credentials_tls_cert.clone().unwrap_or_default(), args.credentials_tls_key.clone().unwrap_or_default());
+        let tls = credentials::tls_config(&cert, &key)?;
+        let router = CredentialService::new(client.clone(), settings, &metrics).router();
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        tokio::spawn(credentials::serve(listener, tls, router, stop_serving.clone()));
+    }
+
     let trigger = Arc::new(Notify::new());
     let (stores, watches) = controller::watch_all(&client, Arc::clone(&trigger), Arc::clone(&metrics));
     let watches = tokio::spawn(watches);
@@ -114,15 +218,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    let (leading_tx, leading) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(Leadership::Standby);
     let election = if args.leader_election {
-        let elector = Elector::new(
-            Api::<Lease>::namespaced(client.clone(), &args.namespace),
-            LeaseSettings::new(&args.lease_name, &args.identity),
-        );
+        let mut settings = LeaseSettings::new(&args.lease_name, &args.identity);
+        settings.owner = owner.clone();
+        let elector = Elector::new(Api::<Lease>::namespaced(client.clone(), &args.namespace), settings);
         Some(tokio::spawn(lease::run(elector, leading_tx, stop.clone())))
     } else {
-        leading_tx.send_replace(true);
+        // Alone: leading for as long as the process runs (a century).
+        leading_tx.send_replace(Leadership::Leading { until: Instant::now() + Duration::from_secs(100 * 365 * 86_400) });
         None
     };
 
@@ -132,6 +236,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             concurrency: args.status_concurrency,
             instance: args.identity.clone(),
+            owner,
         },
         Arc::clone(&metrics),
     );

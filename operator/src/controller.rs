@@ -3,7 +3,16 @@
 //!
 //! Whole-world reconciles fit this problem: placement and uplink selection couple every
 //! Device to every Node and Uplink, and render of 10,000 devices takes milliseconds. The loop
-//! runs only while this replica holds the Lease; the watch caches stay warm on standbys.
+//! runs only while this replica holds the Lease; the watch caches stay warm on standbys. Each
+//! leadership term gets its own [`Term`]: the writes of a pass stop the moment it ends.
+//!
+//! A failure belongs to the object it concerns: a referenced Secret that cannot be read
+//! refuses the Devices and Uplinks that reference it (reason `UnreadableSecret`) when the
+//! refusal is permanent (403, ...); when it may pass (5xx, timeout) the last value read is
+//! used, or, without one, the nodes that ran those objects keep their config and the objects
+//! their status until a retry reads it. Every other node gets its update either way. After a
+//! pass with a transient failure the loop retries with backoff; after only permanent ones it
+//! waits for the next change (or the resync).
 //!
 //! Inputs: Devices, DeviceProfiles, Uplinks (all namespaces), Nodes labelled
 //! `fieldgate.io/gateway=true`, and Secret *metadata* (all namespaces): any Secret change
@@ -11,7 +20,7 @@
 //! reference, and again only when their resourceVersion changes, so the operator never caches
 //! every Secret of the cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +37,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::lease::{CallError, Leadership, Term};
 use crate::metrics::{KindLabels, Metrics, ObjectStateLabels, OutcomeLabels};
 use crate::render::{self, ObjectKey, Placements, Rendered, SecretIndex, Settings, World};
-use crate::writer::{SecretValues, WriteError, WritePass, WriteSummary, Writer};
+use crate::writer::{Held, SecretValues, WriteError, WritePass, WriteSummary, Writer};
 
 /// The watch caches render reads.
 #[derive(Clone)]
@@ -179,7 +189,8 @@ pub struct LoopSettings {
     pub fail_back: bool,
 }
 
-/// Why a reconcile failed.
+/// Why a reconcile did not do everything: the weightiest failure of the pass (the end of
+/// leadership, then a transient one, then a permanent one). The rest of the pass was done.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// Reading a referenced Secret failed.
@@ -189,7 +200,7 @@ pub enum ReconcileError {
         secret: ObjectKey,
         /// Cause.
         #[source]
-        source: kube::Error,
+        source: CallError,
     },
     /// Writing failed.
     #[error(transparent)]
@@ -201,9 +212,52 @@ impl ReconcileError {
     pub fn kind(&self) -> &'static str {
         match self {
             ReconcileError::ReadSecret { .. } => "read_secret",
+            ReconcileError::Write(e) if e.is_not_leading() => "not_leading",
             ReconcileError::Write(e) => e.kind(),
         }
     }
+
+    /// Whether retrying soon may help; otherwise the loop waits for a change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReconcileError::ReadSecret { source, .. } => source.is_transient(),
+            ReconcileError::Write(e) => e.is_transient(),
+        }
+    }
+
+    /// Whether the pass stopped because this replica stopped leading.
+    pub fn is_not_leading(&self) -> bool {
+        matches!(self, ReconcileError::Write(e) if e.is_not_leading())
+            || matches!(self, ReconcileError::ReadSecret { source: CallError::NotLeading, .. })
+    }
+
+    fn weight(&self) -> u8 {
+        if self.is_not_leading() {
+            2
+        } else {
+            u8::from(self.is_transient())
+        }
+    }
+
+    /// Keeps the weightier of `current` and `new` (the first of equals).
+    fn keep_weightier(current: &mut Option<ReconcileError>, new: ReconcileError) {
+        if current.as_ref().is_none_or(|c| new.weight() > c.weight()) {
+            *current = Some(new);
+        }
+    }
+}
+
+/// The referenced Secrets as far as they could be read.
+#[derive(Default)]
+struct SecretReads {
+    index: SecretIndex,
+    values: SecretValues,
+    /// Secrets that could not be read and have no earlier value, with why.
+    unreadable: BTreeMap<ObjectKey, String>,
+    /// Of those, the ones whose failure may pass: the objects behind them are held.
+    transient: BTreeSet<ObjectKey>,
+    /// The weightiest failure.
+    failure: Option<ReconcileError>,
 }
 
 /// The controller's state between reconciles.
@@ -215,18 +269,37 @@ pub struct Reconciler {
     settings: LoopSettings,
     secret_cache: BTreeMap<ObjectKey, (String, Arc<Secret>)>,
     placements: Placements,
+    /// The nodes each Uplink ran on after the last pass.
+    uplink_nodes: BTreeMap<ObjectKey, BTreeSet<String>>,
+    next_review: Option<Timestamp>,
+    term: Term,
 }
 
 impl Reconciler {
-    /// A reconciler over filled (or filling) stores.
+    /// A reconciler over filled (or filling) stores, in a term that never ends until
+    /// [`Reconciler::lead`] gives it one.
     pub fn new(client: Client, stores: Stores, writer: Writer, metrics: Arc<Metrics>, settings: LoopSettings) -> Self {
-        Self { client, stores, writer, metrics, settings, secret_cache: BTreeMap::new(), placements: Placements::new() }
+        Self {
+            client,
+            stores,
+            writer,
+            metrics,
+            settings,
+            secret_cache: BTreeMap::new(),
+            placements: Placements::new(),
+            uplink_nodes: BTreeMap::new(),
+            next_review: None,
+            term: Term::unbounded(),
+        }
     }
 
-    /// Forget everything remembered about the cluster (on gaining leadership).
-    pub fn forget(&mut self) {
-        self.writer.forget();
+    /// Starts a leadership term: every call of the following passes is made within it, and
+    /// everything remembered about the cluster is forgotten (another leader may have written).
+    pub fn lead(&mut self, term: Term) {
+        self.writer.lead(term.clone());
+        self.term = term;
         self.placements.clear();
+        self.uplink_nodes.clear();
     }
 
     /// The world as the caches show it.
@@ -237,30 +310,47 @@ impl Reconciler {
             uplinks: self.stores.uplinks.state(),
             nodes: self.stores.nodes.state(),
             secrets: None,
+            unreadable_secrets: BTreeMap::new(),
         }
     }
 
-    /// Reads the Secrets devices and uplinks reference (cached by resourceVersion).
-    async fn referenced_secrets(&mut self, world: &World) -> Result<(SecretIndex, SecretValues), ReconcileError> {
+    /// Reads the Secrets devices and uplinks reference (cached by resourceVersion). A Secret
+    /// that cannot be read is that Secret's problem: on a transient failure its last value
+    /// is used when there is one.
+    async fn referenced_secrets(&mut self, world: &World) -> SecretReads {
         let mut wanted: Vec<ObjectKey> = world.uplinks.iter().flat_map(|u| render::secret_refs(u)).collect();
         wanted.extend(world.devices.iter().flat_map(|d| render::device_secret_refs(d)));
         wanted.sort();
         wanted.dedup();
-        let mut index = SecretIndex::new();
-        let mut values = SecretValues::new();
+        let mut reads = SecretReads::default();
         let mut cache = BTreeMap::new();
         for key in wanted {
             let meta = self.stores.secrets.get(&reflector::ObjectRef::new(&key.name).within(&key.namespace));
             let Some(meta) = meta else { continue };
             let rv = meta.resource_version().unwrap_or_default();
-            let secret = match self.secret_cache.remove(&key) {
-                Some((cached_rv, s)) if cached_rv == rv => s,
-                _ => {
+            let cached = self.secret_cache.remove(&key);
+            let (rv, secret) = match cached {
+                Some((cached_rv, s)) if cached_rv == rv => (rv, s),
+                cached => {
                     let api = Api::<Secret>::namespaced(self.client.clone(), &key.namespace);
-                    match api.get_opt(&key.name).await {
-                        Ok(Some(s)) => Arc::new(s),
+                    match self.term.call(api.get_opt(&key.name)).await {
+                        Ok(Some(s)) => (rv, Arc::new(s)),
                         Ok(None) => continue,
-                        Err(source) => return Err(ReconcileError::ReadSecret { secret: key, source }),
+                        Err(source) => {
+                            let transient = source.is_transient() || matches!(source, CallError::NotLeading);
+                            let stale = cached.filter(|_| transient);
+                            if stale.is_none() {
+                                reads.unreadable.insert(key.clone(), source.to_string());
+                                if transient {
+                                    reads.transient.insert(key.clone());
+                                }
+                            }
+                            let e = ReconcileError::ReadSecret { secret: key.clone(), source };
+                            ReconcileError::keep_weightier(&mut reads.failure, e);
+                            // The last value read, kept under its own version: read again next time.
+                            let Some(stale) = stale else { continue };
+                            stale
+                        }
                     }
                 }
             };
@@ -268,12 +358,37 @@ impl Reconciler {
             for (k, v) in secret.string_data.iter().flatten() {
                 data.insert(k.clone(), k8s_openapi::ByteString(v.clone().into_bytes()));
             }
-            index.insert(key.clone(), data.keys().cloned().collect());
-            values.insert(key.clone(), data);
+            reads.index.insert(key.clone(), data.keys().cloned().collect());
+            reads.values.insert(key.clone(), data);
             cache.insert(key, (rv, secret));
         }
         self.secret_cache = cache;
-        Ok((index, values))
+        reads
+    }
+
+    /// What this pass must leave alone because of Secrets that may be readable on a retry:
+    /// the objects referencing them keep their status, and the nodes they ran on their config.
+    fn held(&self, world: &World, transient: &BTreeSet<ObjectKey>, previous: &Placements) -> Held {
+        let mut held = Held::default();
+        if transient.is_empty() {
+            return held;
+        }
+        for d in &world.devices {
+            if render::device_secret_refs(d).iter().any(|k| transient.contains(k)) {
+                let key = ObjectKey::of(d.as_ref());
+                held.nodes.extend(previous.get(&key).map(|p| p.node.clone()));
+                held.objects.insert(("Device", key));
+            }
+        }
+        for u in &world.uplinks {
+            if render::secret_refs(u).iter().any(|k| transient.contains(k)) {
+                let key = ObjectKey::of(u.as_ref());
+                held.nodes.extend(self.uplink_nodes.get(&key).into_iter().flatten().cloned());
+                held.nodes.extend(u.status.iter().flat_map(|s| s.gateways.iter().map(|g| g.node.clone())));
+                held.objects.insert(("Uplink", key));
+            }
+        }
+        held
     }
 
     /// Renders the world as the caches show it and writes the difference. Node configs are
@@ -281,10 +396,12 @@ impl Reconciler {
     /// config: only which nodes got one.
     pub async fn reconcile(&mut self) -> Result<(Rendered<()>, WriteSummary), ReconcileError> {
         let mut world = self.snapshot();
-        let (index, values) = self.referenced_secrets(&world).await?;
+        let SecretReads { index, values, unreadable, transient, failure } = self.referenced_secrets(&world).await;
         world.secrets = Some(index);
+        world.unreadable_secrets = unreadable;
         let mut previous = render::placements_from_status(&world.devices);
         previous.extend(self.placements.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let held = self.held(&world, &transient, &previous);
         let settings = Settings {
             now: Timestamp::now(),
             failover_grace: self.settings.failover_grace,
@@ -293,18 +410,51 @@ impl Reconciler {
         let started = Instant::now();
         let rendered = render::plan(&world, &previous, &settings);
         self.metrics.render_duration.observe(started.elapsed().as_secs_f64());
+        // Held devices keep their placement for the next pass; the rest of `previous` goes.
+        let held_placements: Placements = held
+            .objects
+            .iter()
+            .filter(|(kind, _)| *kind == "Device")
+            .filter_map(|(_, key)| Some((key.clone(), previous.get(key)?.clone())))
+            .collect();
         drop(previous);
         self.record(&rendered);
         let mut pass = WritePass::default();
-        self.writer.write_configs(&rendered, &world.nodes, &values, &mut pass).await;
+        self.writer.write_configs(&rendered, &world.nodes, &values, &held, &mut pass).await;
         // The node plans borrow the snapshot; without them the snapshot's Devices can go one
         // by one as their statuses are written, rather than stay alive beside the updated
         // objects the watch cache receives meanwhile (twice every Device on a cold start).
         let rendered = rendered.map_nodes(|_| ());
         let World { devices, uplinks, .. } = world;
-        self.writer.write_statuses(&rendered, devices, uplinks, &mut pass).await;
-        let summary = pass.finish()?;
-        self.placements = rendered.placements();
+        self.writer.write_statuses(&rendered, devices, uplinks, &held, &mut pass).await;
+        // Held objects keep their placement and nodes for the next pass.
+        let mut placements = rendered.placements();
+        placements.extend(held_placements);
+        let mut uplink_nodes: BTreeMap<ObjectKey, BTreeSet<String>> =
+            rendered.uplinks.iter().map(|(k, v)| (k.clone(), v.nodes.clone())).collect();
+        for (_, key) in held.objects.iter().filter(|(kind, _)| *kind == "Uplink") {
+            uplink_nodes.extend(self.uplink_nodes.get(key).map(|n| (key.clone(), n.clone())));
+        }
+        self.placements = placements;
+        self.uplink_nodes = uplink_nodes;
+        self.next_review = rendered.next_review;
+        let mut failure = failure;
+        let (summary, write_failure) = pass.into_parts();
+        if let Some(e) = write_failure {
+            ReconcileError::keep_weightier(&mut failure, ReconcileError::Write(e));
+        }
+        if let Some(e) = failure {
+            if summary != WriteSummary::default() {
+                info!(
+                    configmaps = summary.configmaps,
+                    secrets = summary.secrets,
+                    deleted = summary.deleted,
+                    statuses = summary.statuses,
+                    "reconciled in part"
+                );
+            }
+            return Err(e);
+        }
         Ok((rendered, summary))
     }
 
@@ -365,11 +515,12 @@ pub async fn traced_reconcile(reconciler: &mut Reconciler) -> Result<(Rendered<(
 }
 
 /// Runs the loop until `stop`: reconciles on changes (debounced), at the end of a node's grace
-/// period, every `resync`, and retries failures with backoff. Writes only while `leading`.
+/// period, every `resync`, and retries transient failures with backoff (a permanent one waits
+/// for the next change). Writes only while `leading`, each pass within the leadership term.
 pub async fn run(
     mut reconciler: Reconciler,
     trigger: Arc<Notify>,
-    mut leading: watch::Receiver<bool>,
+    mut leading: watch::Receiver<Leadership>,
     stop: CancellationToken,
 ) {
     let settings = reconciler.settings;
@@ -380,25 +531,36 @@ pub async fn run(
     }
     let mut wake = Instant::now();
     let mut failures: u32 = 0;
-    let mut was_leading = false;
+    let mut term: Option<Term> = None;
     loop {
-        let is_leading = *leading.borrow_and_update();
-        reconciler.metrics.leader.set(i64::from(is_leading));
-        if is_leading && !was_leading {
-            info!("leading: reconciling every object");
-            reconciler.forget();
-            wake = Instant::now();
+        let leads = leading.borrow_and_update().leads_at(Instant::now());
+        match (&term, leads) {
+            (Some(t), true) if !t.is_over() => {}
+            (_, true) => {
+                info!("leading: reconciling every object");
+                let t = Term::start(leading.clone());
+                reconciler.lead(t.clone());
+                term = Some(t);
+                wake = Instant::now();
+                failures = 0;
+            }
+            (_, false) => {
+                if let Some(t) = term.take() {
+                    t.end();
+                }
+            }
         }
-        was_leading = is_leading;
-        if !is_leading {
+        reconciler.metrics.leader.set(i64::from(term.is_some()));
+        let Some(current) = term.clone() else {
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = leading.changed() => if changed.is_err() { return },
             }
             continue;
-        }
+        };
         tokio::select! {
             () = stop.cancelled() => return,
+            () = current.ended() => continue,
             () = trigger.notified() => {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -406,9 +568,8 @@ pub async fn run(
                 }
             }
             () = tokio::time::sleep_until(wake) => {}
-            _ = leading.changed() => continue,
         }
-        if !*leading.borrow() {
+        if current.is_over() {
             continue;
         }
         let started = Instant::now();
@@ -431,16 +592,28 @@ pub async fn run(
                 }
                 wake = next_wake(rendered.next_review, settings.resync);
             }
+            Err(e) if e.is_not_leading() => {
+                warn!("leadership ended during a reconcile; its remaining writes were not made");
+            }
             Err(e) => {
-                failures = failures.saturating_add(1);
                 let m = &reconciler.metrics;
                 m.reconciles.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
                 m.reconcile_errors.get_or_create(&KindLabels { kind: e.kind() }).inc();
-                let delay = Duration::from_millis(500)
-                    .saturating_mul(2u32.saturating_pow(failures.min(7)))
-                    .min(Duration::from_secs(60));
-                warn!(error = %e, kind = e.kind(), retry_in = ?delay, "reconcile failed");
-                wake = Instant::now() + delay;
+                if e.is_transient() {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(500)
+                        .saturating_mul(2u32.saturating_pow(failures.min(7)))
+                        .min(Duration::from_secs(60));
+                    warn!(error = %e, kind = e.kind(), retry_in = ?delay, "reconcile failed; retrying");
+                    wake = Instant::now() + delay;
+                } else {
+                    failures = 0;
+                    warn!(
+                        error = %e, kind = e.kind(),
+                        "reconcile refused; the objects concerned say why, and the next change (or the resync) tries again"
+                    );
+                    wake = next_wake(reconciler.next_review, settings.resync);
+                }
             }
         }
     }
@@ -490,7 +663,7 @@ mod tests {
     fn test_reconciler(client: Client, stores: Stores, metrics: Arc<Metrics>) -> Reconciler {
         let writer = Writer::new(
             client.clone(),
-            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into() },
+            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into(), owner: None },
             Arc::clone(&metrics),
         );
         let settings = LoopSettings {
@@ -702,12 +875,215 @@ mod tests {
         // the node's Secret rewritten.
         w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "dev-tok", "2")));
         let (_, summary) = reconciler.reconcile().await.unwrap();
-        assert_eq!((summary.configmaps, summary.secrets), (0, 1));
+        assert_eq!((summary.configmaps, summary.secrets), (1, 1), "the ConfigMap names the new credentials");
         let calls = take(&log);
         assert_eq!(calls[0].0, "GET /api/v1/namespaces/default/secrets/dev-tok");
         assert_eq!(calls[1].1, json!({"default_dev-tok_token": "dHdv"}));
         drop(reconciler);
         server.await.unwrap();
+    }
+
+    /// A TCP device pinned to `node` whose token is Secret `secret`.
+    fn token_device(name: &str, node: &str, secret: &str) -> Device {
+        use fieldgate_crds::{Connection, DeviceSecretRef, RawConnection};
+        Device::test(name).pinned(node).spec_with(|s| {
+            s.connection =
+                Connection::Tcp(RawConnection { id: None, token_secret_ref: DeviceSecretRef { name: secret.into(), key: None } });
+            s.points[0].modbus = None;
+        })
+    }
+
+    /// A mocked API server answering Secret reads from `reads` (name -> HTTP status; 200
+    /// serves a token) and everything else as echo; records `METHOD path` of every request.
+    fn recording_server(
+        mut handle: mock::Handle<Request<Body>, Response<Body>>,
+        reads: std::collections::HashMap<&'static str, u16>,
+    ) -> (Arc<std::sync::Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+        let log: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let server_log = Arc::clone(&log);
+        let server = tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let uri = req.uri().to_string();
+                let method = req.method().clone();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                server_log.lock().unwrap().push(format!("{method} {}", uri.split('?').next().unwrap()));
+                let read = uri.rsplit('/').next().and_then(|name| reads.get(name)).copied();
+                let (code, reply) = match read {
+                    Some(200) if method == http::Method::GET => {
+                        let name = uri.rsplit('/').next().unwrap();
+                        (200, serde_json::to_value(secret("default", name, &[("token", "t")])).unwrap())
+                    }
+                    Some(code) if method == http::Method::GET => (
+                        code,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                            "reason": if code == 403 { "Forbidden" } else { "InternalError" }, "message": "refused"}),
+                    ),
+                    _ if uri.contains("labelSelector") => (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}),
+                    ),
+                    _ => (200, echo_status(&uri, body)),
+                };
+                send.send_response(
+                    Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+                );
+            }
+        });
+        (log, server)
+    }
+
+    fn two_nodes_two_secrets(a_node_status: Option<&str>) -> Stores {
+        let mut a = token_device("a", "edge-1", "tok-a");
+        a.status = a_node_status.map(|n| fieldgate_crds::DeviceStatus { node: Some(n.into()), ..Default::default() });
+        Stores::new(
+            filled(vec![a, token_device("b", "edge-2", "tok-b")]),
+            filled(vec![]),
+            filled(vec![]),
+            filled(vec![Node::gateway("edge-1"), Node::gateway("edge-2")]),
+            filled(vec![secret_meta("default", "tok-a", "1"), secret_meta("default", "tok-b", "1")]),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_secret_refuses_only_its_devices_and_every_other_node_gets_its_update() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let mut reconciler = test_reconciler(Client::new(service, "default"), two_nodes_two_secrets(None), metrics);
+        let (log, server) = recording_server(handle, [("tok-a", 403), ("tok-b", 200)].into());
+
+        let err = reconciler.reconcile().await.unwrap_err();
+        assert_eq!(err.kind(), "read_secret");
+        assert!(!err.is_transient(), "a refusal waits for a change instead of a retry loop");
+        drop(reconciler);
+        server.await.unwrap();
+        let calls = log.lock().unwrap().clone();
+        for wanted in [
+            "PATCH /api/v1/namespaces/fieldgate-system/secrets/fieldgate-gateway-edge-2",
+            "PATCH /api/v1/namespaces/fieldgate-system/configmaps/fieldgate-gateway-edge-2",
+            "PATCH /apis/fieldgate.io/v1alpha1/namespaces/default/devices/a/status",
+            "PATCH /apis/fieldgate.io/v1alpha1/namespaces/default/devices/b/status",
+        ] {
+            assert!(calls.iter().any(|c| c == wanted), "{wanted} missing from {calls:?}");
+        }
+        assert!(!calls.iter().any(|c| c.contains("gateway-edge-1")), "edge-1 serves nothing readable: {calls:?}");
+    }
+
+    #[tokio::test]
+    async fn the_refused_device_says_which_secret_could_not_be_read() {
+        let d = token_device("a", "edge-1", "tok-a");
+        let v = render::DeviceVerdict {
+            verdict: render::Verdict {
+                problems: vec![render::Problem {
+                    reason: render::Reason::UnreadableSecret,
+                    path: "spec.connection.tcp.tokenSecretRef.name".into(),
+                    message: "Secret \"tok-a\" in namespace \"default\" could not be read: forbidden".into(),
+                }],
+            },
+            placed: None,
+            generation: Some(1),
+        };
+        let status = crate::writer::device_status_change(&d, &v).unwrap();
+        let ready = &status["conditions"][1];
+        assert_eq!((&ready["type"], &ready["status"], &ready["reason"]), (&json!("Ready"), &json!("False"), &json!("NotConfigured")));
+        assert!(ready["message"].as_str().unwrap().contains("could not be read"), "{ready}");
+        assert_eq!(status["conditions"][0]["reason"], json!("UnreadableSecret"));
+    }
+
+    #[tokio::test]
+    async fn a_secret_read_that_may_pass_holds_the_node_of_its_device_and_updates_the_others() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let stores = two_nodes_two_secrets(Some("edge-1"));
+        let mut reconciler = test_reconciler(Client::new(service, "default"), stores, metrics);
+        let (log, server) = recording_server(handle, [("tok-a", 503), ("tok-b", 200)].into());
+
+        let err = reconciler.reconcile().await.unwrap_err();
+        assert!(err.is_transient(), "retried soon: {err}");
+        drop(reconciler);
+        server.await.unwrap();
+        let calls = log.lock().unwrap().clone();
+        assert!(
+            calls.iter().any(|c| c == "PATCH /api/v1/namespaces/fieldgate-system/configmaps/fieldgate-gateway-edge-2"),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.contains("gateway-edge-1") || c.contains("/devices/a/")),
+            "edge-1 keeps its config and device a its status until the Secret reads: {calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_secret_read_that_may_pass_uses_the_value_read_before() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let (secrets, mut w_secrets) = reflector::store::<PartialObjectMeta<Secret>>();
+        w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "tok-a", "1")));
+        let stores = Stores::new(
+            filled(vec![token_device("a", "edge-1", "tok-a")]),
+            filled(vec![]),
+            filled(vec![]),
+            filled(vec![Node::gateway("edge-1")]),
+            secrets,
+        );
+        let mut reconciler = test_reconciler(Client::new(service, "default"), stores, metrics);
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&reads);
+        let mut handle = handle;
+        let server = tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let uri = req.uri().to_string();
+                let is_read = req.method() == http::Method::GET && uri.contains("/secrets/tok-a");
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let (code, reply) = if is_read {
+                    // The first read answers, the second fails.
+                    if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        (200, serde_json::to_value(secret("default", "tok-a", &[("token", "t")])).unwrap())
+                    } else {
+                        (500, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd"}))
+                    }
+                } else if uri.contains("labelSelector") {
+                    (200, json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+                } else {
+                    (200, echo_status(&uri, body))
+                };
+                send.send_response(
+                    Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+                );
+            }
+        });
+        let (rendered, _) = reconciler.reconcile().await.unwrap();
+        assert!(rendered.devices.values().all(|v| v.verdict.configured()));
+        // A new version that cannot be read: the device stays configured with the value known.
+        w_secrets.apply_watcher_event(&watcher::Event::Apply(secret_meta("default", "tok-a", "2")));
+        let err = reconciler.reconcile().await.unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(reconciler.placements.contains_key(&ObjectKey::new("default", "a")), "still placed");
+        drop(reconciler);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_write_is_made_once_the_term_is_over() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let stores = Stores::new(
+            filled(vec![Device::test("meter-1")]),
+            filled(vec![]),
+            filled(vec![]),
+            filled(vec![Node::gateway("edge-1")]),
+            filled(vec![]),
+        );
+        let mut reconciler = test_reconciler(Client::new(service, "default"), stores, metrics);
+        let term = Term::unbounded();
+        reconciler.lead(term.clone());
+        term.end();
+        let err = reconciler.reconcile().await.unwrap_err();
+        assert!(err.is_not_leading(), "{err}");
+        drop(reconciler);
+        assert!(handle.next_request().await.is_none(), "a request was sent after the term ended");
     }
 
     #[tokio::test]

@@ -225,5 +225,6 @@ pub fn world(devices: Vec<Device>, profiles: Vec<DeviceProfile>, uplinks: Vec<Up
         uplinks: uplinks.into_iter().map(Arc::new).collect(),
         nodes: nodes.into_iter().map(Arc::new).collect(),
         secrets: None,
+        unreadable_secrets: Default::default(),
     }
 }

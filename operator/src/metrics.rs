@@ -7,7 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// `outcome`: `ok` or `error`.
+/// `outcome`: `ok` or `error` (reconciles); `ok`, `unauthenticated`, `forbidden` or
+/// `unavailable` (credential requests).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// Outcome.
@@ -59,6 +60,9 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Watch stream errors (the watcher retries with backoff).
     pub watch_errors: Counter,
+    /// Requests to the credentials endpoint, by outcome (`ok`, `unauthenticated`,
+    /// `forbidden`, `unavailable`).
+    pub credential_requests: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +79,7 @@ impl Metrics {
             configured_nodes: Gauge::default(),
             leader: Gauge::default(),
             watch_errors: Counter::default(),
+            credential_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("fieldgate_operator");
         r.register("reconciles", "Reconciles of the whole world", m.reconciles.clone());
@@ -87,6 +92,11 @@ impl Metrics {
         r.register("configured_nodes", "Nodes with a config at the last render", m.configured_nodes.clone());
         r.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
         r.register("watch_errors", "Watch stream errors", m.watch_errors.clone());
+        r.register(
+            "credential_requests",
+            "Requests for a node's credentials by outcome",
+            m.credential_requests.clone(),
+        );
         m
     }
 

@@ -86,6 +86,9 @@ pub struct World {
     /// The Secrets Devices and Uplinks may reference. `None`: unknown, references are not
     /// checked (offline render without Secret manifests).
     pub secrets: Option<SecretIndex>,
+    /// Secrets that exist but could not be read, with why: objects referencing one are
+    /// refused with reason `UnreadableSecret` (that object's verdict, nobody else's).
+    pub unreadable_secrets: BTreeMap<ObjectKey, String>,
 }
 
 /// Where each device was placed last time (from `Device.status` or the previous render).
@@ -140,6 +143,8 @@ pub enum Reason {
     UnknownSecret,
     /// A referenced Secret lacks a key the Device or Uplink needs.
     MissingSecretKey,
+    /// A referenced Secret exists but the operator could not read it.
+    UnreadableSecret,
 }
 
 impl Reason {
@@ -153,6 +158,7 @@ impl Reason {
             Reason::InvalidSelector => "InvalidSelector",
             Reason::UnknownSecret => "UnknownSecret",
             Reason::MissingSecretKey => "MissingSecretKey",
+            Reason::UnreadableSecret => "UnreadableSecret",
         }
     }
 }
@@ -421,7 +427,8 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     for (key, device) in devices {
         let (mut problems, merged) = check_device(&key, device, &profiles, &out.profiles);
         if let Some(index) = &world.secrets {
-            check_secrets(&device_secret_items(&key.namespace, &device.spec.connection), index, &mut problems);
+            let items = device_secret_items(&key.namespace, &device.spec.connection);
+            check_secrets(&items, index, &world.unreadable_secrets, &mut problems);
         }
         let placed = placement::place(
             &key,
@@ -461,7 +468,7 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
         let selector = check_selector(uplink.spec.device_selector.as_ref(), &mut problems);
         let secrets = secret_items(&key.namespace, &uplink.spec.mqtt);
         if let Some(index) = &world.secrets {
-            check_secrets(&secrets, index, &mut problems);
+            check_secrets(&secrets, index, &world.unreadable_secrets, &mut problems);
         }
         let verdict = Verdict { problems };
         let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -777,10 +784,28 @@ fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)>
     out
 }
 
-fn check_secrets(items: &[(String, SecretItem)], index: &SecretIndex, problems: &mut Vec<Problem>) {
+fn check_secrets(
+    items: &[(String, SecretItem)],
+    index: &SecretIndex,
+    unreadable: &BTreeMap<ObjectKey, String>,
+    problems: &mut Vec<Problem>,
+) {
     let mut reported = BTreeSet::new();
     for (path, item) in items {
         let name_path = path.strip_suffix(".key").map_or_else(|| path.clone(), |p| format!("{p}.name"));
+        if let Some(why) = unreadable.get(&item.secret) {
+            if reported.insert(item.secret.clone()) {
+                problems.push(Problem {
+                    reason: Reason::UnreadableSecret,
+                    path: name_path,
+                    message: format!(
+                        "Secret {:?} in namespace {:?} could not be read: {why}",
+                        item.secret.name, item.secret.namespace
+                    ),
+                });
+            }
+            continue;
+        }
         match index.get(&item.secret) {
             None => {
                 if reported.insert(item.secret.clone()) {

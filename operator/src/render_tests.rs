@@ -874,3 +874,21 @@ fn rendered_device_secret_references_pass_the_gateways_validation() {
         nc.config.validate().unwrap_or_else(|e| panic!("{node}: {e}"));
     }
 }
+
+#[test]
+fn an_unreadable_secret_refuses_only_the_objects_that_reference_it() {
+    let mut w = credentialed_world();
+    w.unreadable_secrets.insert(ObjectKey::new("default", "tcp-tok"), "403 Forbidden".into());
+    let r = render(&w, &Placements::new(), &settings());
+    let tcp = &r.devices[&ObjectKey::new("default", "tcp")];
+    assert_eq!(tcp.verdict.reason(), "UnreadableSecret");
+    assert_eq!(
+        tcp.verdict.message(),
+        "spec.connection.tcp.tokenSecretRef.name: Secret \"tcp-tok\" in namespace \"default\" could not be read: 403 Forbidden"
+    );
+    let others: Vec<&ObjectKey> = r.devices.iter().filter(|(_, v)| !v.verdict.configured()).map(|(k, _)| k).collect();
+    assert_eq!(others, [&ObjectKey::new("default", "tcp")], "every other device stays configured");
+    assert!(r.uplinks.values().all(|v| v.verdict.configured()));
+    assert!(r.nodes["edge-000"].config.devices.iter().all(|d| d.name != "tcp"));
+    assert!(r.nodes["edge-000"].secrets.iter().all(|s| s.secret.name != "tcp-tok"));
+}

@@ -1,15 +1,22 @@
 //! The IO side of a reconcile: turns a [`Rendered`] world into API writes.
 //!
 //! - Per node serving devices, with server-side apply (field manager `fieldgate-operator`,
-//!   owner reference to the Node): ConfigMap `fieldgate-gateway-<node>` (key `gateway.yaml`,
-//!   annotation `fieldgate.io/config-hash`) and Secret `fieldgate-gateway-<node>` with only the
-//!   keys that node's devices and uplinks reference (layout: [`fieldgate_crds::node_objects`]).
-//!   Applied only when their hash changed since this leader last applied them.
+//!   owner reference to the operator's Deployment when it runs from the chart, else to the
+//!   Node): Secret `fieldgate-gateway-<node>` with only the keys that node's devices and
+//!   uplinks reference (layout: [`fieldgate_crds::node_objects`]), then ConfigMap
+//!   `fieldgate-gateway-<node>` (key `gateway.yaml`, annotations `fieldgate.io/config-hash` and
+//!   `fieldgate.io/secret-hash`: a gateway that sees the ConfigMap finds the credentials of
+//!   that hash already there). Applied only when their hash changed since this leader last
+//!   applied them.
 //! - Per-node objects of nodes that no longer serve any device are deleted.
 //! - `Device` and `Uplink` status through the status subresource (server-side apply: the
-//!   operator owns `node`, `observedGeneration`, `failedOverFrom` and the `Configured`
-//!   condition; the gateway owns `Reachable`, `lastSeen` and its uplink entries), written only
-//!   when different from what the object shows. Events for transitions.
+//!   operator owns `node`, `observedGeneration`, `failedOverFrom` and the `Configured` and
+//!   `Ready` conditions; the gateway owns `Reachable`, `lastSeen` and its uplink entries),
+//!   written only when different from what the object shows. Events for transitions.
+//! - `Ready` is derived: a Device is ready when configured and its gateway reports it
+//!   `Reachable`; an Uplink when configured and connected on every node that runs it.
+//! - Every call goes through the leadership [`Term`]: none is sent once this replica may no
+//!   longer lead, and each has a deadline.
 //!
 //! Secret values only pass through here, from the source Secrets to the per-node Secret; they
 //! are never logged.
@@ -30,6 +37,7 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use crate::lease::{CallError, Term};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -59,7 +67,7 @@ pub enum WriteError {
         object: String,
         /// Cause.
         #[source]
-        source: kube::Error,
+        source: CallError,
     },
     /// Listing or deleting per-node objects failed.
     #[error("clean up {object}: {source}")]
@@ -68,7 +76,7 @@ pub enum WriteError {
         object: String,
         /// Cause.
         #[source]
-        source: kube::Error,
+        source: CallError,
     },
     /// A status write failed.
     #[error("status of {object}: {source}")]
@@ -77,7 +85,7 @@ pub enum WriteError {
         object: String,
         /// Cause.
         #[source]
-        source: kube::Error,
+        source: CallError,
     },
     /// The per-node config could not be serialised (a bug).
     #[error("serialise the config of node {node}: {message}")]
@@ -100,18 +108,24 @@ impl WriteError {
         }
     }
 
-    /// Whether retrying may help (conflicts, throttling, server and transport errors).
-    pub fn is_transient(&self) -> bool {
-        let source = match self {
+    fn source(&self) -> Option<&CallError> {
+        match self {
             WriteError::Apply { source, .. }
             | WriteError::Cleanup { source, .. }
-            | WriteError::Status { source, .. } => source,
-            WriteError::Serialise { .. } => return false,
-        };
-        match source {
-            kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
-            _ => true,
+            | WriteError::Status { source, .. } => Some(source),
+            WriteError::Serialise { .. } => None,
         }
+    }
+
+    /// Whether retrying soon may help (conflicts, throttling, server and transport errors,
+    /// timeouts); a refusal waits for the next change instead.
+    pub fn is_transient(&self) -> bool {
+        self.source().is_some_and(CallError::is_transient)
+    }
+
+    /// Whether the write was not made because this replica stopped leading.
+    pub fn is_not_leading(&self) -> bool {
+        matches!(self.source(), Some(CallError::NotLeading))
     }
 }
 
@@ -124,6 +138,9 @@ pub struct WriterSettings {
     pub concurrency: usize,
     /// Reporting instance of Events (the pod name).
     pub instance: String,
+    /// Owner of the per-node objects: the operator's Deployment, so that uninstalling the
+    /// release removes them. `None`: each node's objects are owned by the Node.
+    pub owner: Option<OwnerReference>,
 }
 
 /// What one write pass did.
@@ -139,7 +156,8 @@ pub struct WriteSummary {
     pub statuses: usize,
 }
 
-/// A write pass in progress: what it did so far and its first error (it goes on after one).
+/// A write pass in progress: what it did so far and its failures (it goes on after one: a
+/// failed write is that object's, not the pass's).
 #[derive(Debug, Default)]
 pub struct WritePass {
     summary: WriteSummary,
@@ -150,18 +168,53 @@ impl WritePass {
     fn count_status(&mut self, r: Result<bool, WriteError>) {
         match r {
             Ok(wrote) => self.summary.statuses += usize::from(wrote),
-            Err(e) => {
-                self.first_error.get_or_insert(e);
-            }
+            Err(e) => self.failed(e),
         }
     }
 
-    /// What the pass did, or its first error.
+    /// Records a failed write. The weightiest is kept for the report (the end of leadership,
+    /// then a transient failure, then a permanent one, the first of equals).
+    pub fn failed(&mut self, e: WriteError) {
+        let weight = |e: &WriteError| if e.is_not_leading() { 2 } else { u8::from(e.is_transient()) };
+        if self.first_error.as_ref().is_none_or(|f| weight(&e) > weight(f)) {
+            self.first_error = Some(e);
+        }
+    }
+
+    /// Whether this replica stopped leading during the pass.
+    pub fn lost_leadership(&self) -> bool {
+        self.first_error.as_ref().is_some_and(WriteError::is_not_leading)
+    }
+
+    /// What the pass did, and its weightiest failure.
+    pub fn into_parts(self) -> (WriteSummary, Option<WriteError>) {
+        (self.summary, self.first_error)
+    }
+
+    /// What the pass did, or its weightiest failure.
     pub fn finish(self) -> Result<WriteSummary, WriteError> {
         match self.first_error {
             Some(e) => Err(e),
             None => Ok(self.summary),
         }
+    }
+}
+
+/// What a pass must leave alone: nodes whose config could not be rendered completely (a
+/// Secret they need could not be read for a transient reason and no earlier copy is known)
+/// keep what they have, and the objects behind them keep their status.
+#[derive(Clone, Debug, Default)]
+pub struct Held {
+    /// Nodes whose objects are neither applied nor deleted.
+    pub nodes: BTreeSet<String>,
+    /// Devices and Uplinks whose status is not written.
+    pub objects: BTreeSet<(&'static str, ObjectKey)>,
+}
+
+impl Held {
+    /// Whether the object of `kind` (`Device` or `Uplink`) is held.
+    pub fn holds(&self, kind: &'static str, key: &ObjectKey) -> bool {
+        self.objects.contains(&(kind, key.clone()))
     }
 }
 
@@ -179,17 +232,29 @@ pub struct Writer {
     reporter: Reporter,
     applied: BTreeMap<String, AppliedHashes>,
     known_nodes: Option<BTreeSet<String>>,
+    term: Term,
 }
 
 impl Writer {
-    /// A writer with empty memory (applies everything on the first pass).
+    /// A writer with empty memory (applies everything on the first pass), writing in a term
+    /// that never ends until [`Writer::lead`] gives it one.
     pub fn new(client: Client, settings: WriterSettings, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(settings.instance.clone()) };
-        Self { reporter, client, settings, metrics, applied: BTreeMap::new(), known_nodes: None }
+        Self {
+            reporter,
+            client,
+            settings,
+            metrics,
+            applied: BTreeMap::new(),
+            known_nodes: None,
+            term: Term::unbounded(),
+        }
     }
 
-    /// Forgets what was applied (on gaining leadership: another leader may have written).
-    pub fn forget(&mut self) {
+    /// Starts writing in a new leadership term, forgetting what was applied (another leader
+    /// may have written meanwhile).
+    pub fn lead(&mut self, term: Term) {
+        self.term = term;
         self.applied.clear();
         self.known_nodes = None;
     }
@@ -203,30 +268,43 @@ impl Writer {
         secrets: &SecretValues,
     ) -> Result<WriteSummary, WriteError> {
         let mut pass = WritePass::default();
-        self.write_configs(rendered, &world.nodes, secrets, &mut pass).await;
-        self.write_statuses(rendered, world.devices.iter().cloned(), world.uplinks.iter().cloned(), &mut pass).await;
+        let held = Held::default();
+        self.write_configs(rendered, &world.nodes, secrets, &held, &mut pass).await;
+        self.write_statuses(rendered, world.devices.iter().cloned(), world.uplinks.iter().cloned(), &held, &mut pass)
+            .await;
         pass.finish()
     }
 
     /// The per-node ConfigMaps and Secrets, and the deletion of those of nodes that serve no
-    /// device any more. A config not built yet is built, applied and dropped before the next.
+    /// device any more; `held` nodes are left as they are. A config not built yet is built,
+    /// applied and dropped before the next. Stops at the end of the leadership term.
     pub async fn write_configs<N: NodeSource>(
         &mut self,
         rendered: &Rendered<N>,
         nodes: &[Arc<Node>],
         secrets: &SecretValues,
+        held: &Held,
         pass: &mut WritePass,
     ) {
         let nodes: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
         for (node, source) in &rendered.nodes {
+            if held.nodes.contains(node) {
+                continue;
+            }
+            if pass.lost_leadership() {
+                return;
+            }
             let nc = source.node_config();
             if let Err(e) = self.apply_node(node, &nc, nodes.get(node).copied(), secrets, &mut pass.summary).await {
                 self.applied.remove(node);
-                pass.first_error.get_or_insert(e);
+                pass.failed(e);
             }
         }
-        if let Err(e) = self.delete_stale(rendered, &mut pass.summary).await {
-            pass.first_error.get_or_insert(e);
+        if pass.lost_leadership() {
+            return;
+        }
+        if let Err(e) = self.delete_stale(rendered, held, &mut pass.summary).await {
+            pass.failed(e);
         }
     }
 
@@ -239,14 +317,20 @@ impl Writer {
         rendered: &Rendered<N>,
         devices: impl IntoIterator<Item = Arc<Device>>,
         uplinks: impl IntoIterator<Item = Arc<Uplink>>,
+        held: &Held,
         pass: &mut WritePass,
     ) {
+        if pass.lost_leadership() {
+            return;
+        }
         let device_writes = devices.into_iter().filter_map(|d| {
-            let v = rendered.devices.get(&ObjectKey::of(d.as_ref()))?;
+            let key = ObjectKey::of(d.as_ref());
+            let v = rendered.devices.get(&key).filter(|_| !held.holds("Device", &key))?;
             device_status_change(&d, v).map(|patch| (d, v, patch))
         });
         let uplink_writes = uplinks.into_iter().filter_map(|u| {
-            let v = rendered.uplinks.get(&ObjectKey::of(u.as_ref()))?;
+            let key = ObjectKey::of(u.as_ref());
+            let v = rendered.uplinks.get(&key).filter(|_| !held.holds("Uplink", &key))?;
             uplink_status_change(&u, v).map(|patch| (u, v, patch))
         });
         let concurrency = self.settings.concurrency.max(1);
@@ -255,6 +339,10 @@ impl Writer {
             .buffer_unordered(concurrency);
         while let Some(r) = results.next().await {
             pass.count_status(r);
+        }
+        drop(results);
+        if pass.lost_leadership() {
+            return;
         }
         let mut results = futures::stream::iter(uplink_writes)
             .map(|(u, v, patch)| async move { self.write_uplink_status(&u, v, patch).await })
@@ -279,7 +367,8 @@ impl Writer {
         let name = node_objects::object_name(node);
         let ns = self.settings.namespace.clone();
         let pp = PatchParams::apply(MANAGER).force();
-        let meta = |hash_key: &str, hash: &str| ObjectMeta {
+        let owner = self.settings.owner.clone().or_else(|| node_obj.and_then(owner_reference));
+        let meta = |hashes: &[(&str, &str)]| ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(ns.clone()),
             labels: Some(BTreeMap::from([
@@ -287,49 +376,62 @@ impl Writer {
                 ("app.kubernetes.io/part-of".to_string(), "fieldgate".to_string()),
                 (ROLE_LABEL.to_string(), ROLE_CONFIG.to_string()),
             ])),
-            annotations: Some(BTreeMap::from([
-                (hash_key.to_string(), hash.to_string()),
-                (NODE_ANNOTATION.to_string(), node.to_string()),
-            ])),
-            owner_references: node_obj.and_then(owner_reference).map(|o| vec![o]),
+            annotations: Some(
+                hashes
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain([(NODE_ANNOTATION.to_string(), node.to_string())])
+                    .collect(),
+            ),
+            owner_references: owner.clone().map(|o| vec![o]),
             ..ObjectMeta::default()
         };
-        if previous.as_ref().map(|p| &p.config) != Some(&version) {
-            let yaml = serde_saphyr::to_string(&nc.config)
-                .map_err(|e| WriteError::Serialise { node: node.to_string(), message: e.to_string() })?;
-            let cm = ConfigMap {
-                metadata: meta(CONFIG_HASH_ANNOTATION, &version),
-                data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml)])),
-                ..ConfigMap::default()
-            };
-            Api::<ConfigMap>::namespaced(self.client.clone(), &ns)
-                .patch(&name, &pp, &Patch::Apply(&cm))
-                .await
-                .map_err(|source| WriteError::Apply { object: format!("ConfigMap {ns}/{name}"), source })?;
-            self.metrics.wrote("configmap");
-            summary.configmaps += 1;
-            info!(node, version = %version, devices = nc.config.devices.len(), uplinks = nc.config.uplinks.len(), "gateway config applied");
-        }
-        if previous.as_ref().map(|p| &p.secret) != Some(&secret_hash) {
+        let secret_changed = previous.as_ref().map(|p| &p.secret) != Some(&secret_hash);
+        // The Secret first: a gateway reading the ConfigMap's secret hash finds those
+        // credentials already in place.
+        if secret_changed {
             let secret = Secret {
-                metadata: meta(SECRET_HASH_ANNOTATION, &secret_hash),
+                metadata: meta(&[(SECRET_HASH_ANNOTATION, &secret_hash)]),
                 type_: Some("Opaque".into()),
                 data: Some(data),
                 ..Secret::default()
             };
-            Api::<Secret>::namespaced(self.client.clone(), &ns)
-                .patch(&name, &pp, &Patch::Apply(&secret))
+            let api = Api::<Secret>::namespaced(self.client.clone(), &ns);
+            self.term
+                .call(api.patch(&name, &pp, &Patch::Apply(&secret)))
                 .await
                 .map_err(|source| WriteError::Apply { object: format!("Secret {ns}/{name}"), source })?;
             self.metrics.wrote("secret");
             summary.secrets += 1;
             debug!(node, keys = nc.secrets.len(), "gateway secret applied");
         }
+        if secret_changed || previous.as_ref().map(|p| &p.config) != Some(&version) {
+            let yaml = serde_saphyr::to_string(&nc.config)
+                .map_err(|e| WriteError::Serialise { node: node.to_string(), message: e.to_string() })?;
+            let cm = ConfigMap {
+                metadata: meta(&[(CONFIG_HASH_ANNOTATION, &version), (SECRET_HASH_ANNOTATION, &secret_hash)]),
+                data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml)])),
+                ..ConfigMap::default()
+            };
+            let api = Api::<ConfigMap>::namespaced(self.client.clone(), &ns);
+            self.term
+                .call(api.patch(&name, &pp, &Patch::Apply(&cm)))
+                .await
+                .map_err(|source| WriteError::Apply { object: format!("ConfigMap {ns}/{name}"), source })?;
+            self.metrics.wrote("configmap");
+            summary.configmaps += 1;
+            info!(node, version = %version, devices = nc.config.devices.len(), uplinks = nc.config.uplinks.len(), "gateway config applied");
+        }
         self.applied.insert(node.to_string(), AppliedHashes { config: version, secret: secret_hash });
         Ok(())
     }
 
-    async fn delete_stale<N>(&mut self, rendered: &Rendered<N>, summary: &mut WriteSummary) -> Result<(), WriteError> {
+    async fn delete_stale<N>(
+        &mut self,
+        rendered: &Rendered<N>,
+        held: &Held,
+        summary: &mut WriteSummary,
+    ) -> Result<(), WriteError> {
         let ns = self.settings.namespace.clone();
         let cms = Api::<ConfigMap>::namespaced(self.client.clone(), &ns);
         let known = match self.known_nodes.take() {
@@ -337,8 +439,9 @@ impl Writer {
             None => {
                 let lp = ListParams::default()
                     .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{ROLE_LABEL}={ROLE_CONFIG}"));
-                let list = cms
-                    .list_metadata(&lp)
+                let list = self
+                    .term
+                    .call(cms.list_metadata(&lp))
                     .await
                     .map_err(|source| WriteError::Cleanup { object: format!("ConfigMaps in {ns}"), source })?;
                 list.items
@@ -352,14 +455,14 @@ impl Writer {
                     .collect()
             }
         };
-        let mut remaining: BTreeSet<String> = rendered.nodes.keys().cloned().collect();
+        let mut remaining: BTreeSet<String> = rendered.nodes.keys().chain(&held.nodes).cloned().collect();
         let secrets = Api::<Secret>::namespaced(self.client.clone(), &ns);
         let mut result = Ok(());
         for node in known.difference(&remaining.clone()) {
             let name = node_objects::object_name(node);
             let deleted = async {
-                ignore_not_found(cms.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
-                ignore_not_found(secrets.delete(&name, &DeleteParams::default()).await.map(|_| ()))
+                ignore_not_found(self.term.call(cms.delete(&name, &DeleteParams::default())).await.map(|_| ()))?;
+                ignore_not_found(self.term.call(secrets.delete(&name, &DeleteParams::default())).await.map(|_| ()))
             }
             .await;
             match deleted {
@@ -392,9 +495,10 @@ impl Writer {
         let kind = K::kind(&());
         let api = Api::<K>::namespaced(self.client.clone(), &key.namespace);
         let patch = json!({"apiVersion": K::api_version(&()), "kind": kind, "status": status});
-        match api.patch_status(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+        let params = PatchParams::apply(MANAGER).force();
+        match self.term.call(api.patch_status(&key.name, &params, &Patch::Apply(&patch))).await {
             Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) if e.code() == Some(404) => Ok(false),
             Err(source) => Err(WriteError::Status { object: format!("{kind} {key}"), source }),
         }
     }
@@ -443,7 +547,7 @@ impl Writer {
 
     /// Events are best effort: a failure is logged at debug and counted, never fails the pass.
     async fn publish<K: Resource<DynamicType = ()>>(&self, recorder: &Recorder, obj: &K, ev: Event) {
-        match recorder.publish(&ev, &obj.object_ref(&())).await {
+        match self.term.call(recorder.publish(&ev, &obj.object_ref(&()))).await {
             Ok(()) => self.metrics.wrote("event"),
             Err(e) => {
                 self.metrics.wrote("event_failed");
@@ -453,9 +557,9 @@ impl Writer {
     }
 }
 
-fn ignore_not_found(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
+fn ignore_not_found(r: Result<(), CallError>) -> Result<(), CallError> {
     match r {
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) if e.code() == Some(404) => Ok(()),
         other => other,
     }
 }
@@ -496,28 +600,52 @@ fn secret_hash(data: &BTreeMap<String, ByteString>) -> String {
 pub const CONFIGURED: &str = "Configured";
 /// The `Ready` condition type.
 pub const READY: &str = "Ready";
+/// The `Reachable` condition type (a gateway writes it on its devices).
+pub const REACHABLE: &str = "Reachable";
 /// Reason of `Ready=False` the operator writes for objects it refused.
 pub const NOT_CONFIGURED: &str = "NotConfigured";
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    previous: Option<&Condition>,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let since = previous
-        .filter(|c| c.status == status)
-        .map_or_else(|| Time(Timestamp::now()), |c| c.last_transition_time.clone());
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: since,
+/// A condition as the operator wants it shown; its transition time is settled on writing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// Condition type.
+    pub type_: &'static str,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
+    /// CamelCase reason.
+    pub reason: String,
+    /// What a person reads (`kubectl get -o wide` shows Ready's).
+    pub message: String,
+}
+
+impl Wanted {
+    fn new(type_: &'static str, status: &'static str, reason: &str, message: String) -> Self {
+        Self { type_, status, reason: reason.to_string(), message: shorten(message, MAX_MESSAGE) }
+    }
+
+    /// Whether `shown` says the same (for the generation `generation`).
+    fn shown_as(&self, shown: Option<&Condition>, generation: Option<i64>) -> bool {
+        shown.is_some_and(|c| {
+            c.status == self.status
+                && c.reason == self.reason
+                && c.message == self.message
+                && c.observed_generation == generation
+        })
+    }
+
+    /// The condition, keeping the transition time of `previous` when the status is the same.
+    fn condition(&self, generation: Option<i64>, previous: Option<&Condition>) -> Condition {
+        let since = previous
+            .filter(|c| c.status == self.status)
+            .map_or_else(|| Time(Timestamp::now()), |c| c.last_transition_time.clone());
+        Condition {
+            type_: self.type_.into(),
+            status: self.status.into(),
+            reason: self.reason.clone(),
+            message: self.message.clone(),
+            observed_generation: generation,
+            last_transition_time: since,
+        }
     }
 }
 
@@ -541,45 +669,94 @@ fn shorten(mut m: String, max: usize) -> String {
     m
 }
 
-fn same_condition(c: Option<&Condition>, status: &str, reason: &str, message: &str, generation: Option<i64>) -> bool {
-    c.is_some_and(|c| {
-        c.status == status && c.reason == reason && c.message == message && c.observed_generation == generation
-    })
+/// `Configured` of a verdict.
+fn configured(v: &Verdict, ok_message: &str) -> Wanted {
+    let status = if v.configured() { "True" } else { "False" };
+    Wanted::new(CONFIGURED, status, v.reason(), configured_message(v, ok_message))
 }
 
-/// What the operator writes of an object's conditions: `Configured`, and `Ready=False` while
-/// not configured.
-struct Shown<'a> {
-    configured: Option<&'a Condition>,
-    ready: Option<&'a Condition>,
-    observed_generation: Option<i64>,
+/// `Ready=False` of a refused object: the refusal is why it is not ready.
+fn not_configured(v: &Verdict) -> Wanted {
+    Wanted::new(READY, "False", NOT_CONFIGURED, configured_message(v, ""))
 }
 
-/// The `Configured` (and, while not configured, `Ready`) conditions and `observedGeneration`
-/// of `verdict`; `None` when the object already shows them and `rest_unchanged` (its other
-/// operator-written fields) holds.
-fn configured_status(
-    shown: &Shown<'_>,
-    verdict: &Verdict,
+/// A Device's `Ready`: configured, and its gateway says it answers.
+pub fn device_ready(d: &Device, v: &DeviceVerdict) -> Wanted {
+    let Some(node) = v.placed.as_ref().map(|p| p.node.as_str()).filter(|_| v.verdict.configured()) else {
+        return not_configured(&v.verdict);
+    };
+    let reachable = d.status.as_ref().and_then(|s| s.condition(REACHABLE));
+    match reachable.map(|c| c.status.as_str()) {
+        Some("True") => {
+            Wanted::new(READY, "True", "Reachable", format!("configured on node {node}; the device answers its gateway"))
+        }
+        Some("False") => {
+            let c = reachable.map(|c| (c.reason.as_str(), c.message.as_str())).unwrap_or_default();
+            Wanted::new(READY, "False", "Unreachable", format!("node {node}: {} ({})", c.1, c.0))
+        }
+        _ => Wanted::new(
+            READY,
+            "Unknown",
+            "AwaitingGateway",
+            format!("configured on node {node}; waiting for its gateway to report whether the device answers"),
+        ),
+    }
+}
+
+/// An Uplink's `Ready`: configured, and connected to its broker on every node that runs it
+/// (as each node's entry of `status.gateways` says; entries of other nodes do not count).
+pub fn uplink_ready(u: &Uplink, v: &UplinkVerdict) -> Wanted {
+    if !v.verdict.configured() {
+        return not_configured(&v.verdict);
+    }
+    if v.nodes.is_empty() {
+        return Wanted::new(READY, "False", "NoDevices", "selects no configured Device, so no gateway runs it".into());
+    }
+    let entries = u.status.as_ref().map(|s| s.gateways.as_slice()).unwrap_or_default();
+    let (mut up, mut down, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
+    for node in &v.nodes {
+        match entries.iter().find(|g| g.node == *node) {
+            Some(g) if g.connected => up.push(node.as_str()),
+            Some(_) => down.push(node.as_str()),
+            None => waiting.push(node.as_str()),
+        }
+    }
+    let list = |nodes: &[&str]| nodes.join(", ");
+    if !down.is_empty() {
+        let mut m = format!("not connected to the broker on node(s) {}", list(&down));
+        if !up.is_empty() {
+            m.push_str(&format!("; connected on {}", list(&up)));
+        }
+        return Wanted::new(READY, "False", "Disconnected", m);
+    }
+    if !waiting.is_empty() {
+        return Wanted::new(
+            READY,
+            "Unknown",
+            "AwaitingGateway",
+            format!("waiting for the gateway of node(s) {} to report its broker connection", list(&waiting)),
+        );
+    }
+    Wanted::new(READY, "True", "Connected", format!("connected to the broker on node(s) {}", list(&up)))
+}
+
+/// The operator's conditions and `observedGeneration`; `None` when the object already shows
+/// them and `rest_unchanged` (its other operator-written fields) holds.
+fn conditions_status(
+    shown: &[Condition],
+    shown_generation: Option<i64>,
+    wanted: &[Wanted],
     generation: Option<i64>,
-    message: String,
     rest_unchanged: bool,
 ) -> Option<serde_json::Value> {
-    let ok = verdict.configured();
-    let reason = verdict.reason();
-    let status_word = if ok { "True" } else { "False" };
+    let find = |t: &str| shown.iter().find(|c| c.type_ == t);
     let unchanged = rest_unchanged
-        && shown.observed_generation == generation
-        && same_condition(shown.configured, status_word, reason, &message, generation)
-        && (ok || same_condition(shown.ready, "False", NOT_CONFIGURED, &message, generation))
-        && (!ok || shown.ready.is_none_or(|c| c.reason != NOT_CONFIGURED));
+        && shown_generation == generation
+        && wanted.iter().all(|w| w.shown_as(find(w.type_), generation));
     if unchanged {
         return None;
     }
-    let mut conditions = vec![condition(CONFIGURED, ok, reason, message.clone(), generation, shown.configured)];
-    if !ok {
-        conditions.push(condition(READY, false, NOT_CONFIGURED, message, generation, shown.ready));
-    }
+    let conditions: Vec<Condition> = wanted.iter().map(|w| w.condition(generation, find(w.type_))).collect();
     let mut status = json!({"conditions": conditions});
     if let Some(g) = generation {
         status["observedGeneration"] = json!(g);
@@ -590,16 +767,11 @@ fn configured_status(
 /// The operator's part of a Device's status, when it differs from what the object shows.
 pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json::Value> {
     let cur = d.status.clone().unwrap_or_default();
-    let message = configured_message(&v.verdict, "rendered into the gateway config of its node");
     let node = v.placed.as_ref().map(|p| p.node.clone());
     let failed_over_from = v.placed.as_ref().and_then(|p| p.failed_over_from.clone());
-    let shown = Shown {
-        configured: cur.condition(CONFIGURED),
-        ready: cur.condition(READY),
-        observed_generation: cur.observed_generation,
-    };
+    let wanted = [configured(&v.verdict, "rendered into the gateway config of its node"), device_ready(d, v)];
     let rest_unchanged = cur.node == node && cur.failed_over_from == failed_over_from;
-    let mut status = configured_status(&shown, &v.verdict, v.generation, message, rest_unchanged)?;
+    let mut status = conditions_status(&cur.conditions, cur.observed_generation, &wanted, v.generation, rest_unchanged)?;
     if let Some(n) = node {
         status["node"] = json!(n);
     }
@@ -612,13 +784,9 @@ pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json:
 /// The operator's part of an Uplink's status, when it differs from what the object shows.
 pub fn uplink_status_change(u: &Uplink, v: &UplinkVerdict) -> Option<serde_json::Value> {
     let cur = u.status.clone().unwrap_or_default();
-    let message = configured_message(&v.verdict, "rendered into the gateway configs of the nodes of its devices");
-    let shown = Shown {
-        configured: cur.condition(CONFIGURED),
-        ready: cur.condition(READY),
-        observed_generation: cur.observed_generation,
-    };
-    configured_status(&shown, &v.verdict, v.generation, message, true)
+    let wanted =
+        [configured(&v.verdict, "rendered into the gateway configs of the nodes of its devices"), uplink_ready(u, v)];
+    conditions_status(&cur.conditions, cur.observed_generation, &wanted, v.generation, true)
 }
 
 fn configured_event(was: Option<&str>, v: &Verdict) -> Option<Event> {

@@ -67,7 +67,7 @@ fn writer() -> (Writer, ApiServer) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-    let settings = WriterSettings { namespace: NS.into(), concurrency: 1, instance: "op-0".into() };
+    let settings = WriterSettings { namespace: NS.into(), concurrency: 1, instance: "op-0".into(), owner: None };
     (Writer::new(client, settings, metrics), ApiServer(handle))
 }
 
@@ -103,12 +103,28 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
     let uplink = s.world.uplinks[0].clone();
 
     let server = tokio::spawn(async move {
-        // 1. The node's ConfigMap, by server-side apply.
+        // 1. The node's Secret first: only the referenced keys, under <namespace>_<secret>_<key>.
+        let sec = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
+        assert_eq!(sec.content_type, "application/apply-patch+yaml");
+        assert_eq!(sec.body["type"], json!("Opaque"));
+        assert_eq!(
+            sec.body["data"],
+            json!({"default_creds_password": "aHVudGVyMg==", "default_creds_username": "Z3c="})
+        );
+        let secret_hash = sec.body["metadata"]["annotations"]["fieldgate.io/secret-hash"].clone();
+        assert!(secret_hash.is_string(), "{}", sec.body);
+        let body = sec.body.clone();
+        reply(sec.send, StatusCode::OK, &body);
+
+        // 2. Then the node's ConfigMap, naming the credentials that go with it.
         let cm = api
             .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
             .await;
         assert_eq!(cm.content_type, "application/apply-patch+yaml");
         assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/config-hash"], json!(version));
+        assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/secret-hash"], secret_hash);
         assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/node"], json!("edge-1"));
         assert_eq!(cm.body["metadata"]["labels"]["fieldgate.io/role"], json!("gateway-config"));
         assert_eq!(
@@ -120,19 +136,6 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
         assert!(!yaml.contains("hunter2"), "no secret value in a ConfigMap");
         let body = cm.body.clone();
         reply(cm.send, StatusCode::OK, &body);
-
-        // 2. The node's Secret: only the referenced keys, under <namespace>_<secret>_<key>.
-        let sec = api
-            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
-            .await;
-        assert_eq!(sec.content_type, "application/apply-patch+yaml");
-        assert_eq!(sec.body["type"], json!("Opaque"));
-        assert_eq!(
-            sec.body["data"],
-            json!({"default_creds_password": "aHVudGVyMg==", "default_creds_username": "Z3c="})
-        );
-        let body = sec.body.clone();
-        reply(sec.send, StatusCode::OK, &body);
 
         // 3. Which per-node objects exist (first pass of this leader), metadata only.
         let list = api
@@ -180,11 +183,16 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
         assert_eq!(status["observedGeneration"], json!(1));
         assert!(status.get("failedOverFrom").is_none());
         let conds = status["conditions"].as_array().unwrap();
-        assert_eq!(conds.len(), 1, "the operator writes only Configured for a configured device: {conds:?}");
+        let summary: Vec<(&str, &str, &str)> = conds
+            .iter()
+            .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap(), c["reason"].as_str().unwrap()))
+            .collect();
         assert_eq!(
-            (conds[0]["type"].as_str(), conds[0]["status"].as_str(), conds[0]["reason"].as_str()),
-            (Some("Configured"), Some("True"), Some("Configured"))
+            summary,
+            [("Configured", "True", "Configured"), ("Ready", "Unknown", "AwaitingGateway")],
+            "Ready waits for the gateway's Reachable"
         );
+        assert!(conds.iter().all(|c| c["observedGeneration"] == json!(1)));
         let reply_body = object_with_status(device.as_ref(), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
         for reason in ["Configured", "Placed"] {
@@ -204,6 +212,14 @@ async fn a_first_pass_applies_config_and_secret_deletes_stale_nodes_and_writes_s
             )
             .await;
         assert_eq!(st.body["status"]["conditions"][0]["status"], json!("True"));
+        assert_eq!(
+            (&st.body["status"]["conditions"][1]["type"], &st.body["status"]["conditions"][1]["status"]),
+            (&json!("Ready"), &json!("Unknown"))
+        );
+        assert_eq!(
+            st.body["status"]["conditions"][1]["message"],
+            json!("waiting for the gateway of node(s) edge-1 to report its broker connection")
+        );
         let reply_body = object_with_status(uplink.as_ref(), &st.body);
         reply(st.send, StatusCode::OK, &reply_body);
         let ev = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
@@ -285,7 +301,7 @@ async fn a_pass_with_nothing_changed_writes_nothing() {
 }
 
 #[tokio::test]
-async fn a_changed_secret_value_reapplies_only_the_secret() {
+async fn a_changed_secret_value_reapplies_the_secret_then_the_configmap_naming_it() {
     let s = scenario(vec![Device::test("meter-1")]);
     let (mut writer, api) = writer();
     let mut api = first_pass_answering_everything(&mut writer, api, &s).await;
@@ -300,12 +316,19 @@ async fn a_changed_secret_value_reapplies_only_the_secret() {
             .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
             .await;
         assert_eq!(sec.body["data"]["default_creds_password"], json!("cm90YXRlZA=="));
+        let hash = sec.body["metadata"]["annotations"]["fieldgate.io/secret-hash"].clone();
         let body = sec.body.clone();
         reply(sec.send, StatusCode::OK, &body);
+        let cm = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
+        assert_eq!(cm.body["metadata"]["annotations"]["fieldgate.io/secret-hash"], hash);
+        let body = cm.body.clone();
+        reply(cm.send, StatusCode::OK, &body);
         api
     });
     let summary = writer.write(&s.rendered, &world, &values).await.unwrap();
-    assert_eq!(summary, WriteSummary { secrets: 1, ..WriteSummary::default() });
+    assert_eq!(summary, WriteSummary { secrets: 1, configmaps: 1, ..WriteSummary::default() });
     let api = server.await.unwrap();
     drop(writer);
     api.expect_no_more().await;
@@ -376,11 +399,11 @@ async fn a_refused_apply_fails_the_pass_and_is_retried_on_the_next() {
     let s = scenario(vec![Device::test("meter-1")]);
     let (mut writer, mut api) = writer();
     let server = tokio::spawn(async move {
-        let cm = api
-            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+        let sec = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
             .await;
         reply(
-            cm.send,
+            sec.send,
             StatusCode::CONFLICT,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
         );
@@ -398,17 +421,17 @@ async fn a_refused_apply_fails_the_pass_and_is_retried_on_the_next() {
             };
             reply(seen.send, StatusCode::OK, &body);
         }
-        // The next pass applies the ConfigMap (and Secret) again.
-        let cm = api
-            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
-            .await;
-        let body = cm.body.clone();
-        reply(cm.send, StatusCode::OK, &body);
+        // The next pass applies the Secret and the ConfigMap again.
         let sec = api
             .expect("PATCH", &format!("/api/v1/namespaces/{NS}/secrets/fieldgate-gateway-edge-1{APPLY_QUERY}"))
             .await;
         let body = sec.body.clone();
         reply(sec.send, StatusCode::OK, &body);
+        let cm = api
+            .expect("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/fieldgate-gateway-edge-1{APPLY_QUERY}"))
+            .await;
+        let body = cm.body.clone();
+        reply(cm.send, StatusCode::OK, &body);
         api
     });
     let err = writer.write(&s.rendered, &s.world, &s.values).await.unwrap_err();
