@@ -25,6 +25,7 @@ use crate::management::{self, Management};
 use crate::metrics::{Metrics, ReloadLabels, ReloadOutcome};
 use crate::reading::ReadingSink;
 use crate::reconcile::{Interrupted, Running, Shared};
+use crate::credentials::{CredentialSettings, CredentialSource};
 use crate::secrets::SecretStore;
 use crate::uplinks::mqtt::MqttSettings;
 
@@ -58,12 +59,23 @@ pub struct Args {
     /// is then watched through the API and `--config` holds its local copy.
     #[arg(long, env = "FIELDGATE_CONFIGMAP")]
     pub configmap: Option<String>,
-    /// In-cluster mode: name of this node's Secret (defaults to the ConfigMap's name).
-    #[arg(long, env = "FIELDGATE_SECRET")]
-    pub secret: Option<String>,
-    /// In-cluster mode: namespace of the ConfigMap and Secret.
+    /// In-cluster mode: namespace of the ConfigMap (and of the gateway's DaemonSet).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// In-cluster mode: the operator's credentials endpoint (`https://...`), where this node's
+    /// credentials come from. Unset: the node gets none.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_URL", requires_all = ["credentials_ca", "credentials_token_file"])]
+    pub credentials_url: Option<String>,
+    /// CA certificate (PEM) of the credentials endpoint.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_CA")]
+    pub credentials_ca: Option<PathBuf>,
+    /// This pod's projected ServiceAccount token for the credentials endpoint.
+    #[arg(long, env = "FIELDGATE_CREDENTIALS_TOKEN_FILE")]
+    pub credentials_token_file: Option<PathBuf>,
+    /// In-cluster mode: the gateway's DaemonSet. When it is gone as the gateway stops (the
+    /// release was uninstalled), the local copies of the config and credentials are deleted.
+    #[arg(long, env = "FIELDGATE_DAEMONSET")]
+    pub daemonset: Option<String>,
     /// Runtime worker threads. One is plenty for hundreds of devices and spends the least CPU
     /// on thread hand-offs; raise it for very large gateways.
     #[arg(long, env = "FIELDGATE_WORKER_THREADS", default_value_t = 1)]
@@ -152,13 +164,22 @@ pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) ->
     Ok(LoadedConfig { config, mqtt })
 }
 
-/// Prepares in-cluster mode: builds the API client and writes the local copies of this node's
-/// ConfigMap and Secret (or keeps the last ones when the API server is unreachable).
-async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<(Option<kube::Client>, cluster::Mirror), AppError> {
+/// In-cluster mode, once started: the API client (if there is a configuration), where the
+/// credentials come from, the local copies and the hash of the credentials on hand.
+struct ClusterMode {
+    client: Option<kube::Client>,
+    credentials: Option<CredentialSource>,
+    mirror: cluster::Mirror,
+    have: Option<String>,
+}
+
+/// Prepares in-cluster mode: builds the API client and the credentials client, and writes the
+/// local copies of this node's config and credentials (or keeps the last ones when the API
+/// server or the operator is unreachable).
+async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<ClusterMode, AppError> {
     let settings = cluster::ClusterSettings {
         namespace: args.namespace.clone(),
         configmap: configmap.to_string(),
-        secret: args.secret.clone().unwrap_or_else(|| configmap.to_string()),
         node: args.node.clone(),
         config_path: args.config.clone(),
         secrets_dir: args.secrets_dir.clone(),
@@ -171,10 +192,19 @@ async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<(Option<kube
             None
         }
     };
-    let err =
-        |e: cluster::ClusterError| AppError::Config { path: args.config.display().to_string(), message: e.to_string() };
-    cluster::bootstrap(client.as_ref(), &mirror).await.map_err(err)?;
-    Ok((client, mirror))
+    let err = |message: String| AppError::Config { path: args.config.display().to_string(), message };
+    let credentials = match (&args.credentials_url, &args.credentials_ca, &args.credentials_token_file) {
+        (Some(url), Some(ca), Some(token)) => {
+            let settings = CredentialSettings { url: url.clone(), ca_file: ca.clone(), token_file: token.clone() };
+            Some(CredentialSource::new(&settings).map_err(|e| err(e.to_string()))?)
+        }
+        _ => {
+            warn!("no credentials endpoint (--credentials-url): this node gets no credentials");
+            None
+        }
+    };
+    let have = cluster::bootstrap(client.as_ref(), credentials.as_ref(), &mirror).await.map_err(|e| err(e.to_string()))?;
+    Ok(ClusterMode { client, credentials, mirror, have })
 }
 
 async fn wait_for_signal() {
@@ -287,17 +317,19 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     let (applied_tx, applied_rx) = watch::channel(None);
     management.watch_applied(applied_tx.subscribe());
     let background = CancellationToken::new();
-    // In the cluster with a reachable client configuration: mirror the node's objects and
-    // report status (without one, the gateway runs on its local copy alone).
-    if let Some((Some(client), mirror)) = cluster {
-        tokio::spawn(cluster::mirror(client.clone(), mirror, background.clone()));
-        tokio::spawn(cluster::report_status(
-            client,
+    // In the cluster with a reachable client configuration: mirror the node's config and
+    // credentials and report status (without one, the gateway runs on its local copy alone).
+    let mut removal_check = None;
+    if let Some(ClusterMode { client: Some(client), credentials, mirror, have }) = cluster {
+        tokio::spawn(cluster::mirror(client.clone(), credentials, mirror.clone(), have, background.clone()));
+        tokio::spawn(crate::status_report::report_status(
+            client.clone(),
             args.node.clone(),
             Arc::clone(&metrics),
             applied_rx,
             background.clone(),
         ));
+        removal_check = args.daemonset.clone().map(|ds| (client, ds, mirror));
     }
     let reloads = metrics.config_reloads.clone();
     let config_of = |l: &LoadedConfig| Some(Arc::new(l.config.clone()));
@@ -373,6 +405,21 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     info!("buffer writer drained");
     running.stop_uplinks().await;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
+    // Removed from the cluster (the release uninstalled)? Then no copy of its config and
+    // credentials stays on the node.
+    if let Some((api, daemonset, mirror)) = removal_check {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        match cluster::removal(&api, &args.namespace, &daemonset, left.min(Duration::from_secs(5))).await {
+            cluster::Removal::Removed(why) => match mirror.wipe() {
+                Ok(()) => info!(why, "gateway removed: local config and credentials deleted"),
+                Err(e) => warn!(error = %e, why, "gateway removed, but its local copies could not all be deleted"),
+            },
+            cluster::Removal::Staying => {}
+            cluster::Removal::Unknown(e) => {
+                warn!(error = %e, "could not tell whether the gateway was removed; local copies kept");
+            }
+        }
+    }
     stop_serving.cancel();
     let _ = server.await;
     traces.shutdown(Duration::from_secs(3)).await;

@@ -1,46 +1,42 @@
-//! In-cluster mode: the gateway runs from its node's ConfigMap and Secret
-//! (`fieldgate-gateway-<node>`, rendered by the operator) and reports back.
+//! In-cluster mode: the gateway runs from its node's ConfigMap (`fieldgate-gateway-<node>`,
+//! rendered by the operator) and its node's credentials (from the operator's credentials
+//! endpoint, [`crate::credentials`]: a gateway cannot read Secrets).
 //!
-//! - **Mirror.** Both objects are watched through the API and written to local files: the
-//!   config to `--config` (on the node's disk: the last applied config survives pod and node
-//!   restarts) and the Secret's keys to `--secrets-dir` as `<secret>/<key>`, plus a private
-//!   copy beside the config. The file watcher then applies each change per device, exactly as
-//!   in standalone mode, so an invalid new config is refused and the running one stays.
-//! - **Edge autonomy.** At start the gateway asks the API for both objects; when the API server
-//!   is unreachable it starts from the local copies and keeps trying in the background.
-//! - **Status.** `Device.status` (`Reachable`, `lastSeen`) is written on transitions only,
-//!   at most once per device per [`MIN_STATUS_INTERVAL`]; this node's entry of
-//!   `Uplink.status.gateways` when the connection state changes or, at most every
-//!   [`UPLINK_STATUS_INTERVAL`], when the backlog changed. Never telemetry values. Both by
-//!   server-side apply with the field manager `fieldgate-gateway-<node>`, which owns only
-//!   those fields (the operator owns `node`, `Configured`, ...).
+//! - **Mirror.** The ConfigMap is watched through the API. Its `fieldgate.io/secret-hash`
+//!   names the credentials that go with it; when they differ from those on hand, they are
+//!   fetched first and written to `--secrets-dir` as `<secret>/<key>` (plus a private copy
+//!   beside the config), then the config to `--config` (on the node's disk: the last applied
+//!   config survives pod and node restarts). The file watcher applies each change per device,
+//!   exactly as in standalone mode, so an invalid new config is refused and the running one
+//!   stays. A deleted ConfigMap means no devices and no credentials.
+//! - **Edge autonomy.** At start the gateway asks for both; when the API server or the
+//!   operator cannot be reached it starts from the local copies and keeps trying.
+//! - **Removal.** On its way out the gateway asks whether its DaemonSet still exists
+//!   ([`removal`]); when it does not (the release was uninstalled), it deletes its local
+//!   copies, credentials included. The JetStream store (unsent readings) stays.
+//! - **Status**: [`crate::status_report`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use fieldgate_crds::node_objects::{CONFIG_KEY, split_secret_key};
-use fieldgate_crds::{Device, GatewayConfig, Uplink};
+use fieldgate_crds::GatewayConfig;
+use fieldgate_crds::node_objects::{CONFIG_KEY, NodeCredentials, SECRET_HASH_ANNOTATION, split_secret_key};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
-use tokio::sync::watch;
+use kube::{Api, Client, ResourceExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{DeliveryLabels, DeliveryOutcome, DeviceLabels, Metrics, UplinkLabels};
+use crate::credentials::{CredentialError, CredentialSource};
 
-/// Least time between two status writes of one device.
-pub const MIN_STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// Least time between two backlog-only writes of one uplink's status entry.
-pub const UPLINK_STATUS_INTERVAL: Duration = Duration::from_secs(30);
-/// How long the start waits for the API server before using the local copy.
+/// How long the start waits for the API server and the operator before using the local copy.
 pub const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts to fetch credentials that failed.
+const MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// Where the per-node objects are and where their copies go.
 #[derive(Clone, Debug)]
@@ -49,8 +45,6 @@ pub struct ClusterSettings {
     pub namespace: String,
     /// Name of the per-node ConfigMap.
     pub configmap: String,
-    /// Name of the per-node Secret.
-    pub secret: String,
     /// This node.
     pub node: String,
     /// The local copy of the config (`--config`).
@@ -62,8 +56,8 @@ pub struct ClusterSettings {
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// No API server answered in time and there is no local copy to start from.
-    #[error("the API server is unreachable and there is no local copy of the config at {0}")]
+    /// Neither the API server and the operator answered in time, nor is there a local copy.
+    #[error("the API server or the operator is unreachable and there is no local copy of the config at {0}")]
     NoConfig(String),
     /// Writing a local copy failed.
     #[error("writing {path}: {source}")]
@@ -77,6 +71,9 @@ pub enum ClusterError {
     /// The Kubernetes client could not be built or a request failed.
     #[error("kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    /// The node's credentials could not be had.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
 }
 
 impl ClusterError {
@@ -86,6 +83,7 @@ impl ClusterError {
             ClusterError::NoConfig(_) => "no_config",
             ClusterError::Write { .. } => "write",
             ClusterError::Api(_) => "api",
+            ClusterError::Credentials(e) => e.kind(),
         }
     }
 }
@@ -119,6 +117,11 @@ pub fn empty_config(node: &str) -> String {
     )
 }
 
+/// The credentials hash a ConfigMap names (`None`: it names none).
+fn wanted_hash(cm: &ConfigMap) -> Option<&str> {
+    cm.annotations().get(SECRET_HASH_ANNOTATION).map(String::as_str)
+}
+
 /// Local copies of the per-node objects.
 #[derive(Clone, Debug)]
 pub struct Mirror {
@@ -150,16 +153,16 @@ impl Mirror {
         write_atomic(&self.settings.config_path, text.as_bytes(), false)
     }
 
-    /// Writes the keys of `secret` (none when it is gone) to the secrets dir and the private
-    /// copy: new files first, then stale ones removed, so a reader never misses a key.
-    pub fn write_secrets(&self, secret: Option<&Secret>) -> Result<(), ClusterError> {
+    /// Writes the node's credentials (none: every one goes) to the secrets dir and the
+    /// private copy: new files first, then stale ones removed, so a reader never misses a key.
+    pub fn write_credentials(&self, credentials: Option<&NodeCredentials>) -> Result<(), ClusterError> {
         let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
-        for (k, v) in secret.and_then(|s| s.data.as_ref()).into_iter().flatten() {
+        for (k, v) in credentials.map(|c| &c.data).into_iter().flatten() {
             match split_secret_key(k) {
                 Some((dir, file)) => {
                     files.insert(PathBuf::from(dir).join(file), v.0.clone());
                 }
-                None => debug!(key = %k, "ignoring a Secret key the operator did not write"),
+                None => debug!(key = %k, "ignoring a credentials key the operator did not write"),
             }
         }
         for root in [self.settings.secrets_dir.clone(), self.backup_dir()] {
@@ -173,6 +176,15 @@ impl Mirror {
         let files = read_tree(&self.backup_dir());
         write_tree(&self.settings.secrets_dir, &files)?;
         Ok(files.len())
+    }
+
+    /// Deletes the local copies: the config and every credential (the gateway was removed).
+    pub fn wipe(&self) -> Result<(), ClusterError> {
+        self.write_credentials(None)?;
+        match std::fs::remove_file(&self.settings.config_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(write_err(&self.settings.config_path)(e)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -213,18 +225,26 @@ fn write_tree(root: &Path, files: &BTreeMap<PathBuf, Vec<u8>>) -> Result<(), Clu
     Ok(())
 }
 
-/// Fetches both objects once and writes them. `Ok(false)` when the API did not answer in time
-/// and a local copy exists (the gateway starts from it); an error when there is no copy.
-pub async fn bootstrap(client: Option<&Client>, mirror: &Mirror) -> Result<bool, ClusterError> {
+/// Fetches the ConfigMap and the credentials once and writes them. `Ok(Some(hash))` with the
+/// credentials' hash when both came; `Ok(None)` when the API server or the operator did not
+/// answer in time and a local copy exists (the gateway starts from it); an error when there
+/// is no copy.
+pub async fn bootstrap(
+    client: Option<&Client>,
+    credentials: Option<&CredentialSource>,
+    mirror: &Mirror,
+) -> Result<Option<String>, ClusterError> {
     let s = &mirror.settings;
     let fetched = match client {
         Some(client) => {
             let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &s.namespace);
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), &s.namespace);
             tokio::time::timeout(BOOTSTRAP_TIMEOUT, async {
                 let cm = cms.get_opt(&s.configmap).await?;
-                let secret = secrets.get_opt(&s.secret).await?;
-                Ok::<_, kube::Error>((cm, secret))
+                let creds = match (&cm, credentials) {
+                    (Some(_), Some(source)) => Some(source.fetch().await?),
+                    _ => None,
+                };
+                Ok::<_, ClusterError>((cm, creds))
             })
             .await
             .ok()
@@ -232,15 +252,16 @@ pub async fn bootstrap(client: Option<&Client>, mirror: &Mirror) -> Result<bool,
         None => None,
     };
     match fetched {
-        Some(Ok((cm, secret))) => {
-            mirror.write_secrets(secret.as_ref())?;
+        Some(Ok((cm, creds))) => {
+            mirror.write_credentials(creds.as_ref())?;
             mirror.write_config(cm.as_ref())?;
-            info!(configmap = %s.configmap, found = cm.is_some(), "configuration fetched from the API");
-            Ok(true)
+            info!(configmap = %s.configmap, found = cm.is_some(), "configuration fetched");
+            Ok(Some(creds.map(|c| c.hash).unwrap_or_default()))
         }
         other => {
-            if let Some(Err(e)) = &other {
-                warn!(error = %e, "API request failed");
+            match &other {
+                Some(Err(e)) => warn!(error = %e, "configuration or credentials not fetched"),
+                _ => warn!(after = ?BOOTSTRAP_TIMEOUT, "configuration or credentials not fetched in time"),
             }
             if !s.config_path.exists() {
                 return Err(ClusterError::NoConfig(s.config_path.display().to_string()));
@@ -249,260 +270,165 @@ pub async fn bootstrap(client: Option<&Client>, mirror: &Mirror) -> Result<bool,
             warn!(
                 config = %s.config_path.display(),
                 secrets = n,
-                "API server unreachable: starting from the last applied configuration"
+                "starting from the last applied configuration"
             );
-            Ok(false)
+            Ok(None)
         }
     }
 }
 
-/// Keeps the local copies in step with the API until `cancel` fires. Watch errors (API down)
-/// are retried with backoff; the running config stays meanwhile.
-pub async fn mirror(client: Client, mirror: Mirror, cancel: CancellationToken) {
-    let s = mirror.settings.clone();
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &s.namespace);
-    let secrets: Api<Secret> = Api::namespaced(client, &s.namespace);
-    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut cm_events = watcher(cms, by_name(&s.configmap)).default_backoff().boxed();
-    let mut secret_events = watcher(secrets, by_name(&s.secret)).default_backoff().boxed();
-    let mut api_ok = true;
-    loop {
-        let result = tokio::select! {
-            () = cancel.cancelled() => return,
-            Some(ev) = cm_events.next() => ev.map(|ev| match ev {
-                watcher::Event::Apply(cm) | watcher::Event::InitApply(cm) => mirror.write_config(Some(&cm)),
-                watcher::Event::Delete(_) => mirror.write_config(None),
-                watcher::Event::Init | watcher::Event::InitDone => Ok(()),
-            }),
-            Some(ev) = secret_events.next() => ev.map(|ev| match ev {
-                watcher::Event::Apply(sec) | watcher::Event::InitApply(sec) => mirror.write_secrets(Some(&sec)),
-                watcher::Event::Delete(_) => mirror.write_secrets(None),
-                watcher::Event::Init | watcher::Event::InitDone => Ok(()),
-            }),
-        };
-        match result {
-            Ok(Ok(())) => {
-                if !api_ok {
-                    info!("API server reachable again");
-                }
-                api_ok = true;
-            }
-            Ok(Err(e)) => warn!(error = %e, "could not write the local copy"),
-            Err(e) => {
-                if api_ok {
-                    warn!(error = %e, "API server unreachable; running on the last applied configuration");
-                }
-                api_ok = false;
-            }
-        }
-    }
-}
-
-fn condition(type_: &str, ok: bool, reason: &str, message: &str, at: &Timestamp) -> serde_json::Value {
-    serde_json::json!({
-        "type": type_,
-        "status": if ok { "True" } else { "False" },
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": at.to_string(),
-    })
-}
-
-/// The status patch of a device that became reachable (or not).
-pub fn device_status_patch(
-    namespace: &str,
-    name: &str,
-    reachable: bool,
-    last_seen: Option<&Timestamp>,
-    now: &Timestamp,
-) -> serde_json::Value {
-    let cond = if reachable {
-        condition("Reachable", true, "Answering", "the device answers the gateway", now)
-    } else {
-        condition("Reachable", false, "NotAnswering", "the gateway cannot reach the device", now)
+/// Applies one ConfigMap state (`None`: deleted): the credentials it names first (fetched
+/// when they differ from `have`), then the config. On error nothing of it was written but
+/// possibly the credentials.
+async fn apply(
+    mirror: &Mirror,
+    credentials: Option<&CredentialSource>,
+    cm: Option<&ConfigMap>,
+    have: &mut Option<String>,
+) -> Result<(), ClusterError> {
+    let Some(cm) = cm else {
+        mirror.write_credentials(None)?;
+        mirror.write_config(None)?;
+        *have = Some(String::new());
+        return Ok(());
     };
-    let mut status = serde_json::json!({ "conditions": [cond] });
-    if let Some(t) = last_seen {
-        status["lastSeen"] = serde_json::Value::String(t.to_string());
+    let wanted = wanted_hash(cm);
+    if let Some(source) = credentials
+        && (wanted.is_none() || have.as_deref() != wanted)
+    {
+        let c = source.fetch().await?;
+        mirror.write_credentials(Some(&c))?;
+        if wanted.is_some_and(|w| w != c.hash) {
+            debug!(wanted = ?wanted, got = %c.hash, "the credentials changed again meanwhile");
+        }
+        *have = Some(c.hash);
     }
-    serde_json::json!({
-        "apiVersion": "fieldgate.io/v1alpha1",
-        "kind": "Device",
-        "metadata": { "name": name, "namespace": namespace },
-        "status": status,
-    })
+    mirror.write_config(Some(cm))
 }
 
-/// The status patch of this node's entry of an uplink.
-pub fn uplink_status_patch(namespace: &str, name: &str, entry: &UplinkEntry, node: &str) -> serde_json::Value {
-    let mut g = serde_json::json!({
-        "node": node,
-        "connected": entry.connected,
-        "backlogMessages": entry.backlog,
-        "oldestUnsentAge": humantime::format_duration(Duration::from_secs(entry.oldest_unsent_s)).to_string(),
-    });
-    if let Some(t) = &entry.last_ack {
-        g["lastAckTime"] = serde_json::Value::String(t.to_string());
-    }
-    serde_json::json!({
-        "apiVersion": "fieldgate.io/v1alpha1",
-        "kind": "Uplink",
-        "metadata": { "name": name, "namespace": namespace },
-        "status": { "gateways": [g] },
-    })
-}
-
-/// What this node reports of one uplink.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UplinkEntry {
-    /// Broker connection up.
-    pub connected: bool,
-    /// Readings buffered, not yet acknowledged by the cloud.
-    pub backlog: u64,
-    /// Age of the oldest of them, whole seconds.
-    pub oldest_unsent_s: u64,
-    /// When the broker last acknowledged a reading (as far as this reporter saw).
-    pub last_ack: Option<Timestamp>,
-}
-
-struct DeviceSeen {
-    reachable: Option<bool>,
-    reported: Option<bool>,
-    polls: u64,
-    last_seen: Option<Timestamp>,
-    last_write: Option<Instant>,
-}
-
-struct UplinkSeen {
-    reported: Option<UplinkEntry>,
-    acked: u64,
-    last_ack: Option<Timestamp>,
-    last_write: Option<Instant>,
-}
-
-/// Reports device and uplink health of the applied config (`config`) until `cancel` fires.
-pub async fn report_status(
+/// Keeps the local copies in step with the ConfigMap and the credentials it names until
+/// `cancel` fires. `have` is the hash of the credentials on hand (`None`: unknown). Watch
+/// errors (API down) are retried with backoff, credentials that cannot be fetched with a
+/// growing delay; the running config stays meanwhile.
+pub async fn mirror(
     client: Client,
-    node: String,
-    metrics: Arc<Metrics>,
-    mut config: watch::Receiver<Option<Arc<GatewayConfig>>>,
+    credentials: Option<CredentialSource>,
+    mirror: Mirror,
+    mut have: Option<String>,
     cancel: CancellationToken,
 ) {
-    let params = PatchParams::apply(&format!("fieldgate-gateway-{node}")).force();
-    let mut devices: HashMap<String, DeviceSeen> = HashMap::new();
-    let mut uplinks: HashMap<String, UplinkSeen> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let s = mirror.settings.clone();
+    let cms: Api<ConfigMap> = Api::namespaced(client, &s.namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", s.configmap));
+    let mut events = watcher(cms, config).default_backoff().boxed();
+    let mut api_ok = true;
+    // The latest ConfigMap state not applied yet (`Some(None)`: deleted).
+    let mut pending: Option<Option<ConfigMap>> = None;
+    let mut listed = false;
+    let mut retry_at: Option<Instant> = None;
+    let mut delay = Duration::from_secs(1);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-            r = config.changed() => if r.is_err() { return },
-        }
-        let Some(cfg) = config.borrow().clone() else { continue };
-        let now = Timestamp::now();
-        for d in &cfg.devices {
-            let key = format!("{}/{}", d.namespace, d.name);
-            let labels = DeviceLabels { device: key.clone(), protocol: d.connection.protocol() };
-            let seen = devices.entry(key.clone()).or_insert(DeviceSeen {
-                reachable: None,
-                reported: None,
-                polls: 0,
-                last_seen: None,
-                last_write: None,
-            });
-            let polls = metrics.polls.get_or_create(&labels).get();
-            if polls > seen.polls {
-                seen.polls = polls;
-                seen.last_seen = Some(now);
-            }
-            // The adapter sets the gauge once it knows; before that there is nothing to say.
-            let connected = metrics.device_connected.get_or_create(&labels).get();
-            seen.reachable = match (connected, seen.reachable, polls) {
-                (1, _, _) => Some(true),
-                (_, Some(_), _) | (_, None, 1..) => Some(false),
-                _ => seen.reachable,
-            };
-            let due = seen.last_write.is_none_or(|t| t.elapsed() >= MIN_STATUS_INTERVAL);
-            if let Some(r) = seen.reachable
-                && seen.reported != Some(r)
-                && due
-            {
-                let patch = device_status_patch(&d.namespace, &d.name, r, seen.last_seen.as_ref(), &now);
-                let api: Api<Device> = Api::namespaced(client.clone(), &d.namespace);
-                match api.patch_status(&d.name, &params, &Patch::Apply(&patch)).await {
-                    Ok(_) => {
-                        seen.reported = Some(r);
-                        seen.last_write = Some(Instant::now());
+            ev = events.next() => match ev {
+                Some(Ok(ev)) => {
+                    if !api_ok {
+                        info!("API server reachable again");
                     }
-                    Err(e) => debug!(device = %key, error = %e, "device status not written"),
-                }
-            }
-        }
-        for u in &cfg.uplinks {
-            let key = format!("{}/{}", u.namespace, u.name);
-            let labels = UplinkLabels { uplink: key.clone() };
-            let seen = uplinks.entry(key.clone()).or_insert(UplinkSeen {
-                reported: None,
-                acked: 0,
-                last_ack: None,
-                last_write: None,
-            });
-            let acked = metrics
-                .deliveries
-                .get_or_create(&DeliveryLabels { uplink: key.clone(), outcome: DeliveryOutcome::acked })
-                .get();
-            if acked > seen.acked {
-                seen.acked = acked;
-                seen.last_ack = Some(now);
-            }
-            let entry = UplinkEntry {
-                connected: metrics.uplink_connected.get_or_create(&labels).get() == 1,
-                backlog: u64::try_from(metrics.buffer_messages.get_or_create(&labels).get()).unwrap_or(0),
-                oldest_unsent_s: metrics.buffer_oldest_unsent_age.get_or_create(&labels).get().max(0.0) as u64,
-                last_ack: seen.last_ack,
-            };
-            let changed_state = seen.reported.as_ref().is_none_or(|r| r.connected != entry.connected);
-            let changed_backlog =
-                seen.reported.as_ref().is_some_and(|r| r.backlog != entry.backlog || r.last_ack != entry.last_ack);
-            let due = seen.last_write.is_none_or(|t| t.elapsed() >= UPLINK_STATUS_INTERVAL);
-            if changed_state || (changed_backlog && due) {
-                let patch = uplink_status_patch(&u.namespace, &u.name, &entry, &node);
-                let api: Api<Uplink> = Api::namespaced(client.clone(), &u.namespace);
-                match api.patch_status(&u.name, &params, &Patch::Apply(&patch)).await {
-                    Ok(_) => {
-                        seen.reported = Some(entry);
-                        seen.last_write = Some(Instant::now());
+                    api_ok = true;
+                    match ev {
+                        watcher::Event::Apply(cm) => pending = Some(Some(cm)),
+                        watcher::Event::Delete(_) => pending = Some(None),
+                        watcher::Event::Init => listed = false,
+                        watcher::Event::InitApply(cm) => {
+                            listed = true;
+                            pending = Some(Some(cm));
+                        }
+                        // Listed again and not there: deleted while the watch was down.
+                        watcher::Event::InitDone => if !listed { pending = Some(None) },
                     }
-                    Err(e) => debug!(uplink = %key, error = %e, "uplink status not written"),
                 }
+                Some(Err(e)) => {
+                    if api_ok {
+                        warn!(error = %e, "API server unreachable; running on the last applied configuration");
+                    }
+                    api_ok = false;
+                    continue;
+                }
+                None => return,
+            },
+            () = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } else { std::future::pending().await } } => {}
+        }
+        let Some(state) = pending.take() else { continue };
+        match apply(&mirror, credentials.as_ref(), state.as_ref(), &mut have).await {
+            Ok(()) => {
+                retry_at = None;
+                delay = Duration::from_secs(1);
+            }
+            Err(e) => {
+                warn!(error = %e, kind = e.kind(), retry_in = ?delay, "configuration not applied; the running one stays");
+                pending.get_or_insert(state);
+                retry_at = Some(Instant::now() + delay);
+                delay = (delay * 2).min(MAX_RETRY);
             }
         }
-        devices.retain(|k, _| cfg.devices.iter().any(|d| format!("{}/{}", d.namespace, d.name) == *k));
-        uplinks.retain(|k, _| cfg.uplinks.iter().any(|u| format!("{}/{}", u.namespace, u.name) == *k));
+    }
+}
+
+/// Whether this gateway was removed from the cluster, as its DaemonSet tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// For good: the DaemonSet is gone or being deleted, or the gateway's identity or
+    /// permissions are (uninstalling the release removes them too).
+    Removed(&'static str),
+    /// The DaemonSet is there: a restart, an update or an eviction.
+    Staying,
+    /// The API server could not say (unreachable, failing): keep everything.
+    Unknown(String),
+}
+
+/// Asks the API server whether DaemonSet `name` of `namespace` is still there (at most
+/// `timeout`).
+pub async fn removal(client: &Client, namespace: &str, name: &str, timeout: Duration) -> Removal {
+    let api = Api::<DaemonSet>::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(timeout, api.get(name)).await {
+        Ok(Ok(ds)) if ds.metadata.deletion_timestamp.is_some() => Removal::Removed("its DaemonSet is being deleted"),
+        Ok(Ok(_)) => Removal::Staying,
+        Ok(Err(kube::Error::Api(s))) => match s.code {
+            404 => Removal::Removed("its DaemonSet is gone"),
+            401 => Removal::Removed("its ServiceAccount is gone"),
+            403 => Removal::Removed("its permissions are gone"),
+            _ => Removal::Unknown(format!("{} {}", s.code, s.message)),
+        },
+        Ok(Err(e)) => Removal::Unknown(e.to_string()),
+        Err(_) => Removal::Unknown(format!("no answer within {timeout:?}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{Request, Response};
     use k8s_openapi::ByteString;
+    use kube::client::Body;
+    use serde_json::json;
+    use tower_test::mock;
 
     fn settings(dir: &Path) -> ClusterSettings {
         ClusterSettings {
             namespace: "fieldgate".into(),
             configmap: "fieldgate-gateway-edge-1".into(),
-            secret: "fieldgate-gateway-edge-1".into(),
             node: "edge-1".into(),
             config_path: dir.join("state/gateway.yaml"),
             secrets_dir: dir.join("secrets"),
         }
     }
 
-    fn secret(pairs: &[(&str, &str)]) -> Secret {
-        Secret {
-            data: Some(pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect()),
-            ..Default::default()
+    fn creds(hash: &str, pairs: &[(&str, &str)]) -> NodeCredentials {
+        NodeCredentials {
+            node: "edge-1".into(),
+            hash: hash.into(),
+            data: pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect(),
         }
     }
 
@@ -510,16 +436,15 @@ mod tests {
     fn secrets_land_where_the_rendered_config_looks_for_them_and_stale_ones_go() {
         let dir = tempfile::tempdir().unwrap();
         let m = Mirror::new(settings(dir.path()));
-        m.write_secrets(Some(&secret(&[
-            ("default_creds_username", "gw"),
-            ("default_creds_password", "pw"),
-            ("plant_ca_ca.crt", "PEM"),
-        ])))
+        m.write_credentials(Some(&creds(
+            "a",
+            &[("default_creds_username", "gw"), ("default_creds_password", "pw"), ("plant_ca_ca.crt", "PEM")],
+        )))
         .unwrap();
         let store = crate::secrets::SecretStore::new(dir.path().join("secrets"));
         assert_eq!(store.read("default_creds", "password").unwrap().expose(), b"pw");
         assert_eq!(store.read("plant_ca", "ca.crt").unwrap().expose(), b"PEM");
-        m.write_secrets(Some(&secret(&[("default_creds_username", "gw2")]))).unwrap();
+        m.write_credentials(Some(&creds("b", &[("default_creds_username", "gw2")]))).unwrap();
         assert_eq!(store.read("default_creds", "username").unwrap().expose(), b"gw2");
         assert!(store.read("default_creds", "password").is_err());
         assert!(store.read("plant_ca", "ca.crt").is_err());
@@ -531,7 +456,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let m = Mirror::new(settings(dir.path()));
-        m.write_secrets(Some(&secret(&[("default_creds_password", "pw")]))).unwrap();
+        m.write_credentials(Some(&creds("a", &[("default_creds_password", "pw")]))).unwrap();
         let copy = dir.path().join("state/secrets/default_creds/password");
         assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::remove_dir_all(dir.path().join("secrets")).unwrap();
@@ -550,115 +475,149 @@ mod tests {
         assert!(cfg.devices.is_empty() && cfg.uplinks.is_empty());
     }
 
+    #[test]
+    fn a_removed_gateway_leaves_no_config_and_no_credentials_on_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mirror::new(settings(dir.path()));
+        m.write_credentials(Some(&creds("a", &[("default_creds_password", "pw")]))).unwrap();
+        m.write_config(None).unwrap();
+        let buffer = dir.path().join("state/nats-store-stays");
+        std::fs::write(&buffer, "unsent readings").unwrap();
+        m.wipe().unwrap();
+        let mut left: Vec<String> = walk(dir.path());
+        left.sort();
+        assert_eq!(left, ["state/nats-store-stays"], "only what is not Fieldgate's copy of the API stays");
+        m.wipe().unwrap();
+    }
+
+    fn walk(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+        out
+    }
+
     #[tokio::test]
     async fn without_an_api_server_the_local_copy_is_used_and_without_one_start_fails() {
         let dir = tempfile::tempdir().unwrap();
         let m = Mirror::new(settings(dir.path()));
-        let err = bootstrap(None, &m).await.unwrap_err();
+        let err = bootstrap(None, None, &m).await.unwrap_err();
         assert_eq!(err.kind(), "no_config");
         m.write_config(None).unwrap();
-        assert!(!bootstrap(None, &m).await.unwrap());
+        assert_eq!(bootstrap(None, None, &m).await.unwrap(), None);
     }
 
-    #[test]
-    fn status_patches_carry_only_what_the_gateway_owns() {
-        let now: Timestamp = "2026-11-24T10:00:00Z".parse().unwrap();
-        let p = device_status_patch("default", "meter-1", false, Some(&now), &now);
-        let status = p["status"].as_object().unwrap();
-        assert_eq!(status.keys().collect::<Vec<_>>(), ["conditions", "lastSeen"]);
-        assert_eq!(p["status"]["conditions"][0]["type"], "Reachable");
-        assert_eq!(p["status"]["conditions"][0]["status"], "False");
-        let e = UplinkEntry { connected: true, backlog: 12, oldest_unsent_s: 90, last_ack: Some(now) };
-        let u = uplink_status_patch("default", "cloud", &e, "edge-1");
-        assert_eq!(u["status"]["gateways"][0]["node"], "edge-1");
-        assert_eq!(u["status"]["gateways"][0]["backlogMessages"], 12);
-        assert_eq!(u["status"]["gateways"][0]["oldestUnsentAge"], "1m 30s");
-        assert_eq!(u["status"].as_object().unwrap().len(), 1);
-    }
-
-    /// The reporter against a mocked API server: the exact requests it makes.
-    #[tokio::test]
-    async fn reporter_applies_device_and_uplink_status_with_its_own_field_manager() {
-        use prometheus_client::registry::Registry;
-        let (svc, mut api) =
-            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
-        let client = Client::new(svc, "default");
-        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let cfg: GatewayConfig = GatewayConfig::from_yaml(
-            r#"
-apiVersion: fieldgate.io/v1alpha1
-kind: GatewayConfig
-devices:
-- name: meter-1
-  connection: {modbusTcp: {host: 10.0.0.7}}
-  points: [{name: v, type: uint16, modbus: {table: holding, address: 0}}]
-uplinks:
-- name: cloud
-  mqtt: {url: "mqtt://broker:1883"}
-"#,
-        )
-        .unwrap();
-        let labels = DeviceLabels { device: "default/meter-1".into(), protocol: "modbus_tcp" };
-        metrics.device_connected.get_or_create(&labels).set(1);
-        metrics.polls.get_or_create(&labels).inc();
-        let up = UplinkLabels { uplink: "default/cloud".into() };
-        metrics.uplink_connected.get_or_create(&up).set(1);
-        metrics.buffer_messages.get_or_create(&up).set(7);
-        let (tx, rx) = watch::channel(Some(Arc::new(cfg)));
-        let cancel = CancellationToken::new();
-        let reporter = tokio::spawn(report_status(client, "edge-1".into(), Arc::clone(&metrics), rx, cancel.clone()));
-
-        let expect = |path: &str| {
-            let path = path.to_string();
-            move |req: &http::Request<kube::client::Body>| {
-                assert_eq!(req.method(), http::Method::PATCH);
-                assert_eq!(req.uri().path(), path);
-                let q = req.uri().query().unwrap_or_default();
-                assert!(q.contains("fieldManager=fieldgate-gateway-edge-1") && q.contains("force=true"), "{q}");
-                assert_eq!(req.headers()["content-type"], "application/apply-patch+yaml");
-            }
-        };
-        for (path, check) in [
-            ("/apis/fieldgate.io/v1alpha1/namespaces/default/devices/meter-1/status", "\"Reachable\""),
-            ("/apis/fieldgate.io/v1alpha1/namespaces/default/uplinks/cloud/status", "\"backlogMessages\":7"),
-        ] {
-            let (req, send) = tokio::time::timeout(Duration::from_secs(20), api.next_request())
-                .await
-                .expect("a request")
-                .expect("the reporter is alive");
-            expect(path)(&req);
-            let body = req.into_body().collect_bytes().await.unwrap();
-            let text = String::from_utf8(body.to_vec()).unwrap();
-            assert!(text.contains(check), "{text}");
-            assert!(
-                !text.contains("\"node\":\"edge-1\"") || path.contains("uplinks"),
-                "device patch must not claim node: {text}"
-            );
-            let kind = if path.contains("devices") { "Device" } else { "Uplink" };
-            let name = if path.contains("devices") { "meter-1" } else { "cloud" };
-            let reply = serde_json::json!({
-                "apiVersion": "fieldgate.io/v1alpha1", "kind": kind,
-                "metadata": {"name": name, "namespace": "default"},
-                "spec": if kind == "Device" {
-                    serde_json::json!({"connection": {"modbusTcp": {"host": "10.0.0.7"}}})
-                } else {
-                    serde_json::json!({"mqtt": {"url": "mqtt://broker:1883"}})
-                },
-            });
-            send.send_response(
-                http::Response::builder().body(kube::client::Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
-            );
-        }
-        // Nothing changed: no further writes on the next ticks.
-        tokio::time::pause();
-        tokio::time::advance(Duration::from_secs(20)).await;
-        tokio::time::resume();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), api.next_request()).await.is_err(),
-            "an unchanged status was written again"
+    fn reply(send: mock::SendResponse<Response<Body>>, code: u16, body: &serde_json::Value) {
+        send.send_response(
+            Response::builder().status(code).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap(),
         );
-        cancel.cancel();
-        drop(tx);
-        reporter.await.unwrap();
+    }
+
+    fn configmap(hash: &str, yaml: &str) -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": "fieldgate-gateway-edge-1",
+            "annotations": {SECRET_HASH_ANNOTATION: hash}}, "data": {CONFIG_KEY: yaml}}))
+        .unwrap()
+    }
+
+    /// The credentials endpoint played by a mocked server: the exact requests of each apply.
+    #[tokio::test]
+    async fn credentials_are_fetched_before_the_config_and_only_when_the_configmap_names_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mirror::new(settings(dir.path()));
+        let (service, mut endpoint) = mock::pair::<Request<Body>, Response<Body>>();
+        let source = CredentialSource::from_client(Client::new(service, "default"));
+        let mut have = None;
+        let config_text = || std::fs::read_to_string(dir.path().join("state/gateway.yaml")).ok();
+        let secret_file = || std::fs::read(dir.path().join("secrets/default_creds/password")).ok();
+
+        // 1. A new hash: one request, the credentials written, then the config.
+        let fetch = tokio::spawn({
+            let (m, source) = (m.clone(), source.clone());
+            async move {
+                let mut have = None;
+                let r = apply(&m, Some(&source), Some(&configmap("h1", "devices: []\n# one\n")), &mut have).await;
+                (r.map_err(|e| e.to_string()), have)
+            }
+        });
+        let (req, send) = endpoint.next_request().await.unwrap();
+        assert_eq!((req.method().as_str(), req.uri().path()), ("GET", "/v1/credentials"));
+        reply(send, 200, &serde_json::to_value(creds("h1", &[("default_creds_password", "one")])).unwrap());
+        let (r, got) = fetch.await.unwrap();
+        r.unwrap();
+        have = got.or(have);
+        assert_eq!(have.as_deref(), Some("h1"));
+        assert_eq!(secret_file().as_deref(), Some(&b"one"[..]));
+        assert!(config_text().unwrap().contains("# one"));
+
+        // 2. The same hash with another config: no request.
+        apply(&m, Some(&source), Some(&configmap("h1", "devices: []\n# two\n")), &mut have).await.unwrap();
+        assert!(config_text().unwrap().contains("# two"));
+
+        // 3. A new hash the endpoint cannot serve now: nothing of it is written.
+        let fetch = tokio::spawn({
+            let (m, source, mut have) = (m.clone(), source.clone(), have.clone());
+            async move { apply(&m, Some(&source), Some(&configmap("h2", "devices: []\n# three\n")), &mut have).await.is_err() }
+        });
+        let (_, send) = endpoint.next_request().await.unwrap();
+        reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}));
+        // kube's client retries a 503 itself: refuse the retries too.
+        let answered = tokio::spawn(async move {
+            while let Some((_, send)) = endpoint.next_request().await {
+                reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}));
+            }
+        });
+        assert!(fetch.await.unwrap(), "the apply failed");
+        assert!(config_text().unwrap().contains("# two"), "the running config stays");
+        assert_eq!(secret_file().as_deref(), Some(&b"one"[..]));
+
+        // 4. Deleted: no devices, no credentials.
+        apply(&m, Some(&source), None, &mut have).await.unwrap();
+        assert_eq!(secret_file(), None);
+        assert!(config_text().unwrap().contains("devices: []"));
+        drop(source);
+        answered.abort();
+    }
+
+    #[tokio::test]
+    async fn a_gateway_is_removed_only_when_the_api_server_says_its_daemonset_is_gone() {
+        let status = |code: u16| json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": "m"});
+        let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "fg-gateway", "namespace": "fieldgate"}});
+        let mut deleting = ds.clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        for (code, body, expected) in [
+            (200, ds, Removal::Staying),
+            (200, deleting, Removal::Removed("its DaemonSet is being deleted")),
+            (404, status(404), Removal::Removed("its DaemonSet is gone")),
+            (401, status(401), Removal::Removed("its ServiceAccount is gone")),
+            (403, status(403), Removal::Removed("its permissions are gone")),
+            (500, status(500), Removal::Unknown("500 m".into())),
+        ] {
+            let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+            let client = Client::new(service, "default");
+            let server = tokio::spawn(async move {
+                let (req, send) = api.next_request().await.unwrap();
+                assert_eq!(
+                    (req.method().as_str(), req.uri().path()),
+                    ("GET", "/apis/apps/v1/namespaces/fieldgate/daemonsets/fg-gateway")
+                );
+                reply(send, code, &body);
+                // kube retries some codes itself: answer those alike.
+                while let Some((_, send)) = api.next_request().await {
+                    reply(send, code, &body);
+                }
+            });
+            let got = removal(&client, "fieldgate", "fg-gateway", Duration::from_secs(30)).await;
+            assert_eq!(got, expected, "{code}");
+            drop(client);
+            server.abort();
+        }
     }
 }
