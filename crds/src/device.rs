@@ -41,7 +41,8 @@ pub struct DeviceProfileSpec {
     printcolumn = r#"{"name":"Configured","type":"string","jsonPath":".status.conditions[?(@.type==\"Configured\")].status"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"Why the object is (not) ready","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceSpec {
@@ -292,8 +293,10 @@ pub struct DeviceStatus {
     /// runs with `--fail-back`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_over_from: Option<String>,
-    /// `Configured` (written by the operator), `Reachable` (by the gateway) and `Ready`,
-    /// written on transitions only. Each writer owns its own entries (server-side apply).
+    /// `Configured` and `Ready` (written by the operator: ready = configured and reachable),
+    /// `Reachable` (by the gateway of the node, with a reason such as `ConnectFailed` or
+    /// `NeverConnected`), written on transitions only. Each writer owns its own entries
+    /// (server-side apply). `kubectl get devices -o wide` shows Ready's message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

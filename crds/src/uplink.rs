@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.gateways[*].connected"}"#,
     printcolumn = r#"{"name":"Backlog","type":"string","jsonPath":".status.gateways[*].backlogMessages"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"Why the object is (not) ready","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UplinkSpec {
@@ -166,8 +167,9 @@ pub struct UplinkStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Configured` (written by the operator) and `Ready`, written on transitions only.
-    /// Each writer owns its own entries (server-side apply).
+    /// `Configured` and `Ready` (both written by the operator, on transitions only: ready =
+    /// configured and connected to the broker on every node that runs it, as `gateways`
+    /// says). `kubectl get uplinks -o wide` shows Ready's message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
