@@ -9,6 +9,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "fieldgate.operator.name" -}}{{ .Release.Name }}-operator{{- end -}}
 {{- define "fieldgate.gateway.name" -}}{{ .Release.Name }}-gateway{{- end -}}
+{{/* The ConfigMap with the CA of the operator's credentials endpoint. */}}
+{{- define "fieldgate.credentialsCa" -}}{{ .Release.Name }}-credentials-ca{{- end -}}
+{{/* Audience of the gateways' projected tokens for the credentials endpoint. */}}
+{{- define "fieldgate.credentialsAudience" -}}fieldgate-credentials{{- end -}}
 
 {{- define "fieldgate.image" -}}
 {{- $reg := .root.Values.imageRegistry -}}
