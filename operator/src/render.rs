@@ -624,17 +624,64 @@ fn check_device<'w>(
 }
 
 /// The device as its node's gateway runs it: [`gateway_device`] with its Secret references
-/// renamed to the per-node Secret's layout (see [`fieldgate_crds::node_objects`]).
+/// renamed to the per-node Secret's layout (see [`fieldgate_crds::node_objects`]) and its
+/// host names resolved in its namespace ([`service_host`]).
 fn node_device(key: &ObjectKey, device: &Device, profile_points: &[Point]) -> GatewayDevice {
     let mut d = gateway_device(key, device, profile_points);
-    let rename = |r: &mut DeviceSecretRef| r.name = secret_dir(&key.namespace, &r.name);
+    let ns = key.namespace.as_str();
+    let rename = |r: &mut DeviceSecretRef| r.name = secret_dir(ns, &r.name);
     match &mut d.connection {
-        Connection::Coap(c) => c.token_secret_ref.iter_mut().for_each(rename),
+        Connection::Coap(c) => {
+            c.token_secret_ref.iter_mut().for_each(rename);
+            if let Some(h) = &mut c.host {
+                *h = service_host(h, ns);
+            }
+        }
         Connection::Tcp(r) | Connection::Udp(r) => rename(&mut r.token_secret_ref),
-        Connection::Mqtt(m) => m.auth.iter_mut().for_each(|a| rename_auth(&key.namespace, a)),
-        Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => {}
+        Connection::Mqtt(m) => {
+            m.auth.iter_mut().for_each(|a| rename_auth(ns, a));
+            m.url = service_url(&m.url, ns);
+        }
+        Connection::ModbusTcp(c) => c.host = service_host(&c.host, ns),
+        Connection::ModbusRtu(c) => {
+            if let Some(a) = &mut c.address {
+                *a = service_address(a, ns);
+            }
+        }
     }
     d
+}
+
+/// A host name as the gateway resolves it for an object of `namespace`: a single-label name
+/// (no dot; not `localhost`, not an IP address) names a Service of that namespace, as it would
+/// for a pod there, and becomes `<name>.<namespace>.svc`. Anything else is left as it is (a
+/// single-label name on the node's own network is written with a trailing dot: `plc-7.`).
+pub fn service_host(host: &str, namespace: &str) -> String {
+    let single_label = !host.is_empty()
+        && !host.contains(['.', ':', '[', '/'])
+        && host != "localhost"
+        && host.parse::<std::net::IpAddr>().is_err();
+    if single_label { format!("{host}.{namespace}.svc") } else { host.to_string() }
+}
+
+/// `host:port` with its host resolved as [`service_host`] does.
+fn service_address(address: &str, namespace: &str) -> String {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => format!("{}:{port}", service_host(host, namespace)),
+        _ => service_host(address, namespace),
+    }
+}
+
+/// A URL (`scheme://[user@]host[:port][/...]`) with its host resolved as [`service_host`] does.
+fn service_url(url: &str, namespace: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    format!("{scheme}://{user}{}{tail}", service_address(hostport, namespace))
 }
 
 /// The device as a gateway runs it: its profile's points merged in, its Secret references as
@@ -827,9 +874,11 @@ fn check_secrets(
 }
 
 /// The broker settings as the node's gateway sees them: Secret references renamed to the
-/// per-node Secret's layout (see [`fieldgate_crds::node_objects`]).
+/// per-node Secret's layout (see [`fieldgate_crds::node_objects`]), the broker's host name
+/// resolved in the Uplink's namespace ([`service_host`]).
 fn rendered_mqtt(namespace: &str, mqtt: &MqttUplink) -> MqttUplink {
     let mut m = mqtt.clone();
+    m.url = service_url(&m.url, namespace);
     if let Some(auth) = &mut m.auth {
         rename_auth(namespace, auth);
     }

@@ -892,3 +892,40 @@ fn an_unreadable_secret_refuses_only_the_objects_that_reference_it() {
     assert!(r.nodes["edge-000"].config.devices.iter().all(|d| d.name != "tcp"));
     assert!(r.nodes["edge-000"].secrets.iter().all(|s| s.secret.name != "tcp-tok"));
 }
+
+#[test]
+fn single_label_hosts_name_services_of_the_objects_namespace() {
+    for (host, wanted) in [
+        ("fieldgate-sim", "fieldgate-sim.plant-a.svc"),
+        ("sim.other.svc", "sim.other.svc"),
+        ("plc-7.", "plc-7."),
+        ("10.0.0.7", "10.0.0.7"),
+        ("localhost", "localhost"),
+        ("::1", "::1"),
+        ("", ""),
+    ] {
+        assert_eq!(service_host(host, "plant-a"), wanted, "{host}");
+    }
+    assert_eq!(service_url("mqtt://mosquitto:1883", "plant-a"), "mqtt://mosquitto.plant-a.svc:1883");
+    assert_eq!(service_url("mqtts://u@broker/x?y", "plant-a"), "mqtts://u@broker.plant-a.svc/x?y");
+    assert_eq!(service_url("mqtt://[::1]:1883", "plant-a"), "mqtt://[::1]:1883");
+    assert_eq!(service_url("mqtt://broker.example.com:8883", "plant-a"), "mqtt://broker.example.com:8883");
+    assert_eq!(service_address("rtu-gw:502", "plant-a"), "rtu-gw.plant-a.svc:502");
+
+    let device = Device::test("sim-1").in_ns("plant-a").spec_with(|s| {
+        s.connection = Connection::ModbusTcp(fieldgate_crds::ModbusTcpConnection {
+            host: "fieldgate-sim".into(),
+            port: Some(5020),
+            unit_id: None,
+            timeout: None,
+        });
+    });
+    let mut uplink = Uplink::test("cloud").in_ns("plant-a");
+    uplink.spec.mqtt.url = "mqtt://mosquitto:1883".into();
+    let w = world(vec![device], vec![], vec![uplink], gateways(1));
+    let r = render(&w, &Placements::new(), &settings());
+    let config = &r.nodes.values().next().unwrap().config;
+    let Connection::ModbusTcp(c) = &config.devices[0].connection else { panic!() };
+    assert_eq!(c.host, "fieldgate-sim.plant-a.svc");
+    assert_eq!(config.uplinks[0].mqtt.url, "mqtt://mosquitto.plant-a.svc:1883");
+}
