@@ -70,6 +70,8 @@ pub struct TestCluster {
     pub namespace: String,
     /// A node labelled `fieldgate.io/gateway=true`.
     pub node: String,
+    /// More namespaces of the test ([`TestCluster::namespace`]).
+    extra: Vec<String>,
     unlabel: Option<String>,
     done: bool,
 }
@@ -81,7 +83,7 @@ impl TestCluster {
         let client = Client::try_default().await.context("building a client from KUBECONFIG")?;
         let namespace = format!("{prefix}-{}", random_suffix());
         acquire_lock(&client, &namespace).await?;
-        let mut cluster = Self { client, namespace, node: String::new(), unlabel: None, done: false };
+        let mut cluster = Self { client, namespace, node: String::new(), extra: Vec::new(), unlabel: None, done: false };
         cluster.prepare(manager).await?;
         Ok(cluster)
     }
@@ -107,11 +109,7 @@ impl TestCluster {
             })
             .await?;
         }
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": self.namespace, "labels": {TEST_LABEL: "true"}}});
-        Api::<Namespace>::all(client.clone())
-            .patch(&self.namespace, &PatchParams::apply(manager), &Patch::Apply(ns))
-            .await?;
+        create_namespace(&client, &self.namespace, &[], manager).await?;
         let nodes = Api::<Node>::all(client.clone());
         let list = nodes.list(&ListParams::default()).await?;
         let labelled = |n: &&Node| n.labels().get("fieldgate.io/gateway").map(String::as_str) == Some("true");
@@ -131,6 +129,20 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Another namespace for this test, `<namespace>-<suffix>`, with `labels` (such as a Pod
+    /// Security level); removed with the test's own.
+    pub async fn namespace(&mut self, suffix: &str, labels: &[(&str, &str)], manager: &str) -> Result<String> {
+        let name = format!("{}-{suffix}", self.namespace);
+        self.extra.push(name.clone());
+        create_namespace(&self.client, &name, labels, manager).await?;
+        Ok(name)
+    }
+
+    /// Labels the test's own namespace (such as with a Pod Security level).
+    pub async fn label_namespace(&self, labels: &[(&str, &str)], manager: &str) -> Result<()> {
+        create_namespace(&self.client, &self.namespace, labels, manager).await
+    }
+
     /// Every node of the cluster, the gateway node first.
     pub async fn nodes(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> =
@@ -143,7 +155,9 @@ impl TestCluster {
     /// when it could not.
     pub async fn cleanup(mut self) -> Result<()> {
         self.done = true;
-        undo(&self.client, &self.namespace, self.unlabel.take()).await
+        let mut namespaces = std::mem::take(&mut self.extra);
+        namespaces.push(self.namespace.clone());
+        undo(&self.client, &namespaces, self.unlabel.take()).await
     }
 }
 
@@ -152,14 +166,16 @@ impl Drop for TestCluster {
         if self.done {
             return;
         }
-        let (ns, unlabel) = (self.namespace.clone(), self.unlabel.take());
+        let mut namespaces = std::mem::take(&mut self.extra);
+        namespaces.push(self.namespace.clone());
+        let unlabel = self.unlabel.take();
         // The test's runtime is blocked in this drop, and its client with it: a runtime and a
         // client of our own, on a thread of our own.
         let cleaned = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async move {
                 let client = Client::try_default().await.ok()?;
-                tokio::time::timeout(DROP_CLEANUP, undo(&client, &ns, unlabel)).await.ok()?.ok()
+                tokio::time::timeout(DROP_CLEANUP, undo(&client, &namespaces, unlabel)).await.ok()?.ok()
             })
         })
         .join();
@@ -172,10 +188,27 @@ impl Drop for TestCluster {
     }
 }
 
-/// Deletes the namespace (waiting until it is gone), unlabels the node, releases the lock.
-async fn undo(client: &Client, namespace: &str, unlabel: Option<String>) -> Result<()> {
-    let namespaces = Api::<Namespace>::all(client.clone());
-    let gone = delete_namespace(&namespaces, namespace).await;
+/// A namespace labelled [`TEST_LABEL`] and `labels`.
+async fn create_namespace(client: &Client, name: &str, labels: &[(&str, &str)], manager: &str) -> Result<()> {
+    let mut all: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    all.insert(TEST_LABEL.into(), json!("true"));
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": all}});
+    Api::<Namespace>::all(client.clone()).patch(name, &PatchParams::apply(manager), &Patch::Apply(ns)).await?;
+    Ok(())
+}
+
+/// Deletes the namespaces (waiting until they are gone), unlabels the node, releases the lock
+/// (held under the name of the last namespace, the test's own).
+async fn undo(client: &Client, namespaces: &[String], unlabel: Option<String>) -> Result<()> {
+    let api = Api::<Namespace>::all(client.clone());
+    let mut gone = Ok(());
+    for ns in namespaces {
+        if let Err(e) = delete_namespace(&api, ns).await {
+            gone = Err(e);
+        }
+    }
+    let namespace = namespaces.last().map(String::as_str).unwrap_or_default();
     if let Some(node) = unlabel {
         let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": null}, "annotations": {LABELLED_BY_TESTS: null}}});
         Api::<Node>::all(client.clone()).patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -327,18 +360,19 @@ pub async fn bound_pod(
     Ok(pods.patch(name, &PatchParams::apply(manager), &Patch::Apply(pod)).await?)
 }
 
-/// A token of ServiceAccount `sa` for `audience`, bound to `pod` (so it names the pod's node).
+/// A token of ServiceAccount `sa` for `audience` (`None`: the API server's own), bound to
+/// `pod` (so it names the pod's node).
 pub async fn pod_token(
     client: &Client,
     namespace: &str,
     sa: &str,
     pod: &k8s_openapi::api::core::v1::Pod,
-    audience: &str,
+    audience: Option<&str>,
 ) -> Result<String> {
     use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_string()]),
+            audiences: audience.map(|a| vec![a.to_string()]),
             expiration_seconds: Some(3600),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),

@@ -90,7 +90,7 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     let (cert, key, ca) = (file("tls.crt", &pki.server_cert)?, file("tls.key", &pki.server_key)?, file("ca.crt", &pki.ca_cert)?);
     service_account(&client, &ns, GATEWAY_SA, MANAGER).await?;
     let gateway_pod = bound_pod(&client, &ns, "gateway-identity", GATEWAY_SA, &node, MANAGER).await?;
-    let token = file("token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, CREDENTIALS_AUDIENCE).await?)?;
+    let token = file("token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, Some(CREDENTIALS_AUDIENCE)).await?)?;
     let credentials_port = free_port()?;
     let credentials_url = format!("https://127.0.0.1:{credentials_port}");
 
@@ -232,8 +232,8 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     assert!(mine.data.keys().all(|k| k.starts_with(&format!("{ns}_cloud-creds_"))), "{mine:?}");
     service_account(&client, &ns, "intruder", MANAGER).await?;
     let other_pod = bound_pod(&client, &ns, "intruder", "intruder", &node, MANAGER).await?;
-    let other = file("other-token", &pod_token(&client, &ns, "intruder", &other_pod, CREDENTIALS_AUDIENCE).await?)?;
-    let api_audience = file("api-token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, "https://kubernetes.default.svc").await?)?;
+    let other = file("other-token", &pod_token(&client, &ns, "intruder", &other_pod, Some(CREDENTIALS_AUDIENCE)).await?)?;
+    let api_audience = file("api-token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, None).await?)?;
     for (token_file, code) in [(other, 403), (api_audience, 401)] {
         match ask(token_file.clone()).await {
             Err(CredentialError::Request(kube::Error::Api(s))) => assert_eq!(s.code, code, "{}: {s:?}", token_file.display()),
