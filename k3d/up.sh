@@ -4,13 +4,14 @@
 #   create the cluster -> build and import the images -> helm install -> apply the examples.
 #
 # Needs: docker, k3d, kubectl, helm. Idempotent: re-running rebuilds the images and upgrades.
-# Knobs: CLUSTER=fieldgate AGENTS=2 NAMESPACE=fieldgate-system TAG=dev SKIP_BUILD=1
+# Knobs: CLUSTER=fieldgate AGENTS=2 NAMESPACE=fieldgate-system EXAMPLES=demo TAG=dev SKIP_BUILD=1
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cluster="${CLUSTER:-fieldgate}"
 agents="${AGENTS:-2}"
 namespace="${NAMESPACE:-fieldgate-system}"
+examples="${EXAMPLES:-demo}"
 tag="${TAG:-dev}"
 
 need() {
@@ -52,19 +53,18 @@ helm upgrade --install fieldgate "$root/charts/fieldgate" \
   --set operator.logFormat=text --set gateway.logFormat=text \
   --wait --timeout 5m
 
-echo "k3d/up.sh: applying the examples"
-kubectl apply -f "$root/examples/uplink.yaml"
-kubectl apply -f "$root/examples/cloud/"
-kubectl apply -f "$root/examples/sim/"
-kubectl apply -f "$root/examples/deviceprofile.yaml" -f "$root/examples/device.yaml"
-kubectl rollout status deployment/mosquitto --timeout 3m
-kubectl rollout status deployment/fieldgate-sim --timeout 3m
+echo "k3d/up.sh: applying the examples to namespace $examples"
+kubectl create namespace "$examples" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl label --overwrite namespace "$examples" pod-security.kubernetes.io/enforce=restricted >/dev/null
+kubectl apply -n "$examples" -f "$root/examples/" -R
+kubectl -n "$examples" rollout status deployment/mosquitto --timeout 3m
+kubectl -n "$examples" rollout status deployment/fieldgate-sim --timeout 3m
 
 cat <<MSG
 
 Fieldgate is up on k3d cluster "$cluster".
-  kubectl get fieldgate                                   # devices, profiles, uplinks
+  kubectl get fieldgate -n $examples -o wide              # devices, profiles, uplinks; why not Ready
   kubectl -n $namespace get configmaps -l fieldgate.io/role=gateway-config
-  kubectl exec deploy/mosquitto -- mosquitto_sub -u fieldgate -P change-me -t 'fieldgate/#' -v
+  kubectl -n $examples exec deploy/mosquitto -- mosquitto_sub -u fieldgate -P change-me -t 'fieldgate/#' -v
 Tear down with k3d/down.sh.
 MSG
