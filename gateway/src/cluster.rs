@@ -586,6 +586,35 @@ mod tests {
         answered.abort();
     }
 
+    /// The API server answers but the operator does not: the gateway starts from its last
+    /// applied config and credentials rather than from a config without its credentials.
+    #[tokio::test]
+    async fn with_the_operator_unreachable_the_gateway_starts_from_its_local_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mirror::new(settings(dir.path()));
+        m.write_credentials(Some(&creds("h1", &[("default_creds_password", "old")]))).unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::write(dir.path().join("state/gateway.yaml"), "devices: []\n# last applied\n").unwrap();
+        std::fs::remove_dir_all(dir.path().join("secrets")).unwrap();
+
+        let (api_service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let (endpoint_service, mut endpoint) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(api_service, "default");
+        let source = CredentialSource::from_client(Client::new(endpoint_service, "default"));
+        let servers = tokio::spawn(async move {
+            let (req, send) = api.next_request().await.unwrap();
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/fieldgate/configmaps/fieldgate-gateway-edge-1");
+            reply(send, 200, &serde_json::to_value(configmap("h2", "devices: []\n# new\n")).unwrap());
+            let (_, send) = endpoint.next_request().await.unwrap();
+            reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "operator down"}));
+        });
+        assert_eq!(bootstrap(Some(&client), Some(&source), &m).await.unwrap(), None);
+        servers.await.unwrap();
+        let config = std::fs::read_to_string(dir.path().join("state/gateway.yaml")).unwrap();
+        assert!(config.contains("# last applied"), "{config}");
+        assert_eq!(std::fs::read(dir.path().join("secrets/default_creds/password")).unwrap(), b"old");
+    }
+
     #[tokio::test]
     async fn a_gateway_is_removed_only_when_the_api_server_says_its_daemonset_is_gone() {
         let status = |code: u16| json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": "m"});
