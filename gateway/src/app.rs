@@ -21,11 +21,11 @@ use tracing::{info, warn};
 use crate::buffer::{self, Routes, WriterSettings};
 use crate::cluster;
 use crate::config_watch;
+use crate::credentials::{CredentialSettings, CredentialSource};
 use crate::management::{self, Management};
 use crate::metrics::{Metrics, ReloadLabels, ReloadOutcome};
 use crate::reading::ReadingSink;
 use crate::reconcile::{Interrupted, Running, Shared};
-use crate::credentials::{CredentialSettings, CredentialSource};
 use crate::secrets::SecretStore;
 use crate::uplinks::mqtt::MqttSettings;
 
@@ -203,7 +203,8 @@ async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<ClusterMode,
             None
         }
     };
-    let have = cluster::bootstrap(client.as_ref(), credentials.as_ref(), &mirror).await.map_err(|e| err(e.to_string()))?;
+    let have =
+        cluster::bootstrap(client.as_ref(), credentials.as_ref(), &mirror).await.map_err(|e| err(e.to_string()))?;
     Ok(ClusterMode { client, credentials, mirror, have })
 }
 

@@ -564,14 +564,24 @@ mod tests {
         // 3. A new hash the endpoint cannot serve now: nothing of it is written.
         let fetch = tokio::spawn({
             let (m, source, mut have) = (m.clone(), source.clone(), have.clone());
-            async move { apply(&m, Some(&source), Some(&configmap("h2", "devices: []\n# three\n")), &mut have).await.is_err() }
+            async move {
+                apply(&m, Some(&source), Some(&configmap("h2", "devices: []\n# three\n")), &mut have).await.is_err()
+            }
         });
         let (_, send) = endpoint.next_request().await.unwrap();
-        reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}));
+        reply(
+            send,
+            503,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}),
+        );
         // kube's client retries a 503 itself: refuse the retries too.
         let answered = tokio::spawn(async move {
             while let Some((_, send)) = endpoint.next_request().await {
-                reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}));
+                reply(
+                    send,
+                    503,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "no"}),
+                );
             }
         });
         assert!(fetch.await.unwrap(), "the apply failed");
@@ -606,7 +616,11 @@ mod tests {
             assert_eq!(req.uri().path(), "/api/v1/namespaces/fieldgate/configmaps/fieldgate-gateway-edge-1");
             reply(send, 200, &serde_json::to_value(configmap("h2", "devices: []\n# new\n")).unwrap());
             let (_, send) = endpoint.next_request().await.unwrap();
-            reply(send, 503, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "operator down"}));
+            reply(
+                send,
+                503,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "operator down"}),
+            );
         });
         assert_eq!(bootstrap(Some(&client), Some(&source), &m).await.unwrap(), None);
         servers.await.unwrap();

@@ -134,7 +134,11 @@ pub fn reachability(h: &DeviceHealth, started_unix_ms: u64, running_for: Duratio
         && at >= started_unix_ms
     {
         let (reason, what) = error_reason(kind);
-        return Some(Reachability::new(false, reason, format!("the gateway cannot reach the device: {what} (errors of kind {kind})")));
+        return Some(Reachability::new(
+            false,
+            reason,
+            format!("the gateway cannot reach the device: {what} (errors of kind {kind})"),
+        ));
     }
     if h.polls > 0 {
         return Some(Reachability::new(false, "NotAnswering", "the device stopped answering the gateway"));
@@ -339,7 +343,10 @@ mod tests {
         let status = p["status"].as_object().unwrap();
         assert_eq!(status.keys().collect::<Vec<_>>(), ["conditions", "lastSeen"]);
         let c = &p["status"]["conditions"][0];
-        assert_eq!((&c["type"], &c["status"], &c["reason"]), (&"Reachable".into(), &"False".into(), &"ConnectFailed".into()));
+        assert_eq!(
+            (&c["type"], &c["status"], &c["reason"]),
+            (&"Reachable".into(), &"False".into(), &"ConnectFailed".into())
+        );
         let e = UplinkEntry { connected: true, backlog: 12, oldest_unsent_s: 90, last_ack: Some(now) };
         let u = uplink_status_patch("default", "cloud", &e, "edge-1");
         assert_eq!(u["status"]["gateways"][0]["node"], "edge-1");
@@ -501,7 +508,10 @@ uplinks:
         }
         assert_eq!(
             seen,
-            [("meter-9".to_string(), "ConnectFailed".to_string()), ("meter-8".to_string(), "NeverConnected".to_string())]
+            [
+                ("meter-9".to_string(), "ConnectFailed".to_string()),
+                ("meter-8".to_string(), "NeverConnected".to_string())
+            ]
         );
         cancel.cancel();
         reporter.await.unwrap();

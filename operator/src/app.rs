@@ -198,7 +198,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             audience: args.credentials_audience.clone(),
             gateway_user: format!("system:serviceaccount:{sa_ns}:{sa_name}"),
         };
-        let (cert, key) = (args.credentials_tls_cert.clone().unwrap_or_default(), args.credentials_tls_key.clone().unwrap_or_default());
+        let (cert, key) = (
+            args.credentials_tls_cert.clone().unwrap_or_default(),
+            args.credentials_tls_key.clone().unwrap_or_default(),
+        );
         let tls = credentials::tls_config(&cert, &key)?;
         let router = CredentialService::new(client.clone(), settings, &metrics).router();
         let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -226,7 +229,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(tokio::spawn(lease::run(elector, leading_tx, stop.clone())))
     } else {
         // Alone: leading for as long as the process runs (a century).
-        leading_tx.send_replace(Leadership::Leading { until: Instant::now() + Duration::from_secs(100 * 365 * 86_400) });
+        leading_tx
+            .send_replace(Leadership::Leading { until: Instant::now() + Duration::from_secs(100 * 365 * 86_400) });
         None
     };
 

@@ -232,11 +232,7 @@ impl ReconcileError {
     }
 
     fn weight(&self) -> u8 {
-        if self.is_not_leading() {
-            2
-        } else {
-            u8::from(self.is_transient())
-        }
+        if self.is_not_leading() { 2 } else { u8::from(self.is_transient()) }
     }
 
     /// Keeps the weightier of `current` and `new` (the first of equals).
@@ -663,7 +659,12 @@ mod tests {
     fn test_reconciler(client: Client, stores: Stores, metrics: Arc<Metrics>) -> Reconciler {
         let writer = Writer::new(
             client.clone(),
-            WriterSettings { namespace: "fieldgate-system".into(), concurrency: 1, instance: "op-0".into(), owner: None },
+            WriterSettings {
+                namespace: "fieldgate-system".into(),
+                concurrency: 1,
+                instance: "op-0".into(),
+                owner: None,
+            },
             Arc::clone(&metrics),
         );
         let settings = LoopSettings {
@@ -887,8 +888,10 @@ mod tests {
     fn token_device(name: &str, node: &str, secret: &str) -> Device {
         use fieldgate_crds::{Connection, DeviceSecretRef, RawConnection};
         Device::test(name).pinned(node).spec_with(|s| {
-            s.connection =
-                Connection::Tcp(RawConnection { id: None, token_secret_ref: DeviceSecretRef { name: secret.into(), key: None } });
+            s.connection = Connection::Tcp(RawConnection {
+                id: None,
+                token_secret_ref: DeviceSecretRef { name: secret.into(), key: None },
+            });
             s.points[0].modbus = None;
         })
     }
@@ -985,7 +988,10 @@ mod tests {
         };
         let status = crate::writer::device_status_change(&d, &v).unwrap();
         let ready = &status["conditions"][1];
-        assert_eq!((&ready["type"], &ready["status"], &ready["reason"]), (&json!("Ready"), &json!("False"), &json!("NotConfigured")));
+        assert_eq!(
+            (&ready["type"], &ready["status"], &ready["reason"]),
+            (&json!("Ready"), &json!("False"), &json!("NotConfigured"))
+        );
         assert!(ready["message"].as_str().unwrap().contains("could not be read"), "{ready}");
         assert_eq!(status["conditions"][0]["reason"], json!("UnreadableSecret"));
     }
@@ -1041,7 +1047,10 @@ mod tests {
                     if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                         (200, serde_json::to_value(secret("default", "tok-a", &[("token", "t")])).unwrap())
                     } else {
-                        (500, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd"}))
+                        (
+                            500,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd"}),
+                        )
                     }
                 } else if uri.contains("labelSelector") {
                     (200, json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))

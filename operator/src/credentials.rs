@@ -120,7 +120,10 @@ pub fn node_of(status: &TokenReviewStatus, settings: &CredentialSettings) -> Res
     let user = status.user.clone().unwrap_or_default();
     let name = user.username.unwrap_or_default();
     if name != settings.gateway_user {
-        return Err(Refusal::forbidden(format!("{name:?} is not the gateway ServiceAccount {:?}", settings.gateway_user)));
+        return Err(Refusal::forbidden(format!(
+            "{name:?} is not the gateway ServiceAccount {:?}",
+            settings.gateway_user
+        )));
     }
     match user.extra.unwrap_or_default().remove(NODE_NAME_EXTRA).as_deref() {
         Some([node]) if !node.is_empty() => Ok(node.clone()),
@@ -316,11 +319,7 @@ mod tests {
     const GATEWAY: &str = "system:serviceaccount:fieldgate-system:fg-gateway";
 
     fn settings() -> CredentialSettings {
-        CredentialSettings {
-            namespace: NS.into(),
-            audience: CREDENTIALS_AUDIENCE.into(),
-            gateway_user: GATEWAY.into(),
-        }
+        CredentialSettings { namespace: NS.into(), audience: CREDENTIALS_AUDIENCE.into(), gateway_user: GATEWAY.into() }
     }
 
     fn reviewed(user: &str, node: Option<&str>) -> serde_json::Value {
@@ -363,10 +362,7 @@ mod tests {
         (code, serde_json::from_slice(&bytes).unwrap())
     }
 
-    async fn expect_review(
-        handle: &mut mock::Handle<Request<Body>, Response<Body>>,
-        answer: serde_json::Value,
-    ) {
+    async fn expect_review(handle: &mut mock::Handle<Request<Body>, Response<Body>>, answer: serde_json::Value) {
         let (req, send) = handle.next_request().await.unwrap();
         assert_eq!(
             (req.method().as_str(), req.uri().to_string()),
@@ -405,7 +401,11 @@ mod tests {
         let (code, body) = ask(Some("Bearer the-token"), |mut api| async move {
             expect_review(&mut api, reviewed(GATEWAY, Some("edge-3"))).await;
             let (_, send) = api.next_request().await.unwrap();
-            reply(send, 404, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}));
+            reply(
+                send,
+                404,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+            );
             api
         })
         .await;
@@ -415,7 +415,12 @@ mod tests {
     #[tokio::test]
     async fn another_identity_is_refused_before_any_secret_is_read() {
         for (user, node, code, word) in [
-            ("system:serviceaccount:fieldgate-system:default", Some("edge-1"), 403, "is not the gateway ServiceAccount"),
+            (
+                "system:serviceaccount:fieldgate-system:default",
+                Some("edge-1"),
+                403,
+                "is not the gateway ServiceAccount",
+            ),
             ("system:serviceaccount:other-ns:fg-gateway", Some("edge-1"), 403, "is not the gateway ServiceAccount"),
             ("system:node:edge-1", Some("edge-1"), 403, "is not the gateway ServiceAccount"),
             (GATEWAY, None, 403, "not bound to a pod on one node"),

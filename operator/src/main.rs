@@ -18,7 +18,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller against the cluster of the kubeconfig (or in-cluster config).
-    Run(app::Args),
+    Run(Box<app::Args>),
     /// Render manifests offline: print what each gateway node would get, and every verdict.
     /// Exits 2 when an object is refused.
     Render(offline::RenderArgs),
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 // Inside the runtime: the OTLP exporter (when configured) runs on it.
                 let telemetry = telemetry::init(&args.log_format);
-                let result = app::run(run).await;
+                let result = app::run(*run).await;
                 telemetry.shutdown(std::time::Duration::from_secs(3)).await;
                 result
             })?;

@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::lease::{CallError, Term};
 use fieldgate_crds::node_objects::{
     self, CONFIG_HASH_ANNOTATION, CONFIG_KEY, NODE_ANNOTATION, ROLE_CONFIG, ROLE_LABEL, SECRET_HASH_ANNOTATION,
 };
@@ -37,7 +38,6 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use crate::lease::{CallError, Term};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -687,9 +687,12 @@ pub fn device_ready(d: &Device, v: &DeviceVerdict) -> Wanted {
     };
     let reachable = d.status.as_ref().and_then(|s| s.condition(REACHABLE));
     match reachable.map(|c| c.status.as_str()) {
-        Some("True") => {
-            Wanted::new(READY, "True", "Reachable", format!("configured on node {node}; the device answers its gateway"))
-        }
+        Some("True") => Wanted::new(
+            READY,
+            "True",
+            "Reachable",
+            format!("configured on node {node}; the device answers its gateway"),
+        ),
         Some("False") => {
             let c = reachable.map(|c| (c.reason.as_str(), c.message.as_str())).unwrap_or_default();
             Wanted::new(READY, "False", "Unreachable", format!("node {node}: {} ({})", c.1, c.0))
@@ -771,7 +774,8 @@ pub fn device_status_change(d: &Device, v: &DeviceVerdict) -> Option<serde_json:
     let failed_over_from = v.placed.as_ref().and_then(|p| p.failed_over_from.clone());
     let wanted = [configured(&v.verdict, "rendered into the gateway config of its node"), device_ready(d, v)];
     let rest_unchanged = cur.node == node && cur.failed_over_from == failed_over_from;
-    let mut status = conditions_status(&cur.conditions, cur.observed_generation, &wanted, v.generation, rest_unchanged)?;
+    let mut status =
+        conditions_status(&cur.conditions, cur.observed_generation, &wanted, v.generation, rest_unchanged)?;
     if let Some(n) = node {
         status["node"] = json!(n);
     }

@@ -507,7 +507,11 @@ fn metric_names_in(expr: &str) -> Vec<String> {
 /// `promtool`, from the Debian `prometheus` package (scripts/setup.sh).
 fn promtool() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var_os("FIELDGATE_PROMTOOL").unwrap_or_else(|| "/usr/bin/promtool".into()));
-    assert!(p.is_file(), "{} not found: Debian package prometheus (scripts/setup.sh), or set FIELDGATE_PROMTOOL", p.display());
+    assert!(
+        p.is_file(),
+        "{} not found: Debian package prometheus (scripts/setup.sh), or set FIELDGATE_PROMTOOL",
+        p.display()
+    );
     Some(p)
 }
 
@@ -734,7 +738,9 @@ fn gateways_get_credentials_from_the_operator_and_trust_its_certificate_for_the_
     let c = &op["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     let arg = |name: &str| {
-        args.iter().find_map(|a| a.strip_prefix(&format!("--{name}="))).unwrap_or_else(|| panic!("no --{name} in {args:?}"))
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name} in {args:?}"))
     };
     assert_eq!(arg("gateway-service-account"), "fieldgate-system/fg-gateway");
     assert_eq!(arg("owner-deployment"), "fg-operator");
@@ -780,8 +786,9 @@ fn verify_server_certificate(ca_pem: &str, cert_pem: &str, name: &str) {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider).build().unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .unwrap();
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
     let server = ServerName::try_from(name.to_string()).unwrap();
     verifier.verify_server_cert(&cert, &[], &server, &[], UnixTime::now()).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -813,7 +820,10 @@ fn nothing_the_release_writes_outlives_it_but_the_documented_crds() {
     for o in &r.objects {
         let name = format!("{} {}", o["kind"], o["metadata"]["name"]);
         assert!(o["metadata"]["annotations"]["helm.sh/resource-policy"].is_null(), "{name} is kept on uninstall");
-        assert!(o["metadata"]["annotations"]["helm.sh/hook"].is_null(), "{name}: hooks are not deleted with the release");
+        assert!(
+            o["metadata"]["annotations"]["helm.sh/hook"].is_null(),
+            "{name}: hooks are not deleted with the release"
+        );
         assert_eq!(o["metadata"]["labels"]["app.kubernetes.io/instance"], json!("fg"), "{name}");
         assert_ne!(o["kind"], "CustomResourceDefinition", "{name}: CRDs live in crds/");
     }

@@ -129,7 +129,8 @@ async fn operator_renders_configures_propagates_refuses_fails_over_and_cleans_up
     //    Device says where, that it is configured, and that Ready waits for its gateway.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     let cm_name = format!("fieldgate-gateway-{node}");
-    let ours = |cfg: &GatewayConfig, name: &str| cfg.devices.iter().find(|d| d.namespace == ns && d.name == name).cloned();
+    let ours =
+        |cfg: &GatewayConfig, name: &str| cfg.devices.iter().find(|d| d.namespace == ns && d.name == name).cloned();
     let first_version = wait_until("the node's ConfigMap with meter-1", WAIT, || {
         let (cms, cm_name) = (cms.clone(), cm_name.clone());
         async move {
@@ -140,9 +141,15 @@ async fn operator_renders_configures_propagates_refuses_fails_over_and_cleans_up
     .await?;
     let cm = cms.get(&cm_name).await?;
     let owners = cm.metadata.owner_references.unwrap_or_default();
-    assert_eq!(owners.iter().map(|o| (o.kind.as_str(), o.uid.as_str())).collect::<Vec<_>>(), [("Deployment", owner_uid.as_str())]);
+    assert_eq!(
+        owners.iter().map(|o| (o.kind.as_str(), o.uid.as_str())).collect::<Vec<_>>(),
+        [("Deployment", owner_uid.as_str())]
+    );
     let lease = leases.get("fieldgate-operator").await?;
-    assert!(lease.metadata.owner_references.unwrap_or_default().iter().any(|o| o.uid == owner_uid), "the Lease goes with the owner");
+    assert!(
+        lease.metadata.owner_references.unwrap_or_default().iter().any(|o| o.uid == owner_uid),
+        "the Lease goes with the owner"
+    );
     wait_until("meter-1 Configured=True on the node, Ready waiting for a gateway", WAIT, || {
         let (devices, node) = (devices.clone(), node.clone());
         async move {

@@ -28,9 +28,9 @@ use fieldgate_crds::{Device, DeviceProfile, Uplink};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
@@ -83,7 +83,8 @@ impl TestCluster {
         let client = Client::try_default().await.context("building a client from KUBECONFIG")?;
         let namespace = format!("{prefix}-{}", random_suffix());
         acquire_lock(&client, &namespace).await?;
-        let mut cluster = Self { client, namespace, node: String::new(), extra: Vec::new(), unlabel: None, done: false };
+        let mut cluster =
+            Self { client, namespace, node: String::new(), extra: Vec::new(), unlabel: None, done: false };
         cluster.prepare(manager).await?;
         Ok(cluster)
     }
@@ -145,8 +146,13 @@ impl TestCluster {
 
     /// Every node of the cluster, the gateway node first.
     pub async fn nodes(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> =
-            Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await?.items.iter().map(|n| n.name_any()).collect();
+        let mut names: Vec<String> = Api::<Node>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|n| n.name_any())
+            .collect();
         names.sort_by_key(|n| *n != self.node);
         Ok(names)
     }
@@ -210,7 +216,8 @@ async fn undo(client: &Client, namespaces: &[String], unlabel: Option<String>) -
     }
     let namespace = namespaces.last().map(String::as_str).unwrap_or_default();
     if let Some(node) = unlabel {
-        let patch = json!({"metadata": {"labels": {"fieldgate.io/gateway": null}, "annotations": {LABELLED_BY_TESTS: null}}});
+        let patch =
+            json!({"metadata": {"labels": {"fieldgate.io/gateway": null}, "annotations": {LABELLED_BY_TESTS: null}}});
         Api::<Node>::all(client.clone()).patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     }
     release_lock(client, namespace).await?;
@@ -239,7 +246,10 @@ async fn remove_leftovers(client: &Client) -> Result<()> {
         delete_namespace(&namespaces, &ns.name_any()).await?;
     }
     let stale = |o: &ObjectMeta| {
-        o.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/instance")).is_some_and(|i| i.starts_with(RELEASE_PREFIX))
+        o.labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/instance"))
+            .is_some_and(|i| i.starts_with(RELEASE_PREFIX))
     };
     let lp = ListParams::default().labels("app.kubernetes.io/part-of=fieldgate");
     let roles = Api::<ClusterRole>::all(client.clone());
@@ -297,7 +307,10 @@ async fn acquire_lock(client: &Client, holder: &str) -> Result<()> {
             let spec = lease.spec.clone().unwrap_or_default();
             let free = spec.holder_identity.as_deref().is_none_or(str::is_empty)
                 || spec.renew_time.is_none_or(|t| {
-                    let expires = t.0 + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
+                    let expires = t.0
+                        + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+                            spec.lease_duration_seconds.unwrap_or(0),
+                        ));
                     expires < Timestamp::now()
                 });
             if !free {

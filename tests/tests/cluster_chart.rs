@@ -163,7 +163,14 @@ fn unix_ms() -> u64 {
 }
 
 /// Whether the subject may `verb` `resource` (named `name`) in `namespace`.
-async fn may(client: &Client, user: &str, groups: &[String], verb: &str, namespace: &str, name: Option<&str>) -> Result<bool> {
+async fn may(
+    client: &Client,
+    user: &str,
+    groups: &[String],
+    verb: &str,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<bool> {
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.to_string()),
@@ -215,17 +222,19 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
         "nats": {"image": {"repository": nats_image.0, "tag": nats_image.1}, "storage": {"type": "emptyDir"}},
     });
     let chart = root().join("charts/fieldgate");
-    let installed = helm(
-        "install",
-        &json!({"chart": chart, "name": release, "namespace": ns, "values": values, "timeout": 600}),
-    )?;
+    let installed =
+        helm("install", &json!({"chart": chart, "name": release, "namespace": ns, "values": values, "timeout": 600}))?;
     assert_eq!(installed["status"], "deployed", "{installed}");
 
     // 2. No gateway identity may read a per-node Secret (its own node's or any other): RBAC
     //    says no, and a real request with the gateway ServiceAccount's token is refused.
     let gateway_sa = format!("{release}-gateway");
     let user = format!("system:serviceaccount:{ns}:{gateway_sa}");
-    let groups = vec!["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{ns}"), "system:authenticated".into()];
+    let groups = vec![
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".into(),
+    ];
     for other in cluster.nodes().await? {
         let secret = format!("fieldgate-gateway-{other}");
         assert!(!may(&client, &user, &groups, "get", &ns, Some(&secret)).await?, "{user} may get {secret}");
@@ -235,11 +244,10 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let gateway_pod = |pods: Api<Pod>, node: String| async move {
         let lp = ListParams::default().labels("app.kubernetes.io/name=fieldgate-gateway");
-        Ok::<_, anyhow::Error>(
-            pods.list(&lp).await?.items.into_iter().find(|p| {
-                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()) && p.metadata.deletion_timestamp.is_none()
-            }),
-        )
+        Ok::<_, anyhow::Error>(pods.list(&lp).await?.items.into_iter().find(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                && p.metadata.deletion_timestamp.is_none()
+        }))
     };
     let first_pod = gateway_pod(pods.clone(), node.clone()).await?.context("no gateway pod on the node")?;
     let token = pod_token(&client, &ns, &gateway_sa, &first_pod, None).await?;
@@ -289,7 +297,8 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
         async move {
             let mut ready = 0;
             for d in devices.list(&ListParams::default()).await?.items {
-                ready += usize::from(d.status.unwrap_or_default().condition("Ready").is_some_and(|c| c.status == "True"));
+                ready +=
+                    usize::from(d.status.unwrap_or_default().condition("Ready").is_some_and(|c| c.status == "True"));
             }
             Ok((ready == 2).then_some(()))
         }
@@ -305,7 +314,11 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
         let (pods, node, first_uid) = (pods.clone(), node.clone(), first_uid.clone());
         async move {
             let Some(p) = gateway_pod(pods, node).await? else { return Ok(None) };
-            let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             Ok((p.uid() != first_uid && ready).then_some(()))
         }
     })
@@ -321,7 +334,8 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
     .await?;
     let readings = delivered(&ex_pods).await?;
     let seqs: BTreeSet<u64> = readings.iter().filter_map(|r| r["bufferSeq"].as_u64()).collect();
-    let holes: Vec<(u64, u64)> = seqs.iter().zip(seqs.iter().skip(1)).filter(|(a, b)| **b != **a + 1).map(|(a, b)| (*a, *b)).collect();
+    let holes: Vec<(u64, u64)> =
+        seqs.iter().zip(seqs.iter().skip(1)).filter(|(a, b)| **b != **a + 1).map(|(a, b)| (*a, *b)).collect();
     assert!(holes.len() <= 1, "bufferSeq has holes other than the new pod's start: {holes:?}");
     let before: Vec<u64> = slots(&readings, meter1).into_iter().filter(|s| *s < deleted_at).collect();
     let last_before = before.iter().max().copied().unwrap_or(0);
@@ -351,22 +365,150 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
         async move {
             let by_release = ListParams::default().labels(&instance);
             let written = ListParams::default().labels("app.kubernetes.io/managed-by=fieldgate-operator");
-            let names = |kind: &str, items: Vec<String>| items.into_iter().map(|n| format!("{kind} {n}")).collect::<Vec<_>>();
+            let names =
+                |kind: &str, items: Vec<String>| items.into_iter().map(|n| format!("{kind} {n}")).collect::<Vec<_>>();
             let mut left = Vec::new();
-            left.extend(names("ConfigMap", Api::<ConfigMap>::namespaced(client.clone(), &ns).list(&written).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Secret", Api::<Secret>::namespaced(client.clone(), &ns).list(&written).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Lease", Api::<Lease>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Secret", Api::<Secret>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items.iter().map(|o| o.name_any()).filter(|n| n.contains(&release)).collect()));
-            left.extend(names("ConfigMap", Api::<ConfigMap>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Deployment", Api::<Deployment>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("DaemonSet", Api::<DaemonSet>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Service", Api::<Service>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("ServiceAccount", Api::<ServiceAccount>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Role", Api::<Role>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("RoleBinding", Api::<RoleBinding>::namespaced(client.clone(), &ns).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("ClusterRole", Api::<ClusterRole>::all(client.clone()).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("ClusterRoleBinding", Api::<ClusterRoleBinding>::all(client.clone()).list(&by_release).await?.items.iter().map(|o| o.name_any()).collect()));
-            left.extend(names("Pod", Api::<Pod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items.iter().map(|o| o.name_any()).collect()));
+            left.extend(names(
+                "ConfigMap",
+                Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                    .list(&written)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Secret",
+                Api::<Secret>::namespaced(client.clone(), &ns)
+                    .list(&written)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Lease",
+                Api::<Lease>::namespaced(client.clone(), &ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Secret",
+                Api::<Secret>::namespaced(client.clone(), &ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .filter(|n| n.contains(&release))
+                    .collect(),
+            ));
+            left.extend(names(
+                "ConfigMap",
+                Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Deployment",
+                Api::<Deployment>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "DaemonSet",
+                Api::<DaemonSet>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Service",
+                Api::<Service>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "ServiceAccount",
+                Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Role",
+                Api::<Role>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "RoleBinding",
+                Api::<RoleBinding>::namespaced(client.clone(), &ns)
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "ClusterRole",
+                Api::<ClusterRole>::all(client.clone())
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "ClusterRoleBinding",
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .list(&by_release)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
+            left.extend(names(
+                "Pod",
+                Api::<Pod>::namespaced(client.clone(), &ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ));
             Ok::<_, anyhow::Error>(left)
         }
     };

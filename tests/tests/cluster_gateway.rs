@@ -42,7 +42,14 @@ impl Drop for Proc {
     }
 }
 
-fn device_json(name: &str, node: &str, host: &str, port: u16, poll: &str, points: &serde_json::Value) -> serde_json::Value {
+fn device_json(
+    name: &str,
+    node: &str,
+    host: &str,
+    port: u16,
+    poll: &str,
+    points: &serde_json::Value,
+) -> serde_json::Value {
     json!({
         "apiVersion": "fieldgate.io/v1alpha1", "kind": "Device",
         "metadata": {"name": name, "labels": {"site": "test"}},
@@ -87,7 +94,8 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
         std::fs::write(&p, text)?;
         Ok(p)
     };
-    let (cert, key, ca) = (file("tls.crt", &pki.server_cert)?, file("tls.key", &pki.server_key)?, file("ca.crt", &pki.ca_cert)?);
+    let (cert, key, ca) =
+        (file("tls.crt", &pki.server_cert)?, file("tls.key", &pki.server_key)?, file("ca.crt", &pki.ca_cert)?);
     service_account(&client, &ns, GATEWAY_SA, MANAGER).await?;
     let gateway_pod = bound_pod(&client, &ns, "gateway-identity", GATEWAY_SA, &node, MANAGER).await?;
     let token = file("token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, Some(CREDENTIALS_AUDIENCE)).await?)?;
@@ -97,7 +105,16 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     let bin_dir = fieldgate_tests::gateway::gateway_binary()?.parent().map(std::path::Path::to_path_buf).unwrap();
     let _operator = Proc(
         Command::new(bin_dir.join("fieldgate-operator"))
-            .args(["run", "--namespace", &ns, "--leader-election=false", "--listen", "127.0.0.1:0", "--debounce", "100ms"])
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--leader-election=false",
+                "--listen",
+                "127.0.0.1:0",
+                "--debounce",
+                "100ms",
+            ])
             .args(["--credentials-listen", &format!("127.0.0.1:{credentials_port}")])
             .arg("--credentials-tls-cert")
             .arg(&cert)
@@ -111,8 +128,12 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     let pp = PatchParams::apply(MANAGER).force();
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns);
     secrets
-        .patch("cloud-creds", &pp, &Patch::Apply(json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "cloud-creds"}, "stringData": {"username": "gw", "password": "s3cret"}})))
+        .patch(
+            "cloud-creds",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cloud-creds"}, "stringData": {"username": "gw", "password": "s3cret"}})),
+        )
         .await?;
     let uplinks = Api::<Uplink>::namespaced(client.clone(), &ns);
     uplinks
@@ -123,8 +144,12 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
                      "buffer": {"redeliverAfter": "2s"}}})))
         .await?;
     let devices = Api::<Device>::namespaced(client.clone(), &ns);
-    devices.patch("meter-1", &pp, &Patch::Apply(device_json("meter-1", &node, "127.0.0.1", port, "1s", &points))).await?;
-    devices.patch("meter-2", &pp, &Patch::Apply(device_json("meter-2", &node, "127.0.0.1", port2, "1s", &points))).await?;
+    devices
+        .patch("meter-1", &pp, &Patch::Apply(device_json("meter-1", &node, "127.0.0.1", port, "1s", &points)))
+        .await?;
+    devices
+        .patch("meter-2", &pp, &Patch::Apply(device_json("meter-2", &node, "127.0.0.1", port2, "1s", &points)))
+        .await?;
 
     // The gateway of `node`, run locally, from its ConfigMap and the credentials endpoint.
     let listen: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -172,7 +197,11 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
         let (uplinks, node) = (uplinks.clone(), node.clone());
         async move {
             let u = serde_json::to_value(uplinks.get("cloud").await?)?;
-            let entry = u["status"]["gateways"].as_array().into_iter().flatten().any(|g| g["node"] == node.as_str() && g["connected"] == true);
+            let entry = u["status"]["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| g["node"] == node.as_str() && g["connected"] == true);
             Ok((entry && condition(&u, "Ready").is_some_and(|c| c.0 == "True")).then_some(()))
         }
     })
@@ -181,7 +210,9 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     // 3. A change reaches the running gateway: at 200 ms, readings of poll slots that are no
     //    whole second arrive (at 1 s every slot is one).
     assert!(slots(&cloud)?.iter().all(|s| s % 1000 == 0), "1 s polls fall on whole seconds");
-    devices.patch("meter-1", &pp, &Patch::Apply(device_json("meter-1", &node, "127.0.0.1", port, "200ms", &points))).await?;
+    devices
+        .patch("meter-1", &pp, &Patch::Apply(device_json("meter-1", &node, "127.0.0.1", port, "200ms", &points)))
+        .await?;
     wait_until("a reading polled at the changed interval", WAIT, || {
         let fast = slots(&cloud).map(|s| s.iter().filter(|s| *s % 1000 != 0).count());
         async move { Ok((fast? >= 3).then_some(())) }
@@ -189,7 +220,9 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     .await?;
 
     // 4. An invalid Device is refused with its field path and never reaches the gateway.
-    devices.patch("broken", &pp, &Patch::Apply(device_json("broken", &node, "127.0.0.1", port, "fast", &points))).await?;
+    devices
+        .patch("broken", &pp, &Patch::Apply(device_json("broken", &node, "127.0.0.1", port, "fast", &points)))
+        .await?;
     wait_until("Device broken Configured=False naming spec.pollInterval", WAIT, || {
         let devices = devices.clone();
         async move {
@@ -206,7 +239,9 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
 
     // 5. A device that never connects (its host does not resolve): Reachable=False with the
     //    reason, and Ready=False saying so.
-    devices.patch("ghost", &pp, &Patch::Apply(device_json("ghost", &node, "no-such-host.invalid", 502, "1s", &points))).await?;
+    devices
+        .patch("ghost", &pp, &Patch::Apply(device_json("ghost", &node, "no-such-host.invalid", 502, "1s", &points)))
+        .await?;
     let (reachable, ready) = wait_until("Device ghost Reachable=False and Ready=False", WAIT, || {
         let devices = devices.clone();
         async move {
@@ -232,11 +267,14 @@ async fn operator_and_gateway_run_a_device_end_to_end_in_the_cluster() -> anyhow
     assert!(mine.data.keys().all(|k| k.starts_with(&format!("{ns}_cloud-creds_"))), "{mine:?}");
     service_account(&client, &ns, "intruder", MANAGER).await?;
     let other_pod = bound_pod(&client, &ns, "intruder", "intruder", &node, MANAGER).await?;
-    let other = file("other-token", &pod_token(&client, &ns, "intruder", &other_pod, Some(CREDENTIALS_AUDIENCE)).await?)?;
+    let other =
+        file("other-token", &pod_token(&client, &ns, "intruder", &other_pod, Some(CREDENTIALS_AUDIENCE)).await?)?;
     let api_audience = file("api-token", &pod_token(&client, &ns, GATEWAY_SA, &gateway_pod, None).await?)?;
     for (token_file, code) in [(other, 403), (api_audience, 401)] {
         match ask(token_file.clone()).await {
-            Err(CredentialError::Request(kube::Error::Api(s))) => assert_eq!(s.code, code, "{}: {s:?}", token_file.display()),
+            Err(CredentialError::Request(kube::Error::Api(s))) => {
+                assert_eq!(s.code, code, "{}: {s:?}", token_file.display())
+            }
             other => panic!("{}: expected a refusal ({code}), got {other:?}", token_file.display()),
         }
     }

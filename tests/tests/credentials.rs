@@ -47,7 +47,8 @@ async fn a_gateway_fetches_its_nodes_credentials_over_tls_and_another_identity_i
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(endpoint::serve(listener, endpoint::tls_config(&cert, &key).unwrap(), router, stop.clone()));
+    let server =
+        tokio::spawn(endpoint::serve(listener, endpoint::tls_config(&cert, &key).unwrap(), router, stop.clone()));
 
     let api_server = tokio::spawn(async move {
         let mut tokens = Vec::new();
@@ -58,7 +59,8 @@ async fn a_gateway_fetches_its_nodes_credentials_over_tls_and_another_identity_i
             if uri.starts_with("/apis/authentication.k8s.io/v1/tokenreviews") {
                 let token = body["spec"]["token"].as_str().unwrap().to_string();
                 assert_eq!(body["spec"]["audiences"], json!([CREDENTIALS_AUDIENCE]));
-                let user = if token == "token-of-edge-1" { GATEWAY } else { "system:serviceaccount:fieldgate-system:default" };
+                let user =
+                    if token == "token-of-edge-1" { GATEWAY } else { "system:serviceaccount:fieldgate-system:default" };
                 tokens.push(token);
                 reply(
                     send,
@@ -120,5 +122,9 @@ async fn a_gateway_fetches_its_nodes_credentials_over_tls_and_another_identity_i
     stop.cancel();
     server.await.unwrap();
     let tokens = api_server.await.unwrap();
-    assert_eq!(tokens, ["token-of-edge-1", "token-of-default"], "one review per request, with the token file's content");
+    assert_eq!(
+        tokens,
+        ["token-of-edge-1", "token-of-default"],
+        "one review per request, with the token file's content"
+    );
 }

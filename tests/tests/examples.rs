@@ -89,16 +89,23 @@ async fn in_any_namespace_the_example_devices_read_only_registers_the_example_si
         meta.namespace = Some(NAMESPACE.into());
         meta
     };
-    w.devices = w.devices.iter().map(|d| Arc::new(fieldgate_crds::Device { metadata: moved(d.metadata.clone()), ..(**d).clone() })).collect();
+    w.devices = w
+        .devices
+        .iter()
+        .map(|d| Arc::new(fieldgate_crds::Device { metadata: moved(d.metadata.clone()), ..(**d).clone() }))
+        .collect();
     w.profiles = w
         .profiles
         .iter()
         .map(|p| Arc::new(fieldgate_crds::DeviceProfile { metadata: moved(p.metadata.clone()), ..(**p).clone() }))
         .collect();
-    w.uplinks = w.uplinks.iter().map(|u| Arc::new(fieldgate_crds::Uplink { metadata: moved(u.metadata.clone()), ..(**u).clone() })).collect();
-    w.secrets = w.secrets.take().map(|index| {
-        index.into_iter().map(|(k, v)| (ObjectKey::new(NAMESPACE, k.name), v)).collect()
-    });
+    w.uplinks = w
+        .uplinks
+        .iter()
+        .map(|u| Arc::new(fieldgate_crds::Uplink { metadata: moved(u.metadata.clone()), ..(**u).clone() }))
+        .collect();
+    w.secrets =
+        w.secrets.take().map(|index| index.into_iter().map(|(k, v)| (ObjectKey::new(NAMESPACE, k.name), v)).collect());
     w.nodes = vec![Arc::new(assumed_gateway_node("edge-1"))];
     let r = render(w, &Placements::new(), &Settings::at(Timestamp::now()));
     for (k, v) in &r.devices {
@@ -149,9 +156,8 @@ async fn in_any_namespace_the_example_devices_read_only_registers_the_example_si
         let (svc, port) = service_of(&c.host, c.port.unwrap_or(502));
         assert!(services.get(&svc).is_some_and(|p| p.contains(&port)), "{}: no Service {svc} with port {port}", d.name);
         let addr = served.get(&port).unwrap_or_else(|| panic!("{}: the simulator serves no device on {port}", d.name));
-        let mut ctx = tokio_modbus::client::tcp::connect_slave(*addr, tokio_modbus::Slave(c.unit_id.unwrap_or(1)))
-            .await
-            .unwrap();
+        let mut ctx =
+            tokio_modbus::client::tcp::connect_slave(*addr, tokio_modbus::Slave(c.unit_id.unwrap_or(1))).await.unwrap();
         for p in &d.points {
             let Some(m) = &p.modbus else { continue };
             let n = m.span(p.value_type);
