@@ -440,15 +440,6 @@ impl Reconciler {
             ReconcileError::keep_weightier(&mut failure, ReconcileError::Write(e));
         }
         if let Some(e) = failure {
-            if summary != WriteSummary::default() {
-                info!(
-                    configmaps = summary.configmaps,
-                    secrets = summary.secrets,
-                    deleted = summary.deleted,
-                    statuses = summary.statuses,
-                    "reconciled in part"
-                );
-            }
             return Err(e);
         }
         Ok((rendered, summary))

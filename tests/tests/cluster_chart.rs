@@ -162,6 +162,15 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `Kind name` of every object `api` lists with `lp`.
+async fn names<K>(api: Api<K>, lp: &ListParams) -> Result<Vec<String>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    Ok(api.list(lp).await?.items.iter().map(|o| format!("{kind} {}", o.name_any())).collect())
+}
+
 /// Whether the subject may `verb` `resource` (named `name`) in `namespace`.
 async fn may(
     client: &Client,
@@ -365,150 +374,23 @@ async fn the_chart_installs_restricted_runs_the_examples_loses_nothing_and_unins
         async move {
             let by_release = ListParams::default().labels(&instance);
             let written = ListParams::default().labels("app.kubernetes.io/managed-by=fieldgate-operator");
-            let names =
-                |kind: &str, items: Vec<String>| items.into_iter().map(|n| format!("{kind} {n}")).collect::<Vec<_>>();
+            let all = ListParams::default();
             let mut left = Vec::new();
-            left.extend(names(
-                "ConfigMap",
-                Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                    .list(&written)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Secret",
-                Api::<Secret>::namespaced(client.clone(), &ns)
-                    .list(&written)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Lease",
-                Api::<Lease>::namespaced(client.clone(), &ns)
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Secret",
-                Api::<Secret>::namespaced(client.clone(), &ns)
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .filter(|n| n.contains(&release))
-                    .collect(),
-            ));
-            left.extend(names(
-                "ConfigMap",
-                Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Deployment",
-                Api::<Deployment>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "DaemonSet",
-                Api::<DaemonSet>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Service",
-                Api::<Service>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "ServiceAccount",
-                Api::<ServiceAccount>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Role",
-                Api::<Role>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "RoleBinding",
-                Api::<RoleBinding>::namespaced(client.clone(), &ns)
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "ClusterRole",
-                Api::<ClusterRole>::all(client.clone())
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "ClusterRoleBinding",
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .list(&by_release)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
-            left.extend(names(
-                "Pod",
-                Api::<Pod>::namespaced(client.clone(), &ns)
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ));
+            left.extend(names(Api::<ConfigMap>::namespaced(client.clone(), &ns), &written).await?);
+            left.extend(names(Api::<Secret>::namespaced(client.clone(), &ns), &written).await?);
+            left.extend(names(Api::<Lease>::namespaced(client.clone(), &ns), &all).await?);
+            let release_secrets = names(Api::<Secret>::namespaced(client.clone(), &ns), &all).await?;
+            left.extend(release_secrets.into_iter().filter(|n| n.contains(&release)));
+            left.extend(names(Api::<ConfigMap>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<Deployment>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<DaemonSet>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<Service>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<ServiceAccount>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<Role>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<RoleBinding>::namespaced(client.clone(), &ns), &by_release).await?);
+            left.extend(names(Api::<ClusterRole>::all(client.clone()), &by_release).await?);
+            left.extend(names(Api::<ClusterRoleBinding>::all(client.clone()), &by_release).await?);
+            left.extend(names(Api::<Pod>::namespaced(client.clone(), &ns), &all).await?);
             Ok::<_, anyhow::Error>(left)
         }
     };
