@@ -5,8 +5,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::point::Point;
+use crate::values::{BrokerUrl, HumanDuration};
 
 /// A reusable point map shared by many identical devices.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -21,6 +23,7 @@ use crate::point::Point;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct DeviceProfileSpec {
     /// The points every device using this profile has.
     pub points: Vec<Point>,
@@ -45,6 +48,7 @@ pub struct DeviceProfileSpec {
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"Why the object is (not) ready","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct DeviceSpec {
     /// Name of a DeviceProfile in the same namespace whose points this device has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,7 +60,7 @@ pub struct DeviceSpec {
     pub connection: Connection,
     /// Time between two polls, such as `500ms` or `1s`. Defaults to `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub poll_interval: Option<String>,
+    pub poll_interval: Option<HumanDuration>,
     /// Which gateway node serves the device. Defaults to any gateway node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
@@ -116,15 +120,40 @@ impl Connection {
 pub struct ModbusTcpConnection {
     /// Host name or IP address of the device.
     pub host: String,
-    /// TCP port. Defaults to 502.
+    /// TCP port (1-65535). Defaults to 502.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
     /// Modbus unit identifier (slave id). Defaults to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_id: Option<u8>,
     /// Deadline of each request, such as `500ms`. Defaults to `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<HumanDuration>,
+}
+
+impl ModbusTcpConnection {
+    /// Port when none is set.
+    pub const DEFAULT_PORT: u16 = 502;
+    /// Unit identifier when none is set.
+    pub const DEFAULT_UNIT_ID: u8 = 1;
+    /// Request deadline when none is set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The TCP port, default applied.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
+
+    /// The unit identifier, default applied.
+    pub fn unit_id(&self) -> u8 {
+        self.unit_id.unwrap_or(Self::DEFAULT_UNIT_ID)
+    }
+
+    /// The request deadline, default applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.as_ref().map_or(Self::DEFAULT_TIMEOUT, HumanDuration::get)
+    }
 }
 
 /// Settings of a CoAP device.
@@ -141,8 +170,9 @@ pub struct CoapConnection {
     /// device only pushes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// UDP port of the device. Defaults to 5683.
+    /// UDP port of the device (1-65535). Defaults to 5683.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
     /// Resource the gateway reads, such as `/sensors/env`. Defaults to `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,7 +182,7 @@ pub struct CoapConnection {
     pub observe: Option<bool>,
     /// Deadline of each request to the device, such as `2s`. Defaults to `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<HumanDuration>,
     /// Path the device pushes to. Defaults to `/{namespace}/{name}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_path: Option<String>,
@@ -163,7 +193,32 @@ pub struct CoapConnection {
     /// Largest payload accepted or fetched, block-wise transfers included (bytes, 16-1048576).
     /// Defaults to 16384.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 1_048_576))]
     pub max_body_bytes: Option<u32>,
+}
+
+impl CoapConnection {
+    /// UDP port of a device when none is set.
+    pub const DEFAULT_PORT: u16 = 5683;
+    /// Request deadline when none is set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Largest payload when none is set.
+    pub const DEFAULT_MAX_BODY_BYTES: u32 = 16 * 1024;
+
+    /// The device's UDP port, default applied.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
+
+    /// The request deadline, default applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.as_ref().map_or(Self::DEFAULT_TIMEOUT, HumanDuration::get)
+    }
+
+    /// The largest payload in bytes, default applied.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes.unwrap_or(Self::DEFAULT_MAX_BODY_BYTES) as usize
+    }
 }
 
 /// Settings of a device publishing to a field MQTT broker.
@@ -171,7 +226,7 @@ pub struct CoapConnection {
 #[serde(rename_all = "camelCase")]
 pub struct MqttDeviceConnection {
     /// The field broker: `mqtt://host:port`.
-    pub url: String,
+    pub url: BrokerUrl,
     /// Topic filters the device publishes to (wildcards allowed), such as `plant/th-1/#`.
     /// A JSON object payload gives every point found at its `path`; a plain value goes to
     /// the point named like the topic's last level (or to the only point).
@@ -190,7 +245,24 @@ pub struct MqttDeviceConnection {
     pub command_topic: Option<String>,
     /// Keep-alive interval, such as `30s`. Defaults to `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep_alive: Option<String>,
+    pub keep_alive: Option<HumanDuration>,
+}
+
+impl MqttDeviceConnection {
+    /// Protocol version when none is set.
+    pub const DEFAULT_PROTOCOL_VERSION: u8 = 3;
+    /// Keep-alive interval when none is set.
+    pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+    /// The protocol version, default applied.
+    pub fn protocol_version(&self) -> u8 {
+        self.protocol_version.unwrap_or(Self::DEFAULT_PROTOCOL_VERSION)
+    }
+
+    /// The keep-alive interval, default applied.
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive.as_ref().map_or(Self::DEFAULT_KEEP_ALIVE, HumanDuration::get)
+    }
 }
 
 /// Settings of a raw TCP or UDP device.
@@ -220,22 +292,43 @@ pub struct ModbusRtuConnection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// Unit identifier (slave address) on the bus, 1-247.
+    #[schemars(range(min = 1, max = 247))]
     pub unit_id: u8,
     /// Line speed. Defaults to 9600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub baud_rate: Option<u32>,
     /// Parity. Defaults to `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parity: Option<Parity>,
     /// Data bits, 7 or 8. Defaults to 8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 7, max = 8))]
     pub data_bits: Option<u8>,
     /// Stop bits, 1 or 2. Defaults to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2))]
     pub stop_bits: Option<u8>,
     /// Deadline of each request, such as `500ms`. Defaults to `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<HumanDuration>,
+}
+
+impl ModbusRtuConnection {
+    /// Line speed when none is set.
+    pub const DEFAULT_BAUD_RATE: u32 = 9600;
+    /// Request deadline when none is set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The line speed, default applied.
+    pub fn baud_rate(&self) -> u32 {
+        self.baud_rate.unwrap_or(Self::DEFAULT_BAUD_RATE)
+    }
+
+    /// The request deadline, default applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.as_ref().map_or(Self::DEFAULT_TIMEOUT, HumanDuration::get)
+    }
 }
 
 /// Parity of a serial line.
@@ -262,6 +355,16 @@ pub struct DeviceSecretRef {
     pub key: Option<String>,
 }
 
+impl DeviceSecretRef {
+    /// The key when none is set.
+    pub const DEFAULT_KEY: &'static str = "token";
+
+    /// The key, default applied.
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(Self::DEFAULT_KEY)
+    }
+}
+
 /// Where a device is served.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("!(has(self.nodeName) && has(self.nodeSelector))").message("set nodeName or nodeSelector, not both"))]
@@ -278,6 +381,7 @@ pub struct Placement {
 /// Observed state of a Device. Health and placement only: never telemetry values.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct DeviceStatus {
     /// The gateway node serving the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]

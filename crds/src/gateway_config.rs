@@ -3,20 +3,28 @@
 //! The operator renders one per edge node (profiles merged into devices, uplinks resolved to
 //! device lists); a standalone gateway reads the same document from a file.
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::device::Connection;
 use crate::point::Point;
 use crate::uplink::{BufferSpec, Encoding, MqttUplink};
+use crate::validate::ValidationErrors;
+use crate::values::HumanDuration;
 
 /// The configuration of one gateway.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Always `fieldgate.io/v1alpha1`.
+    #[schemars(extend("const" = "fieldgate.io/v1alpha1"))]
     pub api_version: String,
     /// Always `GatewayConfig`.
+    #[schemars(extend("const" = "GatewayConfig"))]
     pub kind: String,
     /// The edge node this configuration is for (informational in standalone mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,9 +53,19 @@ pub struct GatewayDevice {
     pub connection: Connection,
     /// Time between two polls. Defaults to `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub poll_interval: Option<String>,
+    pub poll_interval: Option<HumanDuration>,
     /// All points of the device.
     pub points: Vec<Point>,
+}
+
+impl GatewayDevice {
+    /// Time between two polls when none is set.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Time between two polls, default applied.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval.as_ref().map_or(Self::DEFAULT_POLL_INTERVAL, HumanDuration::get)
+    }
 }
 
 /// An uplink as one gateway runs it.
@@ -74,6 +92,16 @@ pub struct GatewayUplink {
 }
 
 impl GatewayUplink {
+    /// The buffer limits, defaults applied.
+    pub fn buffer(&self) -> BufferSpec {
+        self.buffer.clone().unwrap_or_default()
+    }
+
+    /// The message encoding, default applied.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding.unwrap_or_default()
+    }
+
     /// Whether readings of this device go to this uplink.
     pub fn selects(&self, device: &GatewayDevice) -> bool {
         device.namespace == self.namespace && self.devices.as_ref().is_none_or(|names| names.contains(&device.name))
@@ -84,22 +112,174 @@ fn default_namespace() -> String {
     "default".to_string()
 }
 
+/// One key of a Secret that a config reads at run time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    /// Path of the reference, such as `uplinks[0].mqtt.auth.secretRef`.
+    pub path: String,
+    /// Name of the Secret (as the config names it).
+    pub name: String,
+    /// The key read.
+    pub key: String,
+    /// Whether the config cannot run without it: an uplink's Secrets are; a device's are not
+    /// (that device alone is refused until its Secret is there).
+    pub required: bool,
+}
+
+impl GatewayConfig {
+    /// Every Secret key the config reads, in document order.
+    pub fn secret_uses(&self) -> Vec<SecretUse> {
+        let mut out = Vec::new();
+        let mut add = |path: String, name: &str, key: &str, required: bool| {
+            out.push(SecretUse { path, name: name.to_string(), key: key.to_string(), required });
+        };
+        for (i, d) in self.devices.iter().enumerate() {
+            let at = format!("devices[{i}].connection");
+            match &d.connection {
+                Connection::Coap(c) => {
+                    if let Some(r) = &c.token_secret_ref {
+                        add(format!("{at}.coap.tokenSecretRef"), &r.name, r.key(), false);
+                    }
+                }
+                Connection::Tcp(r) => {
+                    add(format!("{at}.tcp.tokenSecretRef"), &r.token_secret_ref.name, r.token_secret_ref.key(), false)
+                }
+                Connection::Udp(r) => {
+                    add(format!("{at}.udp.tokenSecretRef"), &r.token_secret_ref.name, r.token_secret_ref.key(), false)
+                }
+                Connection::Mqtt(m) => {
+                    if let Some(a) = &m.auth {
+                        for key in ["username", "password"] {
+                            add(format!("{at}.mqtt.auth.secretRef"), &a.secret_ref.name, key, false);
+                        }
+                    }
+                }
+                Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => {}
+            }
+        }
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let at = format!("uplinks[{i}].mqtt");
+            if let Some(a) = &u.mqtt.auth {
+                for key in ["username", "password"] {
+                    add(format!("{at}.auth.secretRef"), &a.secret_ref.name, key, true);
+                }
+            }
+            if let Some(tls) = &u.mqtt.tls {
+                if let Some(r) = &tls.ca_secret_ref {
+                    add(format!("{at}.tls.caSecretRef"), &r.name, r.key(), true);
+                }
+                if let Some(r) = &tls.client_cert_secret_ref {
+                    for key in ["tls.crt", "tls.key"] {
+                        add(format!("{at}.tls.clientCertSecretRef"), &r.name, key, true);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Why a `GatewayConfig` document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a YAML (or JSON) document; the message names the line and column.
+    #[error("{0}")]
+    Syntax(#[source] serde_saphyr::Error),
+    /// A well-formed document with invalid fields: every problem, each with its field path.
+    #[error("{0}")]
+    Invalid(#[source] ValidationErrors),
+}
+
+impl ConfigError {
+    /// Label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigError::Syntax(_) => "syntax",
+            ConfigError::Invalid(_) => "invalid",
+        }
+    }
+
+    /// The refused fields (empty for a syntax error).
+    pub fn fields(&self) -> &[crate::FieldError] {
+        match self {
+            ConfigError::Syntax(_) => &[],
+            ConfigError::Invalid(e) => &e.0,
+        }
+    }
+}
+
 impl GatewayConfig {
     /// The `apiVersion` a GatewayConfig carries.
     pub const API_VERSION: &'static str = "fieldgate.io/v1alpha1";
     /// The `kind` a GatewayConfig carries.
     pub const KIND: &'static str = "GatewayConfig";
 
-    /// Parses a YAML (or JSON) document. Structural errors name the line and column;
-    /// call [`GatewayConfig::validate`] for the semantic checks.
-    pub fn from_yaml(text: &str) -> Result<Self, serde_saphyr::Error> {
-        // The parser's default budget (250k nodes) refuses a node with ~13k devices; a device
-        // is ~20 nodes. Allow a few hundred thousand devices; the file size bounds the rest.
-        let mut budget = serde_saphyr::Budget::default();
-        budget.max_nodes = 8_000_000;
-        budget.max_events = 16_000_000;
-        let mut options = serde_saphyr::Options::default();
-        options.budget = Some(budget);
-        serde_saphyr::from_str_with_options(text, options)
+    /// Reads and checks a YAML (or JSON) document: its structure against the strict schema
+    /// (unknown fields, types, ranges, patterns — see [`crate::schema`]), then the semantic
+    /// checks of [`GatewayConfig::validate`]. Every problem is reported at once with its field
+    /// path; when some devices or uplinks are malformed, the others are still checked.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let doc = parse_yaml(text).map_err(ConfigError::Syntax)?;
+        let mut errs = ValidationErrors::default();
+        crate::schema::gateway_config().check(&doc, "", &mut errs);
+        if errs.0.is_empty() {
+            let config: GatewayConfig = serde_json::from_value(doc).map_err(|e| {
+                // The schema admits only what the types read; this is a bug, still reported.
+                let mut errs = ValidationErrors::default();
+                errs.push("document", e.to_string());
+                ConfigError::Invalid(errs)
+            })?;
+            config.validate_semantics(&mut errs);
+            return errs.into_result().map(|()| config).map_err(ConfigError::Invalid);
+        }
+        check_well_formed_parts(&doc, &mut errs);
+        Err(ConfigError::Invalid(errs))
     }
+}
+
+/// Runs the semantic checks on every device and uplink of a document that has no structural
+/// problem of its own, so that one run reports all problems of the document.
+fn check_well_formed_parts(doc: &Value, errs: &mut ValidationErrors) {
+    fn parts<T: serde::de::DeserializeOwned>(doc: &Value, field: &str, errs: &ValidationErrors) -> Vec<(usize, T)> {
+        let items = doc.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let at = format!("{field}[{i}]");
+                !errs.0.iter().any(|e| {
+                    e.path.strip_prefix(&at).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+                })
+            })
+            .filter_map(|(i, v)| Some((i, serde_json::from_value(v.clone()).ok()?)))
+            .collect()
+    }
+    let devices: Vec<(usize, GatewayDevice)> = parts(doc, "devices", errs);
+    let uplinks: Vec<(usize, GatewayUplink)> = parts(doc, "uplinks", errs);
+    // Uplinks may name any device of the document, well-formed or not.
+    let names = doc.get("devices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let known: BTreeSet<(&str, &str)> = names
+        .iter()
+        .filter_map(|d| {
+            let ns = d.get("namespace").map_or(Some("default"), Value::as_str)?;
+            Some((ns, d.get("name")?.as_str()?))
+        })
+        .collect();
+    crate::validate::validate_parts(
+        errs,
+        devices.iter().map(|(i, d)| (*i, d)),
+        uplinks.iter().map(|(i, u)| (*i, u)),
+        &known,
+    );
+}
+
+fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
+    // The parser's default budget (250k nodes) refuses a node with ~13k devices; a device
+    // is ~20 nodes. Allow a few hundred thousand devices; the file size bounds the rest.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 8_000_000;
+    budget.max_events = 16_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    serde_saphyr::from_str_with_options(text, options)
 }

@@ -3,29 +3,34 @@
 //! - [`Device`], [`DeviceProfile`] and [`Uplink`] are the custom resources people apply.
 //! - [`GatewayConfig`] is the document one gateway runs from: the operator renders one per
 //!   edge node, and a standalone gateway reads it from a file.
-//! - [`validate`] holds the checks both the operator and the gateway need; every check reports
-//!   the field path of what it found wrong, and all problems are reported at once.
+//! - [`schema`] checks a document against the strict schema of its type (unknown fields, types,
+//!   ranges, patterns) and [`validate`] holds the semantic checks both the operator and the
+//!   gateway need; every check reports the field path of what it found wrong, and all problems
+//!   are reported at once.
+//! - [`values`]: durations, byte quantities and broker URLs, parsed once when a document is read.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod device;
 pub mod gateway_config;
 pub mod point;
-pub mod quantity;
+pub mod schema;
 pub mod uplink;
 pub mod validate;
+pub mod values;
 
 pub use device::{
     CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef, DeviceSpec, DeviceStatus,
     ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement, RawConnection,
 };
-pub use gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
+pub use gateway_config::{ConfigError, GatewayConfig, GatewayDevice, GatewayUplink, SecretUse};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};
 pub use uplink::{
     BufferSpec, Encoding, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef, Uplink, UplinkGatewayStatus,
     UplinkSpec, UplinkStatus,
 };
 pub use validate::{FieldError, ValidationErrors};
+pub use values::{BrokerUrl, ByteSize, HumanDuration, ValueError};
 
 /// The API group of every Fieldgate resource.
 pub const GROUP: &str = "fieldgate.io";

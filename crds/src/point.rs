@@ -3,6 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::values::HumanDuration;
+
 /// One named value of a device (a register, a coil, a field of a message).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -54,10 +56,10 @@ pub struct ReportRule {
     /// Longest time without a report, such as `60s`: the value is reported then even if
     /// unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_interval: Option<String>,
+    pub max_interval: Option<HumanDuration>,
     /// Shortest time between two reports, such as `5s`: values in between are skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sampling: Option<String>,
+    pub sampling: Option<HumanDuration>,
 }
 
 impl Point {
@@ -154,12 +156,14 @@ pub struct ModbusPoint {
     /// (most significant word first). Bytes within a register are always big-endian.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub word_order: Option<WordOrder>,
-    /// Number of registers of a `string` point (two characters each). Only for strings.
+    /// Number of registers of a `string` point (two characters each, 1-125). Only for strings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 125))]
     pub length: Option<u16>,
-    /// Bit (0 = least significant) of a register holding a `bool` point. Without it a
+    /// Bit (0 = least significant, 0-15) of a register holding a `bool` point. Without it a
     /// register-backed bool is true when the register is non-zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 15))]
     pub bit: Option<u8>,
 }
 

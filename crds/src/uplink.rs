@@ -4,6 +4,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::values::{BrokerUrl, ByteSize, HumanDuration};
 
 /// A cloud endpoint that receives the readings of the devices it selects.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -25,6 +28,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"Why the object is (not) ready","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct UplinkSpec {
     /// Devices of this namespace whose readings go to this uplink. Empty: every Device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,7 +51,7 @@ pub struct UplinkSpec {
 #[serde(rename_all = "camelCase")]
 pub struct MqttUplink {
     /// Broker address: `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
-    pub url: String,
+    pub url: BrokerUrl,
     /// MQTT protocol version: 3 (3.1.1) or 5. Defaults to 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u8>,
@@ -67,9 +71,10 @@ pub struct MqttUplink {
     pub client_id: Option<String>,
     /// Keep-alive interval, such as `30s`. Defaults to `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep_alive: Option<String>,
+    pub keep_alive: Option<HumanDuration>,
     /// Publishes awaiting the broker's acknowledgement at once (1-65535). Defaults to 256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_in_flight: Option<u16>,
     /// Username and password, from a Secret (keys `username` and `password`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +82,37 @@ pub struct MqttUplink {
     /// TLS settings; only with an `mqtts://` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MqttTls>,
+}
+
+impl MqttUplink {
+    /// Topic template when none is set.
+    pub const DEFAULT_TOPIC: &'static str = "fieldgate/{namespace}/{device}/telemetry";
+    /// Protocol version when none is set.
+    pub const DEFAULT_PROTOCOL_VERSION: u8 = 5;
+    /// Keep-alive interval when none is set.
+    pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+    /// Publishes awaiting acknowledgement when none is set.
+    pub const DEFAULT_MAX_IN_FLIGHT: u16 = 256;
+
+    /// The topic template, default applied.
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or(Self::DEFAULT_TOPIC)
+    }
+
+    /// The protocol version, default applied.
+    pub fn protocol_version(&self) -> u8 {
+        self.protocol_version.unwrap_or(Self::DEFAULT_PROTOCOL_VERSION)
+    }
+
+    /// The keep-alive interval, default applied.
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive.as_ref().map_or(Self::DEFAULT_KEEP_ALIVE, HumanDuration::get)
+    }
+
+    /// Publishes awaiting acknowledgement, default applied.
+    pub fn max_in_flight(&self) -> u16 {
+        self.max_in_flight.unwrap_or(Self::DEFAULT_MAX_IN_FLIGHT)
+    }
 }
 
 /// Credentials for the broker. Never inline: always a Secret reference.
@@ -119,6 +155,16 @@ pub struct SecretKeyRef {
     pub key: Option<String>,
 }
 
+impl SecretKeyRef {
+    /// The key when none is set.
+    pub const DEFAULT_KEY: &'static str = "ca.crt";
+
+    /// The key, default applied.
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(Self::DEFAULT_KEY)
+    }
+}
+
 /// Encoding of the messages sent to the cloud (schema: `proto/fieldgate/v1/reading.proto`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -134,19 +180,48 @@ pub enum Encoding {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BufferSpec {
-    /// Most bytes kept, as a quantity such as `512Mi` or `1Gi`. Defaults to `1Gi`.
+    /// Most bytes kept, as a quantity such as `512Mi` or `1Gi` (at least `64Ki`). Defaults to `1Gi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_bytes: Option<String>,
-    /// Oldest reading kept, such as `72h`. Defaults to `72h`.
+    pub max_bytes: Option<ByteSize>,
+    /// Oldest reading kept, such as `72h` (at least `1s`). Defaults to `72h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_age: Option<String>,
+    pub max_age: Option<HumanDuration>,
     /// What happens when the buffer is full. Defaults to `dropOldest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_full: Option<OnFull>,
     /// Time after which a reading sent but not acknowledged by the broker is sent again,
-    /// such as `30s`. Defaults to `30s`.
+    /// such as `30s` (at least `100ms`). Defaults to `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redeliver_after: Option<String>,
+    pub redeliver_after: Option<HumanDuration>,
+}
+
+impl BufferSpec {
+    /// Most bytes kept when none is set.
+    pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+    /// Oldest reading kept when none is set.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(72 * 3600);
+    /// Redelivery time when none is set.
+    pub const DEFAULT_REDELIVER_AFTER: Duration = Duration::from_secs(30);
+
+    /// Most bytes kept, default applied.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.as_ref().map_or(Self::DEFAULT_MAX_BYTES, ByteSize::bytes)
+    }
+
+    /// Oldest reading kept, default applied.
+    pub fn max_age(&self) -> Duration {
+        self.max_age.as_ref().map_or(Self::DEFAULT_MAX_AGE, HumanDuration::get)
+    }
+
+    /// The full-buffer policy, default applied.
+    pub fn on_full(&self) -> OnFull {
+        self.on_full.unwrap_or_default()
+    }
+
+    /// Redelivery time, default applied.
+    pub fn redeliver_after(&self) -> Duration {
+        self.redeliver_after.as_ref().map_or(Self::DEFAULT_REDELIVER_AFTER, HumanDuration::get)
+    }
 }
 
 /// Policy of a full buffer. Every dropped reading is counted with its reason.
@@ -163,6 +238,7 @@ pub enum OnFull {
 /// Observed state of an Uplink: health and counters only.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct UplinkStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,6 @@
-//! Checks shared by the operator and the gateway.
+//! Semantic checks shared by the operator and the gateway: what a schema cannot say (relations
+//! between fields, names, references, minimum durations). Structure, types, numeric ranges and
+//! the grammar of text values are the schema's ([`crate::schema`]).
 //!
 //! Every check reports the field path of the value it refuses, and a validation reports every
 //! problem it finds, not just the first.
@@ -10,8 +12,8 @@ use std::time::Duration;
 use crate::device::{Connection, DeviceProfileSpec, DeviceSpec, ModbusTcpConnection};
 use crate::gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 use crate::point::{Access, Point, ValueType};
-use crate::quantity::parse_bytes;
 use crate::uplink::{BufferSpec, MqttUplink, UplinkSpec};
+use crate::values::HumanDuration;
 
 /// One refused value: where it is and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,10 +57,10 @@ impl ValidationErrors {
     }
 }
 
-/// Parses a duration such as `500ms`, `1s`, `2m30s` or `72h`.
+/// Parses a duration such as `500ms`, `1s`, `2m30s` or `72h` (the grammar of
+/// [`HumanDuration`]), for durations that arrive outside a config document.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("{text:?} is not a duration such as 500ms, 1s or 72h ({e})"))
+    HumanDuration::parse(text).map(|d| d.get()).map_err(|e| e.to_string())
 }
 
 /// Smallest poll interval accepted.
@@ -67,19 +69,18 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Placeholders a topic template may contain.
 pub const TOPIC_PLACEHOLDERS: [&str; 4] = ["namespace", "device", "uplink", "node"];
 
-fn check_duration(errs: &mut ValidationErrors, path: &str, value: Option<&String>, min: Duration) -> Option<Duration> {
-    let text = value?;
-    match parse_duration(text) {
-        Ok(d) if d < min => {
-            errs.push(path, format!("{text:?} is shorter than the minimum {min:?}"));
-            None
-        }
-        Ok(d) => Some(d),
-        Err(e) => {
-            errs.push(path, e);
-            None
-        }
+fn check_duration(
+    errs: &mut ValidationErrors,
+    path: &str,
+    value: Option<&HumanDuration>,
+    min: Duration,
+) -> Option<Duration> {
+    let d = value?;
+    if d.get() < min {
+        errs.push(path, format!("{:?} is shorter than the minimum {}", d.as_str(), HumanDuration::from(min)));
+        return None;
     }
+    Some(d.get())
 }
 
 /// Whether `name` is a DNS-1123 subdomain (the rule for object names).
@@ -145,23 +146,16 @@ pub fn validate_modbus_point(errs: &mut ValidationErrors, at: &str, p: &Point) {
         errs.push(format!("{at}.access"), format!("the {:?} table is read-only", m.table));
     }
     match (p.value_type, m.length) {
-        (ValueType::String, None | Some(0)) => {
+        (ValueType::String, None) => {
             errs.push(format!("{mat}.length"), "a string point needs a length of 1-125 registers")
-        }
-        (ValueType::String, Some(l)) if l > 125 => {
-            errs.push(format!("{mat}.length"), format!("{l} registers exceed one request (125)"))
         }
         (t, Some(_)) if t != ValueType::String => {
             errs.push(format!("{mat}.length"), "only string points have a length")
         }
         _ => {}
     }
-    if let Some(bit) = m.bit {
-        if p.value_type != ValueType::Bool || !m.table.is_register() {
-            errs.push(format!("{mat}.bit"), "only a bool point in a register table has a bit");
-        } else if bit > 15 {
-            errs.push(format!("{mat}.bit"), format!("{bit} is not a bit of a 16-bit register (0-15)"));
-        }
+    if m.bit.is_some() && (p.value_type != ValueType::Bool || !m.table.is_register()) {
+        errs.push(format!("{mat}.bit"), "only a bool point in a register table has a bit");
     }
     if m.word_order.is_some() && p.value_type.registers().unwrap_or(0) < 2 {
         errs.push(format!("{mat}.wordOrder"), "only values of 2 or 4 registers have a word order");
@@ -175,9 +169,6 @@ pub fn validate_modbus_point(errs: &mut ValidationErrors, at: &str, p: &Point) {
 fn validate_modbus_tcp(errs: &mut ValidationErrors, path: &str, c: &ModbusTcpConnection) {
     if c.host.trim().is_empty() {
         errs.push(format!("{path}.host"), "must not be empty");
-    }
-    if c.port == Some(0) {
-        errs.push(format!("{path}.port"), "must be 1-65535");
     }
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
@@ -196,7 +187,7 @@ fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection, 
     match c {
         Connection::ModbusTcp(m) => validate_modbus_tcp(errs, &format!("{path}.modbusTcp"), m),
         Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c, names),
-        Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m),
+        Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m, names),
         Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r, names),
         Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r, names),
         Connection::ModbusRtu(m) => validate_modbus_rtu(errs, &format!("{path}.modbusRtu"), m),
@@ -218,46 +209,46 @@ fn validate_modbus_rtu(errs: &mut ValidationErrors, path: &str, c: &crate::devic
         }
         _ => {}
     }
-    if !(1..=247).contains(&c.unit_id) {
-        errs.push(format!("{path}.unitId"), format!("{} is not a unit id of a serial bus (1-247)", c.unit_id));
-    }
-    if c.baud_rate == Some(0) {
-        errs.push(format!("{path}.baudRate"), "must be positive");
-    }
-    if c.data_bits.is_some_and(|b| b != 7 && b != 8) {
-        errs.push(format!("{path}.dataBits"), "must be 7 or 8");
-    }
-    if c.stop_bits.is_some_and(|b| b != 1 && b != 2) {
-        errs.push(format!("{path}.stopBits"), "must be 1 or 2");
-    }
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
-fn validate_secret_ref(
-    errs: &mut ValidationErrors,
-    path: &str,
-    r: &crate::device::DeviceSecretRef,
-    names: SecretNames,
-) {
-    let rendered = || crate::node_objects::split_secret_dir(&r.name).is_some();
+/// Whether `key` is a key of a Secret's data: `[-._a-zA-Z0-9]+`, at most 253 characters, not
+/// `.` or `..` (the Kubernetes rule; it also keeps a key a plain file name).
+pub fn is_secret_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// Checks one Secret reference — every kind of them (device tokens, broker credentials, CA
+/// bundles, client certificates) the same way. `path` is the reference's own path.
+fn validate_secret_ref(errs: &mut ValidationErrors, path: &str, name: &str, key: Option<&str>, names: SecretNames) {
+    let rendered = || crate::node_objects::split_secret_dir(name).is_some();
     let valid = match names {
-        SecretNames::Object => is_dns_subdomain(&r.name),
-        SecretNames::Config => is_dns_subdomain(&r.name) || rendered(),
+        SecretNames::Object => is_dns_subdomain(name),
+        SecretNames::Config => is_dns_subdomain(name) || rendered(),
     };
     if !valid {
-        errs.push(format!("{path}.name"), format!("{:?} is not a Secret name", r.name));
+        errs.push(format!("{path}.name"), format!("{name:?} is not a Secret name (a DNS-1123 subdomain)"));
     }
-    if r.key.as_deref().is_some_and(|k| k.is_empty() || k.contains('/')) {
-        errs.push(format!("{path}.key"), "must be a non-empty Secret key without '/'");
+    if let Some(key) = key
+        && !is_secret_key(key)
+    {
+        errs.push(format!("{path}.key"), format!("{key:?} is not a Secret key ([-._a-zA-Z0-9]+, not . or ..)"));
+    }
+}
+
+fn validate_auth(errs: &mut ValidationErrors, path: &str, auth: Option<&crate::uplink::MqttAuth>, names: SecretNames) {
+    if let Some(a) = auth {
+        validate_secret_ref(errs, &format!("{path}.auth.secretRef"), &a.secret_ref.name, None, names);
     }
 }
 
 fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection, names: SecretNames) {
     if c.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
         errs.push(format!("{path}.host"), "must not be empty");
-    }
-    if c.port == Some(0) {
-        errs.push(format!("{path}.port"), "must be 1-65535");
     }
     for (field, p) in [("path", &c.path), ("pushPath", &c.push_path)] {
         if let Some(p) = p
@@ -269,21 +260,23 @@ fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::Coa
     if c.host.is_none() && (c.path.is_some() || c.observe.is_some()) {
         errs.push(format!("{path}.host"), "path and observe need the device's host");
     }
-    if let Some(n) = c.max_body_bytes
-        && !(16..=1_048_576).contains(&n)
-    {
-        errs.push(format!("{path}.maxBodyBytes"), format!("{n} is not within 16-1048576"));
-    }
     if let Some(r) = &c.token_secret_ref {
-        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), r, names);
+        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.name, r.key.as_deref(), names);
     }
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
-fn validate_mqtt_device(errs: &mut ValidationErrors, path: &str, m: &crate::device::MqttDeviceConnection) {
-    match m.url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) if !rest.is_empty() => {}
-        _ => errs.push(format!("{path}.url"), format!("{:?} is not an mqtt://host:port URL", m.url)),
+fn validate_mqtt_device(
+    errs: &mut ValidationErrors,
+    path: &str,
+    m: &crate::device::MqttDeviceConnection,
+    names: SecretNames,
+) {
+    if m.url.tls() {
+        errs.push(
+            format!("{path}.url"),
+            format!("{:?}: TLS to a field broker is not supported (use mqtt://)", m.url.as_str()),
+        );
     }
     if m.topics.is_empty() {
         errs.push(format!("{path}.topics"), "needs at least one topic filter");
@@ -306,11 +299,7 @@ fn validate_mqtt_device(errs: &mut ValidationErrors, path: &str, m: &crate::devi
     {
         errs.push(format!("{path}.protocolVersion"), format!("{v} is not 3 (3.1.1) or 5"));
     }
-    if let Some(a) = &m.auth
-        && a.secret_ref.name.is_empty()
-    {
-        errs.push(format!("{path}.auth.secretRef.name"), "must not be empty");
-    }
+    validate_auth(errs, path, m.auth.as_ref(), names);
     check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
 }
 
@@ -320,7 +309,8 @@ fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawC
     {
         errs.push(format!("{path}.id"), format!("{id:?} must be 1-128 characters without spaces"));
     }
-    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.token_secret_ref, names);
+    let r = &r.token_secret_ref;
+    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.name, r.key.as_deref(), names);
 }
 
 /// Checks the reporting rule of a point (`at` is the point's path).
@@ -370,18 +360,7 @@ pub fn validate_topic(errs: &mut ValidationErrors, path: &str, topic: &str) {
     }
 }
 
-fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink) {
-    let tls_url = match m.url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) if !rest.is_empty() => false,
-        Some(("mqtts" | "ssl", rest)) if !rest.is_empty() => true,
-        _ => {
-            errs.push(
-                format!("{path}.url"),
-                format!("{:?} is not an mqtt://host:port or mqtts://host:port URL", m.url),
-            );
-            false
-        }
-    };
+fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink, names: SecretNames) {
     if let Some(v) = m.protocol_version
         && v != 3
         && v != 5
@@ -402,39 +381,56 @@ fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink) {
     if let Some(t) = &m.command_topic {
         validate_topic(errs, &format!("{path}.commandTopic"), t);
     }
-    if m.max_in_flight == Some(0) {
-        errs.push(format!("{path}.maxInFlight"), "must be at least 1");
-    }
     check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
-    if let Some(a) = &m.auth
-        && a.secret_ref.name.is_empty()
-    {
-        errs.push(format!("{path}.auth.secretRef.name"), "must not be empty");
-    }
-    if m.tls.is_some() && !tls_url {
-        errs.push(format!("{path}.tls"), "TLS settings need an mqtts:// URL");
+    validate_auth(errs, path, m.auth.as_ref(), names);
+    if let Some(tls) = &m.tls {
+        if !m.url.tls() {
+            errs.push(format!("{path}.tls"), "TLS settings need an mqtts:// URL");
+        }
+        if let Some(r) = &tls.ca_secret_ref {
+            validate_secret_ref(errs, &format!("{path}.tls.caSecretRef"), &r.name, r.key.as_deref(), names);
+        }
+        if let Some(r) = &tls.client_cert_secret_ref {
+            validate_secret_ref(errs, &format!("{path}.tls.clientCertSecretRef"), &r.name, None, names);
+        }
     }
 }
 
+/// Smallest buffer accepted.
+pub const MIN_BUFFER_BYTES: u64 = 64 * 1024;
+
 fn validate_buffer(errs: &mut ValidationErrors, path: &str, b: &BufferSpec) {
-    if let Some(max) = &b.max_bytes {
-        match parse_bytes(max) {
-            Ok(n) if n < 64 * 1024 => {
-                errs.push(format!("{path}.maxBytes"), format!("{max:?} is below the minimum 64Ki"))
-            }
-            Ok(_) => {}
-            Err(e) => errs.push(format!("{path}.maxBytes"), e),
-        }
+    // JetStream keeps the limit as an i64.
+    if let Some(max) = &b.max_bytes
+        && !(MIN_BUFFER_BYTES..=i64::MAX as u64).contains(&max.bytes())
+    {
+        errs.push(format!("{path}.maxBytes"), format!("{:?} is out of range 64Ki-8Ei", max.as_str()));
     }
     check_duration(errs, &format!("{path}.maxAge"), b.max_age.as_ref(), Duration::from_secs(1));
     check_duration(errs, &format!("{path}.redeliverAfter"), b.redeliver_after.as_ref(), Duration::from_millis(100));
+}
+
+/// Checks a typed value against the strict schema of its type: what the types alone cannot
+/// hold (numeric ranges), for values that did not come through a schema check (built in code,
+/// or stored under an older CRD). Paths start at `prefix`.
+fn check_schema<T: serde::Serialize>(
+    errs: &mut ValidationErrors,
+    schema: &crate::schema::DocumentSchema,
+    prefix: &str,
+    value: &T,
+) {
+    match serde_json::to_value(value) {
+        Ok(doc) => schema.check(&doc, prefix, errs),
+        Err(e) => errs.push(prefix, e.to_string()),
+    }
 }
 
 impl UplinkSpec {
     /// Checks an Uplink's spec; paths start at `spec`.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
-        validate_mqtt(&mut errs, "spec.mqtt", &self.mqtt);
+        check_schema(&mut errs, crate::schema::uplink_spec(), "spec", self);
+        validate_mqtt(&mut errs, "spec.mqtt", &self.mqtt, SecretNames::Object);
         if let Some(b) = &self.buffer {
             validate_buffer(&mut errs, "spec.buffer", b);
         }
@@ -446,6 +442,7 @@ impl DeviceSpec {
     /// Checks a Device's own spec (before its profile is merged in); paths start at `spec`.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
+        check_schema(&mut errs, crate::schema::device_spec(), "spec", self);
         validate_connection(&mut errs, "spec.connection", &self.connection, SecretNames::Object);
         check_duration(&mut errs, "spec.pollInterval", self.poll_interval.as_ref(), MIN_POLL_INTERVAL);
         let modbus = matches!(self.connection, Connection::ModbusTcp(_) | Connection::ModbusRtu(_));
@@ -459,6 +456,7 @@ impl DeviceProfileSpec {
     /// protocol of the devices using them, so Modbus locations are checked where given.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
+        check_schema(&mut errs, crate::schema::device_profile_spec(), "spec", self);
         if self.points.is_empty() {
             errs.push("spec.points", "a profile needs at least one point");
         }
@@ -497,52 +495,70 @@ fn validate_device(errs: &mut ValidationErrors, path: &str, d: &GatewayDevice) {
     validate_points(errs, &format!("{path}.points"), &d.points, modbus);
 }
 
-fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, cfg: &GatewayConfig) {
+fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, known: &BTreeSet<(&str, &str)>) {
     if !is_dns_label(&u.namespace) {
         errs.push(format!("{path}.namespace"), format!("{:?} is not a DNS-1123 label", u.namespace));
     }
     if !is_dns_subdomain(&u.name) {
         errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", u.name));
     }
-    validate_mqtt(errs, &format!("{path}.mqtt"), &u.mqtt);
+    validate_mqtt(errs, &format!("{path}.mqtt"), &u.mqtt, SecretNames::Config);
     if let Some(b) = &u.buffer {
         validate_buffer(errs, &format!("{path}.buffer"), b);
     }
     for (i, name) in u.devices.iter().flatten().enumerate() {
-        let known = cfg.devices.iter().any(|d| d.namespace == u.namespace && d.name == *name);
-        if !known {
+        if !known.contains(&(u.namespace.as_str(), name.as_str())) {
             errs.push(format!("{path}.devices[{i}]"), format!("no device {name:?} in namespace {:?}", u.namespace));
         }
     }
 }
 
 impl GatewayConfig {
-    /// Checks the whole document; paths start at the document root.
+    /// Checks the whole document, built in code or read by [`GatewayConfig::from_yaml`]
+    /// (which calls it); paths start at the document root.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
+        check_schema(&mut errs, crate::schema::gateway_config(), "", self);
+        self.validate_semantics(&mut errs);
+        errs.into_result()
+    }
+
+    /// The checks a schema cannot do.
+    pub(crate) fn validate_semantics(&self, errs: &mut ValidationErrors) {
         if self.api_version != Self::API_VERSION {
             errs.push("apiVersion", format!("{:?} is not {:?}", self.api_version, Self::API_VERSION));
         }
         if self.kind != Self::KIND {
             errs.push("kind", format!("{:?} is not {:?}", self.kind, Self::KIND));
         }
-        let mut seen = BTreeSet::new();
-        for (i, d) in self.devices.iter().enumerate() {
-            let path = format!("devices[{i}]");
-            if !seen.insert((d.namespace.as_str(), d.name.as_str())) {
-                errs.push(format!("{path}.name"), format!("duplicate device {}/{}", d.namespace, d.name));
-            }
-            validate_device(&mut errs, &path, d);
+        let known = self.devices.iter().map(|d| (d.namespace.as_str(), d.name.as_str())).collect();
+        validate_parts(errs, self.devices.iter().enumerate(), self.uplinks.iter().enumerate(), &known);
+    }
+}
+
+/// Checks devices and uplinks of one document, each with its index in the document; uplinks may
+/// name the devices in `known` (namespace, name).
+pub(crate) fn validate_parts<'a>(
+    errs: &mut ValidationErrors,
+    devices: impl Iterator<Item = (usize, &'a GatewayDevice)>,
+    uplinks: impl Iterator<Item = (usize, &'a GatewayUplink)>,
+    known: &BTreeSet<(&str, &str)>,
+) {
+    let mut seen = BTreeSet::new();
+    for (i, d) in devices {
+        let path = format!("devices[{i}]");
+        if !seen.insert((d.namespace.as_str(), d.name.as_str())) {
+            errs.push(format!("{path}.name"), format!("duplicate device {}/{}", d.namespace, d.name));
         }
-        let mut seen = BTreeSet::new();
-        for (i, u) in self.uplinks.iter().enumerate() {
-            let path = format!("uplinks[{i}]");
-            if !seen.insert((u.namespace.as_str(), u.name.as_str())) {
-                errs.push(format!("{path}.name"), format!("duplicate uplink {}/{}", u.namespace, u.name));
-            }
-            validate_uplink(&mut errs, &path, u, self);
+        validate_device(errs, &path, d);
+    }
+    let mut seen = BTreeSet::new();
+    for (i, u) in uplinks {
+        let path = format!("uplinks[{i}]");
+        if !seen.insert((u.namespace.as_str(), u.name.as_str())) {
+            errs.push(format!("{path}.name"), format!("duplicate uplink {}/{}", u.namespace, u.name));
         }
-        errs.into_result()
+        validate_uplink(errs, &path, u, known);
     }
 }
 
@@ -582,19 +598,25 @@ uplinks:
         parse(VALID).validate().unwrap();
     }
 
+    /// Every problem of a document, as `path: message` lines.
+    fn problems(text: &str) -> Vec<String> {
+        match GatewayConfig::from_yaml(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.fields().iter().map(ToString::to_string).collect(),
+        }
+    }
+
     #[test]
     fn every_problem_is_reported_with_its_path() {
         let mut cfg = parse(VALID);
-        cfg.devices[0].poll_interval = Some("fast".into());
         cfg.devices[0].points[1].value_type = ValueType::Float32;
         cfg.devices[0].points[2].modbus.as_mut().unwrap().length = None;
         cfg.uplinks[0].mqtt.qos = Some(0);
         cfg.uplinks[0].mqtt.topic = Some("t/{site}/#".into());
-        cfg.uplinks[0].buffer.as_mut().unwrap().max_bytes = Some("1GB".into());
+        cfg.uplinks[0].buffer.as_mut().unwrap().max_bytes = Some("32Ki".parse().unwrap());
         assert_eq!(
             paths(&cfg),
             [
-                "devices[0].pollInterval",
                 "devices[0].points[1].type",
                 "devices[0].points[2].modbus.length",
                 "uplinks[0].mqtt.qos",
@@ -606,18 +628,161 @@ uplinks:
     }
 
     #[test]
-    fn messages_name_the_offending_value() {
-        let mut cfg = parse(VALID);
-        cfg.devices[0].connection = Connection::ModbusTcp(ModbusTcpConnection {
-            host: "h".into(),
-            port: Some(0),
-            unit_id: None,
-            timeout: Some("1 fortnight".into()),
-        });
-        let text = cfg.validate().unwrap_err().to_string();
-        assert!(text.contains("devices[0].connection.modbusTcp.port: must be 1-65535"), "{text}");
-        assert!(text.contains("devices[0].connection.modbusTcp.timeout"), "{text}");
-        assert!(text.contains("1 fortnight"), "{text}");
+    fn misspelt_nested_fields_are_refused_with_their_paths() {
+        let text = VALID
+            .replace("unit: kW.h,", "unit: kW.h, scael: 0.1,")
+            .replace("onFull: rejectNew", "onFul: rejectNew")
+            .replace("protocolVersion: 5,", "protocolVersion: 5, qso: 1,")
+            .replace("modbusTcp: {host", "modbusTcp: {hots: x, host")
+            .replace("table: coil,", "tabel: coil, table: coil,");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [
+                "devices[0].connection.modbusTcp.hots: unknown field (did you mean host?); \
+                 expected one of host, port, timeout, unitId",
+                "devices[0].points[0].scael: unknown field (did you mean scale?); \
+                 expected one of access, modbus, name, offset, path, report, scale, type, unit",
+                "devices[0].points[1].modbus.tabel: unknown field (did you mean table?); \
+                 expected one of address, bit, length, table, wordOrder",
+                "uplinks[0].buffer.onFul: unknown field (did you mean onFull?); \
+                 expected one of maxAge, maxBytes, onFull, redeliverAfter",
+                "uplinks[0].mqtt.qso: unknown field (did you mean qos?); expected one of auth, clientId, \
+                 commandTopic, keepAlive, maxInFlight, protocolVersion, qos, tls, topic, url",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_the_field_and_the_range() {
+        let text = VALID.replace("port: 5020", "port: 70000").replace("address: 10,", "address: -1,");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [
+                "devices[0].connection.modbusTcp.port: 70000 is out of range 1-65535",
+                "devices[0].points[2].modbus.address: -1 is out of range 0-65535",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn malformed_text_values_types_and_missing_fields_are_named() {
+        let text = VALID
+            .replace("pollInterval: 1s", "pollInterval: fast")
+            .replace("timeout: 500ms", "timeout: 1 fortnight")
+            .replace("maxBytes: 1Gi", "maxBytes: 1GB")
+            .replace("url: \"mqtt://127.0.0.1:1883\"", "url: \"http://127.0.0.1\"")
+            .replace("unitId: 1,", "unitId: \"one\",")
+            .replace("- {name: running, type: bool,", "- {type: bool,")
+            .replace("wordOrder: littleEndian", "wordOrder: little");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [
+                "devices[0].connection.modbusTcp.timeout: \"1 fortnight\" is not a duration such as 500ms, 1s, 2m30s or 72h",
+                "devices[0].connection.modbusTcp.unitId: expected a whole number, found \"one\"",
+                "devices[0].points[0].modbus.wordOrder: \"little\" is not one of bigEndian, littleEndian",
+                "devices[0].points[1].name: required field is missing",
+                "devices[0].pollInterval: \"fast\" is not a duration such as 500ms, 1s, 2m30s or 72h",
+                "uplinks[0].buffer.maxBytes: \"1GB\" is not a byte quantity such as 512Mi or 1Gi \
+                 (suffixes Ki Mi Gi Ti Pi Ei, k M G T P E)",
+                "uplinks[0].mqtt.url: \"http://127.0.0.1\" is not an mqtt://host:port or mqtts://host:port URL",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn a_connection_names_exactly_one_protocol() {
+        let two = VALID.replace(
+            "modbusTcp: {host: 127.0.0.1, port: 5020, unitId: 1, timeout: 500ms}",
+            "{modbusTcp: {host: h}, coap: {}}",
+        );
+        assert_eq!(
+            problems(&two),
+            ["devices[0].connection: set exactly one of coap, modbusRtu, modbusTcp, mqtt, tcp, udp"]
+        );
+        let misspelt = VALID.replace("modbusTcp:", "modbusTCP:");
+        let found = problems(&misspelt);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("devices[0].connection.modbusTCP: unknown field (did you mean modbusTcp?)"),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn semantic_problems_of_well_formed_parts_are_reported_with_structural_ones() {
+        // Device 0 is malformed; device 1 and the uplink are well-formed but wrong.
+        let text = r#"
+apiVersion: fieldgate.io/v1alpha1
+kind: GatewayConfig
+devices:
+- name: meter-1
+  connection: {modbusTcp: {host: h, port: 0}}
+  points: [{name: x, type: bool, modbus: {table: coil, address: 0}}]
+- name: meter-2
+  connection: {modbusTcp: {host: h}}
+  pollInterval: 5ms
+  points: [{name: x, type: int16, modbus: {table: coil, address: 0}}]
+uplinks:
+- name: cloud
+  devices: [meter-1, meter-2, ghost]
+  mqtt: {url: "mqtt://127.0.0.1:1883", qos: 2}
+"#;
+        let found = problems(text);
+        assert_eq!(
+            found,
+            [
+                "devices[0].connection.modbusTcp.port: 0 is out of range 1-65535",
+                "devices[1].pollInterval: \"5ms\" is shorter than the minimum 10ms",
+                "devices[1].points[0].type: a Coil table holds single bits: type must be bool",
+                "uplinks[0].mqtt.qos: 2 is not supported: readings are published with QoS 1 and acknowledged",
+                "uplinks[0].devices[2]: no device \"ghost\" in namespace \"default\"",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn secret_references_are_checked_the_same_way_everywhere() {
+        let text = VALID.replace(
+            "mqtt: {url: \"mqtt://127.0.0.1:1883\",",
+            "mqtt: {url: \"mqtts://127.0.0.1:8883\", auth: {secretRef: {name: ../etc}}, \
+             tls: {caSecretRef: {name: ca, key: ../../passwd}, clientCertSecretRef: {name: a/b}},",
+        );
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [
+                "uplinks[0].mqtt.auth.secretRef.name: \"../etc\" is not a Secret name (a DNS-1123 subdomain)",
+                "uplinks[0].mqtt.tls.caSecretRef.key: \"../../passwd\" is not a Secret key ([-._a-zA-Z0-9]+, not . or ..)",
+                "uplinks[0].mqtt.tls.clientCertSecretRef.name: \"a/b\" is not a Secret name (a DNS-1123 subdomain)",
+            ],
+            "{found:#?}"
+        );
+        let device = VALID
+            .replace(
+                "modbusTcp: {host: 127.0.0.1, port: 5020, unitId: 1, timeout: 500ms}",
+                "tcp: {tokenSecretRef: {name: tok, key: ..}}",
+            )
+            .replace(", modbus: {table: holding, address: 0, wordOrder: littleEndian}", "")
+            .replace(", modbus: {table: coil, address: 3}", "")
+            .replace(", modbus: {table: input, address: 10, length: 4}", "");
+        assert_eq!(
+            problems(&device),
+            ["devices[0].connection.tcp.tokenSecretRef.key: \"..\" is not a Secret key ([-._a-zA-Z0-9]+, not . or ..)"]
+        );
+    }
+
+    #[test]
+    fn a_document_that_is_not_yaml_names_the_line() {
+        let err = GatewayConfig::from_yaml("apiVersion: x\nkind: [\n").unwrap_err();
+        assert_eq!(err.kind(), "syntax");
+        assert!(err.to_string().contains("line"), "{err}");
     }
 
     #[test]
@@ -689,7 +854,17 @@ uplinks:
 
     #[test]
     fn unknown_fields_are_refused_at_parse_time() {
-        let err = GatewayConfig::from_yaml("apiVersion: x\nkind: y\ndevicez: []\n").unwrap_err();
-        assert!(err.to_string().contains("devicez"), "{err}");
+        let found = problems("apiVersion: fieldgate.io/v1alpha1\nkind: GatewayConfig\ndevicez: []\n");
+        assert_eq!(
+            found,
+            [
+                "devicez: unknown field (did you mean devices?); expected one of apiVersion, devices, kind, node, uplinks, version"
+            ]
+        );
+        let found = problems("apiVersion: v1\nkind: ConfigMap\n");
+        assert_eq!(
+            found,
+            ["apiVersion: \"v1\" is not fieldgate.io/v1alpha1", "kind: \"ConfigMap\" is not GatewayConfig"]
+        );
     }
 }

@@ -82,3 +82,54 @@ fn cel_rules_and_list_keys_are_in_the_schemas() {
     assert!(uplink.contains("self.url.startsWith('mqtts://')"), "{uplink}");
     assert!(uplink.contains(r#""x-kubernetes-list-map-keys":["node"]"#), "{uplink}");
 }
+
+#[test]
+fn committed_crd_yaml_reads_back_as_the_generated_definitions() {
+    // The text comparison above cannot tell a folded pattern from a changed one.
+    use kube::CustomResourceExt;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("yaml");
+    for (name, crd) in [
+        ("device", fieldgate_crds::Device::crd()),
+        ("deviceprofile", fieldgate_crds::DeviceProfile::crd()),
+        ("uplink", fieldgate_crds::Uplink::crd()),
+    ] {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.yaml"))).unwrap();
+        let back: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+            serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(back, crd, "{name}");
+    }
+}
+
+#[test]
+fn crd_schemas_use_only_formats_the_api_server_knows() {
+    // `kubectl apply` warns about any other format (such as uint16); ranges stay as
+    // minimum/maximum.
+    fn walk(path: &str, v: &serde_json::Value, found: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                if let Some(f) = o.get("format").and_then(|f| f.as_str())
+                    && !["int32", "int64", "float", "double", "byte", "date-time"].contains(&f)
+                {
+                    found.push(format!("{path}: {f}"));
+                }
+                for (k, child) in o {
+                    walk(&format!("{path}.{k}"), child, found);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|c| walk(path, c, found)),
+            _ => {}
+        }
+    }
+    use kube::CustomResourceExt;
+    let mut found = Vec::new();
+    for crd in [fieldgate_crds::Device::crd(), fieldgate_crds::DeviceProfile::crd(), fieldgate_crds::Uplink::crd()] {
+        walk(&crd.spec.names.kind.clone(), &serde_json::to_value(&crd).unwrap(), &mut found);
+    }
+    assert!(found.is_empty(), "formats the API server does not know: {found:#?}");
+    let device = serde_json::to_value(fieldgate_crds::Device::crd()).unwrap();
+    let port = device.pointer(
+        "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/connection/properties/modbusTcp/properties/port",
+    );
+    let port = port.unwrap();
+    assert_eq!((port["minimum"].as_f64(), port["maximum"].as_f64()), (Some(1.0), Some(65535.0)), "{port}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use fieldgate_crds::GatewayConfig;
+use fieldgate_crds::{ConfigError, GatewayConfig};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -102,8 +102,11 @@ pub enum AppError {
     Config {
         /// The config file.
         path: String,
-        /// Every problem found, with field paths.
+        /// What is wrong: a count, then every problem on its own line.
         message: String,
+        /// Every problem found, each starting with its field path (empty when `message` is
+        /// one problem without a path, such as an unreadable file).
+        problems: Vec<String>,
     },
     /// The management address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -146,20 +149,43 @@ pub struct LoadedConfig {
 
 /// Reads, parses, validates and resolves a config file. Touches nothing else.
 pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) -> Result<LoadedConfig, AppError> {
-    let err = |message: String| AppError::Config { path: path.display().to_string(), message };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let config = GatewayConfig::from_yaml(&text).map_err(|e| err(e.to_string()))?;
-    config.validate().map_err(|e| err(e.to_string()))?;
+    let refuse = |problems: Vec<String>| {
+        let n = problems.len();
+        let mut message = format!("{n} problem{}", if n == 1 { "" } else { "s" });
+        for p in &problems {
+            message.push_str("\n  ");
+            message.push_str(p);
+        }
+        AppError::Config { path: path.display().to_string(), message, problems }
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| AppError::Config {
+        path: path.display().to_string(),
+        message: e.to_string(),
+        problems: vec![],
+    })?;
+    let config = GatewayConfig::from_yaml(&text).map_err(|e| match e {
+        ConfigError::Invalid(errs) => refuse(errs.0.iter().map(ToString::to_string).collect()),
+        syntax => AppError::Config { path: path.display().to_string(), message: syntax.to_string(), problems: vec![] },
+    })?;
+    // Every Secret at once, with the file searched. A device's missing Secret refuses that
+    // device alone (when it presents itself), so it is only a warning here.
+    let (missing, device_missing) = secrets.unreadable(&config.secret_uses());
+    for problem in &device_missing {
+        warn!(problem = %problem, "a device's Secret is missing; that device will be refused");
+    }
+    if !missing.is_empty() {
+        return Err(refuse(missing));
+    }
     let mut mqtt = Vec::new();
     let mut problems = Vec::new();
     for (i, u) in config.uplinks.iter().enumerate() {
         match MqttSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
             Ok(s) => mqtt.push(s),
-            Err(e) => problems.push(format!("\n  {e}")),
+            Err(e) => problems.push(e.to_string()),
         }
     }
     if !problems.is_empty() {
-        return Err(err(format!("{} invalid field(s){}", problems.len(), problems.concat())));
+        return Err(refuse(problems));
     }
     Ok(LoadedConfig { config, mqtt })
 }
@@ -192,7 +218,7 @@ async fn start_cluster_mode(args: &Args, configmap: &str) -> Result<ClusterMode,
             None
         }
     };
-    let err = |message: String| AppError::Config { path: args.config.display().to_string(), message };
+    let err = |message: String| AppError::Config { path: args.config.display().to_string(), message, problems: vec![] };
     let credentials = match (&args.credentials_url, &args.credentials_ca, &args.credentials_token_file) {
         (Some(url), Some(ca), Some(token)) => {
             let settings = CredentialSettings { url: url.clone(), ca_file: ca.clone(), token_file: token.clone() };
@@ -258,8 +284,11 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         },
         Some(_) => management::ConfigSource::Cluster,
     };
-    let api = management::Api::from_args(&args.management, logs, config_source)
-        .map_err(|e| AppError::Config { path: e.path.clone(), message: e.message.clone() })?;
+    let api = management::Api::from_args(&args.management, logs, config_source).map_err(|e| AppError::Config {
+        path: e.path.clone(),
+        message: e.message.clone(),
+        problems: vec![],
+    })?;
     let management = Management::with_api(registry, Arc::clone(&metrics), api, &args.node, &args.management);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

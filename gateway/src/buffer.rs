@@ -27,8 +27,6 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
-use fieldgate_crds::quantity::parse_bytes;
-use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -40,12 +38,6 @@ use crate::reading::{AcceptanceTracker, Submission};
 use crate::supervise::backoff;
 use crate::telemetry::{StageSpan, append_span};
 
-/// Default `maxBytes` of an uplink buffer.
-pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
-/// Default `maxAge` of an uplink buffer.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(72 * 3600);
-/// Default `redeliverAfter` of an uplink buffer.
-pub const DEFAULT_REDELIVER_AFTER: Duration = Duration::from_secs(30);
 /// How long JetStream remembers message ids to drop re-published duplicates.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -115,19 +107,15 @@ pub fn subject(namespace: &str, uplink: &str) -> String {
 impl UplinkBuffer {
     /// The buffer of a validated uplink, defaults applied.
     pub fn new(u: &GatewayUplink) -> Self {
-        let b = u.buffer.clone().unwrap_or_default();
+        let b = u.buffer();
         Self {
             uplink: format!("{}/{}", u.namespace, u.name),
             stream: stream_name(&u.namespace, &u.name),
             subject: subject(&u.namespace, &u.name),
-            max_bytes: b.max_bytes.as_deref().and_then(|s| parse_bytes(s).ok()).unwrap_or(DEFAULT_MAX_BYTES),
-            max_age: b.max_age.as_deref().and_then(|s| parse_duration(s).ok()).unwrap_or(DEFAULT_MAX_AGE),
-            on_full: b.on_full.unwrap_or_default(),
-            redeliver_after: b
-                .redeliver_after
-                .as_deref()
-                .and_then(|s| parse_duration(s).ok())
-                .unwrap_or(DEFAULT_REDELIVER_AFTER),
+            max_bytes: b.max_bytes(),
+            max_age: b.max_age(),
+            on_full: b.on_full(),
+            redeliver_after: b.redeliver_after(),
         }
     }
 

@@ -373,12 +373,12 @@ async fn execute_on(
                 Ok(x) => x,
                 Err(o) => return o,
             };
-            let timeout = c.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(Duration::from_secs(1));
-            let addr = format!("{}:{}", c.host, c.port.unwrap_or(502));
+            let timeout = c.timeout();
+            let addr = format!("{}:{}", c.host, c.port());
             let connect = async {
                 let a =
                     tokio::net::lookup_host(&addr).await?.next().ok_or_else(|| std::io::Error::other("no address"))?;
-                tokio_modbus::client::tcp::connect_slave(a, tokio_modbus::Slave(c.unit_id.unwrap_or(1))).await
+                tokio_modbus::client::tcp::connect_slave(a, tokio_modbus::Slave(c.unit_id())).await
             };
             let mut ctx = match tokio::time::timeout(timeout, connect).await {
                 Ok(Ok(ctx)) => ctx,

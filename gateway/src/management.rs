@@ -492,16 +492,11 @@ fn check_and_write(
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            let message = match e {
-                crate::app::AppError::Config { message, .. } => message,
-                other => other.to_string(),
+            let problems = match e {
+                crate::app::AppError::Config { problems, .. } if !problems.is_empty() => problems,
+                crate::app::AppError::Config { message, .. } => vec![message],
+                other => vec![other.to_string()],
             };
-            // "N invalid fields" then one "  path: problem" line each, or one parse error.
-            let mut problems: Vec<String> =
-                message.lines().skip(1).map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
-            if problems.is_empty() {
-                problems.push(message);
-            }
             Err(WriteRefusal::Invalid(problems))
         }
     }

@@ -14,8 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use fieldgate_crds::validate::parse_duration;
-use fieldgate_crds::{GatewayDevice, Point};
+use fieldgate_crds::{GatewayDevice, HumanDuration, Point};
 
 use crate::reading::{Value, pb};
 
@@ -46,12 +45,11 @@ impl Reporter {
             .iter()
             .filter_map(|p| {
                 let r = p.report.as_ref()?;
-                let d = |t: &Option<String>| t.as_deref().and_then(|t| parse_duration(t).ok());
                 let rule = Rule {
                     on_change: r.on_change.unwrap_or(false),
                     deadband: r.deadband.unwrap_or(0.0).max(0.0),
-                    max_interval: d(&r.max_interval),
-                    sampling: d(&r.sampling),
+                    max_interval: r.max_interval.as_ref().map(HumanDuration::get),
+                    sampling: r.sampling.as_ref().map(HumanDuration::get),
                 };
                 Some((p.name.clone(), (rule, State::default())))
             })

@@ -28,15 +28,24 @@ impl fmt::Debug for SecretBytes {
 
 /// A secret could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("secret {name:?} key {key:?}: {source}")]
+#[error("Secret {name:?} key {key:?} {}: {}", reason(source), path.display())]
 pub struct SecretError {
     /// Name of the Secret.
     pub name: String,
     /// Key within it.
     pub key: String,
+    /// The file searched.
+    pub path: PathBuf,
     /// Why it could not be read (file not found, permission denied).
     #[source]
     pub source: std::io::Error,
+}
+
+fn reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "not found".to_string(),
+        _ => format!("unreadable ({e})"),
+    }
 }
 
 /// Reads secrets from a directory.
@@ -56,14 +65,35 @@ impl SecretStore {
         &self.dir
     }
 
-    /// Reads one key of one secret.
+    /// The file holding one key of one secret.
+    pub fn path(&self, name: &str, key: &str) -> PathBuf {
+        self.dir.join(name).join(key)
+    }
+
+    /// Reads one key of one secret. Names and keys are checked with the config (Secret names
+    /// and keys cannot contain `/` or be `..`); one that could leave the directory is refused
+    /// here too.
     pub fn read(&self, name: &str, key: &str) -> Result<SecretBytes, SecretError> {
-        // Names are DNS subdomains and keys come from our own code: no path traversal.
-        std::fs::read(self.dir.join(name).join(key)).map(SecretBytes).map_err(|source| SecretError {
-            name: name.to_string(),
-            key: key.to_string(),
-            source,
-        })
+        let path = self.path(name, key);
+        let err = |source| SecretError { name: name.to_string(), key: key.to_string(), path: path.clone(), source };
+        let plain = |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0']);
+        if !plain(name) || !plain(key) {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a plain Secret name and key")));
+        }
+        std::fs::read(&path).map(SecretBytes).map_err(err)
+    }
+
+    /// Every Secret key of `uses` that cannot be read, each as `path: Secret "name" key "key"
+    /// not found: <file searched>`, required ones and optional ones apart.
+    pub fn unreadable(&self, uses: &[fieldgate_crds::SecretUse]) -> (Vec<String>, Vec<String>) {
+        let (mut required, mut optional) = (Vec::new(), Vec::new());
+        for u in uses {
+            if let Err(e) = self.read(&u.name, &u.key) {
+                let line = format!("{}: {e}", u.path);
+                if u.required { required.push(line) } else { optional.push(line) }
+            }
+        }
+        (required, optional)
     }
 }
 
@@ -81,6 +111,19 @@ mod tests {
         assert_eq!(v.expose_str().unwrap(), "hunter2");
         assert!(!format!("{v:?}").contains("hunter2"));
         let err = store.read("cloud", "username").unwrap_err().to_string();
-        assert!(err.contains("\"cloud\"") && err.contains("\"username\""), "{err}");
+        let file = dir.path().join("cloud/username");
+        assert_eq!(err, format!("Secret \"cloud\" key \"username\" not found: {}", file.display()));
+    }
+
+    #[test]
+    fn names_and_keys_that_leave_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cloud")).unwrap();
+        std::fs::write(dir.path().join("cloud/password"), "hunter2").unwrap();
+        let store = SecretStore::new(dir.path().join("secrets"));
+        for (name, key) in [("..", "cloud/password"), ("../cloud", "password"), ("x", ".."), ("", "k")] {
+            let err = store.read(name, key).unwrap_err();
+            assert_eq!(err.source.kind(), std::io::ErrorKind::InvalidInput, "{name} {key}");
+        }
     }
 }

@@ -72,7 +72,7 @@ impl DeviceFixture for Device {
                     unit_id: Some(1),
                     timeout: None,
                 }),
-                poll_interval: Some("1s".into()),
+                poll_interval: Some("1s".parse().unwrap()),
                 placement: None,
             },
         );
@@ -135,7 +135,7 @@ impl UplinkFixture for Uplink {
             name,
             UplinkSpec {
                 device_selector: None,
-                mqtt: MqttUplink { url: "mqtt://broker.example:1883".into(), ..Default::default() },
+                mqtt: MqttUplink { url: "mqtt://broker.example:1883".parse().unwrap(), ..Default::default() },
                 encoding: None,
                 buffer: None,
             },

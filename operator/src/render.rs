@@ -30,8 +30,8 @@ use std::time::Duration;
 use fieldgate_crds::node_objects::secret_dir;
 use fieldgate_crds::validate::{ValidationErrors, is_dns_subdomain};
 use fieldgate_crds::{
-    Connection, Device, DeviceProfile, DeviceSecretRef, GatewayConfig, GatewayDevice, GatewayUplink, MqttAuth,
-    MqttUplink, Point, Uplink,
+    BrokerUrl, Connection, Device, DeviceProfile, DeviceSecretRef, GatewayConfig, GatewayDevice, GatewayUplink,
+    MqttAuth, MqttUplink, Point, Uplink,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -672,16 +672,10 @@ fn service_address(address: &str, namespace: &str) -> String {
     }
 }
 
-/// A URL (`scheme://[user@]host[:port][/...]`) with its host resolved as [`service_host`] does.
-fn service_url(url: &str, namespace: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (user, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h),
-        None => (String::new(), authority),
-    };
-    format!("{scheme}://{user}{}{tail}", service_address(hostport, namespace))
+/// A broker URL with its host resolved as [`service_host`] does.
+fn service_url(url: &BrokerUrl, namespace: &str) -> BrokerUrl {
+    // A service host is a valid host name; were it not, the URL stays as the object has it.
+    url.with_host(&service_host(url.host(), namespace)).unwrap_or_else(|_| url.clone())
 }
 
 /// The device as a gateway runs it: its profile's points merged in, its Secret references as

@@ -297,10 +297,10 @@ fn a_device_without_any_point_is_refused() {
 #[test]
 fn every_invalid_device_field_is_reported_with_its_path() {
     let d = Device::test("m").spec_with(|s| {
-        s.poll_interval = Some("fast".into());
+        s.poll_interval = Some("5ms".parse().unwrap());
         let fieldgate_crds::Connection::ModbusTcp(c) = &mut s.connection else { unreachable!() };
         c.port = Some(0);
-        c.timeout = Some("soon".into());
+        c.timeout = Some("0s".parse().unwrap());
         s.points[0].scale = Some(0.0);
     });
     let r = render(&world(vec![d], vec![], vec![], gateways(1)), &Placements::new(), &settings());
@@ -315,12 +315,14 @@ fn every_invalid_device_field_is_reported_with_its_path() {
     );
     let v = &r.devices[&key("m")].verdict;
     assert_eq!(v.reason(), "InvalidSpec");
-    assert!(v.message().contains("spec.pollInterval: \"fast\" is not a duration"), "{}", v.message());
+    let message = v.message();
+    assert!(message.contains("spec.connection.modbusTcp.port: 0 is out of range 1-65535"), "{message}");
+    assert!(message.contains("spec.pollInterval: \"5ms\" is shorter than the minimum 10ms"), "{message}");
 }
 
 #[test]
 fn an_invalid_device_with_a_bad_placement_reports_both() {
-    let d = Device::test("m").pinned("nowhere").spec_with(|s| s.poll_interval = Some("1ms".into()));
+    let d = Device::test("m").pinned("nowhere").spec_with(|s| s.poll_interval = Some("1ms".parse().unwrap()));
     let r = render(&world(vec![d], vec![], vec![], gateways(1)), &Placements::new(), &settings());
     assert_eq!(
         device_paths(&r, "m"),
@@ -414,7 +416,8 @@ fn a_node_runs_only_the_uplinks_of_its_devices_with_only_its_devices() {
 
 #[test]
 fn invalid_devices_never_reach_an_uplink_or_a_gateway() {
-    let devices = vec![Device::test("good"), Device::test("bad").spec_with(|s| s.poll_interval = Some("x".into()))];
+    let devices =
+        vec![Device::test("good"), Device::test("bad").spec_with(|s| s.poll_interval = Some("1ms".parse().unwrap()))];
     let r = render(&world(devices, vec![], vec![Uplink::test("all")], gateways(1)), &Placements::new(), &settings());
     let cfg = &r.nodes["edge-000"].config;
     assert_eq!(cfg.devices.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["good"]);
@@ -453,22 +456,49 @@ fn malformed_selectors_are_refused_with_their_path() {
 fn an_invalid_uplink_spec_is_refused_with_its_paths() {
     let mut u = Uplink::test("u");
     u.spec.mqtt.qos = Some(2);
-    u.spec.mqtt.url = "http://x".into();
-    u.spec.buffer = Some(fieldgate_crds::BufferSpec { max_bytes: Some("1GB".into()), ..Default::default() });
+    u.spec.mqtt.max_in_flight = Some(0);
+    u.spec.mqtt.tls = Some(MqttTls::default());
+    u.spec.buffer = Some(fieldgate_crds::BufferSpec { max_bytes: Some("1Ki".parse().unwrap()), ..Default::default() });
     let r = render(&world(vec![Device::test("m")], vec![], vec![u], gateways(1)), &Placements::new(), &settings());
     assert_eq!(
         paths(&r.uplinks[&key("u")].verdict),
         [
-            ("InvalidSpec", "spec.mqtt.url".to_string()),
+            ("InvalidSpec", "spec.mqtt.maxInFlight".to_string()),
             ("InvalidSpec", "spec.mqtt.qos".to_string()),
+            ("InvalidSpec", "spec.mqtt.tls".to_string()),
             ("InvalidSpec", "spec.buffer.maxBytes".to_string()),
         ]
     );
+    let message = r.uplinks[&key("u")].verdict.message();
+    assert!(message.contains("spec.mqtt.maxInFlight: 0 is out of range 1-65535"), "{message}");
+}
+
+#[test]
+fn secret_references_that_leave_their_directory_are_refused_in_every_kind_of_object() {
+    let mut u = tls_uplink();
+    u.spec.mqtt.auth.as_mut().unwrap().secret_ref.name = "../creds".into();
+    u.spec.mqtt.tls.as_mut().unwrap().ca_secret_ref.as_mut().unwrap().key = Some("../ca.crt".into());
+    let d = Device::test("m").spec_with(|s| {
+        s.connection = fieldgate_crds::Connection::Tcp(fieldgate_crds::RawConnection {
+            id: None,
+            token_secret_ref: fieldgate_crds::DeviceSecretRef { name: "tok".into(), key: Some("..".into()) },
+        });
+        s.points[0].modbus = None;
+    });
+    let r = render(&world(vec![d], vec![], vec![u], gateways(1)), &Placements::new(), &settings());
+    assert_eq!(
+        paths(&r.uplinks[&key("u")].verdict),
+        [
+            ("InvalidSpec", "spec.mqtt.auth.secretRef.name".to_string()),
+            ("InvalidSpec", "spec.mqtt.tls.caSecretRef.key".to_string()),
+        ]
+    );
+    assert_eq!(device_paths(&r, "m"), [("InvalidSpec", "spec.connection.tcp.tokenSecretRef.key".to_string())]);
 }
 
 fn tls_uplink() -> Uplink {
     let mut u = Uplink::test("u").auth("creds");
-    u.spec.mqtt.url = "mqtts://broker:8883".into();
+    u.spec.mqtt.url = "mqtts://broker:8883".parse().unwrap();
     u.spec.mqtt.tls = Some(MqttTls {
         ca_secret_ref: Some(SecretKeyRef { name: "ca".into(), key: Some("root.pem".into()) }),
         client_cert_secret_ref: Some(SecretRef { name: "cert".into() }),
@@ -558,7 +588,7 @@ fn every_rendered_config_is_valid_for_the_gateway_and_versioned_by_content() {
 
     let mut changed = w.clone();
     let mut d0 = (*changed.devices[0]).clone();
-    d0.spec.poll_interval = Some("2s".into());
+    d0.spec.poll_interval = Some("2s".parse().unwrap());
     changed.devices[0] = std::sync::Arc::new(d0);
     let r2 = render(&changed, &r.placements(), &settings());
     let diff: Vec<_> = versions(&r).into_iter().filter(|(n, v)| versions(&r2).get(n) != Some(v)).collect();
@@ -625,7 +655,7 @@ fn mqtt_device(name: &str, node: &str, secret: &str) -> Device {
         name,
         node,
         Connection::Mqtt(MqttDeviceConnection {
-            url: "mqtt://field-broker:1883".into(),
+            url: "mqtt://field-broker:1883".parse().unwrap(),
             topics: vec![format!("plant/{name}/#")],
             auth: Some(MqttAuth { secret_ref: SecretRef { name: secret.into() } }),
             ..Default::default()
@@ -906,10 +936,12 @@ fn single_label_hosts_name_services_of_the_objects_namespace() {
     ] {
         assert_eq!(service_host(host, "plant-a"), wanted, "{host}");
     }
-    assert_eq!(service_url("mqtt://mosquitto:1883", "plant-a"), "mqtt://mosquitto.plant-a.svc:1883");
-    assert_eq!(service_url("mqtts://u@broker/x?y", "plant-a"), "mqtts://u@broker.plant-a.svc/x?y");
-    assert_eq!(service_url("mqtt://[::1]:1883", "plant-a"), "mqtt://[::1]:1883");
-    assert_eq!(service_url("mqtt://broker.example.com:8883", "plant-a"), "mqtt://broker.example.com:8883");
+    let url = |text: &str| service_url(&text.parse().unwrap(), "plant-a").to_string();
+    assert_eq!(url("mqtt://mosquitto:1883"), "mqtt://mosquitto.plant-a.svc:1883");
+    assert_eq!(url("mqtts://broker/"), "mqtts://broker.plant-a.svc/");
+    assert_eq!(url("mqtt://[::1]:1883"), "mqtt://[::1]:1883");
+    assert_eq!(url("mqtt://broker.example.com:8883"), "mqtt://broker.example.com:8883");
+    assert_eq!(url("mqtt://plc-7.:1883"), "mqtt://plc-7.:1883");
     assert_eq!(service_address("rtu-gw:502", "plant-a"), "rtu-gw.plant-a.svc:502");
 
     let device = Device::test("sim-1").in_ns("plant-a").spec_with(|s| {
@@ -921,11 +953,11 @@ fn single_label_hosts_name_services_of_the_objects_namespace() {
         });
     });
     let mut uplink = Uplink::test("cloud").in_ns("plant-a");
-    uplink.spec.mqtt.url = "mqtt://mosquitto:1883".into();
+    uplink.spec.mqtt.url = "mqtt://mosquitto:1883".parse().unwrap();
     let w = world(vec![device], vec![], vec![uplink], gateways(1));
     let r = render(&w, &Placements::new(), &settings());
     let config = &r.nodes.values().next().unwrap().config;
     let Connection::ModbusTcp(c) = &config.devices[0].connection else { panic!() };
     assert_eq!(c.host, "fieldgate-sim.plant-a.svc");
-    assert_eq!(config.uplinks[0].mqtt.url, "mqtt://mosquitto.plant-a.svc:1883");
+    assert_eq!(config.uplinks[0].mqtt.url.as_str(), "mqtt://mosquitto.plant-a.svc:1883");
 }

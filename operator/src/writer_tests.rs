@@ -336,7 +336,10 @@ async fn a_changed_secret_value_reapplies_the_secret_then_the_configmap_naming_i
 
 #[tokio::test]
 async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
-    let bad = Device::test("meter-1").spec_with(|s| s.poll_interval = Some("fast".into()));
+    let bad = Device::test("meter-1").spec_with(|s| {
+        let fieldgate_crds::Connection::ModbusTcp(c) = &mut s.connection else { unreachable!() };
+        c.port = Some(0);
+    });
     let s = scenario(vec![bad]);
     assert!(s.rendered.nodes.is_empty());
     let (mut writer, mut api) = writer();
@@ -362,7 +365,7 @@ async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
         assert_eq!(conds[0]["status"], json!("False"));
         assert_eq!(conds[0]["reason"], json!("InvalidSpec"));
         let msg = conds[0]["message"].as_str().unwrap();
-        assert!(msg.starts_with("spec.pollInterval: \"fast\" is not a duration"), "{msg}");
+        assert!(msg.starts_with("spec.connection.modbusTcp.port: 0 is out of range 1-65535"), "{msg}");
         assert_eq!(
             (conds[1]["type"].as_str(), conds[1]["status"].as_str(), conds[1]["reason"].as_str()),
             (Some("Ready"), Some("False"), Some("NotConfigured"))
@@ -371,7 +374,7 @@ async fn an_invalid_device_gets_configured_false_with_its_path_and_a_warning() {
         reply(st.send, StatusCode::OK, &reply_body);
         let ev = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
         assert_eq!((ev.body["type"].as_str(), ev.body["reason"].as_str()), (Some("Warning"), Some("InvalidSpec")));
-        assert!(ev.body["note"].as_str().unwrap().contains("spec.pollInterval"));
+        assert!(ev.body["note"].as_str().unwrap().contains("spec.connection.modbusTcp.port"));
         let body = ev.body.clone();
         reply(ev.send, StatusCode::OK, &body);
         // The uplink is valid but selects nothing: still Configured.

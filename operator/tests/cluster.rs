@@ -167,7 +167,8 @@ async fn operator_renders_configures_propagates_refuses_fails_over_and_cleans_up
         let (cms, cm_name, first) = (cms.clone(), cm_name.clone(), first_version.clone());
         async move {
             let Some(cfg) = node_config(&cms, &cm_name).await? else { return Ok(None) };
-            let changed = ours(&cfg, "meter-1").is_some_and(|d| d.poll_interval.as_deref() == Some("5s"));
+            let changed =
+                ours(&cfg, "meter-1").is_some_and(|d| d.poll_interval.as_ref().map(|p| p.as_str()) == Some("5s"));
             Ok((changed && cfg.version.is_some_and(|v| v != first)).then_some(()))
         }
     })
@@ -247,7 +248,7 @@ async fn operator_renders_configures_propagates_refuses_fails_over_and_cleans_up
         let (cms, cm_name) = (cms.clone(), cm_name.clone());
         async move {
             let Some(cfg) = node_config(&cms, &cm_name).await? else { return Ok(None) };
-            Ok(ours(&cfg, "meter-1").filter(|d| d.poll_interval.as_deref() == Some("7s")).map(|_| ()))
+            Ok(ours(&cfg, "meter-1").filter(|d| d.poll_interval.as_ref().map(|p| p.as_str()) == Some("7s")).map(|_| ()))
         }
     })
     .await?;

@@ -44,7 +44,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use fieldgate_crds::{Connection, GatewayDevice, ModbusTable, ModbusTcpConnection, Point, ValueType, WordOrder};
+use fieldgate_crds::{
+    Connection, GatewayDevice, HumanDuration, ModbusTable, ModbusTcpConnection, Point, ValueType, WordOrder,
+};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -545,7 +547,7 @@ pub fn gateway_device(
     name: &str,
     host: &str,
     port: u16,
-    poll_interval: &str,
+    poll_interval: &HumanDuration,
     extra_registers: u16,
 ) -> GatewayDevice {
     GatewayDevice {
@@ -555,9 +557,9 @@ pub fn gateway_device(
             host: host.to_string(),
             port: Some(port),
             unit_id: Some(1),
-            timeout: Some("500ms".to_string()),
+            timeout: Some(HumanDuration::from(Duration::from_millis(500))),
         }),
-        poll_interval: Some(poll_interval.to_string()),
+        poll_interval: Some(poll_interval.clone()),
         points: simulated_points(extra_registers),
     }
 }
@@ -694,8 +696,8 @@ mod tests {
             api_version: fieldgate_crds::GatewayConfig::API_VERSION.into(),
             kind: fieldgate_crds::GatewayConfig::KIND.into(),
             devices: vec![
-                gateway_device("default", "sim-0000", "127.0.0.1", 5020, "1s", 0),
-                gateway_device("default", "sim-0001", "127.0.0.1", 5021, "250ms", 200),
+                gateway_device("default", "sim-0000", "127.0.0.1", 5020, &"1s".parse().unwrap(), 0),
+                gateway_device("default", "sim-0001", "127.0.0.1", 5021, &"250ms".parse().unwrap(), 200),
             ],
             ..Default::default()
         };

@@ -38,7 +38,7 @@ struct Args {
     print_devices: bool,
     /// Poll interval in `--print-devices`.
     #[arg(long, default_value = "1s")]
-    poll_interval: String,
+    poll_interval: fieldgate_crds::HumanDuration,
     /// Namespace in `--print-devices`.
     #[arg(long, default_value = "default")]
     namespace: String,

@@ -1,5 +1,7 @@
 //! Builds the `GatewayConfig` documents the tests run the gateway with.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use fieldgate_crds::{BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, OnFull};
 
@@ -32,19 +34,21 @@ pub const UPLINK: &str = "cloud";
 
 /// An MQTT uplink in namespace `default` with test-friendly settings: protocol 5, JSON,
 /// `redeliverAfter: 2s` (so a crash is recovered quickly), no device filter.
+/// Panics on a `url` that is not a broker URL (a bug in the test).
+#[allow(clippy::expect_used)]
 pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
     GatewayUplink {
         namespace: NAMESPACE.to_string(),
         name: name.to_string(),
         devices: None,
         mqtt: MqttUplink {
-            url: url.to_string(),
+            url: url.parse().expect("a broker URL"),
             protocol_version: Some(5),
             topic: None,
             command_topic: None,
             qos: None,
             client_id: None,
-            keep_alive: Some("5s".to_string()),
+            keep_alive: Some(Duration::from_secs(5).into()),
             max_in_flight: None,
             auth: None,
             tls: None,
@@ -54,7 +58,7 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             max_bytes: None,
             max_age: None,
             on_full: None,
-            redeliver_after: Some("2s".to_string()),
+            redeliver_after: Some(Duration::from_secs(2).into()),
         }),
     }
 }
@@ -118,9 +122,11 @@ pub fn to_yaml(cfg: &GatewayConfig) -> Result<String> {
     Ok(text)
 }
 
-/// Sets the buffer limits of an uplink (keeping `redeliverAfter`).
+/// Sets the buffer limits of an uplink (keeping `redeliverAfter`). Panics on a `max_bytes`
+/// that is not a byte quantity (a bug in the test).
+#[allow(clippy::expect_used)]
 pub fn set_buffer(u: &mut GatewayUplink, max_bytes: &str, on_full: OnFull) {
     let b = u.buffer.get_or_insert_with(BufferSpec::default);
-    b.max_bytes = Some(max_bytes.to_string());
+    b.max_bytes = Some(max_bytes.parse().expect("a byte quantity"));
     b.on_full = Some(on_full);
 }

@@ -82,8 +82,11 @@ impl SimFleet {
         self.devices.iter().map(|d| d.addr.port()).collect()
     }
 
-    /// Gateway config entries for every device, polled every `poll_interval`.
+    /// Gateway config entries for every device, polled every `poll_interval` (panics on a text
+    /// that is not a duration: a bug in the test).
+    #[allow(clippy::expect_used)]
     pub fn gateway_devices(&self, poll_interval: &str) -> Vec<GatewayDevice> {
+        let poll_interval = &poll_interval.parse().expect("a duration");
         self.devices
             .iter()
             .map(|d| {

@@ -121,9 +121,7 @@ async fn in_any_namespace_the_example_devices_read_only_registers_the_example_si
 
     // The broker: a Service of the examples.
     let url = &config.uplinks[0].mqtt.url;
-    let hostport = url.strip_prefix("mqtt://").unwrap();
-    let (host, port) = hostport.rsplit_once(':').unwrap();
-    let (svc, port) = service_of(host, port.parse().unwrap());
+    let (svc, port) = service_of(url.host(), url.port());
     assert!(services.get(&svc).is_some_and(|p| p.contains(&port)), "{url}: no Service {svc} with port {port}");
 
     // The simulator as the examples run it.

@@ -33,7 +33,6 @@ use coap_lite::block_handler::BlockValue;
 use coap_lite::option_value::OptionValueU32;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use fieldgate_crds::CoapConnection;
-use fieldgate_crds::validate::parse_duration;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
@@ -46,12 +45,6 @@ use crate::metrics::IngressLabels;
 use crate::reading::{self, Reading, pb};
 
 const PROTOCOL: &str = "coap";
-/// Default UDP port of a CoAP device.
-pub const DEFAULT_PORT: u16 = 5683;
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Default `maxBodyBytes`.
-pub const DEFAULT_MAX_BODY: usize = 16 * 1024;
 /// Largest datagram read; anything longer is refused as `too_large`.
 const DATAGRAM: usize = 2048;
 /// How long a push waits for JetStream before it is answered 5.03.
@@ -670,10 +663,10 @@ pub(crate) async fn send_command(
             "the device has no host to send to",
         )));
     };
-    let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
+    let timeout = settings.timeout();
     let path = settings.path.clone().unwrap_or_else(|| "/".to_string());
-    let max_body = settings.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| n as usize);
-    let mut c = Client::open(host, settings.port.unwrap_or(DEFAULT_PORT), path, timeout, max_body).await?;
+    let max_body = settings.max_body_bytes();
+    let mut c = Client::open(host, settings.port(), path, timeout, max_body).await?;
     c.method = method;
     let token: [u8; 4] = rand::random();
     let mut req = c.request(&token, None, None);
@@ -722,16 +715,12 @@ impl Health {
     }
 }
 
-fn duration_or(text: Option<&str>, default: Duration) -> Duration {
-    text.and_then(|t| parse_duration(t).ok()).unwrap_or(default)
-}
-
 /// Runs one CoAP device until `task.cancel` fires: registers its push path with the
 /// listener, and polls or observes its resource when it has a `host`.
 pub async fn run(settings: &CoapConnection, task: DeviceTask) {
     let d = Arc::clone(&task.device);
     let push_path = settings.push_path.clone().unwrap_or_else(|| format!("/{}/{}", d.namespace, d.name));
-    let max_body = settings.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| n as usize);
+    let max_body = settings.max_body_bytes();
     let token = match &settings.token_secret_ref {
         None => Credential::Open,
         Some(r) => task.hub.credential(r, &task),
@@ -744,11 +733,10 @@ pub async fn run(settings: &CoapConnection, task: DeviceTask) {
 }
 
 async fn client_loop(settings: &CoapConnection, host: &str, max_body: usize, task: &DeviceTask) {
-    let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
-    let interval =
-        duration_or(task.device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL).max(Duration::from_millis(1));
+    let timeout = settings.timeout();
+    let interval = task.device.poll_interval().max(Duration::from_millis(1));
     let path = settings.path.clone().unwrap_or_else(|| "/".to_string());
-    let port = settings.port.unwrap_or(DEFAULT_PORT);
+    let port = settings.port();
     let mut observe = settings.observe.unwrap_or(false);
     let labels = task.labels();
     let mut health =

@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
-use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{ModbusRtuConnection, Parity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -38,9 +37,6 @@ use super::DeviceTask;
 use super::modbus_tcp::{self, Block, ReadRequest, RequestError};
 use crate::reading::{self, Reading};
 
-const DEFAULT_BAUD: u32 = 9600;
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest RTU frame (256 bytes, "Modbus over serial line" V1.02): what [`Heard`] keeps.
 const MAX_FRAME: usize = 256;
 
@@ -275,7 +271,7 @@ async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<L
             Parity::Even => tokio_serial::Parity::Even,
             Parity::Odd => tokio_serial::Parity::Odd,
         };
-        let builder = tokio_serial::new(port, settings.baud_rate.unwrap_or(DEFAULT_BAUD))
+        let builder = tokio_serial::new(port, settings.baud_rate())
             .parity(parity)
             .data_bits(if settings.data_bits == Some(7) {
                 tokio_serial::DataBits::Seven
@@ -312,7 +308,7 @@ async fn run_bus(
     mut reads: mpsc::Receiver<Job>,
     mut writes: mpsc::Receiver<Job>,
 ) {
-    let timeout = settings.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
+    let timeout = settings.timeout();
     let mut line: Option<Line> = None;
     let mut delays = crate::supervise::backoff(Duration::from_millis(100), Duration::from_secs(10));
     let mut retry_at: Option<Instant> = None;
@@ -396,12 +392,7 @@ pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask) {
     if bus.key != bus_key(settings) {
         tracing::warn!(device = %key, "bus key mismatch");
     }
-    let interval = device
-        .poll_interval
-        .as_deref()
-        .and_then(|t| parse_duration(t).ok())
-        .unwrap_or(DEFAULT_POLL_INTERVAL)
-        .max(Duration::from_millis(1));
+    let interval = device.poll_interval().max(Duration::from_millis(1));
     let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
     let plan = modbus_tcp::plan(&device.points);
     let labels = task.labels();

@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use fieldgate_crds::validate::parse_duration;
 use fieldgate_crds::{ModbusTable, ModbusTcpConnection, Point, ValueType, WordOrder};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -31,10 +30,6 @@ use super::DeviceTask;
 use crate::reading::{self, Reading, Value, pb};
 use crate::telemetry::{LogThrottle, ReadingTrace};
 
-const DEFAULT_PORT: u16 = 502;
-const DEFAULT_UNIT_ID: u8 = 1;
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -544,10 +539,6 @@ impl Backoff {
     }
 }
 
-fn duration_or(text: Option<&str>, default: Duration) -> Duration {
-    text.and_then(|t| parse_duration(t).ok()).unwrap_or(default)
-}
-
 fn unix_ms(t: SystemTime) -> u64 {
     reading::unix_nanos(t) / 1_000_000
 }
@@ -557,11 +548,11 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
     let device = std::sync::Arc::clone(&task.device);
     let key = task.key();
     let labels = task.labels();
-    let timeout = duration_or(settings.timeout.as_deref(), DEFAULT_TIMEOUT);
-    let interval = duration_or(device.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL).max(Duration::from_millis(1));
+    let timeout = settings.timeout();
+    let interval = device.poll_interval().max(Duration::from_millis(1));
     let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-    let port = settings.port.unwrap_or(DEFAULT_PORT);
-    let unit_id = settings.unit_id.unwrap_or(DEFAULT_UNIT_ID);
+    let port = settings.port();
+    let unit_id = settings.unit_id();
     let plan = plan(&device.points);
 
     // Metric handles, cloned out of their families (never hold a family lock across awaits).
@@ -931,9 +922,10 @@ mod tests {
     }
 
     fn sim_device(index: u32, port: u16, extra: u16, timeout: &str) -> GatewayDevice {
-        let mut d = sim::gateway_device("default", &format!("sim-{index}"), "127.0.0.1", port, "50ms", extra);
+        let mut d =
+            sim::gateway_device("default", &format!("sim-{index}"), "127.0.0.1", port, &"50ms".parse().unwrap(), extra);
         let Connection::ModbusTcp(c) = &mut d.connection else { unreachable!() };
-        c.timeout = Some(timeout.into());
+        c.timeout = Some(timeout.parse().unwrap());
         d
     }
 

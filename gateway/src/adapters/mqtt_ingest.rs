@@ -18,13 +18,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fieldgate_crds::MqttDeviceConnection;
-use fieldgate_crds::validate::parse_duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DeviceTask, payload};
 use crate::reading::{self, Acceptance, Reading};
 
-const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long an acknowledgement waits for JetStream before the session is given up.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Session expiry asked for on MQTT 5 (seconds): unacknowledged messages wait that long.
@@ -161,20 +159,8 @@ impl EventLoop {
     }
 }
 
-/// Host and port of `mqtt://host:port` (port 1883 by default).
-pub fn host_port(url: &str) -> Option<(String, u16)> {
-    let rest = url.split_once("://").map(|(_, r)| r)?.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?)),
-        Some(_) => None,
-        None if !rest.is_empty() => Some((rest.to_string(), 1883)),
-        None => None,
-    }
-}
-
 fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, EventLoop), IngestError> {
-    let (host, port) =
-        host_port(&settings.url).ok_or_else(|| IngestError::Settings(format!("bad url {:?}", settings.url)))?;
+    let (host, port) = (settings.url.host(), settings.url.port());
     let d = &task.device;
     let client_id = settings.client_id.clone().unwrap_or_else(|| {
         let mut id = format!("fieldgate-{}-{}-{}", task.node, d.namespace, d.name);
@@ -194,7 +180,7 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, E
             Some((read("username")?, read("password")?))
         }
     };
-    let keep_alive = settings.keep_alive.as_deref().and_then(|k| parse_duration(k).ok()).unwrap_or(DEFAULT_KEEP_ALIVE);
+    let keep_alive = settings.keep_alive();
     let capacity = 256;
     Ok(if settings.protocol_version == Some(5) {
         let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
@@ -360,7 +346,7 @@ pub(crate) async fn publish_command(
             .unwrap_or_else(|| format!("fieldgate-{}-{}", task.device.namespace, task.device.name))
     ));
     let (client, mut events) = {
-        let (host, port) = host_port(&own.url).ok_or("bad url")?;
+        let (host, port) = (own.url.host(), own.url.port());
         let id = own.client_id.clone().unwrap_or_default();
         if own.protocol_version == Some(5) {
             let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
@@ -416,18 +402,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_give_host_and_port() {
-        assert_eq!(host_port("mqtt://10.0.0.7:1884"), Some(("10.0.0.7".into(), 1884)));
-        assert_eq!(host_port("mqtt://broker"), Some(("broker".into(), 1883)));
-        assert_eq!(host_port("mqtt://:1883"), None);
-        assert_eq!(host_port("broker:1883"), None);
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fieldgate_crds::GatewayUplink;
-use fieldgate_crds::validate::parse_duration;
 use rumqttc::{TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -25,11 +24,6 @@ use tracing::debug;
 
 use super::{LinkEvent, Token, UplinkError};
 use crate::secrets::{SecretBytes, SecretStore};
-
-/// Default topic template.
-pub const DEFAULT_TOPIC: &str = "fieldgate/{namespace}/{device}/telemetry";
-/// Default publishes awaiting acknowledgement.
-pub const DEFAULT_MAX_IN_FLIGHT: u16 = 256;
 
 /// Everything needed to open connections to one broker, secrets resolved.
 #[derive(Clone)]
@@ -84,33 +78,12 @@ fn settings_err(path: String, message: impl Into<String>) -> SettingsError {
     SettingsError { path, message: message.into() }
 }
 
-fn split_url(url: &str) -> Option<(bool, String, Option<u16>)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let tls = matches!(scheme, "mqtts" | "ssl");
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6.split_once(']')?;
-        (h.to_string(), after.strip_prefix(':').map(str::parse).transpose().ok()?)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
-            None => (rest.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        return None;
-    }
-    Some((tls, host, port))
-}
-
 impl MqttSettings {
     /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
     /// `path` is the uplink's field path, for errors.
     pub fn resolve(u: &GatewayUplink, node: &str, secrets: &SecretStore, path: &str) -> Result<Self, SettingsError> {
         let m = &u.mqtt;
-        let (tls_url, host, port) = split_url(&m.url)
-            .ok_or_else(|| settings_err(format!("{path}.mqtt.url"), format!("cannot parse {:?}", m.url)))?;
-        let port = port.unwrap_or(if tls_url { 8883 } else { 1883 });
+        let (tls_url, host, port) = (m.url.tls(), m.url.host().to_string(), m.url.port());
         let credentials = match &m.auth {
             None => None,
             Some(a) => {
@@ -136,13 +109,13 @@ impl MqttSettings {
             fingerprint,
             host,
             port,
-            version: m.protocol_version.unwrap_or(5),
+            version: m.protocol_version(),
             client_id,
-            keep_alive: m.keep_alive.as_deref().and_then(|k| parse_duration(k).ok()).unwrap_or(Duration::from_secs(30)),
-            max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            keep_alive: m.keep_alive(),
+            max_in_flight: m.max_in_flight(),
             credentials,
             tls,
-            topic: m.topic.clone().unwrap_or_else(|| DEFAULT_TOPIC.to_string()),
+            topic: m.topic().to_string(),
         })
     }
 
@@ -166,7 +139,7 @@ fn fingerprint(u: &GatewayUplink, secrets: &SecretStore) -> u64 {
     }
     if let Some(t) = &u.mqtt.tls {
         if let Some(c) = &t.ca_secret_ref {
-            refs.push((c.name.clone(), c.key.as_deref().unwrap_or("ca.crt")));
+            refs.push((c.name.clone(), c.key()));
         }
         if let Some(c) = &t.client_cert_secret_ref {
             refs.push((c.name.clone(), "tls.crt"));
@@ -187,7 +160,7 @@ fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<ru
     match &tls.ca_secret_ref {
         Some(r) => {
             let at = format!("{path}.mqtt.tls.caSecretRef");
-            let key = r.key.as_deref().unwrap_or("ca.crt");
+            let key = r.key();
             let pem = secrets.read(&r.name, key).map_err(|e| settings_err(at.clone(), e.to_string()))?;
             let mut n = 0;
             for cert in CertificateDer::pem_slice_iter(pem.expose()) {
@@ -426,15 +399,6 @@ async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::U
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_give_host_port_and_tls() {
-        assert_eq!(split_url("mqtt://broker:1884"), Some((false, "broker".into(), Some(1884))));
-        assert_eq!(split_url("mqtts://broker.example.com"), Some((true, "broker.example.com".into(), None)));
-        assert_eq!(split_url("mqtt://[::1]:1883/"), Some((false, "::1".into(), Some(1883))));
-        assert_eq!(split_url("mqtt://:1883"), None);
-        assert_eq!(split_url("broker:1883"), None);
-    }
 
     #[test]
     fn missing_secrets_name_the_field() {

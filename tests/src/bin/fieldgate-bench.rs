@@ -189,13 +189,14 @@ async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -
         "protobuf" => fieldgate_crds::Encoding::Protobuf,
         _ => fieldgate_crds::Encoding::Json,
     };
+    let poll: fieldgate_crds::HumanDuration = poll.parse()?;
     let devices_cfg = (0..devices).map(|i| {
         fieldgate_sim::gateway_device(
             "default",
             &format!("sim-{i:04}"),
             "127.0.0.1",
             base + i,
-            poll,
+            &poll,
             args.extra_registers,
         )
     });

@@ -7,11 +7,11 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fieldgate_crds::{
-    Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSpec, ModbusPoint, ModbusTable, ModbusTcpConnection,
-    MqttUplink, Point, Uplink, UplinkSpec, ValueType,
+    BrokerUrl, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSpec, ModbusPoint, ModbusTable,
+    ModbusTcpConnection, MqttUplink, Point, Uplink, UplinkSpec, ValueType,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
@@ -87,15 +87,12 @@ pub fn world(devices: usize, nodes: usize) -> World {
             spec: DeviceProfileSpec { points: (0..10).map(|i| point(format!("p{i}"), i * 2)).collect() },
         };
         w.profiles.push(Arc::new(profile));
+        let broker = BrokerUrl::default();
         let uplink = |name: &str, selector: Option<LabelSelector>| Uplink {
             metadata: meta(&ns_name, name, &[]),
             spec: UplinkSpec {
                 device_selector: selector,
-                mqtt: MqttUplink {
-                    url: "mqtts://broker.example.com:8883".into(),
-                    protocol_version: Some(5),
-                    ..Default::default()
-                },
+                mqtt: MqttUplink { url: broker.clone(), protocol_version: Some(5), ..Default::default() },
                 encoding: None,
                 buffer: None,
             },
@@ -122,9 +119,9 @@ pub fn world(devices: usize, nodes: usize) -> World {
                     host: format!("10.{}.{}.{}", d / 65_536 % 256, d / 256 % 256, d % 256),
                     port: Some(502),
                     unit_id: Some(1),
-                    timeout: Some("500ms".into()),
+                    timeout: Some(Duration::from_millis(500).into()),
                 }),
-                poll_interval: Some("1s".into()),
+                poll_interval: Some(Duration::from_secs(1).into()),
                 placement: None,
             },
             status: None,
