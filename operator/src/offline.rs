@@ -99,6 +99,26 @@ fn add(m: &mut Manifests, path: &Path, index: usize, doc: serde_json::Value) -> 
     let parse_err =
         |e: serde_json::Error| ManifestError::Parse { path: path.to_path_buf(), index, message: e.to_string() };
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    // What the API server would refuse at `kubectl apply` (unknown fields, types, ranges,
+    // patterns), every problem at once with its path.
+    let schema = match kind.as_str() {
+        "Device" => Some(fieldgate_crds::schema::device_spec()),
+        "DeviceProfile" => Some(fieldgate_crds::schema::device_profile_spec()),
+        "Uplink" => Some(fieldgate_crds::schema::uplink_spec()),
+        _ => None,
+    };
+    if let Some(schema) = schema {
+        let mut errs = fieldgate_crds::ValidationErrors::default();
+        schema.check(doc.get("spec").unwrap_or(&serde_json::Value::Null), "spec", &mut errs);
+        if !errs.0.is_empty() {
+            let name = doc.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or_default();
+            return Err(ManifestError::Parse {
+                path: path.to_path_buf(),
+                index,
+                message: format!("{kind} {name}: {errs}"),
+            });
+        }
+    }
     match kind.as_str() {
         "Device" => m.world.devices.push(Arc::new(serde_json::from_value::<Device>(doc).map_err(parse_err)?)),
         "DeviceProfile" => {

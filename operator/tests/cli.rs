@@ -54,3 +54,27 @@ fn crds_prints_the_committed_definitions() {
         assert!(text.contains(&committed), "{name}");
     }
 }
+
+#[test]
+fn a_manifest_the_api_server_would_refuse_names_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: fieldgate.io/v1alpha1\nkind: Device\nmetadata: {name: bad}\nspec:\n  pollIntervall: 1s\n  \
+         connection: {modbusTcp: {host: h, port: 70000, timeout: soon}}\n  \
+         points: [{name: p, type: int16, scael: 2, modbus: {table: holding, address: 0}}]\n",
+    )
+    .unwrap();
+    let out = operator().args(["render", "-f"]).arg(dir.path()).args(["--gateway-nodes", "edge-1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for line in [
+        "Device bad: 4 invalid fields",
+        "spec.connection.modbusTcp.port: 70000 is out of range 1-65535",
+        "spec.connection.modbusTcp.timeout: \"soon\" is not a duration such as 500ms, 1s, 2m30s or 72h",
+        "spec.pollIntervall: unknown field (did you mean pollInterval?)",
+        "spec.points[0].scael: unknown field (did you mean scale?)",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+}
