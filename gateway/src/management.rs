@@ -368,7 +368,7 @@ fn uplinks_json(m: &Management) -> Vec<Json> {
             >| { f.get(&labels).map(|g| g.get()) };
             json!({
                 "name": labels.uplink,
-                "protocolVersion": u.mqtt.protocol_version.unwrap_or(5),
+                "protocolVersion": u.mqtt.protocol_version(),
                 "connected": gauge(&metrics.uplink_connected) == Some(1),
                 "bufferReachable": gauge(&metrics.buffer_reachable).map(|v| v == 1),
                 "backlogMessages": gauge(&metrics.buffer_messages).unwrap_or(0),

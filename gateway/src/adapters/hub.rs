@@ -328,7 +328,7 @@ impl DeviceHub {
     /// Reads a device token Secret. Unreadable: logged, counted (`secret`), and everything
     /// the device presents is refused until its task restarts with a readable Secret.
     pub fn credential(&self, r: &fieldgate_crds::DeviceSecretRef, task: &DeviceTask) -> Credential {
-        match self.secrets.read(&r.name, r.key.as_deref().unwrap_or("token")) {
+        match self.secrets.read(&r.name, r.key()) {
             Ok(t) => Credential::Token(t),
             Err(e) => {
                 tracing::warn!(device = %task.key(), error = %e, "token Secret unreadable; the device is refused");

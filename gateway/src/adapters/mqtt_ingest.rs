@@ -182,7 +182,7 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, E
     };
     let keep_alive = settings.keep_alive();
     let capacity = 256;
-    Ok(if settings.protocol_version == Some(5) {
+    Ok(if settings.protocol_version() == 5 {
         let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
         o.set_keep_alive(keep_alive)
             .set_clean_start(false)
@@ -348,7 +348,7 @@ pub(crate) async fn publish_command(
     let (client, mut events) = {
         let (host, port) = (own.url.host(), own.url.port());
         let id = own.client_id.clone().unwrap_or_default();
-        if own.protocol_version == Some(5) {
+        if own.protocol_version() == 5 {
             let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
             o.set_clean_start(true);
             let (c, el) = rumqttc::v5::AsyncClient::new(o, 8);

@@ -620,7 +620,7 @@ pub async fn run(task: UplinkTask) {
     let window = usize::from(task.mqtt.max_in_flight);
     let mut d = Driver {
         confirmed_metrics: None,
-        encoding: task.uplink.encoding.unwrap_or_default(),
+        encoding: task.uplink.encoding(),
         labels,
         window,
         in_flight: HashMap::default(),
