@@ -782,7 +782,7 @@ fn auth_items(namespace: &str, at: &str, auth: &MqttAuth) -> [(String, SecretIte
 fn device_secret_items(namespace: &str, connection: &Connection) -> Vec<(String, SecretItem)> {
     let token = |at: &str, r: &DeviceSecretRef| {
         let path = if r.key.is_some() { format!("{at}.key") } else { format!("{at}.name") };
-        let item = item(namespace, &r.name, r.key.as_deref().unwrap_or(DEFAULT_TOKEN_KEY));
+        let item = item(namespace, &r.name, r.key());
         is_dns_subdomain(&r.name).then_some((path, item))
     };
     match connection {
@@ -801,9 +801,6 @@ fn device_secret_items(namespace: &str, connection: &Connection) -> Vec<(String,
     }
 }
 
-/// The key of a device token Secret when its reference names none (as the gateway reads it).
-const DEFAULT_TOKEN_KEY: &str = "token";
-
 /// The Secret keys an uplink needs, each with the path of its reference.
 fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)> {
     let mut out = Vec::new();
@@ -814,7 +811,7 @@ fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)>
         if let Some(ca) = &tls.ca_secret_ref {
             let path =
                 if ca.key.is_some() { "spec.mqtt.tls.caSecretRef.key" } else { "spec.mqtt.tls.caSecretRef.name" };
-            out.push((path.to_string(), item(namespace, &ca.name, ca.key.as_deref().unwrap_or("ca.crt"))));
+            out.push((path.to_string(), item(namespace, &ca.name, ca.key())));
         }
         if let Some(cert) = &tls.client_cert_secret_ref {
             for key in ["tls.crt", "tls.key"] {
