@@ -116,6 +116,49 @@ mod tests {
     }
 
     #[test]
+    fn every_unreadable_secret_is_named_with_its_file_and_only_uplinks_need_theirs() {
+        let cfg = fieldgate_crds::GatewayConfig::from_yaml(
+            r#"
+apiVersion: fieldgate.io/v1alpha1
+kind: GatewayConfig
+devices:
+- name: th-1
+  connection: {tcp: {tokenSecretRef: {name: th-1-token}}}
+  points: [{name: temp, type: float64}]
+uplinks:
+- name: cloud
+  mqtt: {url: "mqtts://broker:8883", auth: {secretRef: {name: creds}}, tls: {caSecretRef: {name: ca}}}
+"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("creds")).unwrap();
+        std::fs::write(dir.path().join("creds/username"), "gw").unwrap();
+        let (required, optional) = SecretStore::new(dir.path()).unreadable(&cfg.secret_uses());
+        let file = |p: &str| dir.path().join(p).display().to_string();
+        assert_eq!(
+            required,
+            [
+                format!(
+                    "uplinks[0].mqtt.auth.secretRef: Secret \"creds\" key \"password\" not found: {}",
+                    file("creds/password")
+                ),
+                format!(
+                    "uplinks[0].mqtt.tls.caSecretRef: Secret \"ca\" key \"ca.crt\" not found: {}",
+                    file("ca/ca.crt")
+                ),
+            ]
+        );
+        assert_eq!(
+            optional,
+            [format!(
+                "devices[0].connection.tcp.tokenSecretRef: Secret \"th-1-token\" key \"token\" not found: {}",
+                file("th-1-token/token")
+            )]
+        );
+    }
+
+    #[test]
     fn names_and_keys_that_leave_the_directory_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("cloud")).unwrap();
