@@ -38,3 +38,17 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats> {
 pub fn cpu_seconds(pid: u32) -> f64 {
     proc_stats(pid).map(|s| s.cpu_s).unwrap_or(0.0)
 }
+
+/// The machine a benchmark ran on, for the figures: CPU model, cores and load average
+/// (`/proc/cpuinfo`, `/proc/loadavg`), such as `AMD EPYC, 2 cores, load 1.52 1.40 1.10`.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{model}, {cores} cores, load {}", load.join(" "))
+}
