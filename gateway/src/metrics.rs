@@ -56,6 +56,9 @@ pub enum DropReason {
     no_uplink,
     /// A buffered entry could not be decoded (written by an incompatible version).
     undecodable,
+    /// The cloud refused the reading for good (MQTT 5 PUBACK `0x87` NotAuthorized,
+    /// `0x90` TopicNameInvalid, `0x99` PayloadFormatInvalid): terminated, never sent again.
+    refused,
 }
 
 impl DropReason {
@@ -69,6 +72,7 @@ impl DropReason {
             DropReason::too_large => "too_large",
             DropReason::no_uplink => "no_uplink",
             DropReason::undecodable => "undecodable",
+            DropReason::refused => "refused",
         }
     }
 }
@@ -88,7 +92,8 @@ pub struct DropLabels {
 pub enum DeliveryOutcome {
     /// The broker acknowledged with a success reason; the buffer entry was acked.
     acked,
-    /// The broker answered with a failure reason code; the reading will be sent again.
+    /// The cloud refused the reading (a failure reason code): sent again after a growing
+    /// delay when the reason is transient, dropped and counted (`refused`) when permanent.
     refused,
     /// The connection dropped before the acknowledgement; the reading will be sent again.
     interrupted,

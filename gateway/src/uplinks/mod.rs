@@ -1,12 +1,20 @@
 //! Uplinks: the shared driver that moves readings from an uplink's JetStream buffer to the
-//! cloud, and one file per uplink kind that builds the link doing the delivery.
+//! cloud, and one file per uplink kind that builds the [`Link`] doing the delivery.
 //!
-//! The driver pulls from the uplink's durable consumer, keeps a bounded window of deliveries in
-//! flight, and acks a JetStream message only when the link *confirms* its delivery (for MQTT:
-//! a PUBACK with a success reason). A refused delivery is NAKed with a delay; a lost connection
-//! NAKs everything in flight and a new link is built after a capped, jittered backoff. A gap
-//! in the buffer's sequence seen by the consumer is an entry the buffer policy evicted, and is
-//! counted as a drop with its reason.
+//! The driver pulls entries from the uplink's durable consumer, keeps a bounded window of
+//! readings in flight, and settles each entry through the delivery [`core`]: acked once every
+//! reading in it is confirmed by the link (for MQTT: a PUBACK with a success reason) or refused
+//! for good (terminated and counted, `refused`); a reading refused for a transient reason makes
+//! its entry come back after a capped exponential delay, with only its unsettled readings sent
+//! again; a lost link gives every unanswered entry back. The consumer has no `max_deliver`:
+//! a transient failure, however long, never turns into a silent drop (the buffer's `maxAge`
+//! and `maxBytes` bound what waits, and every reading they drop is counted).
+//!
+//! While a backlog waits and the broker is unreachable, the driver probes it every
+//! [`PROBE_EVERY`], so that delivery resumes within seconds of the broker coming back; only a
+//! broker that answers and refuses the connection (CONNACK failure) is retried with a long,
+//! growing delay. A gap in the buffer's sequence seen by the consumer is an entry the buffer
+//! policy dropped, and is counted with its reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +25,6 @@ use async_nats::jetstream::{self, AckKind, stream};
 use fieldgate_crds::{Encoding, GatewayUplink, OnFull};
 use futures::StreamExt;
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -26,29 +33,19 @@ use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entr
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
-use crate::telemetry::{self, BufferEntry, StageSpan, TraceparentText};
+use crate::telemetry::{self, BufferEntry, LogThrottle, StageSpan};
 
+pub mod core;
+pub mod link;
 pub mod mqtt;
 mod ranges;
 
+use self::core::{Core, Outcome, Ready, RetryDelays, Settle};
+pub use link::{Delivery, Link, LinkEvent, Outgoing, Token};
 use mqtt::{MqttLink, MqttSettings};
-use ranges::RangeSet;
 
-/// Identifies one delivery on a link.
-pub type Token = u64;
-
-/// What a link reports.
-#[derive(Debug)]
-pub enum LinkEvent {
-    /// The connection is up; deliveries may be sent.
-    Connected,
-    /// The remote side confirmed the delivery.
-    Confirmed(Token),
-    /// The remote side refused the delivery (reason code).
-    Refused(Token, String),
-    /// The connection is gone; unconfirmed deliveries will never be confirmed.
-    Lost(String),
-}
+/// How often an unreachable broker is tried again while the uplink waits to deliver.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// An uplink failure.
 #[derive(Debug, thiserror::Error)]
@@ -127,43 +124,40 @@ pub async fn ensure_consumer(
     Ok((consumer, delivered))
 }
 
-/// A buffer entry being delivered: acked once every reading in it is confirmed.
-struct Entry {
-    msg: jetstream::Message,
-    /// `buffer_seq` of its first reading.
-    first: u64,
-    /// Its readings.
-    n: u64,
-    /// Readings sent and not yet confirmed or refused.
-    unresolved: usize,
-    /// A reading was refused or could not be sent: the entry goes back to JetStream.
-    failed: bool,
-    /// `buffer_seq`s of its readings already settled (confirmed by the broker, or dropped as
-    /// undecodable): if the entry goes back to JetStream and is evicted before it returns,
-    /// these are not lost.
-    settled: Vec<u64>,
-}
+impl self::core::Entry for jetstream::Message {
+    fn seq(&self) -> u64 {
+        self.info().map(|i| i.stream_sequence).unwrap_or(0)
+    }
 
-impl Entry {
-    /// Gives the entry back to JetStream, remembering its unsettled readings in `released`.
-    async fn release(self, released: &mut RangeSet, delay: Option<Duration>) {
-        released.insert(self.first, self.first + self.n);
-        for s in &self.settled {
-            released.remove(*s, s + 1);
+    fn deliveries(&self) -> i64 {
+        self.info().map(|i| i.delivered).unwrap_or(1)
+    }
+
+    async fn settle(self, how: Settle) {
+        let kind = match how {
+            Settle::Ack => AckKind::Ack,
+            Settle::Nak(delay) => AckKind::Nak(delay),
+            Settle::Term => AckKind::Term,
+        };
+        // A lost ack means a redelivery: the readings go again under their ids.
+        if let Err(e) = self.ack_with(kind).await {
+            debug!(error = %e, ?how, "JetStream ack failed");
         }
-        let _ = self.msg.ack_with(AckKind::Nak(delay)).await;
     }
 }
 
-/// One reading on its way to the broker.
+/// One reading on its way to the cloud (the core hands it back with its outcome).
 struct InFlight {
-    /// The entry carrying it.
-    entry: u64,
-    buffer_seq: u64,
     sent: Instant,
     sampled_unix_nano: u64,
-    /// `fieldgate.uplink.publish`, ended at the PUBACK (recorded for sampled readings only).
+    /// `fieldgate.uplink.publish`, ended at the answer (recorded for sampled readings only).
     span: StageSpan,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").field("sent", &self.sent).finish_non_exhaustive()
+    }
 }
 
 /// The metric series every confirmed delivery updates, looked up once (on the first
@@ -181,11 +175,8 @@ struct Driver {
     labels: UplinkLabels,
     encoding: Encoding,
     window: usize,
-    /// Touched by every reading: a fast hasher (the keys are this driver's own counters).
-    in_flight: HashMap<Token, InFlight, foldhash::fast::RandomState>,
-    next_token: Token,
-    entries: HashMap<u64, Entry, foldhash::fast::RandomState>,
-    next_entry: u64,
+    /// The entries being delivered and the readings in flight.
+    core: Core<jetstream::Message, InFlight>,
     /// The first `buffer_seq` this driver has not seen delivered (`None`: learnt from the
     /// next entry).
     expected: Option<u64>,
@@ -195,10 +186,8 @@ struct Driver {
     unknown_after: Option<u64>,
     topics: HashMap<String, String, foldhash::fast::RandomState>,
     stream: Option<stream::Stream>,
-    /// Readings given back to JetStream (NAKed, or prefetched by a closed pull stream) and not
-    /// delivered again yet: if the buffer policy evicts one of them meanwhile, it is counted as
-    /// dropped.
-    released: RangeSet,
+    /// Refusals are logged at most once a minute (each one is counted).
+    refusal_log: LogThrottle,
 }
 
 async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, String>> {
@@ -208,9 +197,9 @@ async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::
     }
 }
 
-async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<LinkEvent>>) -> LinkEvent {
-    match rx {
-        Some(r) => r.recv().await.unwrap_or(LinkEvent::Lost("link task ended".into())),
+async fn next_event<L: Link>(link: &mut Option<L>) -> LinkEvent {
+    match link {
+        Some(l) => l.next_event().await,
         None => std::future::pending().await,
     }
 }
@@ -256,22 +245,42 @@ impl Driver {
         }
     }
 
-    /// Gives every unconfirmed delivery back to JetStream for immediate redelivery.
+    /// Gives every unanswered entry back to JetStream for immediate redelivery.
     async fn release_all(&mut self) {
-        for (_, mut f) in self.in_flight.drain() {
-            f.span.fail("interrupted");
-            f.span.end();
-            self.task
-                .metrics
-                .deliveries
-                .get_or_create(&DeliveryLabels {
-                    uplink: self.labels.uplink.clone(),
-                    outcome: DeliveryOutcome::interrupted,
-                })
-                .inc();
-        }
-        for (_, e) in self.entries.drain() {
-            e.release(&mut self.released, None).await;
+        let outcomes = self.core.release_all().await;
+        self.outcomes(outcomes);
+    }
+
+    /// Counts and traces what happened to readings sent out.
+    fn outcomes(&mut self, outcomes: Vec<Outcome<InFlight>>) {
+        for o in outcomes {
+            match o {
+                Outcome::Confirmed(f) => self.confirmed(f),
+                Outcome::Refused { tag: mut f, reason, permanent } => {
+                    if f.span.is_recording() {
+                        f.span
+                            .event("mqtt.puback", || vec![opentelemetry::KeyValue::new("mqtt.reason", reason.clone())]);
+                        f.span.fail("refused");
+                        f.span.end();
+                    }
+                    self.outcome(DeliveryOutcome::refused);
+                    if permanent {
+                        self.task.metrics.dropped(&self.labels.uplink, DropReason::refused);
+                    }
+                    if let Some(held_back) = self.refusal_log.allow() {
+                        if permanent {
+                            warn!(uplink = %self.labels.uplink, %reason, held_back, "the cloud refused a reading for good; it is dropped and counted (refused)");
+                        } else {
+                            warn!(uplink = %self.labels.uplink, %reason, held_back, "the cloud refused a reading for now; it is sent again after a growing delay");
+                        }
+                    }
+                }
+                Outcome::Interrupted(mut f) => {
+                    f.span.fail("interrupted");
+                    f.span.end();
+                    self.outcome(DeliveryOutcome::interrupted);
+                }
+            }
         }
     }
 
@@ -299,7 +308,7 @@ impl Driver {
         };
         debug!(uplink = %self.labels.uplink, from, gone_to, to, "first delivery skipped readings");
         self.count_gap(gone_to - from, false).await;
-        self.released.insert(gone_to, to);
+        self.core.released.insert(gone_to, to);
     }
 
     /// The first entry this run sees (stream sequence `seq`, first reading `first`) when it
@@ -318,7 +327,7 @@ impl Driver {
             && let Some(s) = &self.stream
             && let Some((present, _)) = entry_at(s, first_seq).await
         {
-            self.released.insert(present, first);
+            self.core.released.insert(present, first);
         }
     }
 
@@ -345,8 +354,9 @@ impl Driver {
         }
     }
 
-    /// Turns a buffered entry into one delivery per reading on `link`.
-    async fn deliver(&mut self, link: &MqttLink, msg: jetstream::Message) {
+    /// Hands a buffered entry's readings not settled yet to the core, which sends them on
+    /// `link`.
+    async fn deliver<L: Link>(&mut self, link: &mut L, msg: jetstream::Message) {
         let (seq, delivered, info_published) = match msg.info() {
             Ok(i) => (i.stream_sequence, i.delivered, i.published),
             Err(e) => {
@@ -363,7 +373,6 @@ impl Driver {
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         };
-        self.released.remove(first, first + n);
         // A redelivery can be this driver's first sight of an entry too: one a closed pull
         // stream had prefetched (a link loss) comes back only after `redeliverAfter`.
         match self.expected {
@@ -379,28 +388,32 @@ impl Driver {
             Ok(r) => {
                 warn!(uplink = %self.labels.uplink, seq, readings = r.len(), expected = n, "buffer entry with the wrong number of readings dropped");
                 self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
+                self.core.released.remove(first, first + n);
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
             Err(e) => {
                 warn!(uplink = %self.labels.uplink, seq, error = %e, "undecodable buffer entry dropped");
                 self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
+                self.core.released.remove(first, first + n);
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
         };
         let traces = entry_traces(msg.headers.as_ref());
-        let entry = self.next_entry;
-        self.next_entry += 1;
-        let (mut sent, mut failed, mut settled) = (0usize, false, Vec::new());
+        let mut ready = Vec::with_capacity(readings.len());
+        let mut undecodable = Vec::new();
         for (i, raw) in readings.iter().enumerate() {
+            if self.core.is_settled(seq, i) {
+                continue;
+            }
             let buffer_seq = first + i as u64;
             let reading = match Reading::decode(*raw) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(uplink = %self.labels.uplink, buffer_seq, error = %e, "undecodable buffered reading dropped");
                     self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
-                    settled.push(buffer_seq);
+                    undecodable.push(i);
                     continue;
                 }
             };
@@ -427,9 +440,7 @@ impl Driver {
                     reading::encode(&reading, Encoding::Json)
                 }
             };
-            let token = self.next_token;
-            self.next_token += 1;
-            let mut span = match traces.iter().find(|(at, _)| *at == i) {
+            let span = match traces.iter().find(|(at, _)| *at == i) {
                 // Only sampled readings carry a trace context: nothing to do for the others.
                 None => StageSpan::default(),
                 Some((_, tp)) => telemetry::delivery_spans(
@@ -442,57 +453,18 @@ impl Driver {
                     &self.labels.uplink,
                 ),
             };
-            let traceparent = span.traceparent();
-            match link.send(token, topic, payload.into(), traceparent.as_ref().map(TraceparentText::as_str)) {
-                Ok(()) => {
-                    let f = InFlight { entry, buffer_seq, sent: Instant::now(), sampled_unix_nano, span };
-                    self.in_flight.insert(token, f);
-                    sent += 1;
-                }
-                Err(e) => {
-                    span.fail("queue");
-                    debug!(uplink = %self.labels.uplink, error = %e, "delivery not queued");
-                    self.outcome(DeliveryOutcome::interrupted);
-                    failed = true;
-                    break;
-                }
-            }
+            let traceparent = span.traceparent().map(|tp| tp.as_str().to_string());
+            ready.push(Ready {
+                index: i,
+                outgoing: Outgoing { topic, payload: payload.into(), traceparent },
+                tag: InFlight { sent: Instant::now(), sampled_unix_nano, span },
+            });
         }
-        let e = Entry { msg, first, n, unresolved: sent, failed, settled };
-        if sent == 0 {
-            self.settle(e).await;
-        } else {
-            self.entries.insert(entry, e);
-        }
+        let outcomes = self.core.admit(link, msg, first, n as usize, ready, &undecodable).await;
+        self.outcomes(outcomes);
     }
 
-    /// Every reading of an entry was confirmed (ack), or one was not (back to JetStream).
-    async fn settle(&mut self, e: Entry) {
-        if e.failed {
-            e.release(&mut self.released, Some(Duration::from_secs(1))).await;
-        } else if let Err(err) = e.msg.ack().await {
-            // The broker has it; if the ack is lost JetStream redelivers: duplicates, same ids.
-            debug!(uplink = %self.labels.uplink, error = %err, "JetStream ack failed");
-        }
-    }
-
-    /// One reading (`buffer_seq`) of `entry` resolved: confirmed, or `failed`.
-    async fn resolved(&mut self, entry: u64, buffer_seq: u64, failed: bool) {
-        let Some(e) = self.entries.get_mut(&entry) else { return };
-        e.unresolved = e.unresolved.saturating_sub(1);
-        e.failed |= failed;
-        if !failed {
-            e.settled.push(buffer_seq);
-        }
-        if e.unresolved == 0
-            && let Some(e) = self.entries.remove(&entry)
-        {
-            self.settle(e).await;
-        }
-    }
-
-    async fn confirmed(&mut self, token: Token) {
-        let Some(mut f) = self.in_flight.remove(&token) else { return };
+    fn confirmed(&mut self, mut f: InFlight) {
         if f.span.is_recording() {
             f.span.event("mqtt.puback", Vec::new);
             f.span.ok();
@@ -515,19 +487,6 @@ impl Driver {
         m.acked.inc();
         m.delivery_latency.observe(f.sent.elapsed().as_secs_f64());
         m.sample_to_cloud_latency.observe(reading::age(f.sampled_unix_nano).as_secs_f64());
-        self.resolved(f.entry, f.buffer_seq, false).await;
-    }
-
-    async fn refused(&mut self, token: Token, reason: &str) {
-        let Some(mut f) = self.in_flight.remove(&token) else { return };
-        if f.span.is_recording() {
-            f.span.event("mqtt.puback", || vec![opentelemetry::KeyValue::new("mqtt.reason", reason.to_string())]);
-            f.span.fail("refused");
-            f.span.end();
-        }
-        debug!(uplink = %self.labels.uplink, reason, "broker refused a delivery; it will be sent again");
-        self.outcome(DeliveryOutcome::refused);
-        self.resolved(f.entry, f.buffer_seq, true).await;
     }
 
     async fn report_buffer(&mut self) {
@@ -562,7 +521,7 @@ impl Driver {
         // (from `expected` on) or gave back and never got again were evicted: count them now,
         // while the outage lasts, not when the link is back.
         if st.messages == 0 {
-            let lost = self.released.remove_below(u64::MAX);
+            let lost = self.core.released.remove_below(u64::MAX);
             self.count_gap(lost, false).await;
             if let Some(d) = self.unknown_after
                 && st.last_sequence > d
@@ -585,7 +544,7 @@ impl Driver {
                 self.expected = Some(first);
                 self.count_gap(first - e, false).await;
             }
-            let lost = self.released.remove_below(first);
+            let lost = self.core.released.remove_below(first);
             debug!(uplink = %self.labels.uplink, first, lost, "released readings below the first entry");
             self.count_gap(lost, false).await;
         }
@@ -613,9 +572,41 @@ impl Driver {
     }
 }
 
-/// Runs one uplink until `task.cancel` fires, then finishes in-flight deliveries within
-/// `task.grace`. Failures of NATS or the broker are retried forever with backoff.
+/// Runs one MQTT uplink until `task.cancel` fires, then finishes in-flight deliveries within
+/// `task.grace`. Failures of NATS or the broker are retried forever.
 pub async fn run(task: UplinkTask) {
+    let settings = task.mqtt.clone();
+    drive(task, move || MqttLink::open(&settings)).await;
+}
+
+/// When a link that went away is tried again.
+#[derive(Debug)]
+struct Reconnect {
+    /// Growing delays for a broker that answers and refuses the connection.
+    refused: backon::ExponentialBackoff,
+}
+
+impl Reconnect {
+    fn new() -> Self {
+        Self { refused: backoff(Duration::from_secs(1), Duration::from_secs(60)) }
+    }
+
+    /// The delay after a link loss: a refusing broker backs off (1 s doubling up to a minute),
+    /// an unreachable one is probed every [`PROBE_EVERY`], and a link that was up is rebuilt at
+    /// once (200 ms).
+    fn after(&mut self, refused: bool, was_connected: bool) -> Duration {
+        if refused {
+            self.refused.next().unwrap_or(Duration::from_secs(60))
+        } else if was_connected {
+            Duration::from_millis(200)
+        } else {
+            PROBE_EVERY
+        }
+    }
+}
+
+/// The driver loop over any [`Link`] kind: `open` builds a new link (a new connection attempt).
+pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
     let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
     let window = usize::from(task.mqtt.max_in_flight);
     let mut d = Driver {
@@ -623,27 +614,24 @@ pub async fn run(task: UplinkTask) {
         encoding: task.uplink.encoding(),
         labels,
         window,
-        in_flight: HashMap::default(),
-        next_token: 0,
-        entries: HashMap::default(),
-        next_entry: 0,
+        core: Core::new(RetryDelays::default()),
         expected: None,
         unknown_after: None,
         topics: HashMap::default(),
         stream: None,
-        released: RangeSet::default(),
+        refusal_log: LogThrottle::new(Duration::from_secs(60)),
         task,
     };
     let metrics = Arc::clone(&d.task.metrics);
     let connected_gauge = metrics.uplink_connected.get_or_create(&d.labels).clone();
     connected_gauge.set(0);
 
-    let mut link: Option<MqttLink> = None;
-    let mut events: Option<mpsc::UnboundedReceiver<LinkEvent>> = None;
+    let mut link: Option<L> = None;
     let mut connected = false;
     let mut was_connected = true; // log the first failure too
-    let mut link_delays = backoff(Duration::from_millis(200), Duration::from_secs(30));
+    let mut reconnect = Reconnect::new();
     let mut link_retry_at = Instant::now();
+    let mut link_log = LogThrottle::new(Duration::from_secs(60));
 
     let mut messages: Option<pull::Stream> = None;
     let mut buffer_delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
@@ -657,14 +645,12 @@ pub async fn run(task: UplinkTask) {
     loop {
         let now = Instant::now();
         if let Some(deadline) = drain_deadline
-            && (d.in_flight.is_empty() || now >= deadline)
+            && (d.core.in_flight() == 0 || now >= deadline)
         {
             break;
         }
         if drain_deadline.is_none() && link.is_none() && now >= link_retry_at {
-            let (tx, rx) = mpsc::unbounded_channel();
-            link = Some(MqttLink::open(&d.task.mqtt, tx));
-            events = Some(rx);
+            link = Some(open());
         }
         // The pull stream exists only while the link is up: a pull stream prefetches, and
         // entries prefetched during an outage would outlive `redeliverAfter` and be sent twice.
@@ -697,45 +683,54 @@ pub async fn run(task: UplinkTask) {
         if let Some(deadline) = drain_deadline {
             wake = wake.min(deadline);
         }
-        let can_pull = connected && drain_deadline.is_none() && d.in_flight.len() < d.window;
+        let can_pull = connected && drain_deadline.is_none() && d.core.in_flight() < d.window;
 
         tokio::select! {
             biased;
             () = d.task.cancel.cancelled(), if drain_deadline.is_none() => {
-                info!(uplink = %d.labels.uplink, in_flight = d.in_flight.len(), "uplink finishing in-flight deliveries");
+                info!(uplink = %d.labels.uplink, in_flight = d.core.in_flight(), "uplink finishing in-flight deliveries");
                 drain_deadline = Some(Instant::now() + d.task.grace);
                 messages = None;
             }
-            ev = next_event(&mut events) => match ev {
+            ev = next_event(&mut link) => match ev {
                 LinkEvent::Connected => {
                     connected = true;
                     connected_gauge.set(1);
                     metrics.uplink_connects.get_or_create(&d.labels).inc();
-                    link_delays = backoff(Duration::from_millis(200), Duration::from_secs(30));
+                    reconnect = Reconnect::new();
                     info!(uplink = %d.labels.uplink, host = %d.task.mqtt.host, "uplink connected");
                     was_connected = true;
                 }
-                LinkEvent::Confirmed(token) => d.confirmed(token).await,
-                LinkEvent::Refused(token, reason) => d.refused(token, &reason).await,
-                LinkEvent::Lost(error) => {
+                LinkEvent::Lost { reason, refused } => {
                     if was_connected {
-                        warn!(uplink = %d.labels.uplink, error = %error, "uplink disconnected; reconnecting with backoff");
+                        warn!(uplink = %d.labels.uplink, error = %reason, "uplink disconnected; reconnecting");
+                    } else if refused {
+                        if let Some(held_back) = link_log.allow() {
+                            warn!(uplink = %d.labels.uplink, error = %reason, held_back, "the broker refused the connection; retrying with a growing delay");
+                        }
                     } else {
-                        debug!(uplink = %d.labels.uplink, error = %error, "uplink connect failed");
+                        debug!(uplink = %d.labels.uplink, error = %reason, "uplink connect failed");
                     }
+                    let delay = reconnect.after(refused, was_connected && connected);
                     was_connected = false;
                     connected = false;
                     connected_gauge.set(0);
-                    link = None;
-                    events = None;
+                    if let Some(l) = link.take() {
+                        drop(l);
+                    }
                     messages = None;
-                    d.release_all().await;
-                    link_retry_at = Instant::now() + link_delays.next().unwrap_or(Duration::from_secs(30));
+                    let outcomes = d.core.on_event(LinkEvent::Lost { reason, refused }).await;
+                    d.outcomes(outcomes);
+                    link_retry_at = Instant::now() + delay;
+                }
+                answer => {
+                    let outcomes = d.core.on_event(answer).await;
+                    d.outcomes(outcomes);
                 }
             },
             next = next_message(&mut messages), if can_pull => match next {
                 Some(Ok(msg)) => {
-                    if let Some(l) = &link {
+                    if let Some(l) = link.as_mut() {
                         d.deliver(l, msg).await;
                     }
                 }
@@ -755,7 +750,7 @@ pub async fn run(task: UplinkTask) {
             () = tokio::time::sleep_until(wake) => {}
         }
     }
-    let left = d.in_flight.len();
+    let left = d.core.in_flight();
     d.release_all().await;
     if let Some(l) = link {
         l.close().await;

@@ -8,6 +8,15 @@
 //! gives them back to JetStream, and a *new* link is built after a backoff (rumqttc has no
 //! backoff of its own, and its in-flight replay is not used: JetStream redelivery is the one
 //! retry mechanism).
+//!
+//! What a PUBACK means ([`puback_outcome`]): MQTT 5 carries a reason code, so a broker can
+//! refuse one publish (`0x87` NotAuthorized for a topic its ACL denies) and the driver
+//! terminates or retries that reading alone. **MQTT 3.1.1 cannot report a refusal**: its
+//! PUBACK has no reason code, and a broker that will not take a publish either acknowledges
+//! and discards it (mosquitto does so for an ACL denial) or closes the connection. The first
+//! looks like a delivery and is counted as one; the second looks like a lost link, and the
+//! reading is sent again after the reconnect, as often as the broker closes the connection.
+//! Use MQTT 5 where the broker may refuse readings.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +31,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::{LinkEvent, Token, UplinkError};
+use super::UplinkError;
+use super::link::{Delivery, Link, LinkEvent, Token};
 use crate::secrets::{SecretBytes, SecretStore};
 
 /// Everything needed to open connections to one broker, secrets resolved.
@@ -216,11 +226,15 @@ pub struct MqttLink {
     client: Client,
     queued: Queued,
     task: JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<LinkEvent>,
+    next_token: Token,
 }
 
 impl MqttLink {
-    /// Opens a link; events (connected, confirmed, refused, lost) arrive on `events`.
-    pub fn open(s: &MqttSettings, events: mpsc::UnboundedSender<LinkEvent>) -> Self {
+    /// Opens a link; events (connected, confirmed, refused, lost) come from
+    /// [`Link::next_event`].
+    pub fn open(s: &MqttSettings) -> Self {
+        let (events, events_rx) = mpsc::unbounded_channel();
         let queued: Queued = Arc::default();
         // The window, plus a whole buffer entry pulled while the window was not yet full.
         let capacity = usize::from(s.max_in_flight) + crate::buffer::MAX_ENTRY_READINGS + 16;
@@ -251,14 +265,14 @@ impl MqttLink {
             let task = tokio::spawn(poll_v5(eventloop, Arc::clone(&queued), events));
             (Client::V5(client), task)
         };
-        Self { client, queued, task }
+        Self { client, queued, task, events: events_rx, next_token: 0 }
     }
 
     /// Queues a QoS 1 publish tagged with `token`. Confirmation comes as an event.
     ///
     /// `traceparent` (sampled readings only) goes out as the MQTT v5 user property
     /// `traceparent`; MQTT 3.1.1 has no properties, so it is not sent there.
-    pub fn send(
+    fn publish(
         &self,
         token: Token,
         topic: String,
@@ -294,9 +308,31 @@ impl MqttLink {
         }
         sent
     }
+}
+
+impl Link for MqttLink {
+    /// One reading per publish.
+    fn max_readings(&self) -> usize {
+        1
+    }
+
+    fn send(&mut self, delivery: Delivery) -> Result<Token, UplinkError> {
+        let mut readings = delivery.readings.into_iter();
+        let (Some(r), None) = (readings.next(), readings.next()) else {
+            return Err(UplinkError::Queue("an MQTT delivery carries exactly one reading".into()));
+        };
+        let token = self.next_token;
+        self.publish(token, r.topic, r.payload, r.traceparent.as_deref())?;
+        self.next_token += 1;
+        Ok(token)
+    }
+
+    async fn next_event(&mut self) -> LinkEvent {
+        self.events.recv().await.unwrap_or_else(|| LinkEvent::Lost { reason: "link task ended".into(), refused: false })
+    }
 
     /// Disconnects politely (after in-flight publishes were confirmed or given up).
-    pub async fn close(mut self) {
+    async fn close(mut self) {
         let _ = match &self.client {
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
             Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -307,6 +343,34 @@ impl MqttLink {
             _ = &mut self.task => {}
             () = &mut deadline => {}
         }
+    }
+}
+
+/// What a PUBACK says about its publish: `None` when the broker has it, else
+/// `Some((reason, permanent))`. Every MQTT 5 PUBACK reason code is classified:
+///
+/// | code | reason | outcome |
+/// |---|---|---|
+/// | `0x00` | Success | confirmed |
+/// | `0x10` | NoMatchingSubscribers | confirmed (the broker took it; nobody listens yet) |
+/// | `0x80` | UnspecifiedError | transient: retried with backoff |
+/// | `0x83` | ImplementationSpecificError | transient |
+/// | `0x87` | NotAuthorized | **permanent**: terminated and counted (`refused`) |
+/// | `0x90` | TopicNameInvalid | **permanent** |
+/// | `0x91` | PacketIdentifierInUse | transient (a session glitch, not the reading) |
+/// | `0x97` | QuotaExceeded | transient: a quota or rate limit that lifts; dropping readings for it would turn every throttling episode into data loss |
+/// | `0x99` | PayloadFormatInvalid | **permanent** |
+pub fn puback_outcome(reason: &rumqttc::v5::mqttbytes::v5::PubAckReason) -> Option<(&'static str, bool)> {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    match reason {
+        R::Success | R::NoMatchingSubscribers => None,
+        R::UnspecifiedError => Some(("UnspecifiedError", false)),
+        R::ImplementationSpecificError => Some(("ImplementationSpecificError", false)),
+        R::NotAuthorized => Some(("NotAuthorized", true)),
+        R::TopicNameInvalid => Some(("TopicNameInvalid", true)),
+        R::PacketIdentifierInUse => Some(("PacketIdentifierInUse", false)),
+        R::QuotaExceeded => Some(("QuotaExceeded", false)),
+        R::PayloadFormatInvalid => Some(("PayloadFormatInvalid", true)),
     }
 }
 
@@ -331,11 +395,11 @@ impl Correlator {
         }
     }
 
-    fn acked(&mut self, pkid: u16, refusal: Option<String>) {
+    fn acked(&mut self, pkid: u16, refusal: Option<(&'static str, bool)>) {
         if let Some(token) = self.by_pkid.remove(&pkid) {
             let ev = match refusal {
                 None => LinkEvent::Confirmed(token),
-                Some(reason) => LinkEvent::Refused(token, reason),
+                Some((reason, permanent)) => LinkEvent::Refused { token, reason: reason.to_string(), permanent },
             };
             let _ = self.events.send(ev);
         }
@@ -360,7 +424,8 @@ async fn poll_v4(mut el: rumqttc::EventLoop, queued: Queued, events: mpsc::Unbou
             Ok(Event::Incoming(Packet::PubAck(ack))) => c.acked(ack.pkid, None),
             Ok(other) => debug!(event = ?other, "mqtt event"),
             Err(e) => {
-                c.send(LinkEvent::Lost(e.to_string()));
+                let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
+                c.send(LinkEvent::Lost { reason: e.to_string(), refused });
                 return;
             }
         }
@@ -370,7 +435,7 @@ async fn poll_v4(mut el: rumqttc::EventLoop, queued: Queued, events: mpsc::Unbou
 async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::UnboundedSender<LinkEvent>) {
     use rumqttc::Outgoing;
     use rumqttc::v5::Event;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::v5::Packet;
     let mut c = Correlator { queued, by_pkid: HashMap::new(), events };
     loop {
         match el.poll().await {
@@ -380,16 +445,11 @@ async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::U
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => c.published(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let refusal = match ack.reason {
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                    other => Some(format!("{other:?}")),
-                };
-                c.acked(ack.pkid, refusal);
-            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => c.acked(ack.pkid, puback_outcome(&ack.reason)),
             Ok(other) => debug!(event = ?other, "mqtt event"),
             Err(e) => {
-                c.send(LinkEvent::Lost(e.to_string()));
+                let refused = matches!(e, rumqttc::v5::ConnectionError::ConnectionRefused(_));
+                c.send(LinkEvent::Lost { reason: e.to_string(), refused });
                 return;
             }
         }
@@ -399,6 +459,26 @@ async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::U
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_puback_reason_is_confirmed_transient_or_permanent() {
+        use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+        assert_eq!(puback_outcome(&R::Success), None);
+        assert_eq!(puback_outcome(&R::NoMatchingSubscribers), None);
+        for (reason, permanent) in [
+            (R::NotAuthorized, true),
+            (R::TopicNameInvalid, true),
+            (R::PayloadFormatInvalid, true),
+            (R::UnspecifiedError, false),
+            (R::ImplementationSpecificError, false),
+            (R::PacketIdentifierInUse, false),
+            (R::QuotaExceeded, false),
+        ] {
+            let (name, p) = puback_outcome(&reason).unwrap();
+            assert_eq!(p, permanent, "{reason:?}");
+            assert_eq!(name, format!("{reason:?}"));
+        }
+    }
 
     #[test]
     fn missing_secrets_name_the_field() {
