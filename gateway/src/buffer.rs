@@ -7,9 +7,14 @@
 //! uplink's lane stores one entry at a time, and the next carries every reading that arrived
 //! meanwhile (group commit). Its headers give the `buffer_seq` of its first reading and their
 //! count, so `buffer_seq` numbers the uplink's readings without gaps, and the uplink can tell
-//! how many readings a lost entry held. An entry is retried after a timeout or a NATS restart
-//! under the same `Nats-Msg-Id`, so it is stored once. An entry JetStream refuses is dropped and
-//! each of its readings counted with the reason.
+//! how many readings a lost entry held. Its `Nats-Msg-Id` is `{stream}/{first buffer_seq}`
+//! ([`entry_id`]), unique in the stream and the same for every retry, and each publish expects
+//! the stream's last sequence (the lane is its stream's one writer): an entry whose PubAck was
+//! lost is recognised when retried, never stored twice, never counted as dropped, and its
+//! `buffer_seq`s are never reused. An entry JetStream refuses as too large is stored in halves
+//! until each reading goes alone; one reading too large alone, or an entry refused otherwise
+//! (`rejectNew` and full, JetStream unreachable for `give_up_after` with no attempt that might
+//! have stored it), is dropped and each of its readings counted with the reason.
 //!
 //! Streams use interest retention: an entry leaves the disk once its uplink's consumer acked
 //! it, which the uplink does only after the cloud broker's PUBACK. `maxBytes`/`maxAge` bound
@@ -183,14 +188,24 @@ impl Routes {
 /// Why JetStream did not take a publish.
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
+    /// The stream is full (`rejectNew`): not stored.
     Full,
+    /// Larger than the stream or the server takes: not stored.
     TooLarge,
+    /// A publish expecting the stream's last sequence found another: something was stored
+    /// since (an earlier attempt of this very entry, when the lane is the one writer).
+    WrongLastSequence,
+    /// Not stored now (no connection, no stream leader): try again.
     Transient,
+    /// Sent, and no answer: stored or not, nobody can tell yet.
+    Ambiguous,
 }
 
-fn classify(e: &PublishError) -> Refusal {
+fn classify(e: &PublishError, sent: bool) -> Refusal {
     match e.kind() {
         PublishErrorKind::MaxPayloadExceeded => Refusal::TooLarge,
+        PublishErrorKind::WrongLastSequence => Refusal::WrongLastSequence,
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe if sent => Refusal::Ambiguous,
         PublishErrorKind::Other => {
             let api = std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
             match api.map(jetstream::Error::error_code) {
@@ -198,7 +213,10 @@ fn classify(e: &PublishError) -> Refusal {
                 // exceeded" under the store-failed code.
                 Some(ErrorCode::STREAM_STORE_FAILED) => Refusal::Full,
                 Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => Refusal::TooLarge,
-                _ => Refusal::Transient,
+                Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE) => Refusal::WrongLastSequence,
+                Some(_) => Refusal::Transient,
+                None if sent => Refusal::Ambiguous,
+                None => Refusal::Transient,
             }
         }
         _ => Refusal::Transient,
@@ -286,9 +304,10 @@ pub fn seq_floor(last_entry: u64) -> u64 {
     last_entry.saturating_mul(MAX_ENTRY_READINGS as u64).saturating_add(1)
 }
 
-/// The `buffer_seq` the next entry of `b` starts at: right after the stream's last entry, or
-/// the [`seq_floor`] when the stream holds none.
-async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<u64, async_nats::Error> {
+/// Where the lane of `b` continues: the `buffer_seq` of its next entry (right after the
+/// stream's last entry, or the [`seq_floor`] when the stream holds none) and the stream's last
+/// sequence, which each publish expects (`Nats-Expected-Last-Sequence`).
+async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(u64, u64), async_nats::Error> {
     let mut stream = js.get_stream(&b.stream).await?;
     let state = stream.info().await?.state.clone();
     if state.messages > 0 {
@@ -296,7 +315,7 @@ async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<u
             Ok(m) => {
                 if let Some((first, n)) = entry_range(Some(&m.headers)) {
                     info!(uplink = %b.uplink, next = first + n, "bufferSeq continues at {} after the buffer's last entry", first + n);
-                    return Ok(first + n);
+                    return Ok((first + n, state.last_sequence));
                 }
             }
             Err(e) => debug!(stream = %b.stream, error = %e, "last entry not readable; continuing past every entry"),
@@ -306,13 +325,12 @@ async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<u
     if state.last_sequence > 0 {
         info!(uplink = %b.uplink, next = floor, "the buffer is empty: bufferSeq continues at {floor}, past any earlier entry");
     }
-    Ok(floor)
+    Ok((floor, state.last_sequence))
 }
 
 /// One reading waiting in an uplink's lane.
 struct Queued {
     payload: Bytes,
-    id: String,
     tracker: Option<Arc<AcceptanceTracker>>,
     /// `fieldgate.buffer.append` (recorded for sampled readings only).
     span: StageSpan,
@@ -336,31 +354,33 @@ impl Queued {
     }
 }
 
-/// How an entry's publish ended.
-enum Stored {
-    /// Stored now: the sequence advances past its readings.
-    New,
-    /// JetStream already held these readings (a duplicate id from an earlier entry).
-    Before,
+/// The message id of the entry whose first reading is `first_seq`: unique in the stream, and
+/// the same for every retry of the entry, so JetStream stores it once.
+pub fn entry_id(stream: &str, first_seq: u64) -> String {
+    format!("{stream}/{first_seq}")
 }
 
-/// Publishes one entry until JetStream stores it, refuses it for good, or `give_up_after`.
+/// Publishes one entry until JetStream stores it, refuses it for good, or `give_up_after`
+/// passes without an attempt that might have stored it.
+///
+/// The lane is its stream's one writer, so each publish expects the stream's last sequence
+/// (`last_stream_seq`, updated here). A publish that went out without an answer (a timeout, a
+/// connection lost after sending) is *ambiguous*; the entry is then retried until JetStream
+/// answers: a duplicate of its id or a moved last sequence whose message is this entry means
+/// it was stored. An ambiguous entry is never given up on, so it is never counted as dropped
+/// while it may be in the buffer, and its `buffer_seq`s are never reused.
 async fn publish_entry(
     js: &jetstream::Context,
     b: &UplinkBuffer,
     first_seq: u64,
     batch: &[Queued],
     give_up_after: Duration,
-) -> (Result<Stored, DropReason>, i64) {
+    last_stream_seq: &mut u64,
+) -> (Result<(), DropReason>, i64) {
     let n = batch.len();
     let payload = encode_entry(batch.iter().map(|q| q.payload.as_ref()));
+    let id = entry_id(&b.stream, first_seq);
     let mut headers = async_nats::HeaderMap::new();
-    // One reading: its own id, as a lone reading always had; more: the first id and the count,
-    // the same for every retry of this entry.
-    let id = match batch {
-        [one] => one.id.clone(),
-        _ => format!("{}+{n}", batch.first().map(|q| q.id.as_str()).unwrap_or_default()),
-    };
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
     headers.insert(SEQ_HEADER, first_seq.to_string().as_str());
     headers.insert(READINGS_HEADER, n.to_string().as_str());
@@ -372,18 +392,23 @@ async fn publish_entry(
     let deadline = Instant::now() + give_up_after;
     let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempts: i64 = 0;
+    let mut ambiguous = false;
     loop {
         attempts += 1;
-        let publish = PublishMessage::build().headers(headers.clone()).payload(payload.clone());
+        let mut h = headers.clone();
+        h.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, last_stream_seq.to_string().as_str());
+        let publish = PublishMessage::build().headers(h).payload(payload.clone());
         let result = match js.send_publish(b.subject.clone(), publish).await {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
+            Ok(ack) => ack.await.map_err(|e| (classify(&e, true), e)),
+            Err(e) => Err((classify(&e, false), e)),
         };
         let refusal = match result {
-            Ok(ack) if !ack.duplicate => return (Ok(Stored::New), attempts),
-            Ok(ack) => return (Ok(stored_before(js, b, ack.sequence, first_seq, attempts).await), attempts),
-            Err(e) => {
-                let refusal = classify(&e);
+            Ok(ack) => {
+                // A duplicate: an earlier attempt of this entry stored it (ids are unique).
+                *last_stream_seq = ack.sequence;
+                return (Ok(()), attempts);
+            }
+            Err((refusal, e)) => {
                 debug!(subject = %b.subject, id = %id, error = %e, ?refusal, "publish not accepted");
                 refusal
             }
@@ -391,26 +416,43 @@ async fn publish_entry(
         match refusal {
             Refusal::Full => return (Err(DropReason::buffer_full_rejected), attempts),
             Refusal::TooLarge => return (Err(DropReason::too_large), attempts),
-            Refusal::Transient if Instant::now() >= deadline => return (Err(DropReason::buffer_unavailable), attempts),
-            Refusal::Transient => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(2));
-                tokio::time::sleep(delay).await;
+            Refusal::WrongLastSequence => match stored_after(js, b, *last_stream_seq, first_seq).await {
+                Some(Some(seq)) => {
+                    *last_stream_seq = seq;
+                    return (Ok(()), attempts);
+                }
+                Some(None) => {
+                    // Another writer moved the stream on (not this entry): continue after it.
+                    if let Ok((_, last)) = restore_next_seq(js, b).await {
+                        *last_stream_seq = last;
+                    }
+                }
+                None => {}
+            },
+            Refusal::Ambiguous => ambiguous = true,
+            Refusal::Transient if !ambiguous && Instant::now() >= deadline => {
+                return (Err(DropReason::buffer_unavailable), attempts);
             }
+            Refusal::Transient => {}
         }
+        let delay = delays.next().unwrap_or(Duration::from_secs(2));
+        tokio::time::sleep(delay).await;
     }
 }
 
-/// JetStream called a publish a duplicate: either this entry, stored by an earlier attempt
-/// whose ack was lost, or an earlier entry with the same id. Only the first advances the
-/// sequence.
-async fn stored_before(js: &jetstream::Context, b: &UplinkBuffer, seq: u64, first_seq: u64, attempts: i64) -> Stored {
-    let stored = async { js.get_stream(&b.stream).await.ok()?.get_raw_message(seq).await.ok() }.await;
-    match stored.and_then(|m| entry_range(Some(&m.headers))) {
-        Some((first, _)) if first == first_seq => Stored::New,
-        Some(_) => Stored::Before,
-        // Already delivered and gone: only a retry can have stored it moments ago.
-        None if attempts > 1 => Stored::New,
-        None => Stored::Before,
+/// The stream moved past `last`: whether the message right after it is the entry starting at
+/// `first_seq` (`Some(Some(its stream sequence))`), another (`Some(None)`), or unknown now
+/// (`None`). A message already delivered and gone can only be this entry when it is the
+/// stream's last one: the lane is the only writer.
+async fn stored_after(js: &jetstream::Context, b: &UplinkBuffer, last: u64, first_seq: u64) -> Option<Option<u64>> {
+    let mut stream = js.get_stream(&b.stream).await.ok()?;
+    let next = last + 1;
+    match stream.get_raw_message(next).await {
+        Ok(m) => Some(entry_range(Some(&m.headers)).filter(|(first, _)| *first == first_seq).map(|_| next)),
+        Err(_) => {
+            let state = stream.info().await.ok()?.state.clone();
+            Some((state.last_sequence == next).then_some(next))
+        }
     }
 }
 
@@ -494,7 +536,7 @@ pub async fn run_writer(
         let payload = Bytes::from(reading.encode_to_vec());
         // Tells a waiting adapter once every route resolved (see `submit_confirmed`).
         let tracker = reading.accepted.take().map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
-        for (i, &route) in targets.iter().enumerate() {
+        for &route in targets {
             let b = &current.buffers()[route];
             // Looked up by reference: this runs for every reading.
             if !lanes.contains_key(&b.uplink) {
@@ -511,9 +553,7 @@ pub async fn run_writer(
             }
             let Some(lane) = lanes.get(&b.uplink) else { continue };
             let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
-            // The last route takes the id; only further routes copy it.
-            let id = if i + 1 == targets.len() { std::mem::take(&mut reading.reading.id) } else { reading.id.clone() };
-            let queued = Queued { payload: payload.clone(), id, tracker: tracker.clone(), span, since: Instant::now() };
+            let queued = Queued { payload: payload.clone(), tracker: tracker.clone(), span, since: Instant::now() };
             // Waits while the lane is full: the adapters feel the buffer's pace.
             let sent = tokio::select! {
                 biased;
@@ -544,11 +584,19 @@ async fn run_lane(
     let labels = UplinkLabels { uplink: b.uplink.clone() };
     let accepted = metrics.readings_accepted.get_or_create(&labels).clone();
     let last_seq = metrics.buffer_last_seq.get_or_create(&labels).clone();
-    let mut next_seq: Option<u64> = None;
+    // The next entry's first `buffer_seq` and the stream's last sequence, once known.
+    let mut next: Option<(u64, u64)> = None;
     let mut batch: Vec<Queued> = Vec::new();
+    // The second halves of entries JetStream refused as too large, stored next.
+    let mut halves: Vec<Vec<Queued>> = Vec::new();
     let mut carry: Option<Queued> = None;
     let mut restore_delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
     loop {
+        if batch.is_empty()
+            && let Some(half) = halves.pop()
+        {
+            batch = half;
+        }
         if batch.is_empty() {
             let first = match carry.take() {
                 Some(q) => q,
@@ -562,25 +610,24 @@ async fn run_lane(
                 },
             };
             batch.push(first);
-        }
-        let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
-        while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
-            let Ok(q) = rx.try_recv() else { break };
-            if bytes + q.payload.len() > MAX_ENTRY_BYTES {
-                carry = Some(q);
-            } else {
-                bytes += q.payload.len();
-                batch.push(q);
+            let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
+            while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
+                let Ok(q) = rx.try_recv() else { break };
+                if bytes + q.payload.len() > MAX_ENTRY_BYTES {
+                    carry = Some(q);
+                } else {
+                    bytes += q.payload.len();
+                    batch.push(q);
+                }
             }
         }
-        let first_seq = match next_seq {
-            Some(s) => s,
+        let (first_seq, mut last_stream_seq) = match next {
+            Some(at) => at,
             None => match restore_next_seq(&js, &b).await {
-                Ok(s) => {
+                Ok((s, last)) => {
                     debug!(uplink = %b.uplink, next = s, "buffer sequence restored");
                     last_seq.set(i64::try_from(s - 1).unwrap_or(i64::MAX));
-                    next_seq = Some(s);
-                    s
+                    (s, last)
                 }
                 Err(e) => {
                     debug!(uplink = %b.uplink, error = %e, "buffer not reachable; readings wait");
@@ -606,18 +653,23 @@ async fn run_lane(
         let (outcome, attempts) = tokio::select! {
             biased;
             () = abandon.cancelled() => break,
-            o = publish_entry(&js, &b, first_seq, &batch, give_up_after) => o,
+            o = publish_entry(&js, &b, first_seq, &batch, give_up_after, &mut last_stream_seq) => o,
         };
+        next = Some((first_seq, last_stream_seq));
         match outcome {
-            Ok(stored) => {
-                if matches!(stored, Stored::New) {
-                    next_seq = Some(first_seq + n);
-                    last_seq.set(i64::try_from(first_seq + n - 1).unwrap_or(i64::MAX));
-                }
+            Ok(()) => {
+                next = Some((first_seq + n, last_stream_seq));
+                last_seq.set(i64::try_from(first_seq + n - 1).unwrap_or(i64::MAX));
                 accepted.inc_by(n);
                 for q in batch.drain(..) {
                     q.resolve(Ok(()), attempts);
                 }
+            }
+            Err(DropReason::too_large) if batch.len() > 1 => {
+                // Each reading may fit alone: store the halves one after the other.
+                let second = batch.split_off(batch.len() / 2);
+                debug!(uplink = %b.uplink, readings = n, "entry too large for JetStream; storing it in halves");
+                halves.push(second);
             }
             Err(reason) => {
                 metrics.dropped_n(&b.uplink, reason, n);
@@ -629,7 +681,7 @@ async fn run_lane(
     }
     // Abandoned: what is held here was not accepted.
     rx.close();
-    let mut left = batch.len() as u64 + u64::from(carry.is_some());
+    let mut left = batch.len() as u64 + u64::from(carry.is_some()) + halves.iter().map(|h| h.len() as u64).sum::<u64>();
     while rx.try_recv().is_ok() {
         left += 1;
     }

@@ -25,9 +25,16 @@
 //! | 14-17 | int64, big-endian words | `-10_000_000_000 - c` |
 //! | 18-21 | float64, big-endian words | `c as f64 * 0.125` |
 //! | 22-25 | string, 8 chars | `format!("SIM{:05}", index)` |
-//! | 26..26+extra | uint16 | `(c + i) as u16` for the i-th extra register |
+//! | 26-27 | uint32, big-endian words | the **sample number**: 1, 2, 3, ... one per read of these registers |
+//! | 28..28+extra | uint16 | `(c + i) as u16` for the i-th extra register |
 //!
 //! Coils 0-7: bit `i` is `(c >> i) & 1 == 1`. Discrete inputs 0-7: the negation of the coils.
+//!
+//! Every read of the sample number serves a new *sample*, and the device logs it
+//! ([`SimDevice::served`]): its number, the connection it went out on, and when. A reading
+//! that carries sample number `k` of a device is that sample; what the cloud received can be
+//! judged against what the devices served, without asking the gateway. (Input registers do
+//! not mirror the sample number: reading them serves no sample.)
 //!
 //! Writes to holding registers and coils are accepted and stored: a written address answers
 //! the written value (instead of the computed one) until the process restarts. Reads and
@@ -59,7 +66,22 @@ use fieldgate_proto::v1 as pb;
 use pb::point::Value;
 
 /// Holding (and input) registers of the fixed part of the map.
-pub const FIXED_REGISTERS: u16 = 26;
+pub const FIXED_REGISTERS: u16 = 28;
+/// Holding register of the sample number (two words, big-endian).
+pub const SAMPLE_REGISTER: u16 = 26;
+/// Most samples a device logs (older ones are forgotten past this).
+pub const SAMPLE_LOG_CAPACITY: usize = 1 << 20;
+
+/// One sample a device served: a read of its sample number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The sample number (1 for the device's first).
+    pub sample: u32,
+    /// The connection it went out on (numbered per device from 1).
+    pub connection: u64,
+    /// When, since the Unix epoch.
+    pub at: std::time::SystemTime,
+}
 /// Coils (and discrete inputs) of the map.
 pub const BITS: u16 = 8;
 
@@ -128,7 +150,7 @@ impl FromStr for Fault {
 pub struct SimDevice {
     /// Index of the device: offsets its counter by 1000 × index and names it in `label`.
     pub index: u32,
-    /// Registers after the fixed map (`26..26 + extra_registers`), for big devices.
+    /// Registers after the fixed map (`28..28 + extra_registers`), for big devices.
     pub extra_registers: u16,
     shared: Arc<Shared>,
 }
@@ -140,6 +162,9 @@ struct Shared {
     holding: Mutex<HashMap<u16, u16>>,
     coils: Mutex<HashMap<u16, bool>>,
     requests: AtomicU64,
+    /// Samples served, in order.
+    served: Mutex<Vec<Served>>,
+    connections: AtomicU64,
 }
 
 impl SimDevice {
@@ -155,6 +180,8 @@ impl SimDevice {
                 holding: Mutex::default(),
                 coils: Mutex::default(),
                 requests: AtomicU64::new(0),
+                served: Mutex::default(),
+                connections: AtomicU64::new(0),
             }),
         }
     }
@@ -189,6 +216,22 @@ impl SimDevice {
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Every sample served so far, in order (the last [`SAMPLE_LOG_CAPACITY`]).
+    pub fn served(&self) -> Vec<Served> {
+        lock(&self.shared.served).clone()
+    }
+
+    /// Serves the next sample on `connection`: logs it, returns its number.
+    fn serve_sample(&self, connection: u64) -> u32 {
+        let mut log = lock(&self.shared.served);
+        let sample = log.last().map_or(1, |s| s.sample.wrapping_add(1));
+        if log.len() >= SAMPLE_LOG_CAPACITY {
+            log.remove(0);
+        }
+        log.push(Served { sample, connection, at: std::time::SystemTime::now() });
+        sample
+    }
+
     /// The counter now: whole seconds since the device was created + 1000 × index.
     pub fn counter(&self) -> u32 {
         let secs = u32::try_from(self.shared.started.elapsed().as_secs()).unwrap_or(u32::MAX);
@@ -211,8 +254,8 @@ impl SimDevice {
             .collect()
     }
 
-    /// Answers one request as the healthy device.
-    fn answer(&self, request: Request<'_>) -> Result<Response, ExceptionCode> {
+    /// Answers one request as the healthy device, on connection `connection`.
+    fn answer(&self, request: Request<'_>, connection: u64) -> Result<Response, ExceptionCode> {
         let c = self.counter();
         let registers = self.registers();
         let bits = u32::from(BITS);
@@ -220,6 +263,16 @@ impl SimDevice {
             Request::ReadHoldingRegisters(address, count) => {
                 check(address, count, 125, registers)?;
                 let mut words = self.computed(c, address, count);
+                let sample_words = SAMPLE_REGISTER..SAMPLE_REGISTER + 2;
+                if (address..address + count).any(|a| sample_words.contains(&a)) {
+                    let sample = self.serve_sample(connection).to_be_bytes();
+                    let sample = [u16::from_be_bytes([sample[0], sample[1]]), u16::from_be_bytes([sample[2], sample[3]])];
+                    for (a, w) in (address..).zip(words.iter_mut()) {
+                        if sample_words.contains(&a) {
+                            *w = sample[usize::from(a - SAMPLE_REGISTER)];
+                        }
+                    }
+                }
                 let written = lock(&self.shared.holding);
                 for (a, w) in (address..).zip(words.iter_mut()) {
                     if let Some(v) = written.get(&a) {
@@ -348,6 +401,8 @@ fn fixed_registers(c: u32, index: u32) -> Vec<u16> {
     let mut text = label(index).into_bytes();
     text.resize(8, 0);
     push_be(&text);
+    // The sample number: filled in per read of the holding registers (0 elsewhere).
+    push_be(&[0, 0, 0, 0]);
     w
 }
 
@@ -399,6 +454,7 @@ pub async fn serve(listener: TcpListener, device: SimDevice, cancel: Cancellatio
 struct SimService {
     device: SimDevice,
     exception: bool,
+    connection: u64,
 }
 
 impl tokio_modbus::server::Service for SimService {
@@ -412,14 +468,15 @@ impl tokio_modbus::server::Service for SimService {
         if self.exception {
             return ready(Err(ExceptionCode::IllegalDataAddress));
         }
-        ready(self.device.answer(request))
+        ready(self.device.answer(request, self.connection))
     }
 }
 
 async fn serve_modbus(listener: TcpListener, device: &SimDevice, fault: Fault) -> io::Result<()> {
-    let service = Arc::new(SimService { device: device.clone(), exception: fault == Fault::Exception });
+    let exception = fault == Fault::Exception;
     let on_connected = |stream: TcpStream, _peer: SocketAddr| {
-        let service = Arc::clone(&service);
+        let connection = device.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let service = Arc::new(SimService { device: device.clone(), exception, connection });
         async move {
             // Best effort: a request/response protocol with one small write per message.
             stream.set_nodelay(true).ok();
@@ -519,6 +576,7 @@ pub fn simulated_points(extra_registers: u16) -> Vec<Point> {
         point("i64", ValueType::Int64, Holding, 14),
         point("f64", ValueType::Float64, Holding, 18),
         point("label", ValueType::String, Holding, 22),
+        point("sample", ValueType::Uint32, Holding, SAMPLE_REGISTER),
     ];
     if let Some(m) = points[5].modbus.as_mut() {
         m.word_order = Some(WordOrder::LittleEndian);
@@ -704,7 +762,7 @@ mod tests {
         config.validate().unwrap();
         let yaml = serde_saphyr::to_string(&config).unwrap();
         assert_eq!(fieldgate_crds::GatewayConfig::from_yaml(&yaml).unwrap(), config);
-        assert_eq!(config.devices[1].points.len(), 28 + 200);
+        assert_eq!(config.devices[1].points.len(), 29 + 200);
     }
 
     #[tokio::test]
@@ -713,14 +771,24 @@ mod tests {
         let (addr, cancel) = start(device.clone()).await;
         let mut ctx = tcp::connect_slave(addr, Slave(1)).await.unwrap();
 
-        let Response::ReadHoldingRegisters(words) = call(&mut ctx, Request::ReadHoldingRegisters(0, 30)).await.unwrap()
+        let Response::ReadHoldingRegisters(words) = call(&mut ctx, Request::ReadHoldingRegisters(0, 32)).await.unwrap()
         else {
             panic!("wrong response")
         };
         let c = ((u32::from(words[2]) << 16) | u32::from(words[3])) - 100_000;
         assert!((2000..2010).contains(&c), "c = {c}");
-        assert_eq!(words[26], c as u16);
-        assert_eq!(words[29], (c + 3) as u16);
+        assert_eq!((words[26], words[27]), (0, 1), "the first sample");
+        assert_eq!(words[28], c as u16);
+        assert_eq!(words[31], (c + 3) as u16);
+        // Each read of the sample number serves the next sample; other reads serve none.
+        let Response::ReadHoldingRegisters(again) = call(&mut ctx, Request::ReadHoldingRegisters(27, 1)).await.unwrap()
+        else {
+            panic!("wrong response")
+        };
+        assert_eq!(again, [2]);
+        call(&mut ctx, Request::ReadHoldingRegisters(0, 4)).await.unwrap();
+        let served = device.served();
+        assert_eq!(served.iter().map(|s| (s.sample, s.connection)).collect::<Vec<_>>(), [(1, 1), (2, 1)]);
 
         let Response::ReadInputRegisters(input) = call(&mut ctx, Request::ReadInputRegisters(0, 1)).await.unwrap()
         else {
@@ -749,7 +817,7 @@ mod tests {
         };
         assert!(coils[0]);
 
-        assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(28, 3)).await, Err(ExceptionCode::IllegalDataAddress));
+        assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(30, 3)).await, Err(ExceptionCode::IllegalDataAddress));
         assert_eq!(call(&mut ctx, Request::ReadCoils(8, 1)).await, Err(ExceptionCode::IllegalDataAddress));
         assert_eq!(call(&mut ctx, Request::ReadHoldingRegisters(0, 126)).await, Err(ExceptionCode::IllegalDataValue));
         cancel.cancel();

@@ -34,8 +34,10 @@ pub struct ReadingKey {
     pub id: String,
     /// `namespace/device`.
     pub device: String,
-    /// Position in the uplink's buffer (the JetStream stream sequence).
+    /// Position in the uplink's buffer.
     pub buffer_seq: u64,
+    /// The simulator's sample number (point `sample`), for readings of simulated devices.
+    pub sample: Option<u32>,
 }
 
 impl CloudMessage {
@@ -62,7 +64,14 @@ impl CloudMessage {
         let device =
             format!("{}/{}", j["namespace"].as_str().unwrap_or_default(), j["device"].as_str().unwrap_or_default());
         let buffer_seq = j["bufferSeq"].as_u64().ok_or_else(|| anyhow!("no bufferSeq in {j}"))?;
-        Ok(ReadingKey { id, device, buffer_seq })
+        let sample = j["points"].as_array().and_then(|points| {
+            points
+                .iter()
+                .find(|p| p["name"] == "sample")
+                .and_then(|p| p["value"].as_u64())
+                .and_then(|v| u32::try_from(v).ok())
+        });
+        Ok(ReadingKey { id, device, buffer_seq, sample })
     }
 }
 

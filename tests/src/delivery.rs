@@ -1,106 +1,116 @@
-//! Delivery accounting: did the cloud receive every accepted reading?
+//! The judge of the data-path tests: what the devices served against what the cloud received,
+//! never what the gateway says about itself.
 //!
-//! The gateway stamps each cloud message with `bufferSeq`, the position of the reading in that
-//! uplink's buffer. Every accepted reading has one, gap-free from 1 to the gateway's
-//! `fieldgate_buffer_last_seq`, except where a gateway started on an empty buffer and the
-//! sequence continued further on (it logs where: [`seq_floors`]). So "no accepted reading
-//! lost" means every sequence in `1..=last_seq` not skipped that way arrived, and a duplicate
-//! is only acceptable as the same reading again (same sequence, same id).
+//! Each simulated device numbers the samples it serves and logs them
+//! ([`fieldgate_sim::SimDevice::served`]); each reading carries its sample number as the point
+//! `sample`. A sample served and never received is **lost**, with one exception the device
+//! side can see for itself: the last sample served on a connection the gateway then closed
+//! (a poll that timed out, an adapter stopped or killed mid-poll) was never a reading — it is
+//! **abandoned**, at most one per connection, and reported apart. A sample received more than
+//! once is a duplicate; a sample received that was never served, or one `bufferSeq` carrying
+//! two different samples, is a bug.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use anyhow::{Result, bail};
+use fieldgate_sim::Served;
 
 use crate::cloud::ReadingKey;
 
-/// What the cloud received compared with what the buffer accepted.
+/// Samples each device (`namespace/name`) served, in order.
+pub type ServedLog = BTreeMap<String, Vec<Served>>;
+
+/// What the cloud received against what the devices served.
 #[derive(Clone, Debug, Default)]
 pub struct DeliveryReport {
-    /// The buffer stream's last sequence.
-    pub last_seq: u64,
-    /// Messages received.
+    /// Samples served.
+    pub served: usize,
+    /// Messages the cloud received.
     pub received: usize,
-    /// Distinct sequences received within `1..=last_seq`.
-    pub unique_seqs: usize,
-    /// Distinct reading ids received.
-    pub unique_ids: usize,
-    /// Sequences in `1..=last_seq` that never arrived.
-    pub missing: Vec<u64>,
-    /// Sequences above `last_seq` (should not exist).
-    pub beyond: Vec<u64>,
-    /// A sequence that arrived with different ids.
-    pub seq_conflicts: Vec<(u64, BTreeSet<String>)>,
-    /// An id that arrived with different sequences from one gateway run (the same reading
-    /// accepted twice).
-    pub id_conflicts: Vec<(String, BTreeSet<u64>)>,
-    /// Messages beyond the first of their sequence.
+    /// Distinct samples the cloud received.
+    pub delivered: usize,
+    /// Served, never received, not excused: `device -> sample numbers`.
+    pub lost: BTreeMap<String, Vec<u32>>,
+    /// The last sample of a closed connection, never received (the gateway gave up the poll).
+    pub abandoned: BTreeMap<String, Vec<u32>>,
+    /// Messages beyond the first of their sample.
     pub duplicates: usize,
+    /// Received but never served.
+    pub unknown: Vec<(String, u32)>,
+    /// A `bufferSeq` that carried two different samples of one uplink.
+    pub seq_conflicts: Vec<u64>,
 }
 
-/// Where a gateway's log says each run's `bufferSeq` started: `(first bufferSeq, jumped)`,
-/// `jumped` when it continued past an empty buffer rather than right after its last entry.
-pub fn seq_starts(log: &str) -> Vec<(u64, bool)> {
-    const MARK: &str = "bufferSeq continues at ";
-    log.match_indices(MARK)
-        .filter_map(|(at, _)| {
-            let rest = &log[at + MARK.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            let jumped = rest.lines().next().is_some_and(|l| l.contains("past any earlier entry"));
-            Some((digits.parse().ok()?, jumped))
-        })
-        .collect()
-}
-
-/// Compares received reading keys with the buffer's last sequence. `starts` are where each
-/// gateway run's sequence started ([`seq_starts`]): the unreceived sequences just below a jump
-/// are not missing, and a poll slot read by two runs (a restart within one poll interval) may
-/// be stored by both, under the same id: the cloud drops the second by id.
-pub fn delivery_report(keys: &[ReadingKey], last_seq: u64, starts: &[(u64, bool)]) -> DeliveryReport {
-    let mut by_seq: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    let mut by_id: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+/// Compares the cloud's readings with the devices' sample logs.
+pub fn delivery_report(served: &ServedLog, keys: &[ReadingKey]) -> DeliveryReport {
+    let mut got: BTreeMap<(&str, u32), usize> = BTreeMap::new();
+    let mut by_seq: BTreeMap<u64, BTreeSet<(&str, u32)>> = BTreeMap::new();
     for k in keys {
-        by_seq.entry(k.buffer_seq).or_default().insert(k.id.clone());
-        by_id.entry(k.id.clone()).or_default().insert(k.buffer_seq);
+        if let Some(s) = k.sample {
+            *got.entry((k.device.as_str(), s)).or_default() += 1;
+            by_seq.entry(k.buffer_seq).or_default().insert((k.device.as_str(), s));
+        }
     }
-    let skipped = |s: u64| starts.iter().any(|&(f, jumped)| jumped && s < f && by_seq.range(s..f).next().is_none());
-    let run = |s: u64| starts.iter().filter(|(f, _)| *f <= s).count();
-    let missing = (1..=last_seq).filter(|s| !by_seq.contains_key(s) && !skipped(*s)).collect();
-    let beyond = by_seq.keys().copied().filter(|s| *s > last_seq || *s == 0).collect();
-    DeliveryReport {
-        last_seq,
-        received: keys.len(),
-        unique_seqs: by_seq.keys().filter(|s| (1..=last_seq).contains(*s)).count(),
-        unique_ids: by_id.len(),
-        missing,
-        beyond,
-        seq_conflicts: by_seq.iter().filter(|(_, ids)| ids.len() > 1).map(|(s, i)| (*s, i.clone())).collect(),
-        id_conflicts: by_id
-            .iter()
-            .filter(|(_, s)| s.iter().map(|s| run(*s)).collect::<BTreeSet<_>>().len() < s.len())
-            .map(|(i, s)| (i.clone(), s.clone()))
-            .collect(),
-        duplicates: keys.len().saturating_sub(by_seq.len()),
+    let mut r = DeliveryReport { received: keys.len(), ..Default::default() };
+    let mut known: BTreeSet<(&str, u32)> = BTreeSet::new();
+    for (device, samples) in served {
+        r.served += samples.len();
+        // The last sample of each connection, unless it is the device's last connection's
+        // sample still being read: every connection but the newest one is closed.
+        let mut last_of: BTreeMap<u64, u32> = BTreeMap::new();
+        for s in samples {
+            last_of.insert(s.connection, s.sample);
+        }
+        let last_samples: BTreeSet<u32> = last_of.values().copied().collect();
+        for s in samples {
+            known.insert((device.as_str(), s.sample));
+            if got.contains_key(&(device.as_str(), s.sample)) {
+                continue;
+            }
+            let into = if last_samples.contains(&s.sample) { &mut r.abandoned } else { &mut r.lost };
+            into.entry(device.clone()).or_default().push(s.sample);
+        }
     }
+    for (&(device, sample), &n) in &got {
+        r.delivered += 1;
+        r.duplicates += n - 1;
+        if !known.contains(&(device, sample)) {
+            r.unknown.push((device.to_string(), sample));
+        }
+    }
+    r.seq_conflicts = by_seq.into_iter().filter(|(_, s)| s.len() > 1).map(|(seq, _)| seq).collect();
+    r
 }
 
 impl DeliveryReport {
-    /// Fails unless every accepted reading arrived and duplicates are true duplicates.
+    /// Samples lost (not counting abandoned ones).
+    pub fn lost_count(&self) -> usize {
+        self.lost.values().map(Vec::len).sum()
+    }
+
+    /// Samples abandoned.
+    pub fn abandoned_count(&self) -> usize {
+        self.abandoned.values().map(Vec::len).sum()
+    }
+
+    /// Fails unless every served sample arrived (abandoned polls aside) and nothing arrived
+    /// that was not served.
     pub fn assert_complete(&self) -> Result<()> {
         self.assert_consistent()?;
-        if !self.missing.is_empty() {
-            bail!("accepted readings were lost: {self}");
+        if self.lost_count() > 0 {
+            bail!("served samples were lost: {self}");
         }
         Ok(())
     }
 
-    /// Fails if a sequence carried two readings, a reading got two sequences, or a sequence
-    /// is out of range; missing sequences are allowed (the caller accounts for them).
+    /// Fails if the cloud got a sample never served, or one `bufferSeq` carried two samples;
+    /// lost samples are allowed (the caller accounts for them).
     pub fn assert_consistent(&self) -> Result<()> {
-        if self.last_seq == 0 {
-            bail!("the buffer accepted nothing: {self}");
+        if self.delivered == 0 {
+            bail!("the cloud received no sample: {self}");
         }
-        if !self.beyond.is_empty() || !self.seq_conflicts.is_empty() || !self.id_conflicts.is_empty() {
+        if !self.unknown.is_empty() || !self.seq_conflicts.is_empty() {
             bail!("inconsistent deliveries: {self}");
         }
         Ok(())
@@ -108,15 +118,16 @@ impl DeliveryReport {
 }
 
 /// `1-5, 9, 12-13` for a sorted list.
-pub fn ranges(seqs: &[u64]) -> String {
+pub fn ranges<T: Copy + Into<u64>>(values: &[T]) -> String {
+    let values: Vec<u64> = values.iter().map(|v| (*v).into()).collect();
     let mut out = Vec::new();
     let mut i = 0;
-    while i < seqs.len() {
-        let start = seqs[i];
+    while i < values.len() {
+        let start = values[i];
         let mut end = start;
-        while i + 1 < seqs.len() && seqs[i + 1] == end + 1 {
+        while i + 1 < values.len() && values[i + 1] == end + 1 {
             i += 1;
-            end = seqs[i];
+            end = values[i];
         }
         out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
         i += 1;
@@ -132,23 +143,22 @@ impl fmt::Display for DeliveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "last_seq {}, received {} ({} distinct seqs, {} distinct ids, {} duplicates), missing {} [{}]",
-            self.last_seq,
+            "served {}, received {} ({} distinct samples, {} duplicates), lost {}, abandoned polls {}",
+            self.served,
             self.received,
-            self.unique_seqs,
-            self.unique_ids,
+            self.delivered,
             self.duplicates,
-            self.missing.len(),
-            ranges(&self.missing)
+            self.lost_count(),
+            self.abandoned_count()
         )?;
-        if !self.beyond.is_empty() {
-            write!(f, ", out of range [{}]", ranges(&self.beyond))?;
+        for (device, samples) in self.lost.iter().take(5) {
+            write!(f, "\n  lost of {device}: [{}]", ranges(samples))?;
         }
-        for (s, ids) in self.seq_conflicts.iter().take(5) {
-            write!(f, "\n  seq {s} carried different readings {ids:?}")?;
+        if !self.unknown.is_empty() {
+            write!(f, "\n  never served: {:?}", &self.unknown[..self.unknown.len().min(10)])?;
         }
-        for (id, seqs) in self.id_conflicts.iter().take(5) {
-            write!(f, "\n  reading {id} arrived under seqs {seqs:?}")?;
+        if !self.seq_conflicts.is_empty() {
+            write!(f, "\n  bufferSeqs carrying two samples: [{}]", ranges(&self.seq_conflicts))?;
         }
         Ok(())
     }
@@ -157,41 +167,33 @@ impl fmt::Display for DeliveryReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
-    fn k(id: &str, seq: u64) -> ReadingKey {
-        ReadingKey { id: id.into(), device: "default/d".into(), buffer_seq: seq }
+    fn k(device: &str, sample: u32, seq: u64) -> ReadingKey {
+        ReadingKey { id: format!("{device}/{sample}"), device: device.into(), buffer_seq: seq, sample: Some(sample) }
+    }
+
+    fn served(samples: &[(u32, u64)]) -> Vec<Served> {
+        samples.iter().map(|&(sample, connection)| Served { sample, connection, at: SystemTime::now() }).collect()
     }
 
     #[test]
-    fn duplicates_of_the_same_reading_are_fine_and_gaps_are_not() {
-        let r = delivery_report(&[k("a", 1), k("b", 2), k("b", 2), k("d", 4)], 4, &[]);
-        assert_eq!(r.missing, [3]);
-        assert_eq!(r.duplicates, 1);
+    fn lost_abandoned_and_duplicates_come_from_the_devices_and_the_cloud() {
+        let mut log = ServedLog::new();
+        // Samples 1-4 on connection 1 (4 its last), 5-6 on connection 2.
+        log.insert("d".into(), served(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]));
+        let keys = [k("d", 1, 1), k("d", 1, 1), k("d", 3, 2), k("d", 5, 3)];
+        let r = delivery_report(&log, &keys);
+        assert_eq!(r.lost["d"], [2]);
+        assert_eq!(r.abandoned["d"], [4, 6]);
+        assert_eq!((r.served, r.received, r.delivered, r.duplicates), (6, 4, 3, 1));
         r.assert_consistent().unwrap();
-        assert!(r.assert_complete().unwrap_err().to_string().contains("missing 1 [3]"));
-        let r = delivery_report(&[k("a", 1), k("x", 1), k("a", 2)], 2, &[]);
-        assert_eq!(r.seq_conflicts.len(), 1);
-        assert_eq!(r.id_conflicts.len(), 1);
-        assert!(r.assert_consistent().is_err());
-        assert_eq!(ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
-    }
+        assert!(r.assert_complete().unwrap_err().to_string().contains("lost of d: [2]"));
 
-    #[test]
-    fn a_sequence_continued_past_an_empty_buffer_is_not_a_gap() {
-        let log = "x INFO bufferSeq continues at 1 after the buffer's last entry\n\
-                   x INFO the buffer is empty: bufferSeq continues at 2561, past any earlier entry\n";
-        let starts = seq_starts(log);
-        assert_eq!(starts, [(1, false), (2561, true)]);
-        let keys = [k("a", 1), k("b", 2), k("d", 2561), k("e", 2562)];
-        let r = delivery_report(&keys, 2563, &starts);
-        assert_eq!(r.missing, [2563]);
-        // A gap before the last reading ahead of the jump is still missing.
-        let r = delivery_report(&[k("a", 1), k("c", 3), k("d", 2561)], 2561, &starts);
-        assert_eq!(r.missing, [2]);
-        // The same slot stored by two runs is fine; twice by one run is not.
-        let r = delivery_report(&[k("a", 1), k("a", 2561)], 2561, &starts);
-        assert!(r.id_conflicts.is_empty(), "{r}");
-        let r = delivery_report(&[k("a", 1), k("a", 2)], 2, &starts);
-        assert_eq!(r.id_conflicts.len(), 1);
+        let r = delivery_report(&log, &[k("d", 9, 1), k("d", 1, 1)]);
+        assert_eq!(r.unknown, [("d".to_string(), 9)]);
+        assert_eq!(r.seq_conflicts, [1]);
+        assert!(r.assert_consistent().is_err());
+        assert_eq!(ranges(&[1u32, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
     }
 }

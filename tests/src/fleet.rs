@@ -100,6 +100,11 @@ impl SimFleet {
         sim::simulated_points(self.extra_registers)
     }
 
+    /// Every sample each device served so far, by `namespace/name` (the judge's evidence).
+    pub fn served(&self) -> crate::delivery::ServedLog {
+        self.devices.iter().map(|d| (d.key(), d.device.served())).collect()
+    }
+
     /// Stops serving: open connections drop, new ones are refused.
     pub async fn stop(&mut self) {
         self.cancel.cancel();

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 pub use cloud::{CloudMessage, CloudSubscriber};
 pub use config::{ConfigBuilder, stream_name, stream_subject};
-pub use delivery::{DeliveryReport, delivery_report, seq_starts};
+pub use delivery::{DeliveryReport, ServedLog, delivery_report};
 pub use fleet::SimFleet;
 pub use gateway::Gateway;
 pub use metrics::metric;

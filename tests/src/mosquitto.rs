@@ -38,6 +38,9 @@ pub struct MosquittoOptions {
     pub tls: Option<MosquittoTls>,
     /// Username and password required on the secure listener (needs `mosquitto_passwd`).
     pub password: Option<(String, String)>,
+    /// An ACL file's lines (mosquitto `acl_file` syntax, such as `topic deny a/b`), applied to
+    /// every client.
+    pub acl: Option<Vec<String>>,
 }
 
 /// A mosquitto process. Killed on drop.
@@ -95,6 +98,11 @@ impl Mosquitto {
         writeln!(conf, "log_timestamp_format %H:%M:%S")?;
         if secure_port.is_some() {
             writeln!(conf, "per_listener_settings true")?;
+        }
+        if let Some(lines) = &options.acl {
+            let file = d.join("acl");
+            std::fs::write(&file, lines.join("\n") + "\n")?;
+            writeln!(conf, "acl_file {}", file.display())?;
         }
         writeln!(conf, "\nlistener {port} 127.0.0.1")?;
         writeln!(conf, "allow_anonymous true")?;

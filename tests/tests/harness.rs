@@ -103,6 +103,7 @@ async fn tls_listener_with_password_starts() {
     let broker = Mosquitto::start_with(MosquittoOptions {
         tls: Some(MosquittoTls { pki, require_certificate: true }),
         password: Some(("gw".into(), "s3cret".into())),
+        acl: None,
     })
     .await
     .unwrap();

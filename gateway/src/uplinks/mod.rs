@@ -632,6 +632,7 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
     let mut reconnect = Reconnect::new();
     let mut link_retry_at = Instant::now();
     let mut link_log = LogThrottle::new(Duration::from_secs(60));
+    let mut down_since: Option<Instant> = None;
 
     let mut messages: Option<pull::Stream> = None;
     let mut buffer_delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
@@ -652,8 +653,17 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
         if drain_deadline.is_none() && link.is_none() && now >= link_retry_at {
             link = Some(open());
         }
-        // The pull stream exists only while the link is up: a pull stream prefetches, and
-        // entries prefetched during an outage would outlive `redeliverAfter` and be sent twice.
+        // A pull stream prefetches: entries it holds while the link is down would outlive
+        // `redeliverAfter` and be sent twice, so it is closed once the link has been down for
+        // half of that. A link that comes back sooner (a broker that drops the connection
+        // after refusing a publish) goes on with the same pull stream, without waiting for
+        // the prefetched entries to be redelivered.
+        if !connected
+            && messages.is_some()
+            && down_since.is_some_and(|at: Instant| at.elapsed() >= d.task.buffer.redeliver_after / 2)
+        {
+            messages = None;
+        }
         if drain_deadline.is_none() && connected && messages.is_none() && now >= buffer_retry_at {
             match open_messages(&mut d).await {
                 Ok(m) => {
@@ -680,6 +690,11 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
         if messages.is_none() && connected {
             wake = wake.min(buffer_retry_at);
         }
+        if let Some(at) = down_since
+            && messages.is_some()
+        {
+            wake = wake.min(at + d.task.buffer.redeliver_after / 2);
+        }
         if let Some(deadline) = drain_deadline {
             wake = wake.min(deadline);
         }
@@ -695,6 +710,7 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
             ev = next_event(&mut link) => match ev {
                 LinkEvent::Connected => {
                     connected = true;
+                    down_since = None;
                     connected_gauge.set(1);
                     metrics.uplink_connects.get_or_create(&d.labels).inc();
                     reconnect = Reconnect::new();
@@ -718,7 +734,7 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
                     if let Some(l) = link.take() {
                         drop(l);
                     }
-                    messages = None;
+                    down_since.get_or_insert_with(Instant::now);
                     let outcomes = d.core.on_event(LinkEvent::Lost { reason, refused }).await;
                     d.outcomes(outcomes);
                     link_retry_at = Instant::now() + delay;

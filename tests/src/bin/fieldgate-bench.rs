@@ -32,7 +32,7 @@ struct Args {
     /// Simulated devices in the throughput run.
     #[arg(long, default_value_t = 80)]
     devices: u16,
-    /// Extra uint16 registers per device (points per reading = 28 + this).
+    /// Extra uint16 registers per device (points per reading = 29 + this).
     #[arg(long, default_value_t = 100)]
     extra_registers: u16,
     /// Poll interval in the throughput run.
