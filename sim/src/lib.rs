@@ -266,7 +266,8 @@ impl SimDevice {
                 let sample_words = SAMPLE_REGISTER..SAMPLE_REGISTER + 2;
                 if (address..address + count).any(|a| sample_words.contains(&a)) {
                     let sample = self.serve_sample(connection).to_be_bytes();
-                    let sample = [u16::from_be_bytes([sample[0], sample[1]]), u16::from_be_bytes([sample[2], sample[3]])];
+                    let sample =
+                        [u16::from_be_bytes([sample[0], sample[1]]), u16::from_be_bytes([sample[2], sample[3]])];
                     for (a, w) in (address..).zip(words.iter_mut()) {
                         if sample_words.contains(&a) {
                             *w = sample[usize::from(a - SAMPLE_REGISTER)];

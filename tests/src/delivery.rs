@@ -30,6 +30,9 @@ pub struct DeliveryReport {
     pub received: usize,
     /// Distinct samples the cloud received.
     pub delivered: usize,
+    /// Distinct readings the cloud received without a sample number (a poll whose holding
+    /// registers failed while other requests answered): not a sample, still a reading.
+    pub unsampled: usize,
     /// Served, never received, not excused: `device -> sample numbers`.
     pub lost: BTreeMap<String, Vec<u32>>,
     /// The last sample of a closed connection, never received (the gateway gave up the poll).
@@ -46,13 +49,17 @@ pub struct DeliveryReport {
 pub fn delivery_report(served: &ServedLog, keys: &[ReadingKey]) -> DeliveryReport {
     let mut got: BTreeMap<(&str, u32), usize> = BTreeMap::new();
     let mut by_seq: BTreeMap<u64, BTreeSet<(&str, u32)>> = BTreeMap::new();
+    let mut unsampled: BTreeSet<&str> = BTreeSet::new();
     for k in keys {
+        if k.sample.is_none() {
+            unsampled.insert(k.id.as_str());
+        }
         if let Some(s) = k.sample {
             *got.entry((k.device.as_str(), s)).or_default() += 1;
             by_seq.entry(k.buffer_seq).or_default().insert((k.device.as_str(), s));
         }
     }
-    let mut r = DeliveryReport { received: keys.len(), ..Default::default() };
+    let mut r = DeliveryReport { received: keys.len(), unsampled: unsampled.len(), ..Default::default() };
     let mut known: BTreeSet<(&str, u32)> = BTreeSet::new();
     for (device, samples) in served {
         r.served += samples.len();
@@ -84,6 +91,11 @@ pub fn delivery_report(served: &ServedLog, keys: &[ReadingKey]) -> DeliveryRepor
 }
 
 impl DeliveryReport {
+    /// Distinct readings the cloud received: samples and unsampled readings.
+    pub fn readings(&self) -> usize {
+        self.delivered + self.unsampled
+    }
+
     /// Samples lost (not counting abandoned ones).
     pub fn lost_count(&self) -> usize {
         self.lost.values().map(Vec::len).sum()

@@ -86,7 +86,14 @@ impl Mosquitto {
         }
         writeln!(conf, "persistence true")?;
         writeln!(conf, "persistence_location {}/", d.display())?;
-        writeln!(conf, "max_queued_messages 0")?;
+        // 0 is "unlimited", but mosquitto 2.0.11 with it drops an MQTT 5 client's connection
+        // right after answering a publish its ACL denies (PUBACK 0x87, then a reset that can
+        // swallow the acknowledgements before it); a large limit does not.
+        if options.acl.is_some() {
+            writeln!(conf, "max_queued_messages 10000000")?;
+        } else {
+            writeln!(conf, "max_queued_messages 0")?;
+        }
         writeln!(conf, "max_queued_bytes 0")?;
         writeln!(conf, "max_inflight_messages 0")?;
         writeln!(conf, "set_tcp_nodelay true")?;

@@ -428,8 +428,12 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
     const RIGHT: &str = "right-pa55w0rd-Xq7";
     const WRONG: &str = "wrong-pa55w0rd-Zk9";
     let nats = NatsServer::start().await?;
-    let broker =
-        Mosquitto::start_with(MosquittoOptions { tls: None, password: Some(("gateway".into(), RIGHT.into())), acl: None }).await?;
+    let broker = Mosquitto::start_with(MosquittoOptions {
+        tls: None,
+        password: Some(("gateway".into(), RIGHT.into())),
+        acl: None,
+    })
+    .await?;
     let secured = broker.secure_url().context("password listener")?;
     let fleet = SimFleet::healthy(1).await?;
     let config = ConfigBuilder::new()
