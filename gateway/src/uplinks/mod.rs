@@ -720,12 +720,11 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
                 LinkEvent::Lost { reason, refused } => {
                     if was_connected {
                         warn!(uplink = %d.labels.uplink, error = %reason, "uplink disconnected; reconnecting");
-                    } else if refused {
-                        if let Some(held_back) = link_log.allow() {
+                    } else {
+                        debug!(uplink = %d.labels.uplink, error = %reason, refused, "uplink connect failed");
+                        if refused && let Some(held_back) = link_log.allow() {
                             warn!(uplink = %d.labels.uplink, error = %reason, held_back, "the broker refused the connection; retrying with a growing delay");
                         }
-                    } else {
-                        debug!(uplink = %d.labels.uplink, error = %reason, "uplink connect failed");
                     }
                     let delay = reconnect.after(refused, was_connected && connected);
                     was_connected = false;
