@@ -62,6 +62,17 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in the order the status page and `/api/v1` list them.
+    pub const ALL: [DropReason; 7] = [
+        DropReason::buffer_full_rejected,
+        DropReason::buffer_full_evicted,
+        DropReason::max_age_expired,
+        DropReason::buffer_unavailable,
+        DropReason::too_large,
+        DropReason::no_uplink,
+        DropReason::undecodable,
+    ];
+
     /// The label value, for spans and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -208,6 +219,12 @@ pub struct Metrics {
     /// The last error of each device, for `/api/v1` (not exported: an error kind is a label
     /// value of `fieldgate_device_errors_total` already).
     pub device_last_error: LastErrors,
+    /// The last values of each device, for the status page and `/api/v1` (not exported:
+    /// telemetry values are no metric).
+    pub device_last_values: LastValues,
+    /// What each supervised task is doing, for the diagnostics bundle (restarts are counted
+    /// in `task_restarts` too).
+    pub task_states: crate::supervise::TaskStates,
 }
 
 /// The last error of each device: kind and Unix milliseconds, by `namespace/name`.
@@ -230,6 +247,54 @@ impl LastErrors {
     /// Kind and Unix milliseconds of the device's last error.
     pub fn get(&self, device: &str) -> Option<(&'static str, u64)> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(device).copied()
+    }
+}
+
+/// The points of each device's last reading, by `namespace/name`, refreshed at most every
+/// [`LastValues::REFRESH`] per device (this runs for every reading; a status page refreshes
+/// every second or two).
+#[derive(Debug, Default)]
+pub struct LastValues(std::sync::Mutex<std::collections::HashMap<String, LastReading>>);
+
+/// A device's last recorded reading.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LastReading {
+    /// When the device was sampled, nanoseconds since the Unix epoch.
+    pub time_unix_nano: u64,
+    /// Its points.
+    pub points: Vec<crate::reading::Point>,
+}
+
+impl LastValues {
+    /// Shortest time between two recorded readings of one device.
+    pub const REFRESH: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// Records `reading` as the device's last one unless the recorded one is younger than
+    /// [`LastValues::REFRESH`].
+    pub fn record(&self, device: &str, reading: &crate::reading::Reading) {
+        let refresh = Self::REFRESH.as_nanos() as u64;
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.get_mut(device) {
+            Some(last) if reading.time_unix_nano.saturating_sub(last.time_unix_nano) < refresh => {}
+            Some(last) => {
+                last.time_unix_nano = reading.time_unix_nano;
+                last.points.clone_from(&reading.points);
+            }
+            None => {
+                let last = LastReading { time_unix_nano: reading.time_unix_nano, points: reading.points.clone() };
+                m.insert(device.to_string(), last);
+            }
+        }
+    }
+
+    /// The device's last recorded reading.
+    pub fn get(&self, device: &str) -> Option<LastReading> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(device).cloned()
+    }
+
+    /// Forgets the devices `keep` says no to (devices removed from the config).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|k, _| keep(k));
     }
 }
 
@@ -276,6 +341,8 @@ impl Metrics {
             buffer_connects: Counter::default(),
             buffer_reachable: Family::default(),
             device_last_error: LastErrors::default(),
+            device_last_values: LastValues::default(),
+            task_states: crate::supervise::TaskStates::default(),
         };
         let r = registry.sub_registry_with_prefix("fieldgate");
         r.register("device_polls", "Device polls that read at least one point", m.polls.clone());

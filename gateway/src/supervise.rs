@@ -1,9 +1,11 @@
 //! Supervision: a task that panics or ends unexpectedly is restarted with backoff and counted.
 //! It never takes the process down and is never lost silently.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
@@ -23,9 +25,78 @@ pub fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
         .build()
 }
 
+/// What a supervised task is doing, for the diagnostics bundle.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskState {
+    /// `running`, or `restarting` (waiting out its backoff after a failure).
+    pub state: &'static str,
+    /// When it entered that state (RFC 3339).
+    pub since: String,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// How it last failed: `panicked` or `ended`.
+    pub last_failure: Option<&'static str>,
+}
+
+/// The state of every supervised task, by task name. A task leaves it when it stops for good.
+#[derive(Debug, Default)]
+pub struct TaskStates {
+    tasks: Mutex<BTreeMap<String, (u64, TaskState)>>,
+    next_id: AtomicU64,
+}
+
+impl TaskStates {
+    /// Every task and its state.
+    pub fn snapshot(&self) -> BTreeMap<String, TaskState> {
+        let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.iter().map(|(name, (_, state))| (name.clone(), state.clone())).collect()
+    }
+
+    fn register(&self, name: &str) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = TaskState { state: "running", since: now_text(), restarts: 0, last_failure: None };
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_string(), (id, state));
+        id
+    }
+
+    fn update(&self, name: &str, id: u64, change: impl FnOnce(&mut TaskState)) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((owner, state)) = tasks.get_mut(name)
+            && *owner == id
+        {
+            change(state);
+            state.since = now_text();
+        }
+    }
+
+    fn remove(&self, name: &str, id: u64) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        // A task of the same name started since (a changed device) keeps its entry.
+        if tasks.get(name).is_some_and(|(owner, _)| *owner == id) {
+            tasks.remove(name);
+        }
+    }
+}
+
+fn now_text() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
 /// Runs the task `make` builds until `cancel` fires, restarting it after a panic or an
-/// unexpected return (counted in `fieldgate_task_restarts_total{task}`).
-pub async fn supervise<F, Fut>(name: String, metrics: Arc<Metrics>, cancel: CancellationToken, mut make: F)
+/// unexpected return (counted in `fieldgate_task_restarts_total{task}`, its state in
+/// [`TaskStates`]).
+pub async fn supervise<F, Fut>(name: String, metrics: Arc<Metrics>, cancel: CancellationToken, make: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let id = metrics.task_states.register(&name);
+    supervise_registered(&name, id, &metrics, &cancel, make).await;
+    metrics.task_states.remove(&name, id);
+}
+
+async fn supervise_registered<F, Fut>(name: &str, id: u64, metrics: &Metrics, cancel: &CancellationToken, mut make: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -36,17 +107,29 @@ where
         if cancel.is_cancelled() {
             return;
         }
-        match outcome {
-            Ok(()) => warn!(task = %name, "task ended unexpectedly; restarting"),
-            Err(e) if e.is_panic() => error!(task = %name, "task panicked; restarting"),
+        let failure = match outcome {
+            Ok(()) => {
+                warn!(task = %name, "task ended unexpectedly; restarting");
+                "ended"
+            }
+            Err(e) if e.is_panic() => {
+                error!(task = %name, "task panicked; restarting");
+                "panicked"
+            }
             Err(_) => return,
-        }
-        metrics.task_restarts.get_or_create(&TaskLabels { task: name.clone() }).inc();
+        };
+        metrics.task_restarts.get_or_create(&TaskLabels { task: name.to_string() }).inc();
+        metrics.task_states.update(name, id, |s| {
+            s.state = "restarting";
+            s.restarts += 1;
+            s.last_failure = Some(failure);
+        });
         let delay = delays.next().unwrap_or(Duration::from_secs(30));
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+        metrics.task_states.update(name, id, |s| s.state = "running");
     }
 }
 
@@ -81,5 +164,38 @@ mod tests {
         sup.await.unwrap();
         let restarts = metrics.task_restarts.get_or_create(&TaskLabels { task: "t".into() }).get();
         assert_eq!(restarts, 2);
+        assert!(metrics.task_states.snapshot().is_empty(), "a stopped task leaves the task states");
+    }
+
+    #[tokio::test]
+    async fn a_running_task_shows_its_state_and_restarts() {
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let cancel = CancellationToken::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r, c) = (Arc::clone(&runs), cancel.clone());
+        let sup = tokio::spawn(supervise("device default/m".into(), Arc::clone(&metrics), cancel.clone(), move || {
+            let (r, c) = (Arc::clone(&r), c.clone());
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("boom");
+                }
+                c.cancelled().await;
+            }
+        }));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let states = metrics.task_states.snapshot();
+            if let Some(s) = states.get("device default/m")
+                && s.state == "running"
+                && s.restarts == 1
+            {
+                assert_eq!(s.last_failure, Some("panicked"));
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no running state after the restart: {states:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        sup.await.unwrap();
     }
 }

@@ -70,18 +70,25 @@ use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
 
 use crate::metrics::Metrics;
 
+mod recent;
+pub use recent::{RecentWarnings, Warning};
+
 // ---------------------------------------------------------------------------------------------
 // Logs
 
 /// The log filter without `RUST_LOG`. tokio-modbus logs every undecodable byte of a noisy
-/// line at warn/error; the Modbus adapters count those themselves (`bad_frame`).
-const DEFAULT_FILTER: &str = "info,tokio_modbus=off";
+/// line at warn/error; the Modbus adapters count those themselves (`bad_frame`). async-nats
+/// logs every event at info ("client error: nats: IO error" on each reconnect attempt, without
+/// the address or the cause); the gateway logs NATS state changes itself.
+const DEFAULT_FILTER: &str = "info,tokio_modbus=off,async_nats=warn";
 
-/// Changes the log filter of the running process (`RUST_LOG` syntax).
+/// Changes the log filter of the running process (`RUST_LOG` syntax), and holds the last
+/// warnings it logged.
 #[derive(Clone)]
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Arc<Mutex<String>>,
+    recent: RecentWarnings,
 }
 
 impl fmt::Debug for LogControl {
@@ -121,6 +128,11 @@ impl LogControl {
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_string();
         Ok(())
     }
+
+    /// The last warnings and errors logged, oldest first.
+    pub fn recent_warnings(&self) -> Vec<Warning> {
+        self.recent.snapshot()
+    }
 }
 
 /// Installs the process's log subscriber: `RUST_LOG` (default [`DEFAULT_FILTER`]) filters, `format` is
@@ -139,8 +151,9 @@ pub fn init_logs(format: &str) -> LogControl {
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
     let fmt = if format == "json" { fmt.json().boxed() } else { fmt.boxed() };
-    tracing_subscriber::registry().with(filter).with(fmt).init();
-    LogControl { handle, current: Arc::new(Mutex::new(text)) }
+    let recent = RecentWarnings::default();
+    tracing_subscriber::registry().with(filter).with(fmt).with(recent.clone()).init();
+    LogControl { handle, current: Arc::new(Mutex::new(text)), recent }
 }
 
 /// Lets one log line through per period and counts the ones held back: for failures that

@@ -94,6 +94,7 @@ impl DeviceTask {
         self.metrics.readings_received.get_or_create(labels).inc();
         let sampled = reading.time_unix_nano as f64 / 1e9;
         self.metrics.device_last_reading.get_or_create(labels).set(sampled);
+        self.metrics.device_last_values.record(&labels.device, reading);
     }
 
     /// Counts a reading and hands it to the buffer writer. `Err` means the gateway is stopping.
