@@ -5,18 +5,23 @@
 //! | `GET /healthz` | none | the process serves HTTP |
 //! | `GET /readyz` | none | 200 when started, the NATS connection (the buffer) is up and every uplink's buffer stream answers; 503 with the reasons otherwise |
 //! | `GET /metrics` | none | Prometheus/OpenMetrics text |
+//! | `GET /status` | token if the API is on | the status page ([`status_page`]) and its data, `/status/data.json` |
 //! | `GET /api/v1/status` | bearer | node, readiness, config version, every device and uplink |
-//! | `GET /api/v1/devices` | bearer | every device: state, last reading, last error kind |
-//! | `GET /api/v1/uplinks` | bearer | every uplink: connected, backlog, oldest unsent age |
+//! | `GET /api/v1/devices` | bearer | every device: state, last reading and values, last error kind |
+//! | `GET /api/v1/uplinks` | bearer | every uplink: connected, backlog, oldest unsent age, accepted, delivered, dropped by reason |
+//! | `GET /api/v1/diagnostics` | bearer | versions, status, redacted config, recent warnings, tasks, metrics ([`diagnostics`]) |
 //! | `GET /api/v1/config` | bearer | the applied config and its version |
 //! | `PUT /api/v1/config` | bearer | standalone mode only: replace the config (YAML or JSON) |
 //! | `GET`/`PUT /api/v1/log-level` | bearer | the log filter (`RUST_LOG` syntax), changeable at run time |
 //!
 //! `/api/v1` exists only with a token: `--api-token-file` (env `FIELDGATE_API_TOKEN_FILE`; in
 //! Kubernetes a mounted Secret). Without one every `/api/v1` route answers 404. A request
-//! without `Authorization: Bearer <token>`, or with another token, gets 401 (the comparison
+//! without `Authorization: Bearer <token>` (or HTTP Basic with the token as the password, what
+//! a browser sends for the status page), or with another token, gets 401 (the comparison
 //! takes the same time whatever the token). The file is read again when it changes, so a
 //! rotated Secret takes effect without a restart.
+//!
+//! Every route reads the gateway's state through [`state::StatusSource`] alone.
 //!
 //! A cloud outage does not make the gateway unready: buffering through it is the gateway's
 //! job, and an unready DaemonSet pod would stall rollouts. `fieldgate_uplink_connected` and
@@ -30,13 +35,19 @@
 //! longer than a few seconds). In the cluster the config comes from the operator alone: the
 //! route answers 409 there.
 //!
-//! Limits: request bodies up to 1 MiB (413 beyond), 10 s per request (408), and at most
-//! `--management-max-connections` open connections (further ones wait in the listen queue).
+//! Limits: request bodies up to 1 MiB (413 beyond), 10 s per request (408); connections are
+//! bounded in time and number so that idle or trickling clients cannot keep the probes from
+//! answering ([`connections`]).
+
+mod connections;
+mod diagnostics;
+pub mod state;
+mod status_page;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -45,15 +56,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use base64::Engine as _;
 use fieldgate_crds::GatewayConfig;
 use prometheus_client::registry::Registry;
 use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::metrics::{DeviceLabels, Metrics, UplinkLabels};
+use self::connections::{ConnectionLimits, ConnectionMetrics};
+use self::state::StatusSource as _;
+use crate::metrics::{Metrics, UplinkLabels};
 use crate::secrets::SecretStore;
 use crate::telemetry::LogControl;
 
@@ -71,9 +85,29 @@ pub struct ManagementArgs {
     /// disabled (404).
     #[arg(long, env = "FIELDGATE_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
-    /// Most management connections open at once.
-    #[arg(long, env = "FIELDGATE_MANAGEMENT_MAX_CONNECTIONS", default_value_t = 32)]
+    /// Most management connections open at once. At the limit a new connection closes the
+    /// one idle longest; it waits only while every open one is in the middle of a request.
+    #[arg(long, env = "FIELDGATE_MANAGEMENT_MAX_CONNECTIONS", default_value_t = 256)]
     pub management_max_connections: usize,
+    /// Time a management connection has to send a request header, and most idle time between
+    /// two requests on one connection; then it is closed.
+    #[arg(long, env = "FIELDGATE_MANAGEMENT_IDLE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub management_idle_timeout: Duration,
+}
+
+impl ManagementArgs {
+    fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            idle_timeout: self.management_idle_timeout.max(Duration::from_millis(100)),
+            max_connections: self.management_max_connections.max(1),
+        }
+    }
+}
+
+impl Default for ManagementArgs {
+    fn default() -> Self {
+        Self { api_token_file: None, management_max_connections: 256, management_idle_timeout: Duration::from_secs(20) }
+    }
 }
 
 /// Where the gateway's config comes from, which decides whether `PUT /api/v1/config` exists.
@@ -144,6 +178,28 @@ impl Token {
         }
         diff == 0
     }
+
+    /// Whether the request carries the token, as `Bearer <token>` or as the password of
+    /// `Basic` credentials (any user name).
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        presented_token(headers).is_some_and(|t| self.matches(&t))
+    }
+}
+
+/// The token a request presents: `Authorization: Bearer <token>`, or the password of
+/// `Authorization: Basic base64(user:password)`.
+fn presented_token(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().as_bytes().to_vec());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let colon = decoded.iter().position(|&b| b == b':')?;
+        return Some(decoded[colon + 1..].to_vec());
+    }
+    None
 }
 
 /// The authenticated `/api/v1`: its token, the log control and where configs come from.
@@ -180,13 +236,17 @@ pub struct Management {
     api: Option<Api>,
     applied: Mutex<Option<watch::Receiver<Option<Arc<GatewayConfig>>>>>,
     node: String,
-    max_connections: usize,
+    limits: ConnectionLimits,
+    connections: ConnectionMetrics,
+    nats_server: Mutex<Option<String>>,
+    started: std::time::Instant,
 }
 
 impl Management {
     /// A server over the gateway's registry alone (no `/api/v1`, readiness from the flag
     /// alone); not ready until [`Management::set_ready`].
-    pub fn new(registry: Registry) -> Arc<Self> {
+    pub fn new(mut registry: Registry) -> Arc<Self> {
+        let connections = ConnectionMetrics::register(&mut registry);
         Arc::new(Self {
             registry,
             ready: AtomicBool::new(false),
@@ -194,19 +254,23 @@ impl Management {
             api: None,
             applied: Mutex::new(None),
             node: String::new(),
-            max_connections: 32,
+            limits: ManagementArgs::default().limits(),
+            connections,
+            nats_server: Mutex::new(None),
+            started: std::time::Instant::now(),
         })
     }
 
     /// The full server: readiness also checks the buffer and the uplinks, `/api/v1` is
     /// served when `api` is given.
     pub fn with_api(
-        registry: Registry,
+        mut registry: Registry,
         metrics: Arc<Metrics>,
         api: Option<Api>,
         node: &str,
         args: &ManagementArgs,
     ) -> Arc<Self> {
+        let connections = ConnectionMetrics::register(&mut registry);
         Arc::new(Self {
             registry,
             ready: AtomicBool::new(false),
@@ -214,8 +278,20 @@ impl Management {
             api,
             applied: Mutex::new(None),
             node: node.to_string(),
-            max_connections: args.management_max_connections.max(1),
+            limits: args.limits(),
+            connections,
+            nats_server: Mutex::new(None),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Records the version of the NATS server holding the buffer (for the diagnostics).
+    pub fn set_nats_server_version(&self, version: &str) {
+        *self.nats_server.lock().unwrap_or_else(PoisonError::into_inner) = Some(version.to_string());
+    }
+
+    fn nats_server_version(&self) -> Option<String> {
+        self.nats_server.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Marks the gateway ready (serving) or not (starting, stopping).
@@ -239,6 +315,9 @@ impl Management {
             reasons.push("starting or stopping".to_string());
         }
         if let Some(m) = &self.metrics {
+            if m.buffer_connects.get() == 0 {
+                reasons.push("the NATS server holding the buffer has not answered yet".to_string());
+            }
             // Connected at least once (so the NATS events are wired) and down now.
             if m.buffer_connects.get() > 0 && m.buffer_connected.get() == 0 {
                 reasons.push("the NATS connection holding the buffer is down".to_string());
@@ -298,15 +377,9 @@ async fn authenticate(State(m): State<Arc<Management>>, req: Request, next: Next
             "the management API is disabled: start the gateway with --api-token-file",
         );
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let (ok, challenge) = match presented {
+    let (ok, challenge) = match presented_token(req.headers()) {
         None => (false, "Bearer realm=\"fieldgate\""),
-        Some(t) => (api.token.matches(t.as_bytes()), "Bearer realm=\"fieldgate\", error=\"invalid_token\""),
+        Some(t) => (api.token.matches(&t), "Bearer realm=\"fieldgate\", error=\"invalid_token\""),
     };
     if !ok {
         let mut r = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
@@ -316,92 +389,16 @@ async fn authenticate(State(m): State<Arc<Management>>, req: Request, next: Next
     next.run(req).await
 }
 
-fn unix_ms_text(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-fn devices_json(m: &Management) -> Vec<Json> {
-    let (Some(metrics), Some(cfg)) = (&m.metrics, m.applied()) else { return Vec::new() };
-    let now = SystemTime::now();
-    cfg.devices
-        .iter()
-        .map(|d| {
-            let key = format!("{}/{}", d.namespace, d.name);
-            let labels = DeviceLabels { device: key.clone(), protocol: d.connection.protocol() };
-            let connected = metrics.device_connected.get(&labels).map(|g| g.get());
-            let last_reading = metrics.device_last_reading.get(&labels).map(|g| g.get()).filter(|t| *t > 0.0);
-            let readings = metrics.readings_received.get(&labels).map_or(0, |c| c.get());
-            let last_error = metrics.device_last_error.get(&key);
-            let state = match (connected, last_reading, last_error) {
-                (Some(1), _, _) => "up",
-                (Some(_), _, Some(_)) => "down",
-                (Some(_), _, None) => "connecting",
-                // Devices that push (no connection of their own): up once they sent something.
-                (None, Some(_), _) => "up",
-                (None, None, Some(_)) => "down",
-                (None, None, None) => "waiting",
-            };
-            let age =
-                last_reading.and_then(|t| now.duration_since(UNIX_EPOCH).ok().map(|n| (n.as_secs_f64() - t).max(0.0)));
-            json!({
-                "name": key,
-                "protocol": labels.protocol,
-                "state": state,
-                "readings": readings,
-                "lastReading": last_reading.map(|t| unix_ms_text((t * 1000.0) as u64)),
-                "lastReadingAgeSeconds": age,
-                "lastError": last_error.map(|(kind, at)| json!({"kind": kind, "at": unix_ms_text(at)})),
-            })
-        })
-        .collect()
-}
-
-fn uplinks_json(m: &Management) -> Vec<Json> {
-    let (Some(metrics), Some(cfg)) = (&m.metrics, m.applied()) else { return Vec::new() };
-    cfg.uplinks
-        .iter()
-        .map(|u| {
-            let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
-            let gauge = |f: &prometheus_client::metrics::family::Family<
-                UplinkLabels,
-                prometheus_client::metrics::gauge::Gauge,
-            >| { f.get(&labels).map(|g| g.get()) };
-            json!({
-                "name": labels.uplink,
-                "protocolVersion": u.mqtt.protocol_version(),
-                "connected": gauge(&metrics.uplink_connected) == Some(1),
-                "bufferReachable": gauge(&metrics.buffer_reachable).map(|v| v == 1),
-                "backlogMessages": gauge(&metrics.buffer_messages).unwrap_or(0),
-                "backlogBytes": gauge(&metrics.buffer_bytes).unwrap_or(0),
-                "oldestUnsentAgeSeconds": metrics.buffer_oldest_unsent_age.get(&labels).map_or(0.0, |g| g.get()),
-                "redeliveries": metrics.redeliveries.get(&labels).map_or(0, |c| c.get()),
-            })
-        })
-        .collect()
-}
-
 async fn status(State(m): State<Arc<Management>>) -> Response {
-    let cfg = m.applied();
-    let reasons = m.not_ready_reasons();
-    let buffer_connected = m.metrics.as_ref().map(|x| x.buffer_connected.get() == 1);
-    axum::Json(json!({
-        "node": m.node,
-        "ready": reasons.is_empty(),
-        "notReady": reasons,
-        "buffer": {"connected": buffer_connected},
-        "config": {"version": cfg.as_ref().and_then(|c| c.version.clone())},
-        "devices": devices_json(&m),
-        "uplinks": uplinks_json(&m),
-    }))
-    .into_response()
+    axum::Json(m.snapshot()).into_response()
 }
 
 async fn devices(State(m): State<Arc<Management>>) -> Response {
-    axum::Json(json!({"devices": devices_json(&m)})).into_response()
+    axum::Json(json!({"devices": m.snapshot().devices})).into_response()
 }
 
 async fn uplinks(State(m): State<Arc<Management>>) -> Response {
-    axum::Json(json!({"uplinks": uplinks_json(&m)})).into_response()
+    axum::Json(json!({"uplinks": m.snapshot().uplinks})).into_response()
 }
 
 async fn config(State(m): State<Arc<Management>>) -> Response {
@@ -545,12 +542,14 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/uplinks", get(uplinks))
         .route("/config", get(config).put(replace_config))
         .route("/log-level", get(log_level).put(set_log_level))
+        .route("/diagnostics", get(diagnostics::diagnostics))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such API route") })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&m), authenticate));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .merge(status_page::routes(Arc::clone(&m)))
         .nest("/api/v1", api)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
@@ -558,81 +557,10 @@ pub fn router(m: Arc<Management>) -> Router {
         .with_state(m)
 }
 
-/// A listener that holds at most `max` connections open; the next one is accepted when one
-/// closes (until then it waits in the kernel's listen queue).
-struct CappedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-}
-
-/// A connection holding one of the listener's slots until it is dropped.
-struct CappedStream {
-    stream: tokio::net::TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl tokio::io::AsyncRead for CappedStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for CappedStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            // The semaphore is never closed.
-            let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else { continue };
-            match self.inner.accept().await {
-                Ok((stream, addr)) => return (CappedStream { stream, _slot: slot }, addr),
-                Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::debug!(error = %e, "management accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
 /// Serves until `cancel` fires.
 pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
-    let capped = CappedListener { inner: listener, slots: Arc::new(Semaphore::new(m.max_connections)) };
-    axum::serve(capped, router(m)).with_graceful_shutdown(async move { cancel.cancelled().await }).await
+    let (limits, metrics) = (m.limits, m.connections.clone());
+    connections::serve(listener, router(m), limits, metrics, cancel).await
 }
 
 #[cfg(test)]
@@ -652,5 +580,28 @@ mod tests {
         }
         std::fs::write(dir.path().join("short"), "short").unwrap();
         assert!(Token::read(&dir.path().join("short")).is_err());
+    }
+
+    #[test]
+    fn the_token_is_accepted_as_bearer_or_as_a_basic_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
+        let t = Token { path: path.clone(), cached: Mutex::new(Token::read(&path).unwrap()) };
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            h
+        };
+        let basic = |creds: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+        assert!(t.accepts(&with("Bearer 0123456789abcdef-secret")));
+        assert!(t.accepts(&with("bearer 0123456789abcdef-secret")));
+        assert!(t.accepts(&with(&basic("anyone:0123456789abcdef-secret"))));
+        assert!(t.accepts(&with(&basic(":0123456789abcdef-secret"))));
+        assert!(!t.accepts(&with(&basic("0123456789abcdef-secret:x"))));
+        assert!(!t.accepts(&with(&basic("0123456789abcdef-secret"))));
+        assert!(!t.accepts(&with("Basic !!!not-base64")));
+        assert!(!t.accepts(&with("Digest 0123456789abcdef-secret")));
+        assert!(!t.accepts(&HeaderMap::new()));
     }
 }

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod bench_nats;
 pub mod certs;
+pub mod chromium;
 pub mod cloud;
 pub mod cloud_v5;
 pub mod cluster;
