@@ -256,6 +256,66 @@ async fn wait_for_signal() {
     }
 }
 
+/// Connects to the NATS server holding the buffer, trying again with backoff until it answers.
+/// `None` when `stop` fires first (a stop request is never held up by a missing NATS).
+///
+/// Each failure is logged with the address and its cause (such as `Connection refused`),
+/// the first one at once and then at most every 30 s; readiness stays false meanwhile. Only a
+/// URL that does not parse is fatal.
+async fn connect_nats(
+    args: &Args,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> Result<Option<async_nats::Client>, AppError> {
+    let mut delays = crate::supervise::backoff(Duration::from_millis(250), Duration::from_secs(5));
+    let mut throttle = crate::telemetry::LogThrottle::new(Duration::from_secs(30));
+    let started = Instant::now();
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(format!("fieldgate-gateway {}", args.node))
+            .event_callback(crate::telemetry::nats_events(Arc::clone(metrics)))
+            .connect(args.nats_url.as_str());
+        let error = tokio::select! {
+            () = stop.cancelled() => {
+                info!(url = %args.nats_url, "stopped before NATS answered");
+                return Ok(None);
+            }
+            connected = attempt => match connected {
+                Ok(client) => {
+                    info!(
+                        url = %args.nats_url,
+                        server_version = %client.server_info().version,
+                        "connected to NATS (the buffer)"
+                    );
+                    return Ok(Some(client));
+                }
+                Err(e) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
+                    return Err(AppError::Nats { url: args.nats_url.clone(), source: e });
+                }
+                Err(e) => e,
+            },
+        };
+        if let Some(held_back) = throttle.allow() {
+            warn!(
+                url = %args.nats_url,
+                error = %error,
+                waited_s = started.elapsed().as_secs(),
+                held_back,
+                "cannot reach NATS, which holds the buffer; trying again (nothing is read from \
+                 devices until it answers)"
+            );
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = stop.cancelled() => {
+                info!(url = %args.nats_url, "stopped before NATS answered");
+                return Ok(None);
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Result<(), AppError> {
     let traces = crate::telemetry::Traces::init(&args.traces, "fieldgate-gateway", &args.node);
@@ -293,9 +353,10 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| AppError::Listen { addr: args.listen, source })?;
+    let listen = listener.local_addr().unwrap_or(args.listen);
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(management::serve(listener, Arc::clone(&management), stop_serving.clone()));
-    info!(listen = %args.listen, "management server listening");
+    info!(%listen, "management server listening (status page: http://{listen}/status)");
 
     let signal = CancellationToken::new();
     {
@@ -307,13 +368,15 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         });
     }
 
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("fieldgate-gateway {}", args.node))
-        .retry_on_initial_connect()
-        .event_callback(crate::telemetry::nats_events(Arc::clone(&metrics)))
-        .connect(args.nats_url.as_str())
-        .await
-        .map_err(|source| AppError::Nats { url: args.nats_url.clone(), source })?;
+    let Some(client) = connect_nats(&args, &metrics, &signal).await? else {
+        // Stopped before NATS answered: nothing else was started.
+        stop_serving.cancel();
+        let _ = server.await;
+        traces.shutdown(Duration::from_secs(3)).await;
+        info!("gateway stopped");
+        return Ok(());
+    };
+    management.set_nats_server_version(&client.server_info().version);
     let js = jetstream::new(client.clone());
 
     // The buffer writer: adapters -> JetStream, along the routes in force.

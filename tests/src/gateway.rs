@@ -183,10 +183,15 @@ impl Gateway {
 
     /// SIGTERM (graceful stop) and wait for the exit.
     pub async fn terminate(&mut self) -> Result<ExitStatus> {
+        self.terminate_within(STOP_TIMEOUT).await
+    }
+
+    /// SIGTERM and wait at most `timeout` for the exit.
+    pub async fn terminate_within(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let Some(mut p) = self.proc.take() else {
             bail!("the gateway is not running");
         };
-        let r = p.terminate(STOP_TIMEOUT).await;
+        let r = p.terminate(timeout).await;
         r.with_context(|| format!("stopping the gateway\n{}", self.log()))
     }
 
