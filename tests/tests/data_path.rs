@@ -24,7 +24,7 @@ use fieldgate_tests::cloud::ReadingKey;
 use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, UPLINK, mqtt_uplink, set_buffer};
 use fieldgate_tests::fleet::{check_sim_reading, typed_points};
 use fieldgate_tests::metrics::metric_or_zero;
-use fieldgate_tests::mosquitto::{MosquittoTls, mosquitto_passwd_binary};
+use fieldgate_tests::mosquitto::MosquittoTls;
 use fieldgate_tests::{
     CloudSubscriber, DeliveryReport, Gateway, Mosquitto, MosquittoOptions, NatsServer, SimFleet, delivery_report,
     stream_name, wait_until,
@@ -499,12 +499,6 @@ async fn a_faulty_device_does_not_disturb_the_others() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_password_uplink_delivers() -> Result<()> {
-    if mosquitto_passwd_binary().is_none() {
-        eprintln!(
-            "SKIPPED tls_and_password_uplink_delivers: mosquitto_passwd is not installed (Debian package mosquitto)"
-        );
-        return Ok(());
-    }
     let pki = TestPki::generate()?;
     let nats = NatsServer::start().await?;
     let broker = Mosquitto::start_with(MosquittoOptions {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fieldgate_sim::Fault;
 use fieldgate_tests::certs::TestPki;
 use fieldgate_tests::fleet::check_sim_reading;
-use fieldgate_tests::mosquitto::{MosquittoTls, mosquitto_passwd_binary};
+use fieldgate_tests::mosquitto::MosquittoTls;
 use fieldgate_tests::{CloudSubscriber, Mosquitto, MosquittoOptions, NatsServer, SimFleet, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -57,13 +57,11 @@ async fn subscriber_keeps_its_session_across_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_pub_reaches_the_subscriber() {
-    if which("mosquitto_pub").is_none() {
-        eprintln!("SKIPPED: mosquitto_pub not installed");
-        return;
-    }
+    let mosquitto_pub = fieldgate_tests::find_executable("FIELDGATE_MOSQUITTO_PUB", &[], "mosquitto_pub")
+        .expect("mosquitto_pub is needed (Debian package mosquitto-clients)");
     let broker = Mosquitto::start().await.unwrap();
     let sub = CloudSubscriber::start(&broker.url(), "harness-cloud-2", "fieldgate/#").await.unwrap();
-    let status = Command::new("mosquitto_pub")
+    let status = Command::new(mosquitto_pub)
         .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
         .args(["-q", "1", "-t", "fieldgate/default/x/telemetry", "-m", r#"{"id":"a","bufferSeq":1}"#])
         .status()
@@ -95,10 +93,6 @@ async fn nats_keeps_acknowledged_messages_through_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_with_password_starts() {
-    if mosquitto_passwd_binary().is_none() {
-        eprintln!("SKIPPED: mosquitto_passwd not installed");
-        return;
-    }
     let pki = TestPki::generate().unwrap();
     let broker = Mosquitto::start_with(MosquittoOptions {
         tls: Some(MosquittoTls { pki, require_certificate: true }),
@@ -127,8 +121,4 @@ async fn simulated_devices_answer_and_stop() {
     .unwrap();
     // The checker refuses a reading that lacks points.
     assert!(check_sim_reading(&[], &fleet.points()).is_err());
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
