@@ -62,8 +62,11 @@ use tokio_modbus::server::tcp::Server;
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 
-use fieldgate_proto::v1 as pb;
+pub use fieldgate_proto::v1 as pb;
 use pb::point::Value;
+
+mod check;
+pub use check::{check_sim_reading, typed_points};
 
 /// Holding (and input) registers of the fixed part of the map.
 pub const FIXED_REGISTERS: u16 = 28;
@@ -165,6 +168,7 @@ struct Shared {
     /// Samples served, in order.
     served: Mutex<Vec<Served>>,
     connections: AtomicU64,
+    polls_served: AtomicU64,
 }
 
 impl SimDevice {
@@ -182,6 +186,7 @@ impl SimDevice {
                 requests: AtomicU64::new(0),
                 served: Mutex::default(),
                 connections: AtomicU64::new(0),
+                polls_served: AtomicU64::new(0),
             }),
         }
     }
@@ -210,6 +215,12 @@ impl SimDevice {
     /// bytes, which is one per request unless the client pipelines).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Reads of holding register 0 answered: one per gateway poll of [`simulated_points`]
+    /// (the holding registers are read in one request), so the readings this device served.
+    pub fn polls_served(&self) -> u64 {
+        self.shared.polls_served.load(Ordering::Relaxed)
     }
 
     fn count_request(&self) {
@@ -279,6 +290,9 @@ impl SimDevice {
                     if let Some(v) = written.get(&a) {
                         *w = *v;
                     }
+                }
+                if address == 0 {
+                    self.shared.polls_served.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Response::ReadHoldingRegisters(words))
             }
