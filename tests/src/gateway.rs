@@ -22,26 +22,32 @@ pub const NODE: &str = "test-node";
 /// Locates `fieldgate-gateway`: env `FIELDGATE_GATEWAY_BIN`, else next to the running test
 /// executable (`target/<profile>/deps/x` → `target/<profile>/fieldgate-gateway`).
 pub fn gateway_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FIELDGATE_GATEWAY_BIN") {
+    workspace_binary("fieldgate-gateway", "FIELDGATE_GATEWAY_BIN")
+}
+
+/// Locates a binary of this workspace: env `env_var`, else next to the running test
+/// executable (`target/<profile>/deps/x` → `target/<profile>/<name>`).
+pub fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         let p = PathBuf::from(p);
         if p.is_file() {
             return Ok(p);
         }
-        bail!("FIELDGATE_GATEWAY_BIN={} is not a file", p.display());
+        bail!("{env_var}={} is not a file", p.display());
     }
     let exe = std::env::current_exe().context("locating the test executable")?;
     let mut candidates = Vec::new();
     if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("fieldgate-gateway"));
+        candidates.push(dir.join(name));
         if let Some(profile_dir) = dir.parent() {
-            candidates.push(profile_dir.join("fieldgate-gateway"));
+            candidates.push(profile_dir.join(name));
         }
     }
     match candidates.iter().find(|p| p.is_file()) {
         Some(p) => Ok(p.clone()),
         None => bail!(
-            "fieldgate-gateway binary not found (looked at {candidates:?}); run `cargo build --workspace --bins` \
-             first, or set FIELDGATE_GATEWAY_BIN"
+            "{name} binary not found (looked at {candidates:?}); run `cargo build --workspace --bins` first, or set \
+             {env_var}"
         ),
     }
 }
