@@ -16,7 +16,7 @@ cd "$root"
 
 bash scripts/setup.sh
 if [ ! -x target/debug/fieldgate-gateway ] || [ ! -x target/debug/fieldgate-demo ]; then
-  echo "demo: first build of the gateway and the demo: about 450 crates, several minutes on 2 cores"
+  echo "demo: first build of the gateway and the demo: about 330 crates, several minutes on 2 cores"
 fi
 # Cargo's own progress (crate by crate, and a bar on a terminal).
 cargo build --bins -p fieldgate-gateway -p fieldgate-demo
