@@ -568,12 +568,17 @@ pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: Cancellati
 mod tests {
     use super::*;
 
+    /// The token `0123456789abcdef-secret`, from a file in `dir`.
+    fn token_in(dir: &std::path::Path) -> Token {
+        let path = dir.join("token");
+        std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
+        Token { path: path.clone(), cached: Mutex::new(Token::read(&path).unwrap()) }
+    }
+
     #[test]
     fn the_token_comparison_needs_the_exact_token() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
-        let t = Token { path: path.clone(), cached: Mutex::new(Token::read(&path).unwrap()) };
+        let t = token_in(dir.path());
         assert!(t.matches(b"0123456789abcdef-secret"));
         for bad in [&b""[..], b"0123456789abcdef-secreT", b"0123456789abcdef-secret0", b"0123456789abcdef-secre"] {
             assert!(!t.matches(bad), "{bad:?}");
@@ -585,9 +590,7 @@ mod tests {
     #[test]
     fn the_token_is_accepted_as_bearer_or_as_a_basic_password() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
-        let t = Token { path: path.clone(), cached: Mutex::new(Token::read(&path).unwrap()) };
+        let t = token_in(dir.path());
         let with = |value: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());

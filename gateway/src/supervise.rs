@@ -139,21 +139,31 @@ mod tests {
     use prometheus_client::registry::Registry;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    #[tokio::test]
-    async fn a_panicking_task_is_restarted_and_counted() {
+    /// A supervised task named `name` that panics on its first `panics` runs, then waits for
+    /// the cancel token.
+    fn panicking(
+        name: &str,
+        panics: u32,
+    ) -> (Arc<Metrics>, CancellationToken, Arc<AtomicU32>, tokio::task::JoinHandle<()>) {
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let cancel = CancellationToken::new();
         let runs = Arc::new(AtomicU32::new(0));
         let (r, c) = (Arc::clone(&runs), cancel.clone());
-        let sup = tokio::spawn(supervise("t".into(), Arc::clone(&metrics), cancel.clone(), move || {
+        let sup = tokio::spawn(supervise(name.into(), Arc::clone(&metrics), cancel.clone(), move || {
             let (r, c) = (Arc::clone(&r), c.clone());
             async move {
-                if r.fetch_add(1, Ordering::SeqCst) < 2 {
+                if r.fetch_add(1, Ordering::SeqCst) < panics {
                     panic!("boom");
                 }
                 c.cancelled().await;
             }
         }));
+        (metrics, cancel, runs, sup)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_restarted_and_counted() {
+        let (metrics, cancel, runs, sup) = panicking("t", 2);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while runs.load(Ordering::SeqCst) < 3 {
             assert!(tokio::time::Instant::now() < deadline, "task was not restarted");
@@ -169,19 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_running_task_shows_its_state_and_restarts() {
-        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let cancel = CancellationToken::new();
-        let runs = Arc::new(AtomicU32::new(0));
-        let (r, c) = (Arc::clone(&runs), cancel.clone());
-        let sup = tokio::spawn(supervise("device default/m".into(), Arc::clone(&metrics), cancel.clone(), move || {
-            let (r, c) = (Arc::clone(&r), c.clone());
-            async move {
-                if r.fetch_add(1, Ordering::SeqCst) == 0 {
-                    panic!("boom");
-                }
-                c.cancelled().await;
-            }
-        }));
+        let (metrics, cancel, _runs, sup) = panicking("device default/m", 1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let states = metrics.task_states.snapshot();

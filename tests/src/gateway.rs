@@ -89,6 +89,14 @@ impl Gateway {
         self
     }
 
+    /// Turns `/api/v1` on for later starts: writes `token` to a file in the gateway's dir and
+    /// passes it as `--api-token-file`.
+    pub fn api_token(&mut self, token: &str) -> Result<&mut Self> {
+        let file = self.dir.path().join("api-token");
+        std::fs::write(&file, format!("{token}\n")).context("writing the API token file")?;
+        Ok(self.arg(format!("--api-token-file={}", file.display())))
+    }
+
     /// Sets an environment variable for later starts (such as `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub fn env(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
         self.extra_env.push((key.into(), value.into()));

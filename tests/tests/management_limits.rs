@@ -18,9 +18,7 @@ const TOKEN: &str = "limits-token-0123456789abcdef";
 
 async fn gateway(nats: &NatsServer, broker: &Mosquitto, extra: &[&str]) -> Result<Gateway> {
     let mut gw = Gateway::new(&nats.url())?;
-    let token_file = gw.dir().join("api-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-    gw.arg(format!("--api-token-file={}", token_file.display()));
+    gw.api_token(TOKEN)?;
     for a in extra {
         gw.arg(*a);
     }

@@ -301,9 +301,7 @@ async fn the_management_api_needs_its_token_limits_requests_and_replaces_the_con
     let devices = fleet.gateway_devices("300ms");
     let config = ConfigBuilder::new().device(devices[0].clone()).cloud(&broker.url(), |_| {});
     let mut gw = Gateway::new(&nats.url())?;
-    let token_file = gw.dir().join("api-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-    gw.arg(format!("--api-token-file={}", token_file.display()));
+    gw.api_token(TOKEN)?;
     gw.write_config(&config.yaml()?)?;
     gw.start_ready().await?;
 
@@ -437,9 +435,7 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
         let mut gw = Gateway::new(&nats.url())?;
         gw.write_secret("cloud-creds", "username", "gateway")?;
         gw.write_secret("cloud-creds", "password", WRONG)?;
-        let token_file = gw.dir().join("api-token");
-        std::fs::write(&token_file, TOKEN)?;
-        gw.arg(format!("--api-token-file={}", token_file.display()));
+        gw.api_token(TOKEN)?;
         gw.arg(format!("--log-format={format}"));
         // The most verbose level the gateway's own code and its libraries log at.
         gw.env("RUST_LOG", "debug");

@@ -16,9 +16,7 @@ const TOKEN: &str = "status-token-0123456789abcdef";
 
 async fn gateway_with_token(nats: &NatsServer, config: &ConfigBuilder) -> Result<Gateway> {
     let mut gw = Gateway::new(&nats.url())?;
-    let token_file = gw.dir().join("api-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-    gw.arg(format!("--api-token-file={}", token_file.display()));
+    gw.api_token(TOKEN)?;
     gw.write_config(&config.yaml()?)?;
     gw.start_ready().await?;
     Ok(gw)
