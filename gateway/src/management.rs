@@ -545,11 +545,15 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/diagnostics", get(diagnostics::diagnostics))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "no such API route") })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&m), authenticate));
-    Router::new()
+    let mut routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .merge(status_page::routes(Arc::clone(&m)))
+        .route("/readyz", get(ready));
+    // A gateway's server (devices and uplinks to show) has the status page.
+    if m.metrics.is_some() {
+        routes = routes.merge(status_page::routes(Arc::clone(&m)));
+    }
+    routes
         .nest("/api/v1", api)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
