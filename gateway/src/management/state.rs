@@ -227,7 +227,7 @@ impl StatusSource for Management {
                 .collect();
             let delivered = DeliveryLabels { uplink: labels.uplink.clone(), outcome: DeliveryOutcome::acked };
             status.uplinks.push(UplinkStatus {
-                protocol_version: u.mqtt.protocol_version.unwrap_or(5),
+                protocol_version: u.mqtt.protocol_version(),
                 connected: gauge(&metrics.uplink_connected) == Some(1),
                 buffer_reachable: gauge(&metrics.buffer_reachable).map(|v| v == 1),
                 backlog_messages: gauge(&metrics.buffer_messages).unwrap_or(0),
