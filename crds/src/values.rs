@@ -143,7 +143,7 @@ impl From<Duration> for HumanDuration {
             (1_000, "us"),
             (1, "ns"),
         ];
-        let text = match units.iter().find(|(n, _)| nanos % n == 0 && nanos > 0) {
+        let text = match units.iter().find(|(n, _)| nanos.is_multiple_of(*n) && nanos > 0) {
             Some((n, unit)) => format!("{}{unit}", nanos / n),
             None => "0s".to_string(),
         };
@@ -212,7 +212,7 @@ impl From<u64> for ByteSize {
     /// The quantity in its largest whole binary unit (`64Ki`, `1Gi`, `1000`).
     fn from(bytes: u64) -> Self {
         let units = [(60, "Ei"), (50, "Pi"), (40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")];
-        let text = match units.iter().find(|(shift, _)| bytes != 0 && bytes % (1u64 << shift) == 0) {
+        let text = match units.iter().find(|(shift, _)| bytes != 0 && bytes.is_multiple_of(1u64 << shift)) {
             Some((shift, unit)) => format!("{}{unit}", bytes >> shift),
             None => bytes.to_string(),
         };

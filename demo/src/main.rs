@@ -50,7 +50,7 @@ struct Args {
     devices: u32,
     /// How often the gateway polls each device.
     #[arg(long, default_value = "1s")]
-    poll_interval: String,
+    poll_interval: fieldgate_crds::values::HumanDuration,
     /// The uplink's encoding, written into the gateway's config as given: `json` or `protobuf`.
     #[arg(long, default_value = "json")]
     encoding: String,
@@ -361,7 +361,7 @@ impl Demo {
         Frame {
             elapsed: self.started.elapsed(),
             devices: self.devices.len(),
-            poll_interval: self.args.poll_interval.clone(),
+            poll_interval: self.args.poll_interval.to_string(),
             encoding: self.args.encoding.clone(),
             mqtt_version: self.args.mqtt_version,
             served,
