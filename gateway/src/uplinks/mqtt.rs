@@ -18,13 +18,11 @@
 //! reading is sent again after the reconnect, as often as the broker closes the connection.
 //! Use MQTT 5 where the broker may refuse readings.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fieldgate_crds::GatewayUplink;
-use rumqttc::{TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
@@ -33,27 +31,18 @@ use tracing::debug;
 
 use super::UplinkError;
 use super::link::{Delivery, Link, LinkEvent, Token};
-use crate::secrets::{SecretBytes, SecretStore};
+use crate::mqtt::{self, Endpoint, Event, Events, MqttError, PubAckCode, Session, SessionOptions, Version};
+use crate::secrets::SecretStore;
 
 /// Everything needed to open connections to one broker, secrets resolved.
 #[derive(Clone)]
 pub struct MqttSettings {
-    /// Broker host.
+    /// The broker: URL, TLS, credentials, version, client id, keep-alive.
+    pub endpoint: Endpoint,
+    /// Broker host (as in `endpoint`), for logs.
     pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// 3 (3.1.1) or 5.
-    pub version: u8,
-    /// Client identifier.
-    pub client_id: String,
-    /// Keep-alive interval.
-    pub keep_alive: Duration,
     /// Publishes awaiting acknowledgement at once.
     pub max_in_flight: u16,
-    /// Username and password.
-    pub credentials: Option<(String, SecretBytes)>,
-    /// TLS client configuration, for `mqtts://`.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Topic template of readings.
     pub topic: String,
     /// Hash of everything these settings were resolved from, secrets included: a change
@@ -63,14 +52,7 @@ pub struct MqttSettings {
 
 impl std::fmt::Debug for MqttSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("version", &self.version)
-            .field("client_id", &self.client_id)
-            .field("tls", &self.tls.is_some())
-            .field("credentials", &self.credentials.as_ref().map(|(u, _)| u))
-            .finish_non_exhaustive()
+        f.debug_struct("MqttSettings").field("endpoint", &self.endpoint).finish_non_exhaustive()
     }
 }
 
@@ -93,8 +75,14 @@ impl MqttSettings {
     /// `path` is the uplink's field path, for errors.
     pub fn resolve(u: &GatewayUplink, node: &str, secrets: &SecretStore, path: &str) -> Result<Self, SettingsError> {
         let m = &u.mqtt;
-        let (tls_url, host, port) = (m.url.tls(), m.url.host().to_string(), m.url.port());
-        let credentials = match &m.auth {
+        let client_id = m.client_id.clone().unwrap_or_else(|| {
+            let mut id = format!("fieldgate-{node}-{}-{}", u.namespace, u.name);
+            id.truncate(64);
+            id
+        });
+        let mut endpoint =
+            Endpoint::parse(m.url.as_str(), client_id).map_err(|e| settings_err(format!("{path}.mqtt.url"), e.0))?;
+        endpoint.credentials = match &m.auth {
             None => None,
             Some(a) => {
                 let at = format!("{path}.mqtt.auth.secretRef");
@@ -108,32 +96,21 @@ impl MqttSettings {
                 Some((user, password))
             }
         };
-        let tls = if tls_url { Some(Arc::new(tls_config(u, secrets, path)?)) } else { None };
-        let client_id = m.client_id.clone().unwrap_or_else(|| {
-            let mut id = format!("fieldgate-{node}-{}-{}", u.namespace, u.name);
-            id.truncate(64);
-            id
-        });
-        let fingerprint = fingerprint(u, secrets);
+        if m.url.tls() {
+            endpoint.tls = Some(Arc::new(tls_config(u, secrets, path)?));
+        }
+        let version = m.protocol_version();
+        endpoint.version = Version::from_number(version).ok_or_else(|| {
+            settings_err(format!("{path}.mqtt.protocolVersion"), format!("{version} is not 3 (3.1.1) or 5"))
+        })?;
+        endpoint.keep_alive = m.keep_alive();
         Ok(Self {
-            fingerprint,
-            host,
-            port,
-            version: m.protocol_version(),
-            client_id,
-            keep_alive: m.keep_alive(),
+            fingerprint: fingerprint(u, secrets),
+            host: endpoint.host.clone(),
+            endpoint,
             max_in_flight: m.max_in_flight(),
-            credentials,
-            tls,
             topic: m.topic().to_string(),
         })
-    }
-
-    fn transport(&self) -> Transport {
-        match &self.tls {
-            Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(cfg))),
-            None => Transport::tcp(),
-        }
     }
 }
 
@@ -213,18 +190,9 @@ fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<ru
     }
 }
 
-/// Tokens of queued publishes whose packet id is not known yet, in queue order.
-type Queued = Arc<Mutex<VecDeque<Token>>>;
-
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
 /// One connection attempt to the broker and everything sent over it.
 pub struct MqttLink {
-    client: Client,
-    queued: Queued,
+    session: Session<Token>,
     task: JoinHandle<()>,
     events: mpsc::UnboundedReceiver<LinkEvent>,
     next_token: Token,
@@ -235,37 +203,13 @@ impl MqttLink {
     /// [`Link::next_event`].
     pub fn open(s: &MqttSettings) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
-        let queued: Queued = Arc::default();
         // The window, plus a whole buffer entry pulled while the window was not yet full.
         let capacity = usize::from(s.max_in_flight) + crate::buffer::MAX_ENTRY_READINGS + 16;
-        let (client, task) = if s.version == 3 {
-            let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
-            o.set_keep_alive(s.keep_alive)
-                .set_clean_session(true)
-                .set_inflight(s.max_in_flight)
-                .set_request_channel_capacity(capacity)
-                .set_transport(s.transport());
-            if let Some((u, p)) = &s.credentials {
-                o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
-            }
-            let (client, eventloop) = rumqttc::AsyncClient::new(o, capacity);
-            let task = tokio::spawn(poll_v4(eventloop, Arc::clone(&queued), events));
-            (Client::V4(client), task)
-        } else {
-            let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.host, s.port);
-            o.set_keep_alive(s.keep_alive)
-                .set_clean_start(true)
-                .set_outgoing_inflight_upper_limit(s.max_in_flight)
-                .set_request_channel_capacity(capacity)
-                .set_transport(s.transport());
-            if let Some((u, p)) = &s.credentials {
-                o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
-            }
-            let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, capacity);
-            let task = tokio::spawn(poll_v5(eventloop, Arc::clone(&queued), events));
-            (Client::V5(client), task)
-        };
-        Self { client, queued, task, events: events_rx, next_token: 0 }
+        let options =
+            SessionOptions { persistent: false, manual_acks: false, max_in_flight: s.max_in_flight, capacity };
+        let (session, stream) = mqtt::open(&s.endpoint, &options);
+        let task = tokio::spawn(poll(stream, events));
+        Self { session, task, events: events_rx, next_token: 0 }
     }
 
     /// Queues a QoS 1 publish tagged with `token`. Confirmation comes as an event.
@@ -279,34 +223,7 @@ impl MqttLink {
         payload: Bytes,
         traceparent: Option<&str>,
     ) -> Result<(), UplinkError> {
-        let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        q.push_back(token);
-        let sent = match &self.client {
-            Client::V4(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                .map_err(|e| UplinkError::Queue(e.to_string())),
-            Client::V5(c) => match traceparent {
-                None => c.try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload),
-                Some(tp) => {
-                    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                        user_properties: vec![(crate::telemetry::TRACEPARENT.to_string(), tp.to_string())],
-                        ..Default::default()
-                    };
-                    c.try_publish_with_properties(
-                        topic,
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        false,
-                        payload,
-                        properties,
-                    )
-                }
-            }
-            .map_err(|e| UplinkError::Queue(e.to_string())),
-        };
-        if sent.is_err() {
-            q.pop_back();
-        }
-        sent
+        self.session.publish(token, topic, payload, traceparent).map_err(|e| UplinkError::Queue(e.to_string()))
     }
 }
 
@@ -333,10 +250,7 @@ impl Link for MqttLink {
 
     /// Disconnects politely (after in-flight publishes were confirmed or given up).
     async fn close(mut self) {
-        let _ = match &self.client {
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
+        self.session.disconnect().await;
         let deadline = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(deadline);
         tokio::select! {
@@ -360,17 +274,13 @@ impl Link for MqttLink {
 /// | `0x91` | PacketIdentifierInUse | transient (a session glitch, not the reading) |
 /// | `0x97` | QuotaExceeded | transient: a quota or rate limit that lifts; dropping readings for it would turn every throttling episode into data loss |
 /// | `0x99` | PayloadFormatInvalid | **permanent** |
-pub fn puback_outcome(reason: &rumqttc::v5::mqttbytes::v5::PubAckReason) -> Option<(&'static str, bool)> {
-    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-    match reason {
-        R::Success | R::NoMatchingSubscribers => None,
-        R::UnspecifiedError => Some(("UnspecifiedError", false)),
-        R::ImplementationSpecificError => Some(("ImplementationSpecificError", false)),
-        R::NotAuthorized => Some(("NotAuthorized", true)),
-        R::TopicNameInvalid => Some(("TopicNameInvalid", true)),
-        R::PacketIdentifierInUse => Some(("PacketIdentifierInUse", false)),
-        R::QuotaExceeded => Some(("QuotaExceeded", false)),
-        R::PayloadFormatInvalid => Some(("PayloadFormatInvalid", true)),
+pub fn puback_outcome(code: PubAckCode) -> Option<(&'static str, bool)> {
+    match code.0 {
+        0x00 | 0x10 => None,
+        0x87 | 0x90 | 0x99 => Some((code.name(), true)),
+        // 0x80, 0x83, 0x91, 0x97; and a code MQTT 5 does not define for PUBACK (never sent by
+        // a conforming broker): retried, never dropped.
+        _ => Some((code.name(), false)),
     }
 }
 
@@ -380,78 +290,27 @@ impl Drop for MqttLink {
     }
 }
 
-/// Binds tokens to packet ids and turns acknowledgements into confirmations.
-struct Correlator {
-    queued: Queued,
-    by_pkid: HashMap<u16, Token>,
-    events: mpsc::UnboundedSender<LinkEvent>,
-}
-
-impl Correlator {
-    fn published(&mut self, pkid: u16) {
-        let token = self.queued.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-        if let Some(token) = token {
-            self.by_pkid.insert(pkid, token);
-        }
-    }
-
-    fn acked(&mut self, pkid: u16, refusal: Option<(&'static str, bool)>) {
-        if let Some(token) = self.by_pkid.remove(&pkid) {
-            let ev = match refusal {
+/// Turns the session's events into link events (the facade binds tokens to packet ids).
+async fn poll(mut stream: Events<Token>, events: mpsc::UnboundedSender<LinkEvent>) {
+    loop {
+        let ev = match stream.next().await {
+            Event::Connected => LinkEvent::Connected,
+            Event::Published { token, code } => match puback_outcome(code) {
                 None => LinkEvent::Confirmed(token),
                 Some((reason, permanent)) => LinkEvent::Refused { token, reason: reason.to_string(), permanent },
-            };
-            let _ = self.events.send(ev);
-        }
-    }
-
-    fn send(&self, ev: LinkEvent) -> bool {
-        self.events.send(ev).is_ok()
-    }
-}
-
-async fn poll_v4(mut el: rumqttc::EventLoop, queued: Queued, events: mpsc::UnboundedSender<LinkEvent>) {
-    use rumqttc::{Event, Outgoing, Packet};
-    let mut c = Correlator { queued, by_pkid: HashMap::new(), events };
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if !c.send(LinkEvent::Connected) {
-                    return;
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => c.published(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => c.acked(ack.pkid, None),
-            Ok(other) => debug!(event = ?other, "mqtt event"),
-            Err(e) => {
-                let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
-                c.send(LinkEvent::Lost { reason: e.to_string(), refused });
+            },
+            Event::Lost(e) => {
+                let refused = matches!(e, MqttError::Refused(_));
+                let _ = events.send(LinkEvent::Lost { reason: e.to_string(), refused });
                 return;
             }
-        }
-    }
-}
-
-async fn poll_v5(mut el: rumqttc::v5::EventLoop, queued: Queued, events: mpsc::UnboundedSender<LinkEvent>) {
-    use rumqttc::Outgoing;
-    use rumqttc::v5::Event;
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    let mut c = Correlator { queued, by_pkid: HashMap::new(), events };
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if !c.send(LinkEvent::Connected) {
-                    return;
-                }
+            other => {
+                debug!(event = ?other, "mqtt event");
+                continue;
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => c.published(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => c.acked(ack.pkid, puback_outcome(&ack.reason)),
-            Ok(other) => debug!(event = ?other, "mqtt event"),
-            Err(e) => {
-                let refused = matches!(e, rumqttc::v5::ConnectionError::ConnectionRefused(_));
-                c.send(LinkEvent::Lost { reason: e.to_string(), refused });
-                return;
-            }
+        };
+        if events.send(ev).is_err() {
+            return;
         }
     }
 }
@@ -463,8 +322,8 @@ mod tests {
     #[test]
     fn every_puback_reason_is_confirmed_transient_or_permanent() {
         use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-        assert_eq!(puback_outcome(&R::Success), None);
-        assert_eq!(puback_outcome(&R::NoMatchingSubscribers), None);
+        assert_eq!(puback_outcome(PubAckCode::from(&R::Success)), None);
+        assert_eq!(puback_outcome(PubAckCode::from(&R::NoMatchingSubscribers)), None);
         for (reason, permanent) in [
             (R::NotAuthorized, true),
             (R::TopicNameInvalid, true),
@@ -474,10 +333,12 @@ mod tests {
             (R::PacketIdentifierInUse, false),
             (R::QuotaExceeded, false),
         ] {
-            let (name, p) = puback_outcome(&reason).unwrap();
+            let (name, p) = puback_outcome(PubAckCode::from(&reason)).unwrap();
             assert_eq!(p, permanent, "{reason:?}");
             assert_eq!(name, format!("{reason:?}"));
         }
+        // MQTT 3.1.1 PUBACKs carry no reason: always a success.
+        assert_eq!(puback_outcome(PubAckCode(0)), None);
     }
 
     #[test]
