@@ -1,122 +1,90 @@
-//! Commands from the cloud to the devices (the downlink).
+//! Commands from the cloud to the devices (the downlink): intake, authorisation, expiry,
+//! exactly-once bookkeeping and results. Execution belongs to the adapter that owns the
+//! device ([`crate::adapters`]); nothing here knows a protocol.
 //!
-//! Per uplink with a `commandTopic`, beside (not inside) the uplink driver:
+//! Per uplink with a `commandTopic` (which must contain `{device}`), beside the uplink driver:
 //!
 //! 1. **Intake.** Its own MQTT session on the uplink's broker (client id `<uplink client
-//!    id>-commands`, persistent session, manual acks) subscribed to the command topic with
-//!    `{namespace}` and `{device}` as wildcards. A command is stored in the JetStream stream
-//!    `fieldgate_commands` (subject per uplink, `Nats-Msg-Id` = `namespace/device/id`) and
-//!    only then acknowledged to the cloud broker, and answered `accepted`. A command id seen
-//!    again within the stream's duplicate window (24 h) is answered `duplicate` and never
-//!    executed twice.
-//! 2. **Execution.** A durable consumer takes the stored commands one at a time. An expired
-//!    command is answered `expired` and not executed; an unknown device or point `failed`; a
-//!    point without `access: readWrite` (or in a read-only Modbus table) `refused`. Otherwise
-//!    the device's protocol executes it: Modbus TCP and RTU write the point (single register,
-//!    multiple registers or coil), answer `written`, read it back and answer `verified` or
-//!    `failed` (on a shared RTU bus the write goes before queued reads); CoAP PUT/POST to the
-//!    device's resource and MQTT publish to the device's `commandTopic` are answered `written`
-//!    once the device or its broker acknowledged them; a TCP device gets the frame
-//!    `{"command": id, "point", "value"}` on its live connection, `written` once sent; a UDP
-//!    device gets it as a datagram to the source of its last authenticated datagram, `written`
-//!    once sent, `failed` when it sent none in the last 2 minutes
-//!    ([`crate::adapters::udp::COMMAND_PEER_MAX_AGE`]).
-//! 3. **Results** are published (QoS 1) on `<command topic>/result` as
-//!    `{"id", "namespace", "device", "point", "status", "reason"?, "atUnixMs"}`.
-//!
-//! A command is acked in JetStream after its result was handed to the MQTT client, so a
-//! crash during execution executes it again at the next start (writes are idempotent).
-//!
-//! Command message: `{"id": "c-17", "point": "setpoint", "value": 21.5,
-//! "expiresAt": "2026-01-01T00:00:00Z" | "ttl": "30s"}` (at least one of `expiresAt`/`ttl`
-//! is recommended; without them a command does not expire).
+//!    id>-commands`, persistent, manual acks) subscribed to the command topic with
+//!    `{namespace}` filled in with the uplink's own namespace and `{device}` as the one
+//!    wildcard. Namespace and device come from the topic only (a message naming them is
+//!    refused: unknown fields). A command for another namespace or for a device the uplink
+//!    does not select (the operator renders the selection into the node's config), a message
+//!    that is too large or malformed ([`crate::command`]) is refused, counted and reported,
+//!    and acknowledged. Anything else is stored in the JetStream stream `fieldgate_commands`
+//!    (`Nats-Msg-Id` = `namespace/device/id`, deduplicated for 24 h) and only then
+//!    acknowledged to the broker and answered `accepted`; an id stored before is answered
+//!    `duplicate` (with the recorded outcome, when there is one).
+//! 2. **Authorisation and hand-over.** A durable consumer reads the stored commands (a pull
+//!    stream that ends is opened again). Each is checked again — selected by the uplink,
+//!    running on this gateway, the point exists and is `access: readWrite` — and expiry is
+//!    applied, then it goes to the device's bounded queue (its adapter executes queued
+//!    commands in order; a full queue answers `failed`/`busy`). Commands for different devices
+//!    run at the same time; the intake never waits for a device.
+//! 3. **Exactly once.** The outcome of each command id is recorded in the JetStream key-value
+//!    bucket `fieldgate_command_outcomes` (key `namespace/device/id`, kept 24 h): `started`
+//!    before it is handed to the adapter, the outcome when the adapter answered — and only
+//!    then is the stored command acknowledged. A redelivered or repeated id finds its record
+//!    and is answered from it without executing again. A command found `started` (the gateway
+//!    stopped between handing it over and recording the outcome — the device may or may not
+//!    have been written) is resumed: Modbus reads the point back and writes only if the value
+//!    is not there yet (`verified` either way, written at most once); the other protocols
+//!    (CoAP POST/PUT, MQTT publish, TCP and UDP frames are not idempotent) answer
+//!    `failed`/`interrupted` and do not send again: at most once.
+//! 4. **Results** are published (QoS 1) on `<command topic>/result` as `{"id", "namespace",
+//!    "device", "point", "status", "reason"?, "detail"?, "recorded"?, "atUnixMs"}` and counted
+//!    in `fieldgate_commands_total{uplink,status,reason}`.
 
-use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use fieldgate_crds::validate::parse_duration;
-use fieldgate_crds::{Access, Connection, ModbusTable, Point, ValueType, WordOrder};
+use fieldgate_crds::{Access, GatewayUplink};
 use futures::StreamExt;
-use rumqttc::{TlsConfiguration, Transport};
-use serde_json::{Value as Json, json};
-use tokio::sync::mpsc;
-use tokio_modbus::{Request, Response};
-
-use crate::adapters::DeviceTask;
-use crate::adapters::hub::DeviceHub;
-use crate::adapters::modbus_rtu::{Answer, Op};
-use crate::metrics::IngressLabels;
-use crate::reading;
-use crate::telemetry::{self, StageSpan};
-use crate::uplinks::UplinkTask;
 use opentelemetry::trace::SpanKind;
+use serde_json::{Value as Json, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::adapters::hub::{DeviceHub, RunningDevice};
+use crate::command::{self, CommandMessage, Job, Outcome, Reason, Record, Status, StoredCommand, now_ms};
+use crate::metrics::CommandLabels;
+use crate::mqtt::{self, Event, Incoming, Session, SessionOptions};
+use crate::telemetry;
+use crate::uplinks::UplinkTask;
 
 /// The JetStream stream holding commands until they are executed.
 pub const STREAM: &str = "fieldgate_commands";
+/// The key-value bucket recording each command id's outcome.
+pub const OUTCOMES: &str = "fieldgate_command_outcomes";
 /// How long a command id is remembered (a repeated id within it is not executed again).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
-const EXECUTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest packet of the command session: a message up to this size is read and refused
+/// (`too_large`) instead of breaking the session.
+const SESSION_MAX_PACKET: usize = 2 << 20;
+/// How long after its deadline a command's adapter still gets to answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
-/// A command as received.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Command {
-    /// Id given by the cloud.
-    pub id: String,
-    /// Namespace of the device.
-    pub namespace: String,
-    /// Device name.
-    pub device: String,
-    /// Point written.
-    pub point: String,
-    /// Value written.
-    pub value: Json,
-    /// Expiry (Unix ms), if any.
-    pub expires_unix_ms: Option<u64>,
+/// The subscription filter of a command topic template: `{namespace}` becomes the uplink's
+/// namespace, `{device}` the wildcard `+`, `{uplink}` and `{node}` are filled in.
+pub fn filter(template: &str, namespace: &str, uplink: &str, node: &str) -> String {
+    template
+        .replace("{namespace}", namespace)
+        .replace("{device}", "+")
+        .replace("{uplink}", uplink)
+        .replace("{node}", node)
 }
 
-/// Why a command message was refused at intake.
-#[derive(Debug, PartialEq, thiserror::Error)]
-pub enum CommandError {
-    /// Not a JSON object.
-    #[error("not a JSON object")]
-    Json,
-    /// A required field is missing or not a string.
-    #[error("missing or invalid {0:?}")]
-    Field(&'static str),
-    /// The topic does not name a device.
-    #[error("the topic does not name a device")]
-    Topic,
-}
-
-impl CommandError {
-    /// A static label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CommandError::Json => "json",
-            CommandError::Field(_) => "field",
-            CommandError::Topic => "topic",
-        }
-    }
-}
-
-fn now_ms() -> u64 {
-    reading::unix_nanos(SystemTime::now()) / 1_000_000
-}
-
-/// The subscription filter of a command topic template: `{namespace}` and `{device}` become
-/// `+`, `{uplink}` and `{node}` are filled in.
-pub fn filter(template: &str, uplink: &str, node: &str) -> String {
-    template.replace("{namespace}", "+").replace("{device}", "+").replace("{uplink}", uplink).replace("{node}", node)
-}
-
-/// Namespace and device named by `topic` under `template` (whole-level placeholders).
-pub fn device_of(template: &str, topic: &str) -> Option<(String, String)> {
+/// Namespace and device named by `topic` under `template` (whole-level placeholders). Without
+/// a `{namespace}` level the namespace is `default_namespace` (the uplink's).
+pub fn device_of(template: &str, topic: &str, default_namespace: &str) -> Option<(String, String)> {
     let t: Vec<&str> = template.split('/').collect();
     let s: Vec<&str> = topic.split('/').collect();
     if t.len() != s.len() {
@@ -130,417 +98,47 @@ pub fn device_of(template: &str, topic: &str) -> Option<(String, String)> {
             _ => {}
         }
     }
-    Some((ns?, dev?))
+    let dev = dev.filter(|d| !d.is_empty())?;
+    Some((ns.unwrap_or_else(|| default_namespace.to_string()), dev))
 }
 
-/// Parses a command message received on `topic`.
-pub fn parse(template: &str, topic: &str, payload: &[u8]) -> Result<Command, CommandError> {
-    let Ok(Json::Object(o)) = serde_json::from_slice::<Json>(payload) else { return Err(CommandError::Json) };
-    let text = |k: &'static str| o.get(k).and_then(Json::as_str).map(str::to_string).ok_or(CommandError::Field(k));
-    let (namespace, device) = match device_of(template, topic) {
-        Some(d) => d,
-        None => (text("namespace").map_err(|_| CommandError::Topic)?, text("device").map_err(|_| CommandError::Topic)?),
+/// Refuses a command for a device the uplink may not command.
+pub fn authorise_device(uplink: &GatewayUplink, namespace: &str, device: &str) -> Result<(), Outcome> {
+    if namespace != uplink.namespace {
+        return Err(Outcome::refused(
+            Reason::OtherNamespace,
+            format!("the uplink is in namespace {:?}", uplink.namespace),
+        ));
+    }
+    if uplink.devices.as_ref().is_some_and(|names| !names.iter().any(|n| n == device)) {
+        return Err(Outcome::refused(Reason::NotSelected, "the uplink does not select this device"));
+    }
+    Ok(())
+}
+
+/// Checks a stored command against the running device: the point the job writes.
+fn authorise(uplink: &GatewayUplink, hub: &DeviceHub, cmd: &StoredCommand) -> Result<(RunningDevice, usize), Outcome> {
+    authorise_device(uplink, &cmd.namespace, &cmd.device)?;
+    let Some(dev) = hub.device(&format!("{}/{}", cmd.namespace, cmd.device)) else {
+        return Err(Outcome::refused(Reason::UnknownDevice, "the device does not run on this gateway"));
     };
-    let id = text("id")?;
-    if id.is_empty() || id.len() > 128 {
-        return Err(CommandError::Field("id"));
-    }
-    let value = o.get("value").cloned().ok_or(CommandError::Field("value"))?;
-    let expires_unix_ms = match (o.get("expiresAt"), o.get("ttl")) {
-        (Some(Json::String(at)), _) => {
-            let t = humantime::parse_rfc3339_weak(at).map_err(|_| CommandError::Field("expiresAt"))?;
-            Some(reading::unix_nanos(t) / 1_000_000)
-        }
-        (Some(Json::Number(n)), _) => Some(n.as_u64().ok_or(CommandError::Field("expiresAt"))?),
-        (Some(_), _) => return Err(CommandError::Field("expiresAt")),
-        (None, Some(Json::String(ttl))) => {
-            Some(now_ms() + parse_duration(ttl).map_err(|_| CommandError::Field("ttl"))?.as_millis() as u64)
-        }
-        (None, Some(_)) => return Err(CommandError::Field("ttl")),
-        (None, None) => None,
+    let Some(index) = dev.task.device.points.iter().position(|p| p.name == cmd.point) else {
+        return Err(Outcome::refused(Reason::UnknownPoint, "the device has no such point"));
     };
-    Ok(Command { id, namespace, device, point: text("point")?, value, expires_unix_ms })
-}
-
-impl Command {
-    fn to_json(&self) -> Json {
-        json!({"id": self.id, "namespace": self.namespace, "device": self.device, "point": self.point,
-               "value": self.value, "expiresUnixMs": self.expires_unix_ms})
+    if dev.task.device.points[index].access != Access::ReadWrite {
+        return Err(Outcome::refused(Reason::NotWritable, "the point is not writable (access: read)"));
     }
-
-    fn from_json(j: &Json) -> Option<Self> {
-        Some(Self {
-            id: j["id"].as_str()?.to_string(),
-            namespace: j["namespace"].as_str()?.to_string(),
-            device: j["device"].as_str()?.to_string(),
-            point: j["point"].as_str()?.to_string(),
-            value: j["value"].clone(),
-            expires_unix_ms: j["expiresUnixMs"].as_u64(),
-        })
-    }
-}
-
-/// The outcome of a command, as published.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
-    /// `accepted`, `duplicate`, `written`, `verified`, `failed`, `expired`, `refused`.
-    pub status: &'static str,
-    /// Why, for failures and refusals.
-    pub reason: Option<String>,
-}
-
-impl Outcome {
-    fn of(status: &'static str) -> Self {
-        Self { status, reason: None }
-    }
-    fn why(status: &'static str, reason: impl Into<String>) -> Self {
-        Self { status, reason: Some(reason.into()) }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Execution
-
-/// What a Modbus write puts on the wire.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Write {
-    /// One coil.
-    Coil(bool),
-    /// Registers from the point's address.
-    Registers(Vec<u16>),
-}
-
-/// Encodes `value` for a writable Modbus point (scale and offset reversed).
-pub fn encode(point: &Point, value: &Json) -> Result<Write, String> {
-    let Some(m) = &point.modbus else { return Err("the point has no Modbus location".into()) };
-    if !m.table.is_writable() {
-        return Err(format!("the {:?} table is read-only", m.table));
-    }
-    let bad = || format!("{value} does not fit type {:?}", point.value_type);
-    match point.value_type {
-        ValueType::Bool => {
-            let b = match value {
-                Json::Bool(b) => *b,
-                Json::Number(n) if n.as_u64() == Some(0) => false,
-                Json::Number(n) if n.as_u64() == Some(1) => true,
-                _ => return Err(bad()),
-            };
-            match (m.table, m.bit) {
-                (ModbusTable::Coil, _) => Ok(Write::Coil(b)),
-                (_, Some(_)) => Err("a bit of a register cannot be written alone".into()),
-                _ => Ok(Write::Registers(vec![u16::from(b)])),
-            }
-        }
-        ValueType::String => {
-            let s = value.as_str().ok_or_else(bad)?;
-            let len = usize::from(m.length.unwrap_or(0)) * 2;
-            if s.len() > len || !s.is_ascii() {
-                return Err(format!("text longer than {len} ASCII characters"));
-            }
-            let mut bytes = s.as_bytes().to_vec();
-            bytes.resize(len, 0);
-            Ok(Write::Registers(bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
-        }
-        t => {
-            let x = value.as_f64().ok_or_else(bad)?;
-            let raw = (x - point.offset.unwrap_or(0.0)) / point.scale.unwrap_or(1.0);
-            let int = |lo: f64, hi: f64| -> Result<i128, String> {
-                let r = raw.round();
-                if !(lo..=hi).contains(&r) || (raw - r).abs() > 1e-6 * raw.abs().max(1.0) && !point.is_scaled() {
-                    return Err(bad());
-                }
-                Ok(r as i128)
-            };
-            let bits: u64 = match t {
-                ValueType::Int16 => int(i16::MIN.into(), i16::MAX.into())? as i16 as u16 as u64,
-                ValueType::Uint16 => int(0.0, u16::MAX.into())? as u64,
-                ValueType::Int32 => int(i32::MIN.into(), i32::MAX.into())? as i32 as u32 as u64,
-                ValueType::Uint32 => int(0.0, u32::MAX.into())? as u64,
-                ValueType::Int64 => int(i64::MIN as f64, i64::MAX as f64)? as i64 as u64,
-                ValueType::Uint64 => int(0.0, u64::MAX as f64)? as u64,
-                ValueType::Float32 => u64::from((raw as f32).to_bits()),
-                ValueType::Float64 => raw.to_bits(),
-                ValueType::Bool | ValueType::String => return Err(bad()),
-            };
-            let n = usize::from(t.registers().unwrap_or(1));
-            let mut words: Vec<u16> = (0..n).rev().map(|i| (bits >> (16 * i)) as u16).collect();
-            if m.word_order == Some(WordOrder::LittleEndian) {
-                words.reverse();
-            }
-            Ok(Write::Registers(words))
-        }
-    }
-}
-
-fn write_request(address: u16, w: &Write) -> Request<'static> {
-    match w {
-        Write::Coil(b) => Request::WriteSingleCoil(address, *b),
-        Write::Registers(words) if words.len() == 1 => Request::WriteSingleRegister(address, words[0]),
-        Write::Registers(words) => Request::WriteMultipleRegisters(address, Cow::Owned(words.clone())),
-    }
-}
-
-fn read_back_request(address: u16, w: &Write) -> Request<'static> {
-    match w {
-        Write::Coil(_) => Request::ReadCoils(address, 1),
-        Write::Registers(words) => {
-            Request::ReadHoldingRegisters(address, u16::try_from(words.len()).unwrap_or(u16::MAX))
-        }
-    }
-}
-
-fn matches_read_back(w: &Write, r: &Response) -> Result<(), String> {
-    match (w, r) {
-        (Write::Coil(b), Response::ReadCoils(bits)) if bits.first() == Some(b) => Ok(()),
-        (Write::Registers(words), Response::ReadHoldingRegisters(got)) if got == words => Ok(()),
-        (_, other) => Err(format!("read back {other:?} instead of what was written")),
-    }
-}
-
-/// Writes through `call` (one Modbus request at a time), then reads back and compares.
-async fn modbus_write<F, Fut>(address: u16, w: Write, mut call: F, results: &Results<'_>, span: &StageSpan) -> Outcome
-where
-    F: FnMut(Request<'static>) -> Fut,
-    Fut: std::future::Future<Output = Result<Response, String>>,
-{
-    let mut write = telemetry::child_span(span, "fieldgate.device.write", SpanKind::Client);
-    if let Err(e) = call(write_request(address, &w)).await {
-        write.fail("write");
-        write.end();
-        return Outcome::why("failed", format!("write: {e}"));
-    }
-    write.ok();
-    write.end();
-    results.publish(Outcome::of("written")).await;
-    let mut readback = telemetry::child_span(span, "fieldgate.device.readback", SpanKind::Client);
-    let outcome = match call(read_back_request(address, &w)).await {
-        Ok(r) => match matches_read_back(&w, &r) {
-            Ok(()) => Outcome::of("verified"),
-            Err(e) => Outcome::why("failed", e),
-        },
-        Err(e) => Outcome::why("failed", format!("read back: {e}")),
-    };
-    if outcome.status == "verified" {
-        readback.ok();
-    } else {
-        readback.fail("mismatch");
-    }
-    readback.end();
-    outcome
-}
-
-/// Executes a stored command on its device.
-async fn execute(hub: &Arc<DeviceHub>, cmd: &Command, results: &Results<'_>, span: &StageSpan) -> Outcome {
-    if cmd.expires_unix_ms.is_some_and(|at| now_ms() >= at) {
-        return Outcome::of("expired");
-    }
-    let key = format!("{}/{}", cmd.namespace, cmd.device);
-    let Some(task) = hub.device(&key) else { return Outcome::why("failed", "unknown device") };
-    let Some(point) = task.device.points.iter().find(|p| p.name == cmd.point).cloned() else {
-        return Outcome::why("failed", "unknown point");
-    };
-    if point.access != Access::ReadWrite {
-        return Outcome::why("refused", "the point is not writable (access: read)");
-    }
-    let outcome = tokio::time::timeout(EXECUTE_TIMEOUT, execute_on(&task, &point, cmd, results, span)).await;
-    let outcome = outcome.unwrap_or_else(|_| Outcome::why("failed", format!("no answer within {EXECUTE_TIMEOUT:?}")));
-    if outcome.status == "failed" {
-        task.count_error("command");
-    }
-    outcome
-}
-
-async fn execute_on(
-    task: &DeviceTask,
-    point: &Point,
-    cmd: &Command,
-    results: &Results<'_>,
-    span: &StageSpan,
-) -> Outcome {
-    let modbus_write_of = |point: &Point| -> Result<(u16, Write), Outcome> {
-        let address = point.modbus.as_ref().map_or(0, |m| m.address);
-        encode(point, &cmd.value).map(|w| (address, w)).map_err(|e| Outcome::why("refused", e))
-    };
-    let object = || {
-        let path = point.path.clone().unwrap_or_else(|| point.name.clone());
-        let mut o = serde_json::Map::new();
-        o.insert(path, cmd.value.clone());
-        Json::Object(o)
-    };
-    match &task.device.connection {
-        Connection::ModbusTcp(c) => {
-            let (address, w) = match modbus_write_of(point) {
-                Ok(x) => x,
-                Err(o) => return o,
-            };
-            let timeout = c.timeout();
-            let addr = format!("{}:{}", c.host, c.port());
-            let connect = async {
-                let a =
-                    tokio::net::lookup_host(&addr).await?.next().ok_or_else(|| std::io::Error::other("no address"))?;
-                tokio_modbus::client::tcp::connect_slave(a, tokio_modbus::Slave(c.unit_id())).await
-            };
-            let mut ctx = match tokio::time::timeout(timeout, connect).await {
-                Ok(Ok(ctx)) => ctx,
-                Ok(Err(e)) => return Outcome::why("failed", format!("connect: {e}")),
-                Err(_) => return Outcome::why("failed", "connect: timed out"),
-            };
-            let ctx = tokio::sync::Mutex::new(&mut ctx);
-            modbus_write(
-                address,
-                w,
-                |req| {
-                    let ctx = &ctx;
-                    async move {
-                        let mut ctx = ctx.lock().await;
-                        match tokio::time::timeout(timeout, tokio_modbus::client::Client::call(&mut **ctx, req)).await {
-                            Ok(Ok(Ok(r))) => Ok(r),
-                            Ok(Ok(Err(exception))) => Err(format!("exception {exception}")),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("timed out".to_string()),
-                        }
-                    }
-                },
-                results,
-                span,
-            )
-            .await
-        }
-        Connection::ModbusRtu(c) => {
-            let (address, w) = match modbus_write_of(point) {
-                Ok(x) => x,
-                Err(o) => return o,
-            };
-            let bus = task.hub.buses.get(c);
-            modbus_write(
-                address,
-                w,
-                |req| {
-                    let bus = Arc::clone(&bus);
-                    async move {
-                        match bus.run(c.unit_id, Op::Call(req)).await {
-                            Some(Answer::Call(Ok(r))) => Ok(r),
-                            Some(Answer::Call(Err(e))) => Err(e.to_string()),
-                            Some(Answer::Unavailable(why)) => Err(format!("line unavailable: {why}")),
-                            Some(Answer::Read(_)) | None => Err("the bus stopped".into()),
-                        }
-                    }
-                },
-                results,
-                span,
-            )
-            .await
-        }
-        Connection::Coap(c) => {
-            let plain = task.device.points.len() == 1 && !cmd.value.is_object();
-            let payload = if plain { plain_text(&cmd.value) } else { object().to_string() };
-            match crate::adapters::coap::send_command(c, coap_lite::RequestType::Put, payload.into_bytes()).await {
-                Ok(()) => Outcome::of("written"),
-                Err(e) => Outcome::why("failed", e.to_string()),
-            }
-        }
-        Connection::Mqtt(m) => {
-            let mut o = object();
-            if let Json::Object(map) = &mut o {
-                map.insert("commandId".into(), Json::String(cmd.id.clone()));
-            }
-            match crate::adapters::mqtt_ingest::publish_command(m, task, Bytes::from(o.to_string()), EXECUTE_TIMEOUT)
-                .await
-            {
-                Ok(()) => Outcome::of("written"),
-                Err(e) => Outcome::why("failed", e),
-            }
-        }
-        Connection::Tcp(r) => {
-            let line = json!({"command": cmd.id, "point": cmd.point, "value": cmd.value}).to_string();
-            let id = crate::adapters::tcp::device_id(r, &task.device);
-            match crate::adapters::tcp::send_command(&task.hub, &id, line).await {
-                Ok(()) => Outcome::of("written"),
-                Err(e) => Outcome::why("failed", e),
-            }
-        }
-        Connection::Udp(_) => {
-            // Sent where the device's last authenticated datagram came from, if recent enough.
-            let line = json!({"command": cmd.id, "point": cmd.point, "value": cmd.value}).to_string();
-            match crate::adapters::udp::send_command(&task.hub, &task.key(), line).await {
-                Ok(()) => Outcome::of("written"),
-                Err(e) => Outcome::why("failed", e),
-            }
-        }
-    }
-}
-
-fn plain_text(v: &Json) -> String {
-    match v {
-        Json::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Wiring
-
-/// Publishes results of one command.
-struct Results<'a> {
-    client: &'a CommandClient,
-    topic: String,
-    cmd: &'a Command,
-}
-
-impl Results<'_> {
-    async fn publish(&self, o: Outcome) {
-        let mut j = json!({"id": self.cmd.id, "namespace": self.cmd.namespace, "device": self.cmd.device,
-                           "point": self.cmd.point, "status": o.status, "atUnixMs": now_ms()});
-        if let Some(r) = &o.reason {
-            j["reason"] = Json::String(r.clone());
-        }
-        self.client.publish(self.topic.clone(), Bytes::from(j.to_string())).await;
-    }
-}
-
-#[derive(Clone)]
-enum CommandClient {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
-impl CommandClient {
-    async fn publish(&self, topic: String, payload: Bytes) {
-        // Queued for the session; a result lost with the session is a result the cloud misses,
-        // never a command executed twice.
-        let r = match self {
-            CommandClient::V4(c) => {
-                c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string())
-            }
-            CommandClient::V5(c) => c
-                .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "command result not queued");
-        }
-    }
-}
-
-/// One command as received: topic, payload, and what acknowledges it to the broker.
-struct Incoming {
-    topic: String,
-    payload: Bytes,
-    /// The cloud's W3C trace context (MQTT v5 user property `traceparent`).
-    traceparent: Option<String>,
-    ack: Ack,
-}
-
-enum Ack {
-    V4(rumqttc::Publish),
-    V5(rumqttc::v5::mqttbytes::v5::Publish),
+    Ok((dev, index))
 }
 
 /// Starts the downlink of an uplink with a `commandTopic` (no-op otherwise). It stops with
 /// the uplink (`task.cancel`).
 pub fn start(task: &UplinkTask, hub: &Arc<DeviceHub>) {
     let Some(template) = task.uplink.mqtt.command_topic.clone() else { return };
+    if !template.split('/').any(|level| level == "{device}") {
+        tracing::error!(uplink = %task.buffer.uplink, topic = %template, "commandTopic has no {{device}} level; commands are off");
+        return;
+    }
     let task = task.clone();
     let hub = Arc::clone(hub);
     let name = format!("downlink {}", task.buffer.uplink);
@@ -549,8 +147,102 @@ pub fn start(task: &UplinkTask, hub: &Arc<DeviceHub>) {
     }));
 }
 
+/// What intake and execution share.
+struct Downlink {
+    task: UplinkTask,
+    hub: Arc<DeviceHub>,
+    template: String,
+    session: Session<()>,
+    outcomes: kv::Store,
+    subject: String,
+}
+
+impl Downlink {
+    fn result_topic(&self, namespace: &str, device: &str) -> String {
+        let t =
+            crate::uplinks::render_topic(&self.template, namespace, device, &self.task.uplink.name, &self.task.node);
+        format!("{t}/result")
+    }
+
+    fn count(&self, status: Status, reason: Option<Reason>) {
+        let labels = CommandLabels {
+            uplink: self.task.buffer.uplink.clone(),
+            status: status.label(),
+            reason: reason.map_or("", Reason::label),
+        };
+        self.task.metrics.commands.get_or_create(&labels).inc();
+    }
+
+    /// Publishes one result. Queued for the session; a result lost with the session is one
+    /// the cloud misses, never a command executed twice.
+    fn publish(&self, namespace: &str, device: &str, id: Option<&str>, point: Option<&str>, o: &Outcome) {
+        let mut j =
+            json!({"id": id, "namespace": namespace, "device": device, "status": o.status, "atUnixMs": now_ms()});
+        if let Some(p) = point {
+            j["point"] = Json::String(p.to_string());
+        }
+        if let Some(r) = o.reason {
+            j["reason"] = Json::String(r.label().to_string());
+        }
+        if let Some(d) = &o.detail {
+            j["detail"] = Json::String(d.clone());
+        }
+        self.send(self.result_topic(namespace, device), j);
+    }
+
+    fn send(&self, topic: String, j: Json) {
+        if let Err(e) = self.session.publish((), topic, Bytes::from(j.to_string()), None) {
+            tracing::debug!(uplink = %self.task.buffer.uplink, error = %e, "command result not queued");
+        }
+    }
+
+    /// Answers a repeated id from its record.
+    fn duplicate(&self, cmd: &StoredCommand, recorded: Option<&Outcome>) {
+        self.count(Status::Duplicate, None);
+        let mut j = json!({"id": cmd.id, "namespace": cmd.namespace, "device": cmd.device, "point": cmd.point,
+                           "status": Status::Duplicate, "atUnixMs": now_ms()});
+        if let Some(o) = recorded {
+            j["recorded"] = serde_json::to_value(o).unwrap_or(Json::Null);
+        }
+        self.send(self.result_topic(&cmd.namespace, &cmd.device), j);
+    }
+
+    async fn record(&self, key: &str, record: &Record) -> Result<(), String> {
+        let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        self.outcomes.put(key, Bytes::from(value)).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn recorded(&self, key: &str) -> Result<Option<Record>, String> {
+        let value = self.outcomes.get(key).await.map_err(|e| e.to_string())?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Records the outcome, then publishes it, then acknowledges the stored command. Not
+    /// recorded: not acknowledged (JetStream redelivers; the `started` record stands).
+    async fn conclude(&self, msg: &jetstream::Message, cmd: &StoredCommand, key: &str, outcome: Outcome) {
+        if let Err(e) = self.record(key, &Record::Done(outcome.clone())).await {
+            tracing::warn!(uplink = %self.task.buffer.uplink, id = %cmd.id, error = %e, "command outcome not recorded; it will be redelivered");
+            return;
+        }
+        if outcome.status == Status::Verified {
+            self.publish(&cmd.namespace, &cmd.device, Some(&cmd.id), Some(&cmd.point), &Outcome::of(Status::Written));
+        }
+        self.publish(&cmd.namespace, &cmd.device, Some(&cmd.id), Some(&cmd.point), &outcome);
+        self.count(outcome.status, outcome.reason);
+        tracing::info!(uplink = %self.task.buffer.uplink, device = %format!("{}/{}", cmd.namespace, cmd.device),
+            id = %cmd.id, status = outcome.status.label(), reason = outcome.reason.map_or("", Reason::label), "command done");
+        if let Err(e) = msg.ack().await {
+            tracing::debug!(error = %e, "stored command not acknowledged; its record answers the redelivery");
+        }
+    }
+}
+
 fn subject(task: &UplinkTask) -> String {
     format!("fieldgate.commands.{}.{}", task.uplink.namespace, task.uplink.name.replace('.', "_"))
+}
+
+fn record_key(cmd: &StoredCommand) -> String {
+    format!("{}/{}/{}", cmd.namespace, cmd.device, cmd.id)
 }
 
 async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String> {
@@ -561,391 +253,391 @@ async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
+        max_message_size: i32::try_from(command::MAX_MESSAGE_BYTES * 4).unwrap_or(i32::MAX),
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     };
     js.get_or_create_stream(config).await.map_err(|e| e.to_string())
 }
 
-fn count(task: &UplinkTask, reason: &'static str) {
-    task.metrics.ingress_messages.get_or_create(&IngressLabels { protocol: "command", reason }).inc();
+async fn ensure_outcomes(js: &jetstream::Context) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(OUTCOMES).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: OUTCOMES.to_string(),
+        description: "Fieldgate: the outcome of each command id".into(),
+        history: 1,
+        max_age: DUPLICATE_WINDOW,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
-async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
-    let stream = loop {
-        match ensure_stream(&task.js).await {
-            Ok(s) => break s,
+/// Retries `what` every 2 s until it succeeds or the uplink stops.
+async fn retry<T, F, Fut>(task: &UplinkTask, what: &str, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
             Err(e) => {
-                tracing::warn!(uplink = %task.buffer.uplink, error = %e, "command stream not ready; retrying");
+                tracing::warn!(uplink = %task.buffer.uplink, error = %e, "{what} not ready; retrying");
                 tokio::select! {
-                    () = task.cancel.cancelled() => return,
+                    () = task.cancel.cancelled() => return None,
                     () = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
             }
         }
-    };
-    let m = &task.mqtt;
-    let client_id = format!("{}-commands", m.client_id);
-    let transport = match &m.tls {
-        Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(cfg))),
-        None => Transport::tcp(),
-    };
-    let (client, mut events): (CommandClient, Events) = if m.version == 3 {
-        let mut o = rumqttc::MqttOptions::new(client_id, &m.host, m.port);
-        o.set_keep_alive(m.keep_alive).set_clean_session(false).set_manual_acks(true).set_transport(transport);
-        if let Some((u, p)) = &m.credentials {
-            o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
-        }
-        let (c, el) = rumqttc::AsyncClient::new(o, 64);
-        (CommandClient::V4(c), Events::V4(el))
-    } else {
-        let mut o = rumqttc::v5::MqttOptions::new(client_id, &m.host, m.port);
-        o.set_keep_alive(m.keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(24 * 3600))
-            .set_manual_acks(true)
-            .set_transport(transport);
-        if let Some((u, p)) = &m.credentials {
-            o.set_credentials(u.clone(), String::from_utf8_lossy(p.expose()).into_owned());
-        }
-        let (c, el) = rumqttc::v5::AsyncClient::new(o, 64);
-        (CommandClient::V5(c), Events::V5(el))
-    };
-    let filter = filter(&template, &task.uplink.name, &task.node);
-    let (tx, mut rx) = mpsc::channel::<Incoming>(64);
-    let poller = {
-        let client = client.clone();
-        let filter = filter.clone();
-        let cancel = task.cancel.clone();
-        let uplink = task.buffer.uplink.clone();
-        tokio::spawn(async move {
-            let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
-            loop {
-                let ev = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    ev = events.poll() => ev,
-                };
-                match ev {
-                    Ok(Polled::Connected) => {
-                        delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
-                        let r = match &client {
-                            CommandClient::V4(c) => {
-                                c.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string())
-                            }
-                            CommandClient::V5(c) => c
-                                .try_subscribe(filter.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                                .map_err(|e| e.to_string()),
-                        };
-                        match r {
-                            Ok(()) => tracing::info!(uplink = %uplink, filter = %filter, "subscribed to commands"),
-                            Err(e) => tracing::warn!(uplink = %uplink, error = %e, "command subscription not queued"),
-                        }
-                    }
-                    Ok(Polled::Message(i)) => {
-                        if tx.send(i).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Polled::Other) => {}
-                    Err(e) => {
-                        tracing::debug!(uplink = %uplink, error = %e, "command session interrupted");
-                        let delay = delays.next().unwrap_or(Duration::from_secs(30));
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = tokio::time::sleep(delay) => {}
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let _poller = AbortOnDrop(poller);
+    }
+}
 
-    let subject = subject(&task);
-    let consumer = match stream
-        .get_or_create_consumer(
-            &format!("commands-{}-{}", task.uplink.namespace, task.uplink.name.replace('.', "_")),
-            pull::Config {
-                durable_name: Some(format!(
-                    "commands-{}-{}",
-                    task.uplink.namespace,
-                    task.uplink.name.replace('.', "_")
-                )),
-                filter_subject: subject.clone(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
-                ..Default::default()
-            },
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(uplink = %task.buffer.uplink, error = %e, "command consumer not ready");
-            tokio::select! {
-                () = task.cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(2)) => return,
-            }
-        }
-    };
-    let mut stored = match consumer.messages().await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(uplink = %task.buffer.uplink, error = %e, "command consumer not readable");
-            return;
-        }
-    };
-    let result_topic = |cmd: &Command| {
-        format!(
-            "{}/result",
-            crate::uplinks::render_topic(&template, &cmd.namespace, &cmd.device, &task.uplink.name, &task.node)
-        )
-    };
+async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
+    let js = task.js.clone();
+    let Some(stream) = retry(&task, "command stream", || ensure_stream(&js)).await else { return };
+    let Some(outcomes) = retry(&task, "command outcome bucket", || ensure_outcomes(&js)).await else { return };
+    let mut endpoint = task.mqtt.endpoint.clone();
+    endpoint.client_id = format!("{}-commands", endpoint.client_id);
+    endpoint.max_packet_bytes = SESSION_MAX_PACKET;
+    let options = SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256 };
+    let (session, mut events) = mqtt::open::<()>(&endpoint, &options);
+    let d = Arc::new(Downlink { subject: subject(&task), task, hub, template, session, outcomes });
+    let filter = filter(&d.template, &d.task.uplink.namespace, &d.task.uplink.name, &d.task.node);
+
+    let execution = execute_stored(Arc::clone(&d), stream);
+    tokio::pin!(execution);
+    let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        tokio::select! {
-            () = task.cancel.cancelled() => return,
-            Some(incoming) = rx.recv() => {
-                intake(&task, &client, &template, &subject, incoming, &result_topic).await;
-            }
-            Some(msg) = stored.next() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "command stream read failed");
-                        continue;
+        let ev = tokio::select! {
+            () = d.task.cancel.cancelled() => return,
+            () = &mut execution => return,
+            ev = events.next() => ev,
+        };
+        match ev {
+            Event::Connected => {
+                delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
+                match d.session.subscribe(&filter) {
+                    Ok(()) => {
+                        tracing::info!(uplink = %d.task.buffer.uplink, filter = %filter, "subscribed to commands")
                     }
-                };
-                let Some(cmd) = serde_json::from_slice::<Json>(&msg.payload).ok().as_ref().and_then(Command::from_json) else {
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                };
-                let results = Results { client: &client, topic: result_topic(&cmd), cmd: &cmd };
-                let stored_tp = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(telemetry::TRACEPARENT))
-                    .map(|v| v.as_str().to_string());
-                let mut span = telemetry::command_span(
-                    "fieldgate.command.execute",
-                    SpanKind::Internal,
-                    stored_tp.as_deref(),
-                    &format!("{}/{}", cmd.namespace, cmd.device),
-                );
-                let outcome = execute(&hub, &cmd, &results, &span).await;
-                match outcome.status {
-                    "failed" | "refused" | "expired" => span.fail(outcome.status),
-                    _ => span.ok(),
+                    Err(e) => {
+                        tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command subscription not queued")
+                    }
                 }
-                span.end();
-                tracing::info!(uplink = %task.buffer.uplink, device = %format!("{}/{}", cmd.namespace, cmd.device),
-                    id = %cmd.id, status = outcome.status, reason = outcome.reason.as_deref().unwrap_or(""), "command executed");
-                count(&task, outcome.status);
-                results.publish(outcome).await;
-                let _ = msg.ack().await;
+            }
+            Event::Message(i) => intake(&d, i).await,
+            Event::Subscribed { refused } if refused > 0 => {
+                tracing::warn!(uplink = %d.task.buffer.uplink, filter = %filter, "the broker refused the command subscription");
+            }
+            Event::Subscribed { .. } | Event::Published { .. } => {}
+            Event::Lost(e) => {
+                tracing::debug!(uplink = %d.task.buffer.uplink, error = %e, "command session interrupted");
+                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                tokio::select! {
+                    () = d.task.cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
 }
 
-/// Stores a received command in JetStream, then acknowledges it to the broker.
-async fn intake(
-    task: &UplinkTask,
-    client: &CommandClient,
-    template: &str,
-    subject: &str,
-    incoming: Incoming,
-    result_topic: &impl Fn(&Command) -> String,
-) {
-    let ack = |client: &CommandClient, a: Ack| {
-        let client = client.clone();
-        async move {
-            let _ = match (&client, &a) {
-                (CommandClient::V4(c), Ack::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-                (CommandClient::V5(c), Ack::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-                _ => Ok(()),
-            };
+/// The `id` of a message that was refused, if it has a usable one (for the result).
+fn id_of(payload: &[u8]) -> Option<String> {
+    if payload.len() > command::MAX_MESSAGE_BYTES {
+        return None;
+    }
+    let j: Json = serde_json::from_slice(payload).ok()?;
+    let id = j.get("id")?.as_str()?;
+    (id.len() <= command::MAX_ID_LEN).then(|| id.to_string())
+}
+
+/// Takes one message from the broker: refuses it, or stores it and then acknowledges it.
+async fn intake(d: &Downlink, incoming: Incoming) {
+    let ack = async |d: &Downlink, i: &Incoming| {
+        if let Err(e) = d.session.ack(&i.ack).await {
+            tracing::debug!(error = %e, "command acknowledgement not queued");
         }
     };
-    if incoming.topic.ends_with("/result") {
-        // Our own results, if the filter happens to match them.
-        ack(client, incoming.ack).await;
+    let uplink = &d.task.uplink;
+    let Some((namespace, device)) = device_of(&d.template, &incoming.topic, &uplink.namespace) else {
+        // Nowhere to answer: the topic names no device.
+        d.count(Status::Refused, Some(Reason::Topic));
+        ack(d, &incoming).await;
         return;
-    }
-    let cmd = match parse(template, &incoming.topic, &incoming.payload) {
-        Ok(c) => c,
-        Err(e) => {
-            count(task, "malformed");
-            tracing::debug!(topic = %incoming.topic, kind = e.kind(), error = %e, "command refused");
-            ack(client, incoming.ack).await;
+    };
+    let checked = authorise_device(uplink, &namespace, &device).and_then(|()| CommandMessage::parse(&incoming.payload));
+    let message = match checked {
+        Ok(m) => m,
+        Err(refusal) => {
+            d.count(Status::Refused, refusal.reason);
+            tracing::debug!(uplink = %d.task.buffer.uplink, device = %format!("{namespace}/{device}"),
+                reason = refusal.reason.map_or("", Reason::label), "command refused");
+            d.publish(&namespace, &device, id_of(&incoming.payload).as_deref(), None, &refusal);
+            ack(d, &incoming).await;
             return;
         }
+    };
+    let stored = StoredCommand {
+        expires_unix_ms: message.expires_unix_ms(now_ms()).ok().flatten(),
+        id: message.id,
+        namespace,
+        device,
+        point: message.point,
+        value: message.value,
     };
     let mut span = telemetry::command_span(
         "fieldgate.command.receive",
         SpanKind::Consumer,
         incoming.traceparent.as_deref(),
-        &format!("{}/{}", cmd.namespace, cmd.device),
+        &format!("{}/{}", stored.namespace, stored.device),
     );
-    let msg_id = format!("{}/{}/{}", cmd.namespace, cmd.device, cmd.id);
-    let mut publish = PublishMessage::build().message_id(&msg_id).payload(Bytes::from(cmd.to_json().to_string()));
+    let body = match serde_json::to_vec(&stored) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "command not encodable");
+            return;
+        }
+    };
+    let mut publish = PublishMessage::build().message_id(record_key(&stored)).payload(Bytes::from(body));
     if let Some(tp) = span.traceparent() {
         // The trace continues where the stored command is executed.
         publish = publish.header(telemetry::TRACEPARENT, tp.as_str());
     }
-    let stored = match task.js.send_publish(subject.to_string(), publish).await {
+    let result = match d.task.js.send_publish(d.subject.clone(), publish).await {
         Ok(ack) => ack.await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let results = Results { client, topic: result_topic(&cmd), cmd: &cmd };
-    match stored {
+    match result {
         Ok(pa) if pa.duplicate => {
-            count(task, "duplicate");
-            ack(client, incoming.ack).await;
-            results.publish(Outcome::why("duplicate", "this command id was received before")).await;
+            ack(d, &incoming).await;
+            let recorded = match d.recorded(&record_key(&stored)).await {
+                Ok(Some(Record::Done(o))) => Some(o),
+                _ => None,
+            };
+            d.duplicate(&stored, recorded.as_ref());
         }
         Ok(_) => {
-            ack(client, incoming.ack).await;
-            results.publish(Outcome::of("accepted")).await;
+            ack(d, &incoming).await;
+            d.publish(
+                &stored.namespace,
+                &stored.device,
+                Some(&stored.id),
+                Some(&stored.point),
+                &Outcome::of(Status::Accepted),
+            );
         }
         Err(e) => {
             // Not stored: not acknowledged, so the broker sends it again on the next session.
-            tracing::warn!(uplink = %task.buffer.uplink, error = %e, "command not stored; it will be redelivered");
-            count(task, "not_stored");
+            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command not stored; it will be redelivered");
             span.fail("not_stored");
         }
     }
     span.end();
 }
 
-// One per uplink session: the size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Events {
-    V4(rumqttc::EventLoop),
-    V5(rumqttc::v5::EventLoop),
-}
-
-#[allow(clippy::large_enum_variant)] // short-lived, one at a time
-enum Polled {
-    Connected,
-    Message(Incoming),
-    Other,
-}
-
-impl Events {
-    async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            Events::V4(el) => Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => Polled::Connected,
-                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Polled::Message(Incoming {
-                    topic: p.topic.clone(),
-                    payload: p.payload.clone(),
-                    traceparent: None,
-                    ack: Ack::V4(p),
-                }),
-                _ => Polled::Other,
-            }),
-            Events::V5(el) => {
-                use rumqttc::v5::mqttbytes::v5::Packet;
-                Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                    rumqttc::v5::Event::Incoming(Packet::ConnAck(_)) => Polled::Connected,
-                    rumqttc::v5::Event::Incoming(Packet::Publish(p)) => Polled::Message(Incoming {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.clone(),
-                        traceparent: p.properties.as_ref().and_then(|props| {
-                            props
-                                .user_properties
-                                .iter()
-                                .find(|(k, _)| k == telemetry::TRACEPARENT)
-                                .map(|(_, v)| v.clone())
-                        }),
-                        ack: Ack::V5(p),
-                    }),
-                    _ => Polled::Other,
-                })
+/// Reads stored commands and hands them to their devices' adapters, for as long as the
+/// uplink runs; a pull stream that ends is opened again.
+async fn execute_stored(d: Arc<Downlink>, stream: stream::Stream) {
+    let durable = format!("commands-{}-{}", d.task.uplink.namespace, d.task.uplink.name.replace('.', "_"));
+    let config = pull::Config {
+        durable_name: Some(durable.clone()),
+        filter_subject: d.subject.clone(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: command::MAX_EXECUTION + ANSWER_GRACE + Duration::from_secs(30),
+        max_ack_pending: 4096,
+        ..Default::default()
+    };
+    // Ids being executed: a redelivery of one of them meanwhile is left alone.
+    let mut in_progress: HashSet<String> = HashSet::new();
+    let mut running: JoinSet<String> = JoinSet::new();
+    loop {
+        let Some(consumer) = retry(&d.task, "command consumer", || async {
+            stream.get_or_create_consumer(&durable, config.clone()).await.map_err(|e| e.to_string())
+        })
+        .await
+        else {
+            return;
+        };
+        let Some(mut messages) =
+            retry(&d.task, "command pull stream", || async { consumer.messages().await.map_err(|e| e.to_string()) })
+                .await
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = d.task.cancel.cancelled() => return,
+                Some(done) = running.join_next() => {
+                    if let Ok(key) = done {
+                        in_progress.remove(&key);
+                    }
+                }
+                next = messages.next() => match next {
+                    None => {
+                        tracing::warn!(uplink = %d.task.buffer.uplink, "command pull stream ended; opening it again");
+                        break;
+                    }
+                    Some(Err(e)) => tracing::debug!(uplink = %d.task.buffer.uplink, error = %e, "command pull stream error"),
+                    Some(Ok(msg)) => {
+                        if let Some(key) = hand_over(&d, msg, &in_progress, &mut running).await {
+                            in_progress.insert(key);
+                        }
+                    }
+                },
             }
         }
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Handles one stored command up to the hand-over; returns its key when it is now executing.
+async fn hand_over(
+    d: &Arc<Downlink>,
+    msg: jetstream::Message,
+    in_progress: &HashSet<String>,
+    running: &mut JoinSet<String>,
+) -> Option<String> {
+    let Ok(cmd) = serde_json::from_slice::<StoredCommand>(&msg.payload) else {
+        tracing::warn!(uplink = %d.task.buffer.uplink, "unreadable stored command dropped");
+        let _ = msg.ack_with(AckKind::Term).await;
+        return None;
+    };
+    let key = record_key(&cmd);
+    if in_progress.contains(&key) {
+        return None;
     }
+    let resume = match d.recorded(&key).await {
+        Ok(Some(Record::Done(o))) => {
+            d.duplicate(&cmd, Some(&o));
+            let _ = msg.ack().await;
+            return None;
+        }
+        Ok(Some(Record::Started)) => true,
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command outcomes unreadable; retrying later");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return None;
+        }
+    };
+    let stored_tp = msg.headers.as_ref().and_then(|h| h.get(telemetry::TRACEPARENT)).map(|v| v.as_str().to_string());
+    let mut span = telemetry::command_span(
+        "fieldgate.command.execute",
+        SpanKind::Internal,
+        stored_tp.as_deref(),
+        &format!("{}/{}", cmd.namespace, cmd.device),
+    );
+    if cmd.expired(now_ms()) {
+        span.fail("expired");
+        d.conclude(&msg, &cmd, &key, Outcome::of(Status::Expired)).await;
+        return None;
+    }
+    let (device, point) = match authorise(&d.task.uplink, &d.hub, &cmd) {
+        Ok(x) => x,
+        Err(refusal) => {
+            span.fail("refused");
+            d.conclude(&msg, &cmd, &key, refusal).await;
+            return None;
+        }
+    };
+    // Marked started before the adapter sees it: a crash from here on resumes it.
+    let started = serde_json::to_vec(&Record::Started).unwrap_or_default();
+    let resume = match d.outcomes.create(&key, Bytes::from(started)).await {
+        Ok(_) => resume,
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
+        Err(e) => {
+            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command start not recorded; retrying later");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return None;
+        }
+    };
+    let now = Instant::now();
+    let mut deadline = now + command::MAX_EXECUTION;
+    if let Some(at) = cmd.expires_unix_ms {
+        deadline = deadline.min(now + Duration::from_millis(at.saturating_sub(now_ms())));
+    }
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        id: cmd.id.clone(),
+        point,
+        value: cmd.value.clone(),
+        expires_unix_ms: cmd.expires_unix_ms,
+        deadline,
+        resume,
+        reply,
+        trace: span.parent(),
+    };
+    let handed = match device.commands.try_send(job) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Some(Outcome::failed(Reason::Busy, format!("{} commands wait for this device", command::DEVICE_QUEUE)))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Some(Outcome::failed(Reason::Stopped, "the device stopped")),
+    };
+    if let Some(outcome) = handed {
+        span.fail(outcome.reason.map_or("failed", Reason::label));
+        d.conclude(&msg, &cmd, &key, outcome).await;
+        return None;
+    }
+    let d = Arc::clone(d);
+    let k = key.clone();
+    running.spawn(async move {
+        let outcome = match tokio::time::timeout_at(deadline + ANSWER_GRACE, answer).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(_)) => Outcome::failed(Reason::Stopped, "the device's adapter stopped before answering"),
+            Err(_) => Outcome::failed(Reason::Timeout, "the device's adapter did not answer in time"),
+        };
+        match outcome.reason {
+            None => span.ok(),
+            Some(r) => span.fail(r.label()),
+        }
+        span.end();
+        d.conclude(&msg, &cmd, &k, outcome).await;
+        k
+    });
+    Some(key)
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     const T: &str = "fieldgate/{namespace}/{device}/commands";
 
     #[test]
+    fn the_filter_is_the_uplinks_own_namespace() {
+        assert_eq!(filter(T, "plant-a", "cloud", "n1"), "fieldgate/plant-a/+/commands");
+        assert_eq!(filter("site/{node}/{device}/cmd", "a", "u", "n1"), "site/n1/+/cmd");
+    }
+
+    #[test]
     fn topics_name_the_device() {
-        assert_eq!(filter(T, "cloud", "n1"), "fieldgate/+/+/commands");
-        assert_eq!(device_of(T, "fieldgate/plant-a/plc-1/commands"), Some(("plant-a".into(), "plc-1".into())));
-        assert_eq!(device_of(T, "fieldgate/plant-a/commands"), None);
+        assert_eq!(device_of(T, "fieldgate/plant-a/plc-1/commands", "x"), Some(("plant-a".into(), "plc-1".into())));
+        assert_eq!(device_of(T, "fieldgate/plant-a/commands", "x"), None);
+        assert_eq!(device_of("c/{device}", "c/plc", "a"), Some(("a".into(), "plc".into())));
+        assert_eq!(device_of("c/{device}", "c/", "a"), None);
+    }
+
+    fn uplink(devices: Option<Vec<&str>>) -> GatewayUplink {
+        serde_json::from_value(json!({"namespace": "a", "name": "cloud", "devices": devices,
+            "mqtt": {"url": "mqtt://h:1883"}}))
+        .unwrap()
     }
 
     #[test]
-    fn commands_parse_with_expiry() {
-        let c =
-            parse(T, "fieldgate/default/plc/commands", br#"{"id":"c1","point":"sp","value":12,"ttl":"30s"}"#).unwrap();
-        assert_eq!((c.id.as_str(), c.device.as_str(), c.value.clone()), ("c1", "plc", json!(12)));
-        assert!(c.expires_unix_ms.unwrap() > now_ms());
-        let c = parse(
-            T,
-            "fieldgate/default/plc/commands",
-            br#"{"id":"c2","point":"sp","value":1,"expiresAt":"2020-01-01T00:00:00Z"}"#,
-        )
-        .unwrap();
-        assert_eq!(c.expires_unix_ms, Some(1_577_836_800_000));
-        assert_eq!(parse(T, "fieldgate/default/plc/commands", b"{").unwrap_err(), CommandError::Json);
-        assert_eq!(
-            parse(T, "fieldgate/default/plc/commands", br#"{"point":"sp","value":1}"#).unwrap_err(),
-            CommandError::Field("id")
-        );
-        assert_eq!(Command::from_json(&c.to_json()), Some(c));
-    }
-
-    fn point(t: &str, table: &str, extra: Json) -> Point {
-        let mut p = json!({"name": "p", "type": t, "access": "readWrite", "modbus": {"table": table, "address": 4}});
-        if let (Json::Object(o), Json::Object(e)) = (&mut p, extra) {
-            o.extend(e);
-        }
-        serde_json::from_value(p).unwrap()
-    }
-
-    #[test]
-    fn values_are_encoded_like_they_are_decoded() {
-        assert_eq!(encode(&point("uint16", "holding", json!({})), &json!(1234)), Ok(Write::Registers(vec![1234])));
-        assert_eq!(encode(&point("int16", "holding", json!({})), &json!(-2)), Ok(Write::Registers(vec![0xfffe])));
-        assert_eq!(
-            encode(&point("uint32", "holding", json!({})), &json!(0x1234_5678)),
-            Ok(Write::Registers(vec![0x1234, 0x5678]))
-        );
-        let le = point(
-            "uint32",
-            "holding",
-            json!({"modbus": {"table": "holding", "address": 4, "wordOrder": "littleEndian"}}),
-        );
-        assert_eq!(encode(&le, &json!(0x1234_5678)), Ok(Write::Registers(vec![0x5678, 0x1234])));
-        assert_eq!(encode(&point("float32", "holding", json!({})), &json!(1.5)), Ok(Write::Registers(vec![0x3fc0, 0])));
-        assert_eq!(
-            encode(&point("int16", "holding", json!({"scale": 0.1})), &json!(21.5)),
-            Ok(Write::Registers(vec![215]))
-        );
-        assert_eq!(encode(&point("bool", "coil", json!({})), &json!(true)), Ok(Write::Coil(true)));
-        assert!(encode(&point("uint16", "holding", json!({})), &json!(70000)).is_err());
-        assert!(encode(&point("uint16", "holding", json!({})), &json!(1.5)).is_err());
-        assert!(encode(&point("uint16", "input", json!({})), &json!(1)).is_err());
-        // And back: the reference decoder reads what was written.
-        let p = point("int32", "holding", json!({}));
-        let Ok(Write::Registers(words)) = encode(&p, &json!(-70000)) else { panic!() };
-        let back =
-            crate::adapters::modbus_tcp::decode(&p, crate::adapters::modbus_tcp::Raw::Registers(&words)).unwrap();
-        assert_eq!(back.value, Some(reading::Value::IntValue(-70000)));
+    fn an_uplink_commands_only_the_devices_it_selects_in_its_namespace() {
+        let reason = |r: Result<(), Outcome>| r.unwrap_err().reason.unwrap();
+        let u = uplink(Some(vec!["valve"]));
+        assert!(authorise_device(&u, "a", "valve").is_ok());
+        assert_eq!(reason(authorise_device(&u, "b", "valve")), Reason::OtherNamespace);
+        assert_eq!(reason(authorise_device(&u, "a", "pump")), Reason::NotSelected);
+        // Without a rendered list (standalone), every device of the namespace.
+        let all = uplink(None);
+        assert!(authorise_device(&all, "a", "pump").is_ok());
+        assert_eq!(reason(authorise_device(&all, "b", "pump")), Reason::OtherNamespace);
     }
 }

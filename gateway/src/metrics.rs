@@ -160,8 +160,21 @@ pub struct ProtocolLabels {
     pub protocol: &'static str,
 }
 
+/// Labels of command outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// `namespace/name` of the uplink the command came through.
+    pub uplink: String,
+    /// Final status: `duplicate`, `verified`, `written`, `failed`, `refused`, `expired`.
+    pub status: &'static str,
+    /// Why (failures and refusals), from a fixed set; empty otherwise.
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
+    /// Commands by final status and reason.
+    pub commands: Family<CommandLabels, Counter>,
     /// Device polls that read at least one point.
     pub polls: Family<DeviceLabels, Counter>,
     /// Failed requests to devices, by kind.
@@ -313,6 +326,7 @@ impl Metrics {
     /// Creates the metrics and registers them in `registry` under the `fieldgate` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
+            commands: Family::default(),
             polls: Family::default(),
             device_errors: Family::default(),
             poll_duration: Family::new_with_constructor(latency_histogram),
@@ -406,6 +420,11 @@ impl Metrics {
             "ingress_messages",
             "Inbound messages handled by the listeners, by kind",
             m.ingress_messages.clone(),
+        );
+        r.register(
+            "commands",
+            "Commands from the cloud by final status and reason (refusals and failures from a fixed set)",
+            m.commands.clone(),
         );
         r.register("ingress_connections", "Open inbound device connections", m.ingress_connections.clone());
         r.register(

@@ -695,7 +695,13 @@ pub fn command_span(name: &'static str, kind: SpanKind, traceparent: Option<&str
 /// `fieldgate.device.readback` under `fieldgate.command.execute`); `None` inside when the
 /// parent is not recorded.
 pub fn child_span(parent: &StageSpan, name: &'static str, kind: SpanKind) -> StageSpan {
-    match parent.parent() {
+    child_of(parent.parent(), name, kind)
+}
+
+/// A child of the span `parent` names, in this process (handed to another task, such as a
+/// device adapter executing a command); `None` inside when there is no parent.
+pub fn child_of(parent: Option<TraceParent>, name: &'static str, kind: SpanKind) -> StageSpan {
+    match parent {
         Some(p) => StageSpan::start(name, kind, Some((p, false)), None),
         None => StageSpan(None),
     }

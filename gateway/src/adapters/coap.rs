@@ -41,6 +41,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::hub::{Credential, DeviceHub, Registered, bind_udp};
 use super::{DeviceTask, payload};
+use crate::command::{Inbox, Outcome, Reason, Status};
 use crate::metrics::IngressLabels;
 use crate::reading::{self, Reading, pb};
 
@@ -717,17 +718,61 @@ impl Health {
 
 /// Runs one CoAP device until `task.cancel` fires: registers its push path with the
 /// listener, and polls or observes its resource when it has a `host`.
-pub async fn run(settings: &CoapConnection, task: DeviceTask) {
+pub async fn run(settings: &CoapConnection, task: DeviceTask, inbox: Inbox) {
+    tokio::join!(serve(settings, &task), commands(settings, &task, inbox));
+}
+
+/// Executes the device's commands in order: a confirmable PUT of the value to its resource
+/// (plain text for a one-point device, else `{<path or name>: value}`), `written` once the
+/// device answered with a success code. Not sent again after an interruption (at most once).
+async fn commands(settings: &CoapConnection, task: &DeviceTask, mut inbox: Inbox) {
+    loop {
+        let job = tokio::select! {
+            () = task.cancel.cancelled() => return,
+            Some(job) = inbox.recv() => job,
+        };
+        if let Some(o) = job.precheck() {
+            job.finish(o);
+            continue;
+        }
+        let Some(point) = task.device.points.get(job.point) else {
+            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
+            continue;
+        };
+        let body = if task.device.points.len() == 1 {
+            job.value.to_text()
+        } else {
+            serde_json::Value::Object(job.object(point)).to_string()
+        };
+        let sent = tokio::time::timeout_at(job.deadline, send_command(settings, RequestType::Put, body.into_bytes()));
+        let outcome = match sent.await {
+            Ok(Ok(())) => Outcome::of(Status::Written),
+            Ok(Err(e)) => {
+                task.count_error("command");
+                let reason = match e {
+                    CoapError::Timeout(_) => Reason::Timeout,
+                    CoapError::Io(_) => Reason::Unreachable,
+                    _ => Reason::DeviceError,
+                };
+                Outcome::failed(reason, e.to_string())
+            }
+            Err(_) => Outcome::failed(Reason::Timeout, "not done before the command's deadline"),
+        };
+        job.finish(outcome);
+    }
+}
+
+async fn serve(settings: &CoapConnection, task: &DeviceTask) {
     let d = Arc::clone(&task.device);
     let push_path = settings.push_path.clone().unwrap_or_else(|| format!("/{}/{}", d.namespace, d.name));
     let max_body = settings.max_body_bytes();
     let token = match &settings.token_secret_ref {
         None => Credential::Open,
-        Some(r) => task.hub.credential(r, &task),
+        Some(r) => task.hub.credential(r, task),
     };
     let _registration = task.hub.register(PROTOCOL, push_path, Registered::new(task.clone(), token, max_body));
     match &settings.host {
-        Some(host) => client_loop(settings, host, max_body, &task).await,
+        Some(host) => client_loop(settings, host, max_body, task).await,
         None => task.cancel.cancelled().await,
     }
 }

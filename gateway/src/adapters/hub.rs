@@ -209,7 +209,7 @@ pub struct DeviceHub {
     /// Reporting state of the devices with reporting rules.
     pub reporters: crate::reporting::Reporters,
     /// Running devices by `namespace/name` (commands look them up here).
-    running: RwLock<HashMap<String, DeviceTask>>,
+    running: RwLock<HashMap<String, RunningDevice>>,
     /// The UDP listener's socket and where each UDP device last sent from, for commands.
     pub udp_peers: super::udp::UdpPeers,
     /// Idle TCP device connections, parked off the runtime.
@@ -232,6 +232,15 @@ pub struct CommandSlot {
     pub notify: tokio::sync::Notify,
 }
 
+/// A running device: its task, and the inbox of its adapter's commands.
+#[derive(Clone)]
+pub struct RunningDevice {
+    /// The device's task.
+    pub task: DeviceTask,
+    /// Where its commands go (bounded: [`crate::command::DEVICE_QUEUE`]).
+    pub commands: tokio::sync::mpsc::Sender<crate::command::Job>,
+}
+
 /// Removes a running device from the hub when its task ends.
 pub struct Running {
     hub: Arc<DeviceHub>,
@@ -242,7 +251,7 @@ pub struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let mut running = self.hub.running.write().unwrap_or_else(PoisonError::into_inner);
-        if running.get(&self.key).is_some_and(|t| Arc::ptr_eq(&t.device, &self.device)) {
+        if running.get(&self.key).is_some_and(|r| Arc::ptr_eq(&r.task.device, &self.device)) {
             running.remove(&self.key);
         }
     }
@@ -282,15 +291,21 @@ impl DeviceHub {
         Registration { hub: Arc::clone(self), key, entry }
     }
 
-    /// Records a device as running until the returned guard is dropped.
-    pub fn running(self: &Arc<Self>, task: &DeviceTask) -> Running {
+    /// Records a device as running, with the inbox of its commands, until the returned guard
+    /// is dropped.
+    pub fn running(
+        self: &Arc<Self>,
+        task: &DeviceTask,
+        commands: tokio::sync::mpsc::Sender<crate::command::Job>,
+    ) -> Running {
         let key = task.key();
-        self.running.write().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), task.clone());
+        let entry = RunningDevice { task: task.clone(), commands };
+        self.running.write().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), entry);
         Running { hub: Arc::clone(self), key, device: Arc::clone(&task.device) }
     }
 
     /// The running device `namespace/name`.
-    pub fn device(&self, key: &str) -> Option<DeviceTask> {
+    pub fn device(&self, key: &str) -> Option<RunningDevice> {
         self.running.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
     }
 

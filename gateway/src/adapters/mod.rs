@@ -10,6 +10,12 @@
 //! [`hub::DeviceHub`], whose listeners look them up; payloads map to points in [`payload`].
 //! Reporting rules ([`crate::reporting`]) apply in `emit*`, the same for every protocol.
 //!
+//! Commands ([`crate::command::Job`]) reach the adapter that owns the device on its inbox, and
+//! it executes them on its own connection: the Modbus TCP poller's connection (before the
+//! reads still queued in a poll), the RTU bus scheduler (writes before queued reads), the
+//! CoAP client, the device's MQTT ingest session, the TCP device's live connection, the UDP
+//! listener towards the device's last authenticated source.
+//!
 //! Adding a protocol:
 //! 1. add its typed settings as a variant of `fieldgate_crds::Connection` (with validation in
 //!    `fieldgate_crds::validate`);
@@ -29,6 +35,7 @@ pub mod coap;
 pub mod hub;
 pub mod modbus_rtu;
 pub mod modbus_tcp;
+pub mod modbus_write;
 pub mod mqtt_ingest;
 pub mod payload;
 pub mod tcp;
@@ -156,15 +163,19 @@ fn nothing_to_keep() -> crate::reading::Acceptance {
 ///
 /// Each adapter runs boxed: inline, every device's task would be as large as the largest
 /// adapter's state (a Modbus poller's), also for the TCP and UDP devices that only wait.
+///
+/// Commands for the device arrive on its bounded inbox (registered with the hub while the
+/// device runs); its adapter executes them in order on its own connection or session.
 pub async fn run(task: DeviceTask) {
-    let _running = task.hub.running(&task);
+    let (commands, inbox) = tokio::sync::mpsc::channel(crate::command::DEVICE_QUEUE);
+    let _running = task.hub.running(&task, commands);
     let device = Arc::clone(&task.device);
     match &device.connection {
-        Connection::ModbusTcp(settings) => Box::pin(modbus_tcp::run(settings, task)).await,
-        Connection::Coap(settings) => Box::pin(coap::run(settings, task)).await,
-        Connection::Mqtt(settings) => Box::pin(mqtt_ingest::run(settings, task)).await,
-        Connection::Tcp(settings) => Box::pin(tcp::run("tcp", settings, task)).await,
-        Connection::Udp(settings) => Box::pin(tcp::run("udp", settings, task)).await,
-        Connection::ModbusRtu(settings) => Box::pin(modbus_rtu::run(settings, task)).await,
+        Connection::ModbusTcp(settings) => Box::pin(modbus_tcp::run(settings, task, inbox)).await,
+        Connection::Coap(settings) => Box::pin(coap::run(settings, task, inbox)).await,
+        Connection::Mqtt(settings) => Box::pin(mqtt_ingest::run(settings, task, inbox)).await,
+        Connection::Tcp(settings) => Box::pin(tcp::run("tcp", settings, task, inbox)).await,
+        Connection::Udp(settings) => Box::pin(tcp::run("udp", settings, task, inbox)).await,
+        Connection::ModbusRtu(settings) => Box::pin(modbus_rtu::run(settings, task, inbox)).await,
     }
 }

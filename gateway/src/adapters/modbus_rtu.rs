@@ -35,6 +35,8 @@ use tokio_modbus::prelude::{Request, Response, SlaveContext};
 
 use super::DeviceTask;
 use super::modbus_tcp::{self, Block, ReadRequest, RequestError};
+use super::modbus_write::{self, Caller};
+use crate::command::{Inbox, Outcome, Reason};
 use crate::reading::{self, Reading};
 
 /// The longest RTU frame (256 bytes, "Modbus over serial line" V1.02): what [`Heard`] keeps.
@@ -384,11 +386,60 @@ fn unix_ms(t: SystemTime) -> u64 {
     reading::unix_nanos(t) / 1_000_000
 }
 
-/// Runs one Modbus RTU device until `task.cancel` fires.
-pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask) {
+/// Runs one Modbus RTU device until `task.cancel` fires: polls it, and executes its commands
+/// in order through the bus scheduler, where writes go before queued reads.
+pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask, inbox: Inbox) {
+    let bus = task.hub.buses.get(settings);
+    tokio::join!(poll_device(settings, &task, &bus), commands(settings, &task, &bus, inbox));
+}
+
+/// The bus, for commands to one unit.
+struct OnBus<'a> {
+    bus: &'a Bus,
+    unit: u8,
+}
+
+impl Caller for OnBus<'_> {
+    async fn call(&mut self, req: Request<'static>) -> Result<Response, (Reason, String)> {
+        match self.bus.run(self.unit, Op::Call(req)).await {
+            Some(Answer::Call(Ok(r))) => Ok(r),
+            Some(Answer::Call(Err(e))) => {
+                let reason = match &e {
+                    LineError::Request(r) => r.command_reason(),
+                    LineError::BadFrame { .. } => Reason::DeviceError,
+                };
+                Err((reason, e.to_string()))
+            }
+            Some(Answer::Unavailable(why)) => Err((Reason::Unreachable, format!("line unavailable: {why}"))),
+            Some(Answer::Read(_)) | None => Err((Reason::Stopped, "the bus stopped".into())),
+        }
+    }
+}
+
+async fn commands(settings: &ModbusRtuConnection, task: &DeviceTask, bus: &Bus, mut inbox: Inbox) {
+    loop {
+        let job = tokio::select! {
+            () = task.cancel.cancelled() => return,
+            Some(job) = inbox.recv() => job,
+        };
+        let Some(point) = task.device.points.get(job.point) else {
+            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
+            continue;
+        };
+        let mut on_bus = OnBus { bus, unit: settings.unit_id };
+        let outcome = tokio::time::timeout_at(job.deadline, modbus_write::execute(&mut on_bus, point, &job))
+            .await
+            .unwrap_or_else(|_| Outcome::failed(Reason::Timeout, "not done before the command's deadline"));
+        if outcome.reason.is_some() {
+            task.count_error("command");
+        }
+        job.finish(outcome);
+    }
+}
+
+async fn poll_device(settings: &ModbusRtuConnection, task: &DeviceTask, bus: &Bus) {
     let device = Arc::clone(&task.device);
     let key = task.key();
-    let bus = task.hub.buses.get(settings);
     if bus.key != bus_key(settings) {
         tracing::warn!(device = %key, "bus key mismatch");
     }

@@ -27,6 +27,8 @@ use tokio_modbus::client::{Client, Context, tcp};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::DeviceTask;
+use super::modbus_write::{self, Caller};
+use crate::command::{Inbox, Job, Outcome, Reason};
 use crate::reading::{self, Reading, Value, pb};
 use crate::telemetry::{LogThrottle, ReadingTrace};
 
@@ -239,6 +241,15 @@ impl RequestError {
         }
     }
 
+    /// The command failure this is.
+    pub(crate) fn command_reason(&self) -> Reason {
+        match self {
+            RequestError::Timeout(_) => Reason::Timeout,
+            RequestError::Exception(_) | RequestError::Protocol(_) => Reason::DeviceError,
+            RequestError::Io(_) => Reason::Unreachable,
+        }
+    }
+
     /// Whether the connection must be dropped: anything but an exception response leaves it
     /// in an unknown state (a late answer may still arrive).
     pub(crate) fn breaks_connection(&self) -> bool {
@@ -412,9 +423,17 @@ async fn poll(
     task: &DeviceTask,
     throttle: &mut LogThrottle,
     trace: &mut ReadingTrace,
+    inbox: &mut Inbox,
 ) -> PollOutcome {
     let mut outcome = PollOutcome { blocks: Vec::with_capacity(plan.requests.len()), answered: false, broken: None };
     for req in &plan.requests {
+        // Commands go before the reads still queued in this poll.
+        while let Ok(job) = inbox.try_recv() {
+            if let Some(e) = command(ctx, job, timeout, task).await {
+                outcome.broken = Some(e);
+                return outcome;
+            }
+        }
         match read(ctx, *req, timeout).await {
             Ok(block) => {
                 outcome.answered = true;
@@ -447,6 +466,57 @@ async fn poll(
         }
     }
     outcome
+}
+
+/// The poller's connection, for commands: every request under the connection's timeout; the
+/// first error that leaves the connection in an unknown state is kept (the poller drops it).
+struct Poller<'a> {
+    ctx: &'a mut Context,
+    timeout: Duration,
+    broken: Option<RequestError>,
+}
+
+impl Caller for Poller<'_> {
+    async fn call(&mut self, req: Request<'static>) -> Result<Response, (Reason, String)> {
+        if let Some(e) = &self.broken {
+            return Err((Reason::Unreachable, e.to_string()));
+        }
+        let answer = tokio::time::timeout(self.timeout, self.ctx.call(req)).await;
+        let error = match answer {
+            Ok(Ok(Ok(r))) => return Ok(r),
+            Ok(Ok(Err(exception))) => RequestError::Exception(exception),
+            Ok(Err(e)) => RequestError::from(e),
+            Err(_) => RequestError::Timeout(self.timeout),
+        };
+        let reason = error.command_reason();
+        let text = error.to_string();
+        if error.breaks_connection() {
+            self.broken = Some(error);
+        }
+        Err((reason, text))
+    }
+}
+
+/// Executes a command on the poller's connection; returns the error that broke it, if any.
+async fn command(ctx: &mut Context, job: Job, timeout: Duration, task: &DeviceTask) -> Option<RequestError> {
+    let Some(point) = task.device.points.get(job.point) else {
+        job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
+        return None;
+    };
+    let mut poller = Poller { ctx, timeout, broken: None };
+    let outcome = match tokio::time::timeout_at(job.deadline, modbus_write::execute(&mut poller, point, &job)).await {
+        Ok(o) => o,
+        Err(_) => {
+            // Cut off mid-request: a late answer would be taken for the next request's.
+            poller.broken.get_or_insert(RequestError::Timeout(timeout));
+            Outcome::failed(Reason::Timeout, "not done before the command's deadline")
+        }
+    };
+    if outcome.reason.is_some() {
+        task.count_error("command");
+    }
+    job.finish(outcome);
+    poller.broken
 }
 
 /// The reading points of the blocks read, in the device's point order.
@@ -544,7 +614,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// Runs one Modbus TCP device until `task.cancel` fires.
-pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
+pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: Inbox) {
     let device = std::sync::Arc::clone(&task.device);
     let key = task.key();
     let labels = task.labels();
@@ -586,6 +656,36 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
             tokio::select! {
                 biased;
                 () = task.cancel.cancelled() => break,
+                Some(job) = inbox.recv() => {
+                    // Between polls: on the poller's connection, made now if there is none.
+                    if conn.is_none() {
+                        let attempt = connect(&settings.host, port, unit_id, timeout);
+                        let Some(result) = task.cancel.run_until_cancelled(attempt).await else { break };
+                        match result {
+                            Ok((ctx, peer)) => {
+                                link.peer = Some(peer);
+                                conn = Some(ctx);
+                            }
+                            Err(e) => {
+                                task.count_error("connect");
+                                job.finish(Outcome::failed(Reason::Unreachable, format!("connect: {e}")));
+                                continue;
+                            }
+                        }
+                    }
+                    if let Some(ctx) = conn.as_mut() {
+                        let done = task.cancel.run_until_cancelled(command(ctx, job, timeout, &task)).await;
+                        match done {
+                            None => break,
+                            Some(Some(e)) => {
+                                task.count_error(e.kind());
+                                conn = None;
+                            }
+                            Some(None) => {}
+                        }
+                    }
+                    continue;
+                }
                 _ = ticker.tick() => {}
             }
         }
@@ -627,8 +727,10 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask) {
         let sampled = SystemTime::now();
         let started = Instant::now();
         let mut trace = ReadingTrace::read(&key, labels.protocol);
-        let Some(outcome) =
-            task.cancel.run_until_cancelled(poll(ctx, &plan, timeout, &task, &mut throttle, &mut trace)).await
+        let Some(outcome) = task
+            .cancel
+            .run_until_cancelled(poll(ctx, &plan, timeout, &task, &mut throttle, &mut trace, &mut inbox))
+            .await
         else {
             break;
         };

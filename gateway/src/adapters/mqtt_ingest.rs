@@ -10,6 +10,9 @@
 //! (`fieldgate_device_errors_total{kind}` with the payload kind) and acknowledged: it would
 //! never map, and redelivering it forever would stall the device.
 //!
+//! Commands to the device are published on this same session (its credentials, its client
+//! id) to its `commandTopic` with QoS 1, `written` once the field broker acknowledged them.
+//!
 //! Payloads: see [`super::payload`]; a plain value goes to the point named like the topic's
 //! last level (or the only point). Error kinds: `connect` (connection lost or refused),
 //! `subscribe` (a filter refused), `not_accepted`, `secret`, and the payload kinds.
@@ -21,12 +24,12 @@ use fieldgate_crds::MqttDeviceConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DeviceTask, payload};
+use crate::command::{Inbox, Job, Outcome, Reason, Status};
+use crate::mqtt::{self, AckHandle, Endpoint, Event, Events, Incoming, Session, SessionOptions, Version};
 use crate::reading::{self, Acceptance, Reading};
 
 /// How long an acknowledgement waits for JetStream before the session is given up.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Session expiry asked for on MQTT 5 (seconds): unacknowledged messages wait that long.
-const SESSION_EXPIRY: u32 = 24 * 3600;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -54,167 +57,49 @@ impl IngestError {
 }
 
 /// A message to acknowledge once its outcome is known.
-enum AckHandle {
-    V4(rumqttc::Publish),
-    V5(rumqttc::v5::mqttbytes::v5::Publish),
-}
-
-enum Outcome {
+enum AckWhen {
     /// Acknowledge at once (a message refused for good).
     Now,
     /// Acknowledge once the reading is accepted.
     Accepted(Acceptance),
 }
 
-#[derive(Clone)]
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
+/// What a publish on the session is for: a command's job, answered on the broker's PUBACK.
+type Token = Job;
 
-impl Client {
-    async fn ack(&self, h: &AckHandle) -> Result<(), String> {
-        match (self, h) {
-            (Client::V4(c), AckHandle::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V5(c), AckHandle::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            _ => Err("acknowledgement of another protocol version".into()),
-        }
-    }
-
-    fn subscribe(&self, topic: &str) -> Result<(), String> {
-        match self {
-            Client::V4(c) => c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce).map_err(|e| e.to_string()),
-            Client::V5(c) => {
-                c.try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    async fn disconnect(&self) {
-        let _ = match self {
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
-    }
-}
-
-// One per session, never stored in bulk: the size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-enum EventLoop {
-    V4(rumqttc::EventLoop),
-    V5(rumqttc::v5::EventLoop),
-}
-
-/// What the event loop reported, protocol version aside.
-#[allow(clippy::large_enum_variant)] // short-lived, one at a time
-enum Event {
-    Connected,
-    Subscribed { refused: usize },
-    Message { topic: String, payload: Bytes, qos1: bool, handle: AckHandle },
-    Other,
-}
-
-impl EventLoop {
-    async fn poll(&mut self) -> Result<Event, String> {
-        match self {
-            EventLoop::V4(el) => {
-                use rumqttc::{Event as E, Packet, QoS, SubscribeReasonCode};
-                Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                    E::Incoming(Packet::ConnAck(_)) => Event::Connected,
-                    E::Incoming(Packet::SubAck(a)) => Event::Subscribed {
-                        refused: a.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count(),
-                    },
-                    E::Incoming(Packet::Publish(p)) => Event::Message {
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
-                        qos1: p.qos != QoS::AtMostOnce,
-                        handle: AckHandle::V4(p),
-                    },
-                    _ => Event::Other,
-                })
-            }
-            EventLoop::V5(el) => {
-                use rumqttc::v5::Event as E;
-                use rumqttc::v5::mqttbytes::QoS;
-                use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-                Ok(match el.poll().await.map_err(|e| e.to_string())? {
-                    E::Incoming(Packet::ConnAck(_)) => Event::Connected,
-                    E::Incoming(Packet::SubAck(a)) => Event::Subscribed {
-                        refused: a
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                            .count(),
-                    },
-                    E::Incoming(Packet::Publish(p)) => Event::Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.clone(),
-                        qos1: p.qos != QoS::AtMostOnce,
-                        handle: AckHandle::V5(p),
-                    },
-                    _ => Event::Other,
-                })
-            }
-        }
-    }
-}
-
-fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Client, EventLoop), IngestError> {
-    let (host, port) = (settings.url.host(), settings.url.port());
+fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Session<Token>, Events<Token>), IngestError> {
     let d = &task.device;
     let client_id = settings.client_id.clone().unwrap_or_else(|| {
         let mut id = format!("fieldgate-{}-{}-{}", task.node, d.namespace, d.name);
         id.truncate(64);
         id
     });
-    let credentials = match &settings.auth {
-        None => None,
-        Some(a) => {
-            let read = |key: &str| {
-                task.hub
-                    .secrets
-                    .read(&a.secret_ref.name, key)
-                    .map_err(|e| IngestError::Settings(e.to_string()))
-                    .map(|v| String::from_utf8_lossy(v.expose()).trim_end_matches(['\r', '\n']).to_string())
-            };
-            Some((read("username")?, read("password")?))
-        }
-    };
-    let keep_alive = settings.keep_alive();
-    let capacity = 256;
-    Ok(if settings.protocol_version() == 5 {
-        let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
-        o.set_keep_alive(keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(SESSION_EXPIRY))
-            .set_manual_acks(true);
-        if let Some((u, p)) = credentials {
-            o.set_credentials(u, p);
-        }
-        let (c, el) = rumqttc::v5::AsyncClient::new(o, capacity);
-        (Client::V5(c), EventLoop::V5(el))
-    } else {
-        let mut o = rumqttc::MqttOptions::new(client_id, host, port);
-        o.set_keep_alive(keep_alive).set_clean_session(false).set_manual_acks(true);
-        if let Some((u, p)) = credentials {
-            o.set_credentials(u, p);
-        }
-        let (c, el) = rumqttc::AsyncClient::new(o, capacity);
-        (Client::V4(c), EventLoop::V4(el))
-    })
+    let mut endpoint = Endpoint::parse(settings.url.as_str(), client_id).map_err(|e| IngestError::Settings(e.0))?;
+    if let Some(a) = &settings.auth {
+        let read = |key: &str| {
+            task.hub.secrets.read(&a.secret_ref.name, key).map_err(|e| IngestError::Settings(e.to_string()))
+        };
+        let user = read("username")?;
+        let user = user.expose_str().map_err(|_| IngestError::Settings("username is not UTF-8".into()))?;
+        endpoint.credentials = Some((user.trim_end_matches(['\r', '\n']).to_string(), read("password")?));
+    }
+    endpoint.version = if settings.protocol_version() == 5 { Version::V5 } else { Version::V311 };
+    endpoint.keep_alive = settings.keep_alive();
+    let options = SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256 };
+    Ok(mqtt::open(&endpoint, &options))
 }
 
 /// Acknowledges messages in arrival order once their outcome is known. Ends (telling
 /// `broken`) at the first reading the buffer did not accept.
 async fn acknowledge(
-    client: Client,
-    mut rx: mpsc::UnboundedReceiver<(AckHandle, Outcome)>,
+    client: Session<Token>,
+    mut rx: mpsc::UnboundedReceiver<(AckHandle, AckWhen)>,
     broken: oneshot::Sender<()>,
 ) {
     while let Some((handle, outcome)) = rx.recv().await {
         let accepted = match outcome {
-            Outcome::Now => true,
-            Outcome::Accepted(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
+            AckWhen::Now => true,
+            AckWhen::Accepted(rx) => matches!(tokio::time::timeout(ACCEPT_TIMEOUT, rx).await, Ok(Ok(Ok(())))),
         };
         if !accepted {
             let _ = broken.send(());
@@ -227,7 +112,7 @@ async fn acknowledge(
 }
 
 /// Runs one MQTT device until `task.cancel` fires.
-pub async fn run(settings: &MqttDeviceConnection, task: DeviceTask) {
+pub async fn run(settings: &MqttDeviceConnection, task: DeviceTask, mut inbox: Inbox) {
     let labels = task.labels();
     let gauge = task.metrics.device_connected.get_or_create(&labels).clone();
     gauge.set(0);
@@ -235,7 +120,7 @@ pub async fn run(settings: &MqttDeviceConnection, task: DeviceTask) {
     let mut up: Option<bool> = None;
     let ids = super::hub::IdClock::default();
     while !task.cancel.is_cancelled() {
-        let result = session(settings, &task, &ids, &gauge, &mut up).await;
+        let result = session(settings, &task, &ids, &gauge, &mut up, &mut inbox).await;
         gauge.set(0);
         let Err(e) = result else { break };
         task.count_error(e.kind());
@@ -246,12 +131,44 @@ pub async fn run(settings: &MqttDeviceConnection, task: DeviceTask) {
         }
         up = Some(false);
         let delay = delays.next().unwrap_or(Duration::from_secs(30));
-        tokio::select! {
-            () = task.cancel.cancelled() => break,
-            () = tokio::time::sleep(delay) => {}
+        let resume = tokio::time::sleep(delay);
+        tokio::pin!(resume);
+        loop {
+            tokio::select! {
+                () = task.cancel.cancelled() => break,
+                () = &mut resume => break,
+                Some(job) = inbox.recv() => {
+                    // No session to publish on while backing off.
+                    let o = job.precheck().unwrap_or_else(|| Outcome::failed(Reason::Unreachable, e.to_string()));
+                    job.finish(o);
+                }
+            }
         }
     }
     gauge.set(0);
+}
+
+/// Publishes a command on the device's own session (QoS 1) to its `commandTopic`, as
+/// `{<path or name>: value, "commandId": id}`; answered when the broker acknowledges it.
+fn publish_command(settings: &MqttDeviceConnection, task: &DeviceTask, client: &Session<Token>, job: Job) {
+    if let Some(o) = job.precheck() {
+        return job.finish(o);
+    }
+    let Some(topic) = settings.command_topic.clone() else {
+        return job.finish(Outcome::failed(Reason::Unsupported, "the device has no commandTopic"));
+    };
+    let Some(point) = task.device.points.get(job.point) else {
+        return job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
+    };
+    let mut body = job.object(point);
+    body.insert("commandId".into(), serde_json::Value::String(job.id.clone()));
+    let payload = Bytes::from(serde_json::Value::Object(body).to_string());
+    // The session gives the job back on the broker's PUBACK; if the publish cannot even be
+    // queued, the job is dropped with the error and its sender sees it closed.
+    if let Err(e) = client.publish(job, topic, payload, None) {
+        task.count_error("command");
+        tracing::debug!(device = %task.key(), error = %e, "command not queued");
+    }
 }
 
 /// One broker session. `Ok` when cancelled.
@@ -261,12 +178,14 @@ async fn session(
     ids: &super::hub::IdClock,
     gauge: &prometheus_client::metrics::gauge::Gauge,
     up: &mut Option<bool>,
+    inbox: &mut Inbox,
 ) -> Result<(), IngestError> {
     let (client, mut events) = open(settings, task)?;
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (broken_tx, mut broken) = oneshot::channel();
     let acker = tokio::spawn(acknowledge(client.clone(), ack_rx, broken_tx));
     let _abort = AbortOnDrop(acker);
+    let mut connected = false;
     loop {
         let event = tokio::select! {
             () = task.cancel.cancelled() => {
@@ -274,26 +193,42 @@ async fn session(
                 return Ok(());
             }
             Ok(()) = &mut broken => return Err(IngestError::NotAccepted),
-            e = events.poll() => e.map_err(IngestError::Connection)?,
+            Some(job) = inbox.recv(), if connected => {
+                publish_command(settings, task, &client, job);
+                continue;
+            }
+            e = events.next() => e,
         };
         match event {
+            Event::Lost(e) => return Err(IngestError::Connection(e.to_string())),
             Event::Connected => {
                 for t in &settings.topics {
                     if let Err(e) = client.subscribe(t) {
-                        return Err(IngestError::Connection(e));
+                        return Err(IngestError::Connection(e.to_string()));
                     }
                 }
+                connected = true;
                 gauge.set(1);
                 if *up != Some(true) {
                     tracing::info!(device = %task.key(), url = %settings.url, "field broker connected");
                 }
                 *up = Some(true);
             }
+            Event::Published { token: job, code } => {
+                let outcome = if code.is_success() {
+                    Outcome::of(Status::Written)
+                } else {
+                    task.count_error("command");
+                    Outcome::failed(Reason::DeviceError, format!("the field broker refused it: {}", code.name()))
+                };
+                job.finish(outcome);
+            }
             Event::Subscribed { refused } if refused > 0 => {
                 task.count_error("subscribe");
                 tracing::warn!(device = %task.key(), refused, "the field broker refused a topic filter");
             }
-            Event::Message { topic, payload, qos1, handle } => {
+            Event::Subscribed { .. } => {}
+            Event::Message(Incoming { topic, payload, qos1, ack, .. }) => {
                 let hint = topic.rsplit('/').next();
                 let outcome = match payload::decode(&task.device.points, &payload, hint) {
                     Ok(points) => {
@@ -308,7 +243,7 @@ async fn session(
                             points,
                         };
                         match task.emit_confirmed(reading).await {
-                            Ok(rx) => Outcome::Accepted(rx),
+                            Ok(rx) => AckWhen::Accepted(rx),
                             // The gateway is stopping: leave the message unacknowledged.
                             Err(_) => return Ok(()),
                         }
@@ -316,85 +251,15 @@ async fn session(
                     Err(e) => {
                         task.count_error(e.kind());
                         tracing::debug!(device = %task.key(), topic = %topic, kind = e.kind(), error = %e, "MQTT message refused");
-                        Outcome::Now
+                        AckWhen::Now
                     }
                 };
                 if qos1 {
-                    let _ = ack_tx.send((handle, outcome));
+                    let _ = ack_tx.send((ack, outcome));
                 }
             }
-            Event::Subscribed { .. } | Event::Other => {}
         }
     }
-}
-
-/// Publishes a command to the device's `commandTopic` on its field broker (QoS 1, its own
-/// short connection) and waits for the broker's acknowledgement.
-pub(crate) async fn publish_command(
-    settings: &MqttDeviceConnection,
-    task: &DeviceTask,
-    payload: Bytes,
-    timeout: Duration,
-) -> Result<(), String> {
-    let Some(topic) = settings.command_topic.clone() else { return Err("the device has no commandTopic".into()) };
-    let mut own = settings.clone();
-    own.client_id = Some(format!(
-        "{}-cmd",
-        settings
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("fieldgate-{}-{}", task.device.namespace, task.device.name))
-    ));
-    let (client, mut events) = {
-        let (host, port) = (own.url.host(), own.url.port());
-        let id = own.client_id.clone().unwrap_or_default();
-        if own.protocol_version() == 5 {
-            let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
-            o.set_clean_start(true);
-            let (c, el) = rumqttc::v5::AsyncClient::new(o, 8);
-            (Client::V5(c), EventLoop::V5(el))
-        } else {
-            let mut o = rumqttc::MqttOptions::new(id, host, port);
-            o.set_clean_session(true);
-            let (c, el) = rumqttc::AsyncClient::new(o, 8);
-            (Client::V4(c), EventLoop::V4(el))
-        }
-    };
-    let sent = async {
-        let mut published = false;
-        loop {
-            let done = match &mut events {
-                EventLoop::V4(el) => matches!(
-                    el.poll().await.map_err(|e| e.to_string())?,
-                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))
-                ),
-                EventLoop::V5(el) => matches!(
-                    el.poll().await.map_err(|e| e.to_string())?,
-                    rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))
-                ),
-            };
-            if done {
-                return Ok::<(), String>(());
-            }
-            if !published {
-                published = true;
-                let queued = match &client {
-                    Client::V4(c) => c
-                        .try_publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload.clone())
-                        .map_err(|e| e.to_string()),
-                    Client::V5(c) => c
-                        .try_publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.clone())
-                        .map_err(|e| e.to_string()),
-                };
-                queued?;
-            }
-        }
-    };
-    let result = tokio::time::timeout(timeout, sent)
-        .await
-        .unwrap_or_else(|_| Err(format!("no acknowledgement within {timeout:?}")));
-    client.disconnect().await;
-    result
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

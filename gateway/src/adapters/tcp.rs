@@ -44,20 +44,60 @@ use tokio::time::Instant;
 
 use super::hub::{CommandSlot, DeviceHub, Registered};
 use super::{DeviceTask, payload};
+use crate::command::{Inbox, Outcome, Reason, Status};
 use crate::metrics::ProtocolLabels;
 
 const PROTOCOL: &str = "tcp";
 /// How long a frame waits for JetStream before it is answered `ERR not_accepted`.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs one raw TCP or UDP device: registers its id with the listener until cancelled.
-pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceTask) {
+/// Runs one raw TCP or UDP device: registers its id with the listener until cancelled, and
+/// sends its commands, in order, as the frame `{"command": id, "point", "value"}` — a TCP
+/// device on its live connection, a UDP device from the listener to the source of its last
+/// authenticated datagram. A frame is not sent twice (`written` once handed over).
+pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceTask, mut inbox: Inbox) {
     let d = &task.device;
     let id = device_id(settings, d);
     let credential = task.hub.credential(&settings.token_secret_ref, &task);
     let max = task.hub.args.max_frame_bytes;
     let registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
-    task.cancel.cancelled().await;
+    loop {
+        let job = tokio::select! {
+            () = task.cancel.cancelled() => break,
+            Some(job) = inbox.recv() => job,
+        };
+        if let Some(o) = job.precheck() {
+            job.finish(o);
+            continue;
+        }
+        let Some(point) = task.device.points.get(job.point) else {
+            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
+            continue;
+        };
+        let line = job.frame(point);
+        let sent = match protocol {
+            "udp" => {
+                let key = task.key();
+                let send = super::udp::send_command(&task.hub, &key, line);
+                tokio::time::timeout_at(job.deadline, send).await.unwrap_or_else(|_| Err("timed out".into()))
+            }
+            _ => {
+                let send = send_frame(&task.hub, registration.entry(), line);
+                tokio::time::timeout_at(job.deadline, send)
+                    .await
+                    .unwrap_or(Err("the frame was not written before the command's deadline"))
+                    .map_err(str::to_string)
+            }
+        };
+        let outcome = match sent {
+            Ok(()) => Outcome::of(Status::Written),
+            Err(e) => {
+                task.count_error("command");
+                Outcome::failed(Reason::NotConnected, e)
+            }
+        };
+        job.finish(outcome);
+    }
     // Close the device's live connection, if any.
     let slot = registration.entry().live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     if let Some(slot) = slot {
@@ -632,8 +672,7 @@ async fn handle_frame(
 }
 
 /// Writes a command frame to the device's live connection; `Ok` once written.
-pub(crate) async fn send_command(hub: &DeviceHub, id: &str, line: String) -> Result<(), &'static str> {
-    let dev = hub.lookup(PROTOCOL, id).ok_or("the device is not registered with the TCP listener")?;
+async fn send_frame(hub: &DeviceHub, dev: &Registered, line: String) -> Result<(), &'static str> {
     let slot = dev.live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let Some(slot) = slot else { return Err("the device is not connected") };
     let (tx, rx) = tokio::sync::oneshot::channel();
