@@ -446,7 +446,7 @@ mod tests {
         assert!(m.expires_unix_ms(1000).unwrap() == Some(31_000));
         let m = CommandMessage::parse(br#"{"id":"c2","point":"sp","value":true,"expiresAt":"2020-01-01T00:00:00Z"}"#)
             .unwrap();
-        assert_eq!(m.expires_unix_ms(0).unwrap(), Some(1_577_836_800_000));
+        assert_eq!(m.expires_unix_ms(1_577_836_000_000).unwrap(), Some(1_577_836_800_000));
         let m = CommandMessage::parse(br#"{"id":"c_3","point":"sp","value":"on","expiresAt":1000}"#).unwrap();
         assert_eq!(m.expires_unix_ms(0).unwrap(), Some(1000));
     }

@@ -69,6 +69,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// Largest packet of the command session: a message up to this size is read and refused
 /// (`too_large`) instead of breaking the session.
 const SESSION_MAX_PACKET: usize = 2 << 20;
+/// How long JetStream waits for a stored command's acknowledgement before it delivers it again
+/// (a command being executed is kept with progress acknowledgements): after a crash, a
+/// command is resumed within this time.
+const ACK_WAIT: Duration = Duration::from_secs(6);
 /// How long after its deadline a command's adapter still gets to answer.
 const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
@@ -448,7 +452,7 @@ async fn execute_stored(d: Arc<Downlink>, stream: stream::Stream) {
         durable_name: Some(durable.clone()),
         filter_subject: d.subject.clone(),
         ack_policy: AckPolicy::Explicit,
-        ack_wait: command::MAX_EXECUTION + ANSWER_GRACE + Duration::from_secs(30),
+        ack_wait: ACK_WAIT,
         max_ack_pending: 4096,
         ..Default::default()
     };
@@ -586,7 +590,21 @@ async fn hand_over(
     let d = Arc::clone(d);
     let k = key.clone();
     running.spawn(async move {
-        let outcome = match tokio::time::timeout_at(deadline + ANSWER_GRACE, answer).await {
+        let outcome = tokio::time::timeout_at(deadline + ANSWER_GRACE, async {
+            // Still working on it: JetStream keeps it ours (a crash redelivers it in ACK_WAIT).
+            let mut progress = tokio::time::interval_at(Instant::now() + ACK_WAIT / 3, ACK_WAIT / 3);
+            tokio::pin!(answer);
+            loop {
+                tokio::select! {
+                    a = &mut answer => return a,
+                    _ = progress.tick() => {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        })
+        .await;
+        let outcome = match outcome {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::failed(Reason::Stopped, "the device's adapter stopped before answering"),
             Err(_) => Outcome::failed(Reason::Timeout, "the device's adapter did not answer in time"),

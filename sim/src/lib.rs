@@ -40,14 +40,21 @@
 //! the written value (instead of the computed one) until the process restarts. Reads and
 //! writes outside the map are answered with exception `IllegalDataAddress`; a quantity of 0 or
 //! above the protocol's limit with `IllegalDataValue`.
+//!
+//! Like many PLCs and meters, a device can be told to accept one connection at a time
+//! ([`SimDevice::with_single_connection`]): a second connection is closed at once while the
+//! first is open (and counted, [`SimDevice::refused_connections`]). Writes are counted
+//! ([`SimDevice::writes`]); [`SimDevice::hang_after_write`] makes the device store a write and
+//! then never answer it (a gateway that crashes right after the write, seen from the device).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::{Ready, ready};
+use std::future::{Future, ready};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -169,6 +176,11 @@ struct Shared {
     served: Mutex<Vec<Served>>,
     connections: AtomicU64,
     polls_served: AtomicU64,
+    writes: AtomicU64,
+    single_connection: AtomicBool,
+    open_connections: AtomicUsize,
+    refused_connections: AtomicU64,
+    hang_after_write: watch::Sender<bool>,
 }
 
 impl SimDevice {
@@ -187,6 +199,11 @@ impl SimDevice {
                 served: Mutex::default(),
                 connections: AtomicU64::new(0),
                 polls_served: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
+                single_connection: AtomicBool::new(false),
+                open_connections: AtomicUsize::new(0),
+                refused_connections: AtomicU64::new(0),
+                hang_after_write: watch::Sender::new(false),
             }),
         }
     }
@@ -195,6 +212,41 @@ impl SimDevice {
     pub fn with_fault(self, fault: Fault) -> Self {
         self.set_fault(fault);
         self
+    }
+
+    /// The same device, accepting one connection at a time: another one is closed at once
+    /// while the first is open.
+    pub fn with_single_connection(self) -> Self {
+        self.shared.single_connection.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// Connections closed at once because one was already open.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused_connections.load(Ordering::Relaxed)
+    }
+
+    /// Write requests stored so far (registers or coils).
+    pub fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
+    }
+
+    /// While set, a write is stored and counted but not answered (the answer goes out once
+    /// this is cleared, and the connection is served again).
+    pub fn hang_after_write(&self, on: bool) {
+        self.shared.hang_after_write.send_replace(on);
+    }
+
+    /// The value of holding register `address` now (written or computed). Looking is not
+    /// serving: no sample is taken and no poll counted.
+    pub fn holding(&self, address: u16) -> Option<u16> {
+        if u32::from(address) >= self.registers() {
+            return None;
+        }
+        if let Some(v) = lock(&self.shared.holding).get(&address) {
+            return Some(*v);
+        }
+        self.computed(self.counter(), address, 1).first().copied()
     }
 
     /// The current fault.
@@ -466,33 +518,72 @@ pub async fn serve(listener: TcpListener, device: SimDevice, cancel: Cancellatio
     }
 }
 
+/// One connection's service; dropped when the connection ends.
 struct SimService {
     device: SimDevice,
     exception: bool,
     connection: u64,
 }
 
+impl Drop for SimService {
+    fn drop(&mut self) {
+        self.device.shared.open_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl tokio_modbus::server::Service for SimService {
     type Request = Request<'static>;
     type Response = Response;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Response, ExceptionCode>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
 
     fn call(&self, request: Self::Request) -> Self::Future {
         self.device.count_request();
         if self.exception {
-            return ready(Err(ExceptionCode::IllegalDataAddress));
+            return Box::pin(ready(Err(ExceptionCode::IllegalDataAddress)));
         }
-        ready(self.device.answer(request, self.connection))
+        let write = matches!(
+            request,
+            Request::WriteSingleRegister(..)
+                | Request::WriteMultipleRegisters(..)
+                | Request::WriteSingleCoil(..)
+                | Request::WriteMultipleCoils(..)
+        );
+        let answer = self.device.answer(request, self.connection);
+        if write && answer.is_ok() {
+            self.device.shared.writes.fetch_add(1, Ordering::AcqRel);
+            let mut hang = self.device.shared.hang_after_write.subscribe();
+            if *hang.borrow_and_update() {
+                return Box::pin(async move {
+                    while *hang.borrow_and_update() {
+                        if hang.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    answer
+                });
+            }
+        }
+        Box::pin(ready(answer))
     }
 }
 
 async fn serve_modbus(listener: TcpListener, device: &SimDevice, fault: Fault) -> io::Result<()> {
     let exception = fault == Fault::Exception;
     let on_connected = |stream: TcpStream, _peer: SocketAddr| {
-        let connection = device.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let shared = &device.shared;
+        let connection = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let open = shared.open_connections.fetch_add(1, Ordering::AcqRel);
         let service = Arc::new(SimService { device: device.clone(), exception, connection });
+        let refuse = open > 0 && shared.single_connection.load(Ordering::Relaxed);
+        if refuse {
+            shared.refused_connections.fetch_add(1, Ordering::Relaxed);
+        }
         async move {
+            if refuse {
+                // Dropping the stream (and the service) closes the connection at once.
+                return Ok::<_, io::Error>(None);
+            }
             // Best effort: a request/response protocol with one small write per message.
             stream.set_nodelay(true).ok();
             Ok::<_, io::Error>(Some((service, stream)))
@@ -778,6 +869,42 @@ mod tests {
         let yaml = serde_saphyr::to_string(&config).unwrap();
         assert_eq!(fieldgate_crds::GatewayConfig::from_yaml(&yaml).unwrap(), config);
         assert_eq!(config.devices[1].points.len(), 29 + 200);
+    }
+
+    #[tokio::test]
+    async fn a_single_connection_device_closes_a_second_connection_while_the_first_is_open() {
+        let device = SimDevice::new(0, 0).with_single_connection();
+        let (addr, cancel) = start(device.clone()).await;
+        let mut first = tcp::connect_slave(addr, Slave(1)).await.unwrap();
+        call(&mut first, Request::WriteSingleRegister(0, 7)).await.unwrap();
+        let mut second = tcp::connect_slave(addr, Slave(1)).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), second.call(Request::ReadHoldingRegisters(0, 1)))
+                .await
+                .unwrap()
+                .is_err(),
+            "the second connection was served"
+        );
+        assert_eq!(device.refused_connections(), 1);
+        assert_eq!(
+            call(&mut first, Request::ReadHoldingRegisters(0, 1)).await,
+            Ok(Response::ReadHoldingRegisters(vec![7]))
+        );
+        assert_eq!((device.writes(), device.holding(0)), (1, Some(7)));
+        // Once the first is closed, a new one is served.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut again = tcp::connect_slave(addr, Slave(1)).await.unwrap();
+            let served =
+                tokio::time::timeout(Duration::from_secs(5), again.call(Request::ReadHoldingRegisters(0, 1))).await;
+            if matches!(served, Ok(Ok(Ok(_)))) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
     }
 
     #[tokio::test]

@@ -33,6 +33,9 @@ struct Args {
     /// Make a device misbehave: INDEX=none|timeout|exception|garbage|reset. Repeatable.
     #[arg(long = "fault", value_name = "INDEX=KIND", value_parser = parse_fault)]
     faults: Vec<(u16, Fault)>,
+    /// Accept one connection per device at a time, like many PLCs: a second one is closed.
+    #[arg(long, env = "FIELDGATE_SIM_SINGLE_CONNECTION")]
+    single_connection: bool,
     /// Print the gateway `devices:` list reading the simulated devices, then exit.
     #[arg(long)]
     print_devices: bool,
@@ -105,7 +108,10 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}:{port}", args.host))?;
         let fault = faults.get(&i).copied().unwrap_or_default();
-        let device = SimDevice::new(u32::from(i), args.extra_registers).with_fault(fault);
+        let mut device = SimDevice::new(u32::from(i), args.extra_registers).with_fault(fault);
+        if args.single_connection {
+            device = device.with_single_connection();
+        }
         if fault != Fault::None {
             tracing::info!(device = i, port, %fault, "simulated device misbehaves");
         }
