@@ -360,6 +360,22 @@ pub fn validate_topic(errs: &mut ValidationErrors, path: &str, topic: &str) {
     }
 }
 
+/// A command topic template: a topic template in which `{device}` is a whole level (the
+/// device a command is for comes from the topic, never from the message), as is
+/// `{namespace}` where present.
+pub fn validate_command_topic(errs: &mut ValidationErrors, path: &str, topic: &str) {
+    validate_topic(errs, path, topic);
+    let levels: Vec<&str> = topic.split('/').collect();
+    for placeholder in ["{device}", "{namespace}"] {
+        if topic.contains(placeholder) && !levels.contains(&placeholder) {
+            errs.push(path, format!("{placeholder} must be a whole topic level in {topic:?}"));
+        }
+    }
+    if !levels.contains(&"{device}") {
+        errs.push(path, format!("{topic:?} needs a {{device}} level: commands name their device in the topic"));
+    }
+}
+
 fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink, names: SecretNames) {
     if let Some(v) = m.protocol_version
         && v != 3
@@ -379,7 +395,7 @@ fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink, names:
         validate_topic(errs, &format!("{path}.topic"), t);
     }
     if let Some(t) = &m.command_topic {
-        validate_topic(errs, &format!("{path}.commandTopic"), t);
+        validate_command_topic(errs, &format!("{path}.commandTopic"), t);
     }
     check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
     validate_auth(errs, path, m.auth.as_ref(), names);
@@ -604,6 +620,20 @@ uplinks:
             Ok(_) => panic!("accepted:\n{text}"),
             Err(e) => e.fields().iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn a_command_topic_names_its_device_in_a_whole_level() {
+        let check = |t: &str| {
+            let mut errs = ValidationErrors::default();
+            validate_command_topic(&mut errs, "uplinks[0].mqtt.commandTopic", t);
+            errs.0.into_iter().map(|e| e.message).collect::<Vec<_>>()
+        };
+        assert!(check("fieldgate/{namespace}/{device}/commands").is_empty());
+        assert!(check("site/{node}/{device}").is_empty());
+        assert!(check("fieldgate/{namespace}/commands")[0].contains("needs a {device} level"));
+        assert!(check("fieldgate/{namespace}/dev-{device}")[0].contains("whole topic level"));
+        assert!(check("fieldgate/x{namespace}/{device}")[0].contains("whole topic level"));
     }
 
     #[test]

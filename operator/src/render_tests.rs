@@ -414,6 +414,27 @@ fn a_node_runs_only_the_uplinks_of_its_devices_with_only_its_devices() {
     assert_eq!(r.uplinks[&key("to-a")].nodes, BTreeSet::from(["edge-000".to_string(), "edge-001".to_string()]));
 }
 
+/// What the gateway authorises commands with: the rendered uplink selects only the devices its
+/// selector matches in its own namespace, also when another namespace has a device of the same
+/// name on the same node.
+#[test]
+fn a_rendered_uplink_commands_only_the_devices_its_selector_matches_in_its_namespace() {
+    let devices = vec![
+        Device::test("valve").label("cmd", "yes").pinned("edge-000"),
+        Device::test("pump").pinned("edge-000"),
+        Device::test("valve").label("cmd", "yes").in_ns("b").pinned("edge-000"),
+    ];
+    let mut cmd = Uplink::test("cmd").selector(labels_sel(&[("cmd", "yes")]));
+    cmd.spec.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into());
+    let r = render(&world(devices, vec![], vec![cmd], gateways(1)), &Placements::new(), &settings());
+    let cfg = &r.nodes["edge-000"].config;
+    let uplink = cfg.uplinks.iter().find(|u| u.name == "cmd").unwrap();
+    assert_eq!(uplink.mqtt.command_topic.as_deref(), Some("fieldgate/{namespace}/{device}/commands"));
+    let selected: Vec<String> =
+        cfg.devices.iter().filter(|d| uplink.selects(d)).map(|d| format!("{}/{}", d.namespace, d.name)).collect();
+    assert_eq!(selected, ["default/valve"]);
+}
+
 #[test]
 fn invalid_devices_never_reach_an_uplink_or_a_gateway() {
     let devices =
