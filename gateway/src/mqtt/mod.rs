@@ -264,6 +264,9 @@ pub struct Incoming {
 }
 
 /// What the event stream reports.
+// One at a time, straight to its consumer: boxing the message would cost an allocation per
+// message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event<T> {
     /// The broker accepted the connection (CONNACK).
