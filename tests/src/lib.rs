@@ -23,6 +23,7 @@ pub mod cloud;
 pub mod cloud_v5;
 pub mod cluster;
 pub mod coap_peer;
+pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod fleet;
@@ -37,6 +38,7 @@ pub mod process;
 pub mod procstat;
 pub mod prometheus;
 pub mod pymodbus;
+pub mod sim_process;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

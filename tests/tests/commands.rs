@@ -13,52 +13,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::coap_peer::{CoapServer, coap_client};
+use fieldgate_tests::commands::{WAIT, start_subscribed, wait_status};
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
 use fieldgate_tests::pymodbus::{PtyPair, PyModbus, Transport, python};
-use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer, wait_until};
+use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
 use serde_json::{Value as Json, json};
-
-const WAIT: Duration = Duration::from_secs(60);
 
 fn device(v: Json) -> GatewayDevice {
     serde_json::from_value(v).unwrap()
-}
-
-/// Statuses published for command `id`, in order.
-fn statuses(msgs: &[CloudMessage], id: &str) -> Vec<String> {
-    msgs.iter()
-        .filter(|m| m.topic.ends_with("/result"))
-        .filter_map(|m| serde_json::from_slice::<Json>(&m.payload).ok())
-        .filter(|j| j["id"] == id)
-        .map(|j| {
-            format!(
-                "{}{}",
-                j["status"].as_str().unwrap_or("?"),
-                j["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
-async fn wait_status(cloud: &CloudSubscriber, gw: &ListeningGateway, id: &str, status: &str) -> Result<Vec<String>> {
-    cloud
-        .wait_for(&format!("command {id} to be {status}"), WAIT, |msgs| {
-            statuses(msgs, id).iter().any(|s| s.starts_with(status))
-        })
-        .await
-        .with_context(|| format!("results so far: {:?}\n{}", statuses(&cloud.messages(), id), gw.log()))?;
-    Ok(statuses(&cloud.messages(), id))
-}
-
-/// Starts the gateway and waits until it subscribed to the uplink's command topic.
-async fn start_subscribed(gw: &mut ListeningGateway) -> Result<()> {
-    gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async {
-        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
-    })
-    .await
-    .with_context(|| gw.log())
 }
 
 /// Publishes command `body` to `device`'s command topic, as the cloud does.

@@ -5,11 +5,10 @@
 //! Needs `cargo build --workspace --bins` first (the tests run the gateway binary).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, ensure};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_sim::{self as sim, Fault, SimDevice};
+use fieldgate_tests::commands::{WAIT, start_subscribed, statuses, wait_status};
 use fieldgate_tests::config::ConfigBuilder;
 use fieldgate_tests::listening::ListeningGateway;
 use fieldgate_tests::mosquitto::MosquittoOptions;
@@ -18,7 +17,6 @@ use serde_json::{Value as Json, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(60);
 const TEMPLATE: &str = "fieldgate/{namespace}/{device}/commands";
 
 /// A simulated Modbus device served on a free port until the guard is dropped.
@@ -44,38 +42,6 @@ fn modbus(namespace: &str, name: &str, port: u16, poll: &str, timeout: &str) -> 
             {"name": "setpoint", "type": "uint16", "access": "readWrite", "modbus": {"table": "holding", "address": 0}},
             {"name": "limit", "type": "uint16", "modbus": {"table": "holding", "address": 1}}]}))
     .unwrap()
-}
-
-/// Results published for command `id`, as `status` or `status: reason`, in order.
-fn statuses(msgs: &[CloudMessage], id: &str) -> Vec<String> {
-    msgs.iter()
-        .filter(|m| m.topic.ends_with("/result"))
-        .filter_map(|m| serde_json::from_slice::<Json>(&m.payload).ok())
-        .filter(|j| j["id"] == id)
-        .map(|j| {
-            let reason = j["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default();
-            format!("{}{reason}", j["status"].as_str().unwrap_or("?"))
-        })
-        .collect()
-}
-
-async fn wait_status(cloud: &CloudSubscriber, gw: &ListeningGateway, id: &str, status: &str) -> Result<Vec<String>> {
-    cloud
-        .wait_for(&format!("command {id} to be {status}"), WAIT, |msgs| {
-            statuses(msgs, id).iter().any(|s| s.starts_with(status))
-        })
-        .await
-        .with_context(|| format!("results so far: {:?}\n{}", statuses(&cloud.messages(), id), gw.log()))?;
-    Ok(statuses(&cloud.messages(), id))
-}
-
-async fn start_subscribed(gw: &mut ListeningGateway) -> Result<()> {
-    gw.start_ready().await?;
-    wait_until("the gateway to subscribe to commands", WAIT, || async {
-        Ok(gw.stderr().contains("subscribed to commands").then_some(()))
-    })
-    .await
-    .with_context(|| gw.log())
 }
 
 async fn command(cloud: &CloudSubscriber, namespace: &str, device: &str, body: &Json) -> Result<()> {

@@ -726,19 +726,7 @@ pub async fn run(settings: &CoapConnection, task: DeviceTask, inbox: Inbox) {
 /// (plain text for a one-point device, else `{<path or name>: value}`), `written` once the
 /// device answered with a success code. Not sent again after an interruption (at most once).
 async fn commands(settings: &CoapConnection, task: &DeviceTask, mut inbox: Inbox) {
-    loop {
-        let job = tokio::select! {
-            () = task.cancel.cancelled() => return,
-            Some(job) = inbox.recv() => job,
-        };
-        if let Some(o) = job.precheck() {
-            job.finish(o);
-            continue;
-        }
-        let Some(point) = task.device.points.get(job.point) else {
-            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
-            continue;
-        };
+    while let Some((job, point)) = task.next_command(&mut inbox, false).await {
         let body = if task.device.points.len() == 1 {
             job.value.to_text()
         } else {

@@ -152,6 +152,36 @@ impl DeviceTask {
     }
 }
 
+impl DeviceTask {
+    /// The next command to send to the device, with its point; `None` once the device stops.
+    /// Expired and late commands are answered here, and so are interrupted ones unless
+    /// `resumable` (the adapter checks the device before sending again, as Modbus reads back).
+    pub(crate) async fn next_command(
+        &self,
+        inbox: &mut crate::command::Inbox,
+        resumable: bool,
+    ) -> Option<(crate::command::Job, &fieldgate_crds::Point)> {
+        loop {
+            let job = tokio::select! {
+                () = self.cancel.cancelled() => return None,
+                job = inbox.recv() => job?,
+            };
+            let done = if resumable && job.resume && !job.expired() && !job.late() { None } else { job.precheck() };
+            if let Some(outcome) = done {
+                job.finish(outcome);
+                continue;
+            }
+            match self.device.points.get(job.point) {
+                Some(point) => return Some((job, point)),
+                None => job.finish(crate::command::Outcome::failed(
+                    crate::command::Reason::UnknownPoint,
+                    "the device changed",
+                )),
+            }
+        }
+    }
+}
+
 /// An acceptance that is already resolved: the reporting rules left nothing to keep.
 fn nothing_to_keep() -> crate::reading::Acceptance {
     let (tx, rx) = tokio::sync::oneshot::channel();

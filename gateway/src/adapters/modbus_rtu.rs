@@ -417,15 +417,7 @@ impl Caller for OnBus<'_> {
 }
 
 async fn commands(settings: &ModbusRtuConnection, task: &DeviceTask, bus: &Bus, mut inbox: Inbox) {
-    loop {
-        let job = tokio::select! {
-            () = task.cancel.cancelled() => return,
-            Some(job) = inbox.recv() => job,
-        };
-        let Some(point) = task.device.points.get(job.point) else {
-            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
-            continue;
-        };
+    while let Some((job, point)) = task.next_command(&mut inbox, true).await {
         let mut on_bus = OnBus { bus, unit: settings.unit_id };
         let outcome = tokio::time::timeout_at(job.deadline, modbus_write::execute(&mut on_bus, point, &job))
             .await

@@ -61,19 +61,7 @@ pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceT
     let credential = task.hub.credential(&settings.token_secret_ref, &task);
     let max = task.hub.args.max_frame_bytes;
     let registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
-    loop {
-        let job = tokio::select! {
-            () = task.cancel.cancelled() => break,
-            Some(job) = inbox.recv() => job,
-        };
-        if let Some(o) = job.precheck() {
-            job.finish(o);
-            continue;
-        }
-        let Some(point) = task.device.points.get(job.point) else {
-            job.finish(Outcome::failed(Reason::UnknownPoint, "the device changed"));
-            continue;
-        };
+    while let Some((job, point)) = task.next_command(&mut inbox, false).await {
         let line = job.frame(point);
         let sent = match protocol {
             "udp" => {

@@ -11,15 +11,16 @@
 //! (CPU model, cores, load average).
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use fieldgate_crds::{Access, OnFull};
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
+use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::time::Instant;
@@ -53,12 +54,6 @@ struct Args {
 const POINTS_FIXED: u64 = 28;
 const TEMPLATE: &str = "fieldgate/{namespace}/{device}/commands";
 
-fn sibling_binary(name: &str) -> Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().context("no parent dir")?.join(name);
-    if p.is_file() { Ok(p) } else { bail!("{} not found: run `cargo build --release --workspace --bins`", p.display()) }
-}
-
 /// Readings received, and when each command's final result arrived.
 #[derive(Default)]
 struct Seen {
@@ -85,24 +80,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
-struct Sim(Child);
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_consecutive_ports(n: u16) -> Result<u16> {
-    for _ in 0..200 {
-        let base = 20_000 + (rand::random::<u16>() % 20_000);
-        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no {n} consecutive free ports")
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -116,12 +93,7 @@ async fn main() -> Result<()> {
     let nats = NatsServer::start().await?;
     let mosq = Mosquitto::start().await?;
     let base = free_consecutive_ports(args.devices)?;
-    let sim = Sim(Command::new(sibling_binary("fieldgate-sim")?)
-        .args(["--devices", &args.devices.to_string(), "--base-port", &base.to_string()])
-        .args(["--extra-registers", &args.extra_registers.to_string(), "--single-connection"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?);
+    let sim = SimProcess::start(args.devices, base, args.extra_registers, &["--single-connection"])?;
     let devices = (0..args.devices).map(|i| {
         let mut d = fieldgate_sim::gateway_device(
             "default",

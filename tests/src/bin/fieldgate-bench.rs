@@ -7,18 +7,19 @@
 //! Prints delivered points/s, gateway CPU-seconds per 10^6 delivered points, gateway RSS, and
 //! the sample -> cloud latency p50/p99 at a moderate rate (10k points/s by default).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
 use fieldgate_crds::OnFull;
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
 use fieldgate_tests::procstat::proc_stats;
+use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, free_port, wait_until};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -62,13 +63,6 @@ struct Args {
 }
 
 const POINTS_FIXED: u64 = 28;
-
-fn sibling_binary(name: &str) -> Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no parent dir")?;
-    let p = dir.join(name);
-    if p.is_file() { Ok(p) } else { bail!("{} not found: run `cargo build --release --workspace --bins`", p.display()) }
-}
 
 /// A QoS 1 subscriber that counts readings and, for sampled ones, the sample -> cloud latency.
 struct Counter {
@@ -156,34 +150,11 @@ struct RunResult {
     latency_samples: usize,
 }
 
-struct Sim(Child);
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_consecutive_ports(n: u16) -> Result<u16> {
-    for _ in 0..200 {
-        let base = 20_000 + (rand::random::<u16>() % 20_000);
-        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no {n} consecutive free ports")
-}
-
 async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -> Result<RunResult> {
     let nats = NatsServer::start().await?;
     let mosq = Mosquitto::start().await?;
     let base = free_consecutive_ports(devices)?;
-    let sim = Sim(Command::new(sibling_binary("fieldgate-sim")?)
-        .args(["--devices", &devices.to_string(), "--base-port", &base.to_string()])
-        .args(["--extra-registers", &args.extra_registers.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?);
+    let sim = SimProcess::start(devices, base, args.extra_registers, &[])?;
     let gw = Gateway::new(&nats.url())?;
     let encoding = match args.encoding.as_str() {
         "protobuf" => fieldgate_crds::Encoding::Protobuf,
