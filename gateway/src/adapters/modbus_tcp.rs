@@ -246,7 +246,7 @@ impl RequestError {
         match self {
             RequestError::Timeout(_) => Reason::Timeout,
             RequestError::Exception(_) | RequestError::Protocol(_) => Reason::DeviceError,
-            RequestError::Io(_) => Reason::Unreachable,
+            RequestError::Io(_) | RequestError::Closed => Reason::Unreachable,
         }
     }
 
