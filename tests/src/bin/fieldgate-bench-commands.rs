@@ -31,12 +31,12 @@ struct Args {
     /// Simulated devices polled.
     #[arg(long, default_value_t = 80)]
     devices: u16,
-    /// Extra uint16 registers per device (points per reading = 28 + this).
+    /// Extra uint16 registers per device (each reading has the simulator's fixed points and these).
     #[arg(long, default_value_t = 100)]
     extra_registers: u16,
     /// Poll interval.
     #[arg(long, default_value = "100ms")]
-    poll_interval: String,
+    poll_interval: fieldgate_crds::HumanDuration,
     /// Commands sent (round robin over the devices).
     #[arg(long, default_value_t = 100)]
     commands: usize,
@@ -51,7 +51,6 @@ struct Args {
     warmup: u64,
 }
 
-const POINTS_FIXED: u64 = 28;
 const TEMPLATE: &str = "fieldgate/{namespace}/{device}/commands";
 
 /// Readings received, and when each command's final result arrived.
@@ -83,7 +82,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let ppr = POINTS_FIXED + u64::from(args.extra_registers);
+    let ppr = fieldgate_sim::simulated_points(args.extra_registers).len() as u64;
     println!(
         "fieldgate-bench-commands: {} devices x {ppr} points every {}, {} commands one every {} ms",
         args.devices, args.poll_interval, args.commands, args.command_gap_ms
