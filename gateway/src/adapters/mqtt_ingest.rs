@@ -74,7 +74,7 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Session<T
         id.truncate(64);
         id
     });
-    let mut endpoint = Endpoint::parse(settings.url.as_str(), client_id).map_err(|e| IngestError::Settings(e.0))?;
+    let mut endpoint = Endpoint::new(&settings.url, client_id);
     if let Some(a) = &settings.auth {
         let read = |key: &str| {
             task.hub.secrets.read(&a.secret_ref.name, key).map_err(|e| IngestError::Settings(e.to_string()))

@@ -1,5 +1,6 @@
-//! The one MQTT client of the gateway (rumqttc, 3.1.1 and 5): an [`Endpoint`] parsed once,
-//! opened as a [`Session`] with its [`Events`] — one typed event stream.
+//! The one MQTT client of the gateway (rumqttc, 3.1.1 and 5): an [`Endpoint`] made from a
+//! [`BrokerUrl`] (parsed once, with the config), opened as a [`Session`] with its [`Events`] —
+//! one typed event stream.
 //!
 //! Every MQTT connection the gateway makes goes through here: the uplink to the cloud, the
 //! command session on the uplink's broker, field MQTT ingest and commands to MQTT devices
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fieldgate_crds::BrokerUrl;
 use rumqttc::{TlsConfiguration, Transport};
 
 use crate::secrets::SecretBytes;
@@ -53,11 +55,6 @@ impl Version {
         }
     }
 }
-
-/// Why an endpoint cannot be used.
-#[derive(Debug, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct EndpointError(pub String);
 
 /// Where and how to connect: everything but what the session does.
 #[derive(Clone)]
@@ -93,43 +90,21 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Whether a URL asks for TLS (`mqtts://`, `ssl://`).
-pub fn url_wants_tls(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "mqtts" | "ssl"))
-}
-
 impl Endpoint {
-    /// Parses `mqtt://host[:port]`, `tcp://…` (plain, port 1883 by default) or
-    /// `mqtts://host[:port]`, `ssl://…` (TLS, port 8883 by default). The other settings start at
-    /// their defaults (MQTT 5, no credentials, no TLS configuration yet).
-    pub fn parse(url: &str, client_id: impl Into<String>) -> Result<Self, EndpointError> {
-        let u = url::Url::parse(url).map_err(|e| EndpointError(format!("cannot parse {url:?}: {e}")))?;
-        let default_port = match u.scheme() {
-            "mqtt" | "tcp" => 1883,
-            "mqtts" | "ssl" => 8883,
-            other => return Err(EndpointError(format!("{url:?}: scheme {other:?} is not mqtt, tcp, mqtts or ssl"))),
-        };
-        let host = match u.host() {
-            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
-            Some(url::Host::Ipv4(a)) => a.to_string(),
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-            _ => return Err(EndpointError(format!("{url:?} names no host"))),
-        };
-        if !matches!(u.path(), "" | "/") || u.query().is_some() || !u.username().is_empty() {
-            return Err(EndpointError(format!(
-                "{url:?}: only scheme, host and port are allowed (credentials come from a Secret)"
-            )));
-        }
-        Ok(Self {
-            host,
-            port: u.port().unwrap_or(default_port),
+    /// An endpoint at `url` (parsed once, when the config was read). The other settings start
+    /// at their defaults (MQTT 5, no credentials, no TLS configuration yet: a caller whose
+    /// `url.tls()` is true sets one).
+    pub fn new(url: &BrokerUrl, client_id: impl Into<String>) -> Self {
+        Self {
+            host: url.host().to_string(),
+            port: url.port(),
             tls: None,
             credentials: None,
             version: Version::V5,
             client_id: client_id.into(),
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
-        })
+        }
     }
 
     fn transport(&self) -> Transport {
@@ -219,7 +194,6 @@ impl PubAckCode {
             _ => "Unknown",
         }
     }
-
 }
 
 impl From<&rumqttc::v5::mqttbytes::v5::PubAckReason> for PubAckCode {
@@ -534,21 +508,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_give_host_port_and_tls() {
-        let e = Endpoint::parse("mqtt://broker:1884", "c").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("broker", 1884));
-        let e = Endpoint::parse("mqtts://broker.example.com", "c").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("broker.example.com", 8883));
-        assert!(url_wants_tls("mqtts://broker.example.com") && url_wants_tls("ssl://b:1"));
-        assert!(!url_wants_tls("mqtt://b"));
-        let e = Endpoint::parse("mqtt://[::1]:1883/", "c").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("::1", 1883));
-        assert_eq!(Endpoint::parse("tcp://10.0.0.7", "c").unwrap().port, 1883);
-        assert!(Endpoint::parse("mqtt://:1883", "c").is_err());
-        assert!(Endpoint::parse("broker:1883", "c").is_err());
-        assert!(Endpoint::parse("http://broker", "c").is_err());
-        assert!(Endpoint::parse("mqtt://user:pw@broker", "c").is_err());
-        assert!(Endpoint::parse("mqtt://broker/x", "c").is_err());
+    fn an_endpoint_takes_host_and_port_from_the_broker_url() {
+        let at = |url: &str| {
+            let e = Endpoint::new(&url.parse().unwrap(), "c");
+            (e.host, e.port)
+        };
+        assert_eq!(at("mqtt://broker:1884"), ("broker".to_string(), 1884));
+        assert_eq!(at("mqtts://broker.example.com"), ("broker.example.com".to_string(), 8883));
+        assert_eq!(at("mqtt://[::1]:1883/"), ("::1".to_string(), 1883));
+        assert_eq!(at("tcp://10.0.0.7"), ("10.0.0.7".to_string(), 1883));
     }
 
     #[test]

@@ -80,8 +80,7 @@ impl MqttSettings {
             id.truncate(64);
             id
         });
-        let mut endpoint =
-            Endpoint::parse(m.url.as_str(), client_id).map_err(|e| settings_err(format!("{path}.mqtt.url"), e.0))?;
+        let mut endpoint = Endpoint::new(&m.url, client_id);
         endpoint.credentials = match &m.auth {
             None => None,
             Some(a) => {
