@@ -59,7 +59,12 @@ pub struct MqttUplink {
     /// Defaults to `fieldgate/{namespace}/{device}/telemetry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
-    /// Topic template the gateway subscribes to for commands (same placeholders).
+    /// Topic template the gateway subscribes to for commands, such as
+    /// `fieldgate/{namespace}/{device}/commands`. `{device}` must be a whole topic level: a
+    /// command names its device in the topic, never in its message. `{namespace}`, where
+    /// present, must be a whole level too and stands for this Uplink's own namespace (no other
+    /// is subscribed to); `{uplink}` and `{node}` are replaced. Commands act only on Devices
+    /// this Uplink selects. Results go to the command's topic followed by `/result`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_topic: Option<String>,
     /// Quality of service of each publish. Only 1 is accepted: QoS 0 cannot be confirmed
