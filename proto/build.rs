@@ -1,9 +1,11 @@
 //! Compiles `proto/` with protox (a pure-Rust .proto compiler: no protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "fieldgate/v1/reading.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let descriptors = protox::compile([proto], ["."])?;
+    let protos = ["fieldgate/v1/reading.proto", "fieldgate/v1/compact.proto", "sparkplug_b/sparkplug_b.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let descriptors = protox::compile(protos, ["."])?;
     prost_build::Config::new().compile_fds(descriptors)?;
     Ok(())
 }
