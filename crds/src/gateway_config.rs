@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::device::Connection;
 use crate::point::Point;
-use crate::uplink::{BufferSpec, Encoding, MqttUplink};
+use crate::uplink::{BufferSpec, Compression, Encoding, MqttUplink, SparkplugSpec};
 use crate::validate::ValidationErrors;
 use crate::values::HumanDuration;
 
@@ -86,6 +86,12 @@ pub struct GatewayUplink {
     /// Message encoding. Defaults to `json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
+    /// Compression of each message, after encoding (not with `sparkplugB`). Defaults to `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Sparkplug B identity; only with `encoding: sparkplugB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparkplug: Option<SparkplugSpec>,
     /// Buffer limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferSpec>,
@@ -100,6 +106,16 @@ impl GatewayUplink {
     /// The message encoding, default applied.
     pub fn encoding(&self) -> Encoding {
         self.encoding.unwrap_or_default()
+    }
+
+    /// The compression, default applied.
+    pub fn compression(&self) -> Compression {
+        self.compression.unwrap_or_default()
+    }
+
+    /// The Sparkplug identity, defaults applied.
+    pub fn sparkplug(&self) -> SparkplugSpec {
+        self.sparkplug.clone().unwrap_or_default()
     }
 
     /// Whether readings of this device go to this uplink.

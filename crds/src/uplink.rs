@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::values::{BrokerUrl, ByteSize, HumanDuration};
 
 /// A cloud endpoint that receives the readings of the devices it selects.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "fieldgate.io",
     version = "v1alpha1",
@@ -27,6 +27,9 @@ use crate::values::{BrokerUrl, ByteSize, HumanDuration};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"Why the object is (not) ready","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.sparkplug) || (has(self.encoding) && self.encoding == 'sparkplugB')").message("sparkplug settings need encoding sparkplugB"))]
+#[x_kube(validation = Rule::new("!has(self.encoding) || self.encoding != 'sparkplugB' || !has(self.compression) || self.compression == 'none'").message("sparkplugB messages are not compressed"))]
+#[x_kube(validation = Rule::new("!has(self.encoding) || self.encoding != 'sparkplugB' || !has(self.mqtt.topic)").message("sparkplugB decides its own topics: leave mqtt.topic unset"))]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::schema::kubernetes_formats)]
 pub struct UplinkSpec {
@@ -38,6 +41,13 @@ pub struct UplinkSpec {
     /// Encoding of each message. Defaults to `json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
+    /// Compression of each message, applied after encoding (not with `sparkplugB`). Defaults
+    /// to `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Sparkplug B identity of the gateway; only with `encoding: sparkplugB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparkplug: Option<SparkplugSpec>,
     /// Limits of the local buffer that holds readings until the broker acknowledges them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferSpec>,
@@ -170,15 +180,102 @@ impl SecretKeyRef {
     }
 }
 
-/// Encoding of the messages sent to the cloud (schema: `proto/fieldgate/v1/reading.proto`).
+/// Encoding of the messages sent to the cloud (schemas: `proto/fieldgate/v1/`; what each costs
+/// and how a consumer decodes it: `docs/encodings.md`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Encoding {
-    /// The reading envelope as a JSON object.
+    /// The reading envelope as a JSON object, each point as `{"name", "value", "unit"}`
+    /// (`proto/fieldgate/v1/reading.schema.json`).
     #[default]
     Json,
+    /// The reading envelope as a JSON object with the points as one object `{"name": value}`,
+    /// without units (`proto/fieldgate/v1/compact-reading.schema.json`).
+    JsonCompact,
     /// The reading envelope as a protobuf `fieldgate.v1.Reading`.
     Protobuf,
+    /// A protobuf `fieldgate.v1.CompactReading`: point names, kinds and units interned in a
+    /// per-device table sent now and then, so that each point costs only its value.
+    ProtobufCompact,
+    /// Sparkplug B (Eclipse Tahu's `sparkplug_b.proto`): the gateway is a Sparkplug edge node
+    /// with NBIRTH/NDEATH (the MQTT will), each device a Sparkplug device with DBIRTH and DDATA
+    /// carrying metric aliases; topics are `spBv1.0/{groupId}/{type}/{edgeNodeId}/{device}`.
+    SparkplugB,
+}
+
+impl Encoding {
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::JsonCompact => "jsonCompact",
+            Encoding::Protobuf => "protobuf",
+            Encoding::ProtobufCompact => "protobufCompact",
+            Encoding::SparkplugB => "sparkplugB",
+        }
+    }
+
+    /// Every encoding, in documentation order.
+    pub const ALL: [Encoding; 5] =
+        [Encoding::Json, Encoding::JsonCompact, Encoding::Protobuf, Encoding::ProtobufCompact, Encoding::SparkplugB];
+}
+
+/// Compression of each message, after encoding. A message is sent uncompressed when
+/// compressing would not make it smaller; each message says how it is compressed (MQTT 5: the
+/// user property `content-encoding`; MQTT 3.1.1: its first bytes, see `docs/encodings.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Compression {
+    /// Messages are sent as encoded.
+    #[default]
+    None,
+    /// gzip (RFC 1952).
+    Gzip,
+    /// Zstandard (RFC 8878).
+    Zstd,
+}
+
+impl Compression {
+    /// The name used in configs and in the `content-encoding` user property.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The Sparkplug B identity an uplink publishes under. Both ids may use the placeholders
+/// `{namespace}`, `{uplink}` and `{node}`; a rendered id must not contain `/`, `+` or `#`.
+/// Each (group, edge node) pair must be unique on a broker: two uplinks of one namespace to the
+/// same broker need different ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SparkplugSpec {
+    /// Sparkplug group id. Defaults to `{namespace}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Sparkplug edge node id. Defaults to `{node}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_node_id: Option<String>,
+}
+
+impl SparkplugSpec {
+    /// Group id template when none is set.
+    pub const DEFAULT_GROUP_ID: &'static str = "{namespace}";
+    /// Edge node id template when none is set.
+    pub const DEFAULT_EDGE_NODE_ID: &'static str = "{node}";
+
+    /// The group id template, default applied.
+    pub fn group_id(&self) -> &str {
+        self.group_id.as_deref().unwrap_or(Self::DEFAULT_GROUP_ID)
+    }
+
+    /// The edge node id template, default applied.
+    pub fn edge_node_id(&self) -> &str {
+        self.edge_node_id.as_deref().unwrap_or(Self::DEFAULT_EDGE_NODE_ID)
+    }
 }
 
 /// Limits of an uplink's local buffer (a JetStream stream on the node's disk).

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::device::{Connection, DeviceProfileSpec, DeviceSpec, ModbusTcpConnection};
 use crate::gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 use crate::point::{Access, Point, ValueType};
-use crate::uplink::{BufferSpec, MqttUplink, UplinkSpec};
+use crate::uplink::{BufferSpec, Compression, Encoding, MqttUplink, SparkplugSpec, UplinkSpec};
 use crate::values::HumanDuration;
 
 /// One refused value: where it is and what is wrong with it.
@@ -412,6 +412,62 @@ fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink, names:
     }
 }
 
+/// Placeholders a Sparkplug group or edge node id may use.
+const SPARKPLUG_PLACEHOLDERS: [&str; 3] = ["namespace", "uplink", "node"];
+
+/// Checks how an uplink encodes its messages: compression and Sparkplug settings only where
+/// they apply, and Sparkplug ids that make valid topic levels. `path` is the uplink's.
+fn validate_encoding(
+    errs: &mut ValidationErrors,
+    path: &str,
+    encoding: Option<Encoding>,
+    compression: Option<Compression>,
+    sparkplug: Option<&SparkplugSpec>,
+    mqtt: &MqttUplink,
+) {
+    let sparkplug_b = encoding == Some(Encoding::SparkplugB);
+    if sparkplug_b {
+        if compression.is_some_and(|c| c != Compression::None) {
+            errs.push(
+                format!("{path}.compression"),
+                "not with encoding sparkplugB: Sparkplug hosts read plain Sparkplug B payloads",
+            );
+        }
+        if mqtt.topic.is_some() {
+            errs.push(
+                format!("{path}.mqtt.topic"),
+                "not used with encoding sparkplugB: topics are spBv1.0/{groupId}/{type}/{edgeNodeId}/{device}",
+            );
+        }
+    } else if sparkplug.is_some() {
+        errs.push(format!("{path}.sparkplug"), "only with encoding sparkplugB");
+    }
+    let Some(s) = sparkplug else { return };
+    for (field, id) in [("groupId", &s.group_id), ("edgeNodeId", &s.edge_node_id)] {
+        let Some(id) = id else { continue };
+        let at = format!("{path}.sparkplug.{field}");
+        if id.is_empty() {
+            errs.push(at, "must not be empty");
+            continue;
+        }
+        if id.contains(['/', '+', '#']) {
+            errs.push(at.clone(), format!("{id:?} contains '/', '+' or '#', which a Sparkplug id cannot"));
+        }
+        let mut rest = id.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                errs.push(at.clone(), format!("{id:?} has an unclosed '{{'"));
+                break;
+            };
+            let name = &rest[open + 1..open + close];
+            if !SPARKPLUG_PLACEHOLDERS.contains(&name) {
+                errs.push(at.clone(), format!("unknown placeholder {{{name}}} (known: {{namespace}}, {{uplink}}, {{node}})"));
+            }
+            rest = &rest[open + close + 1..];
+        }
+    }
+}
+
 /// Smallest buffer accepted.
 pub const MIN_BUFFER_BYTES: u64 = 64 * 1024;
 
@@ -447,6 +503,7 @@ impl UplinkSpec {
         let mut errs = ValidationErrors::default();
         check_schema(&mut errs, crate::schema::uplink_spec(), "spec", self);
         validate_mqtt(&mut errs, "spec.mqtt", &self.mqtt, SecretNames::Object);
+        validate_encoding(&mut errs, "spec", self.encoding, self.compression, self.sparkplug.as_ref(), &self.mqtt);
         if let Some(b) = &self.buffer {
             validate_buffer(&mut errs, "spec.buffer", b);
         }
@@ -519,6 +576,7 @@ fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, k
         errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", u.name));
     }
     validate_mqtt(errs, &format!("{path}.mqtt"), &u.mqtt, SecretNames::Config);
+    validate_encoding(errs, path, u.encoding, u.compression, u.sparkplug.as_ref(), &u.mqtt);
     if let Some(b) = &u.buffer {
         validate_buffer(errs, &format!("{path}.buffer"), b);
     }
@@ -655,6 +713,38 @@ uplinks:
                 "uplinks[0].buffer.maxBytes",
             ]
         );
+    }
+
+    #[test]
+    fn encoding_settings_apply_only_where_they_mean_something() {
+        let sparkplug = VALID.replace(
+            "  buffer: {maxBytes",
+            "  encoding: sparkplugB\n  compression: zstd\n  sparkplug: {groupId: \"plant/{site}\", edgeNodeId: \"{node}-{uplink}\"}\n  buffer: {maxBytes",
+        );
+        assert_eq!(
+            problems(&sparkplug),
+            [
+                "uplinks[0].compression: not with encoding sparkplugB: Sparkplug hosts read plain Sparkplug B payloads",
+                "uplinks[0].mqtt.topic: not used with encoding sparkplugB: topics are \
+                 spBv1.0/{groupId}/{type}/{edgeNodeId}/{device}",
+                "uplinks[0].sparkplug.groupId: \"plant/{site}\" contains '/', '+' or '#', which a Sparkplug id cannot",
+                "uplinks[0].sparkplug.groupId: unknown placeholder {site} (known: {namespace}, {uplink}, {node})",
+            ]
+        );
+        let stray = VALID.replace("  buffer: {maxBytes", "  encoding: protobufCompact\n  sparkplug: {}\n  buffer: {maxBytes");
+        assert_eq!(problems(&stray), ["uplinks[0].sparkplug: only with encoding sparkplugB"]);
+        let fine = VALID
+            .replace("topic: \"t/{namespace}/{device}\"", "")
+            .replace("  buffer: {maxBytes", "  encoding: sparkplugB\n  sparkplug: {groupId: plant-1}\n  buffer: {maxBytes");
+        parse(&fine).validate().unwrap();
+        let compressed = VALID.replace("  buffer: {maxBytes", "  encoding: jsonCompact\n  compression: gzip\n  buffer: {maxBytes");
+        let cfg = parse(&compressed);
+        assert_eq!((cfg.uplinks[0].encoding(), cfg.uplinks[0].compression()), (Encoding::JsonCompact, Compression::Gzip));
+        let unknown = VALID.replace("  buffer: {maxBytes", "  encoding: cbor\n  compression: lz4\n  buffer: {maxBytes");
+        let found = problems(&unknown);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[0].starts_with("uplinks[0].compression: "), "{found:#?}");
+        assert!(found[1].starts_with("uplinks[0].encoding: "), "{found:#?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod command;
 pub mod config_watch;
 pub mod credentials;
 pub mod downlink;
+pub mod encoding;
 pub mod management;
 pub mod metrics;
 pub mod mqtt;

@@ -1,9 +1,7 @@
-//! The reading envelope (`proto/fieldgate/v1/reading.proto`) and its encodings.
+//! The reading envelope (`proto/fieldgate/v1/reading.proto`); how uplinks encode it: `crate::encoding`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fieldgate_crds::Encoding;
-use prost::Message;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
@@ -31,21 +29,6 @@ pub fn age(time_unix_nano: u64) -> Duration {
     Duration::from_nanos(now.saturating_sub(time_unix_nano))
 }
 
-/// Encodes a reading for the cloud.
-pub fn encode(reading: &Reading, encoding: Encoding) -> Vec<u8> {
-    match encoding {
-        Encoding::Protobuf => reading.encode_to_vec(),
-        Encoding::Json => {
-            // About 32 bytes a point: sized once, no regrowth while writing.
-            let mut out = Vec::with_capacity(256 + 32 * reading.points.len());
-            match serde_json::to_writer(&mut out, &JsonReading(reading)) {
-                Ok(()) => out,
-                Err(_) => Vec::new(),
-            }
-        }
-    }
-}
-
 /// The protobuf form of a buffered reading with its `buffer_seq` set, without decoding it:
 /// protobuf lets a later occurrence of a scalar field replace an earlier one, so the field is
 /// appended to the stored bytes.
@@ -56,61 +39,10 @@ pub fn with_buffer_seq(stored: &[u8], buffer_seq: u64) -> Vec<u8> {
     out
 }
 
-/// The JSON form of a reading: the protobuf fields in camelCase, each point as
-/// `{"name", "value", "unit"?}`.
+/// The JSON form of a reading (`encoding: json`): the protobuf fields in camelCase, each point
+/// as `{"name", "value", "unit"?}`.
 pub fn to_json(r: &Reading) -> Json {
-    serde_json::to_value(JsonReading(r)).unwrap_or(Json::Null)
-}
-
-/// Serializes a reading as JSON straight from the protobuf type (no intermediate tree).
-struct JsonReading<'a>(&'a Reading);
-struct JsonPoints<'a>(&'a [Point]);
-struct JsonPoint<'a>(&'a Point);
-
-impl serde::Serialize for JsonReading<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let r = self.0;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", &r.id)?;
-        m.serialize_entry("namespace", &r.namespace)?;
-        m.serialize_entry("device", &r.device)?;
-        if !r.node.is_empty() {
-            m.serialize_entry("node", &r.node)?;
-        }
-        m.serialize_entry("timeUnixNano", &r.time_unix_nano)?;
-        m.serialize_entry("bufferSeq", &r.buffer_seq)?;
-        m.serialize_entry("points", &JsonPoints(&r.points))?;
-        m.end()
-    }
-}
-
-impl serde::Serialize for JsonPoints<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(JsonPoint))
-    }
-}
-
-impl serde::Serialize for JsonPoint<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let p = self.0;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("name", &p.name)?;
-        match &p.value {
-            Some(Value::BoolValue(b)) => m.serialize_entry("value", b)?,
-            Some(Value::IntValue(i)) => m.serialize_entry("value", i)?,
-            Some(Value::UintValue(u)) => m.serialize_entry("value", u)?,
-            // JSON has no NaN or infinity: those become null.
-            Some(Value::DoubleValue(d)) if d.is_finite() => m.serialize_entry("value", d)?,
-            Some(Value::DoubleValue(_)) | None => m.serialize_entry("value", &())?,
-            Some(Value::StringValue(v)) => m.serialize_entry("value", v)?,
-        }
-        if !p.unit.is_empty() {
-            m.serialize_entry("unit", &p.unit)?;
-        }
-        m.end()
-    }
+    crate::encoding::json::to_value(r, crate::encoding::json::Form::Full)
 }
 
 /// Where adapters hand their readings: the buffer writer's queue.
@@ -248,10 +180,12 @@ impl ReadingSink {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use prost::Message;
 
-    fn sample() -> Reading {
+    /// A reading of three points (a unit, a bool, a full-range unsigned), for the codecs' tests.
+    pub(crate) fn sample() -> Reading {
         Reading {
             id: message_id("default", "m1", 1_700_000_000_000),
             namespace: "default".into(),
@@ -268,19 +202,6 @@ mod tests {
     }
 
     #[test]
-    fn json_carries_every_field_and_exact_integers() {
-        let j = to_json(&sample());
-        assert_eq!(j["id"], "default/m1/1700000000000");
-        assert_eq!(j["timeUnixNano"], 1_700_000_000_000_000_123u64);
-        assert_eq!(j["bufferSeq"], 7);
-        assert_eq!(j["points"][0]["value"], 21.5);
-        assert_eq!(j["points"][0]["unit"], "Cel");
-        assert_eq!(j["points"][1]["value"], true);
-        assert_eq!(j["points"][2]["value"], u64::MAX);
-        assert!(j.get("node").is_none());
-    }
-
-    #[test]
     fn appending_the_buffer_seq_equals_setting_it() {
         let mut r = sample();
         r.buffer_seq = 0;
@@ -288,21 +209,5 @@ mod tests {
         let sent = with_buffer_seq(&stored, 42);
         r.buffer_seq = 42;
         assert_eq!(Reading::decode(sent.as_slice()).unwrap(), r);
-    }
-
-    #[test]
-    fn json_bytes_match_the_json_tree_and_refuse_nothing() {
-        let mut r = sample();
-        r.points.push(Point { name: "nan".into(), value: Some(Value::DoubleValue(f64::NAN)), unit: String::new() });
-        let bytes = encode(&r, Encoding::Json);
-        let parsed: Json = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(parsed, to_json(&r));
-        assert_eq!(parsed["points"][3]["value"], Json::Null);
-    }
-
-    #[test]
-    fn protobuf_round_trips() {
-        let bytes = encode(&sample(), Encoding::Protobuf);
-        assert_eq!(Reading::decode(bytes.as_slice()).unwrap(), sample());
     }
 }

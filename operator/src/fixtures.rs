@@ -137,6 +137,8 @@ impl UplinkFixture for Uplink {
                 device_selector: None,
                 mqtt: MqttUplink { url: "mqtt://broker.example:1883".parse().unwrap(), ..Default::default() },
                 encoding: None,
+                compression: None,
+                sparkplug: None,
                 buffer: None,
             },
         );

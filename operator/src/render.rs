@@ -492,6 +492,8 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
                 devices: Some(names),
                 mqtt: rendered_mqtt(&key.namespace, &uplink.spec.mqtt),
                 encoding: uplink.spec.encoding,
+                compression: uplink.spec.compression,
+                sparkplug: uplink.spec.sparkplug.clone(),
                 buffer: uplink.spec.buffer.clone(),
             };
             node_uplinks

@@ -54,6 +54,8 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             tls: None,
         },
         encoding: Some(Encoding::Json),
+        compression: None,
+        sparkplug: None,
         buffer: Some(BufferSpec {
             max_bytes: None,
             max_age: None,

@@ -6,7 +6,8 @@
 //! command session on the uplink's broker, field MQTT ingest and commands to MQTT devices
 //! (on the device's own ingest session). That is where URL, TLS, credentials, protocol
 //! version, client id, keep-alive and the maximum packet size are applied, the same way for
-//! both protocol versions.
+//! both protocol versions; and where a [`Publication`] (topic, payload, QoS, content type,
+//! compression) and a session's will become rumqttc packets and MQTT 5 properties.
 //!
 //! rumqttc's `publish()` returning Ok only means *queued*. A publish here carries a caller
 //! token; the event loop reports QoS 1 publishes in the order they were queued
@@ -35,6 +36,84 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
 /// The W3C trace context user property (MQTT 5).
 const TRACEPARENT: &str = crate::telemetry::TRACEPARENT;
+/// MQTT 5 user property naming a message's compression (`gzip` or `zstd`; absent: none).
+pub const CONTENT_ENCODING: &str = "content-encoding";
+
+/// One MQTT message to publish, with what MQTT 5 says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publication {
+    /// Topic.
+    pub topic: String,
+    /// Payload, as sent.
+    pub payload: Bytes,
+    /// QoS 1 (else 0).
+    pub qos1: bool,
+    /// MQTT 5 content type (not sent over MQTT 3.1.1).
+    pub content_type: Option<&'static str>,
+    /// Compression applied to the payload, told by the MQTT 5 user property
+    /// [`CONTENT_ENCODING`] (over MQTT 3.1.1 the payload's first bytes tell).
+    pub content_encoding: Option<&'static str>,
+}
+
+impl Publication {
+    /// A message with neither content type nor compression.
+    pub fn plain(topic: String, payload: impl Into<Bytes>, qos1: bool) -> Self {
+        Self { topic, payload: payload.into(), qos1, content_type: None, content_encoding: None }
+    }
+
+    fn qos_v4(&self) -> rumqttc::QoS {
+        if self.qos1 { rumqttc::QoS::AtLeastOnce } else { rumqttc::QoS::AtMostOnce }
+    }
+
+    fn qos_v5(&self) -> rumqttc::v5::mqttbytes::QoS {
+        if self.qos1 { rumqttc::v5::mqttbytes::QoS::AtLeastOnce } else { rumqttc::v5::mqttbytes::QoS::AtMostOnce }
+    }
+
+    /// The MQTT 5 properties: content type, compression (user property [`CONTENT_ENCODING`])
+    /// and a sampled reading's `traceparent`. `None` when there are none.
+    fn properties_v5(&self, traceparent: Option<&str>) -> Option<rumqttc::v5::mqttbytes::v5::PublishProperties> {
+        let mut user_properties = Vec::new();
+        if let Some(c) = self.content_encoding {
+            user_properties.push((CONTENT_ENCODING.to_string(), c.to_string()));
+        }
+        if let Some(tp) = traceparent {
+            user_properties.push((TRACEPARENT.to_string(), tp.to_string()));
+        }
+        if self.content_type.is_none() && user_properties.is_empty() {
+            return None;
+        }
+        Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+            content_type: self.content_type.map(str::to_string),
+            user_properties,
+            ..Default::default()
+        })
+    }
+
+    /// As the will of an MQTT 3.1.1 session.
+    fn will_v4(&self) -> rumqttc::LastWill {
+        rumqttc::LastWill::new(self.topic.clone(), self.payload.clone(), self.qos_v4(), false)
+    }
+
+    /// As the will of an MQTT 5 session (with its content type).
+    fn will_v5(&self) -> rumqttc::v5::mqttbytes::v5::LastWill {
+        let properties = self.content_type.map(|c| rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            content_type: Some(c.to_string()),
+            delay_interval: None,
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        });
+        rumqttc::v5::mqttbytes::v5::LastWill::new(
+            self.topic.clone(),
+            self.payload.clone(),
+            self.qos_v5(),
+            false,
+            properties,
+        )
+    }
+}
 
 /// MQTT protocol version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,6 +380,17 @@ pub struct Events<T> {
 
 /// Opens a session on `endpoint` (the connection is made when [`Events::next`] is polled).
 pub fn open<T>(endpoint: &Endpoint, options: &SessionOptions) -> (Session<T>, Events<T>) {
+    open_with_will(endpoint, options, None)
+}
+
+/// Opens a session on `endpoint` with a will: the message the broker publishes if the
+/// connection ends without a DISCONNECT (the connection is made when [`Events::next`] is
+/// polled).
+pub fn open_with_will<T>(
+    endpoint: &Endpoint,
+    options: &SessionOptions,
+    will: Option<&Publication>,
+) -> (Session<T>, Events<T>) {
     let queued: Queued<T> = Arc::new(Mutex::new(VecDeque::new()));
     let e = endpoint;
     let (client, el) = match e.version {
@@ -315,6 +405,9 @@ pub fn open<T>(endpoint: &Endpoint, options: &SessionOptions) -> (Session<T>, Ev
                 .set_transport(e.transport());
             if let Some((u, p)) = e.password() {
                 o.set_credentials(u, p);
+            }
+            if let Some(w) = will {
+                o.set_last_will(w.will_v4());
             }
             let (c, el) = rumqttc::AsyncClient::new(o, options.capacity);
             (Client::V4(c), Loop::V4(el))
@@ -334,6 +427,9 @@ pub fn open<T>(endpoint: &Endpoint, options: &SessionOptions) -> (Session<T>, Ev
             if let Some((u, p)) = e.password() {
                 o.set_credentials(u, p);
             }
+            if let Some(w) = will {
+                o.set_last_will(w.will_v5());
+            }
             let (c, el) = rumqttc::v5::AsyncClient::new(o, options.capacity);
             (Client::V5(c), Loop::V5(el))
         }
@@ -346,21 +442,27 @@ impl<T> Session<T> {
     /// `traceparent` goes out as the MQTT 5 user property `traceparent` (3.1.1 has no
     /// properties: not sent there).
     pub fn publish(&self, token: T, topic: String, payload: Bytes, traceparent: Option<&str>) -> Result<(), MqttError> {
+        self.publish_message(token, Publication::plain(topic, payload, true), traceparent)
+    }
+
+    /// Queues `message` tagged with `token`; a QoS 1 message's outcome comes as
+    /// [`Event::Published`] (a QoS 0 one has none). On MQTT 5 its content type, compression
+    /// and `traceparent` go out as properties; MQTT 3.1.1 has no properties, so none is sent
+    /// there.
+    pub fn publish_message(&self, token: T, message: Publication, traceparent: Option<&str>) -> Result<(), MqttError> {
         let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every publish, QoS 0 too, is reported as `Outgoing::Publish` in queue order.
         q.push_back(token);
         let sent = match &self.client {
-            Client::V4(c) => c.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).map_err(|e| e.to_string()),
+            Client::V4(c) => {
+                { c.try_publish(message.topic.as_str(), message.qos_v4(), false, message.payload.clone()) }
+                    .map_err(|e| e.to_string())
+            }
             Client::V5(c) => {
-                use rumqttc::v5::mqttbytes::QoS;
-                match traceparent {
-                    None => c.try_publish(topic, QoS::AtLeastOnce, false, payload),
-                    Some(tp) => {
-                        let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                            user_properties: vec![(TRACEPARENT.to_string(), tp.to_string())],
-                            ..Default::default()
-                        };
-                        c.try_publish_with_properties(topic, QoS::AtLeastOnce, false, payload, properties)
-                    }
+                let qos = message.qos_v5();
+                match message.properties_v5(traceparent) {
+                    None => c.try_publish(message.topic, qos, false, message.payload),
+                    Some(p) => c.try_publish_with_properties(message.topic, qos, false, message.payload, p),
                 }
                 .map_err(|e| e.to_string())
             }
@@ -417,7 +519,10 @@ impl<T> Events<T> {
 
     fn published(&mut self, pkid: u16) {
         let token = self.queued.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-        if let Some(token) = token {
+        // Packet id 0: a QoS 0 publish, which no PUBACK answers.
+        if let Some(token) = token
+            && pkid != 0
+        {
             self.by_pkid.insert(pkid, token);
         }
     }
@@ -517,6 +622,23 @@ mod tests {
         assert_eq!(at("mqtts://broker.example.com"), ("broker.example.com".to_string(), 8883));
         assert_eq!(at("mqtt://[::1]:1883/"), ("::1".to_string(), 1883));
         assert_eq!(at("tcp://10.0.0.7"), ("10.0.0.7".to_string(), 1883));
+    }
+
+    #[test]
+    fn mqtt5_properties_say_content_type_compression_and_trace() {
+        let mut p = Publication::plain("t".into(), b"x".to_vec(), true);
+        assert!(p.properties_v5(None).is_none(), "nothing to say: no properties at all");
+        p.content_type = Some("application/json");
+        p.content_encoding = Some("zstd");
+        let props = p.properties_v5(Some("00-abc-def-01")).unwrap();
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            props.user_properties,
+            [
+                ("content-encoding".to_string(), "zstd".to_string()),
+                ("traceparent".to_string(), "00-abc-def-01".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -310,8 +310,6 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    use bytes::Bytes;
-
     use crate::uplinks::UplinkError;
 
     /// The fake consumer's log: (stream sequence, how it was settled).
@@ -372,7 +370,7 @@ mod tests {
                 return Err(UplinkError::Queue("full".into()));
             }
             let token = self.sent.len() as Token;
-            self.sent.push((token, delivery.readings.iter().map(|r| r.topic.clone()).collect()));
+            self.sent.push((token, delivery.readings.iter().map(|r| r.message.topic.clone()).collect()));
             Ok(token)
         }
         async fn next_event(&mut self) -> LinkEvent {
@@ -387,7 +385,11 @@ mod tests {
             .filter(|i| !core.is_settled(seq, *i))
             .map(|i| Ready {
                 index: i,
-                outgoing: Outgoing { topic: format!("{seq}:{i}"), payload: Bytes::new(), traceparent: None },
+                outgoing: Outgoing {
+                    message: crate::encoding::Publication::plain(format!("{seq}:{i}"), Vec::new(), true),
+                    before: Vec::new(),
+                    traceparent: None,
+                },
                 tag: format!("{seq}:{i}"),
             })
             .collect()

@@ -15,9 +15,8 @@
 
 use std::future::Future;
 
-use bytes::Bytes;
-
 use super::UplinkError;
+use crate::encoding::Publication;
 
 /// Identifies one delivery on one link.
 pub type Token = u64;
@@ -25,10 +24,12 @@ pub type Token = u64;
 /// One reading on its way to the cloud, encoded for it.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
-    /// Where it goes (the uplink's rendered topic; a link without topics ignores it).
-    pub topic: String,
-    /// The encoded reading.
-    pub payload: Bytes,
+    /// The encoded reading: where it goes (the uplink's rendered topic; a link without topics
+    /// ignores it), its payload, content type and compression ([`crate::encoding`]).
+    pub message: Publication,
+    /// What the encoding sends first on the same connection, nothing waiting for an answer
+    /// (Sparkplug births); a link that cannot send such messages ignores them.
+    pub before: Vec<Publication>,
     /// W3C `traceparent` of a sampled reading, for links that carry trace context.
     pub traceparent: Option<String>,
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind, stream};
-use fieldgate_crds::{Encoding, GatewayUplink, OnFull};
+use fieldgate_crds::{GatewayUplink, OnFull};
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::time::Instant;
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces};
+use crate::encoding::{Encoder, SessionPlan};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
@@ -173,7 +174,8 @@ struct Driver {
     task: UplinkTask,
     confirmed_metrics: Option<ConfirmedMetrics>,
     labels: UplinkLabels,
-    encoding: Encoding,
+    /// The uplink's encoding, built once; asked for a session plan at each new link.
+    encoder: Encoder,
     window: usize,
     /// The entries being delivered and the readings in flight.
     core: Core<jetstream::Message, InFlight>,
@@ -432,12 +434,13 @@ impl Driver {
                 }
             };
             let sampled_unix_nano = reading.time_unix_nano;
-            let payload = match self.encoding {
-                Encoding::Protobuf => reading::with_buffer_seq(raw, buffer_seq),
-                Encoding::Json => {
-                    let mut reading = reading;
-                    reading.buffer_seq = buffer_seq;
-                    reading::encode(&reading, Encoding::Json)
+            let encoded = match self.encoder.encode(reading, raw, buffer_seq, topic) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(uplink = %self.labels.uplink, buffer_seq, error = %e, kind = e.kind(), "unencodable buffered reading dropped");
+                    self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+                    undecodable.push(i);
+                    continue;
                 }
             };
             let span = match traces.iter().find(|(at, _)| *at == i) {
@@ -456,7 +459,7 @@ impl Driver {
             let traceparent = span.traceparent().map(|tp| tp.as_str().to_string());
             ready.push(Ready {
                 index: i,
-                outgoing: Outgoing { topic, payload: payload.into(), traceparent },
+                outgoing: Outgoing { message: encoded.message, before: encoded.before, traceparent },
                 tag: InFlight { sent: Instant::now(), sampled_unix_nano, span },
             });
         }
@@ -576,7 +579,7 @@ impl Driver {
 /// `task.grace`. Failures of NATS or the broker are retried forever.
 pub async fn run(task: UplinkTask) {
     let settings = task.mqtt.clone();
-    drive(task, move || MqttLink::open(&settings)).await;
+    drive(task, move |plan| MqttLink::open(&settings, plan)).await;
 }
 
 /// When a link that went away is tried again.
@@ -605,13 +608,14 @@ impl Reconnect {
     }
 }
 
-/// The driver loop over any [`Link`] kind: `open` builds a new link (a new connection attempt).
-pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
+/// The driver loop over any [`Link`] kind: `open` builds a new link (a new connection attempt)
+/// with what the uplink's encoding needs of the session.
+pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut open: F) {
     let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
     let window = usize::from(task.mqtt.max_in_flight);
     let mut d = Driver {
         confirmed_metrics: None,
-        encoding: task.uplink.encoding(),
+        encoder: Encoder::new(&task.uplink, &task.node),
         labels,
         window,
         core: Core::new(RetryDelays::default()),
@@ -651,7 +655,7 @@ pub async fn drive<L: Link, F: FnMut() -> L>(task: UplinkTask, mut open: F) {
             break;
         }
         if drain_deadline.is_none() && link.is_none() && now >= link_retry_at {
-            link = Some(open());
+            link = Some(open(d.encoder.session()));
         }
         // A pull stream prefetches: entries it holds while the link is down would outlive
         // `redeliverAfter` and be sent twice, so it is closed once the link has been down for

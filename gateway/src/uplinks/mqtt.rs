@@ -21,7 +21,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fieldgate_crds::GatewayUplink;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,6 +30,7 @@ use tracing::debug;
 
 use super::UplinkError;
 use super::link::{Delivery, Link, LinkEvent, Token};
+use crate::encoding::{Inbox, Publication, SessionPlan};
 use crate::mqtt::{self, Endpoint, Event, Events, MqttError, PubAckCode, Session, SessionOptions, Version};
 use crate::secrets::SecretStore;
 
@@ -189,40 +189,56 @@ fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<ru
     }
 }
 
+/// A token the driver never sees: publishes an encoding asks for (births, deaths) share the
+/// connection's ordered queue with the readings but nothing waits for their PUBACK.
+pub const UNTRACKED: Token = Token::MAX;
+
 /// One connection attempt to the broker and everything sent over it.
 pub struct MqttLink {
     session: Session<Token>,
     task: JoinHandle<()>,
     events: mpsc::UnboundedReceiver<LinkEvent>,
     next_token: Token,
+    /// Published before a clean disconnect (the encoding's farewell, such as Sparkplug NDEATH).
+    farewell: Option<Publication>,
 }
 
 impl MqttLink {
     /// Opens a link; events (connected, confirmed, refused, lost) come from
-    /// [`Link::next_event`].
-    pub fn open(s: &MqttSettings) -> Self {
+    /// [`Link::next_event`]. `plan` is what the uplink's encoding needs of the session: its
+    /// will, subscriptions and births are set up before any reading is sent.
+    pub fn open(s: &MqttSettings, plan: SessionPlan) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
-        // The window, plus a whole buffer entry pulled while the window was not yet full.
-        let capacity = usize::from(s.max_in_flight) + crate::buffer::MAX_ENTRY_READINGS + 16;
+        // The window, plus a whole buffer entry pulled while the window was not yet full, plus
+        // the session's own subscriptions and births.
+        let capacity = usize::from(s.max_in_flight)
+            + crate::buffer::MAX_ENTRY_READINGS
+            + plan.subscribe.len()
+            + plan.births.len()
+            + 16;
         let options =
             SessionOptions { persistent: false, manual_acks: false, max_in_flight: s.max_in_flight, capacity };
-        let (session, stream) = mqtt::open(&s.endpoint, &options);
-        let task = tokio::spawn(poll(stream, events));
-        Self { session, task, events: events_rx, next_token: 0 }
+        let (session, stream) = mqtt::open_with_will(&s.endpoint, &options, plan.will.as_ref());
+        let task = tokio::spawn(poll(stream, events, plan.inbox));
+        let subscribed = plan.subscribe.iter().try_for_each(|filter| session.subscribe(filter));
+        if let Err(e) = subscribed
+            .and_then(|()| plan.births.into_iter().try_for_each(|b| session.publish_message(UNTRACKED, b, None)))
+        {
+            // The queue was just made: only a closed event loop refuses, and the link reports
+            // itself lost.
+            debug!(error = %e, "session set-up not queued");
+        }
+        Self { session, task, events: events_rx, next_token: 0, farewell: plan.farewell }
     }
 
-    /// Queues a QoS 1 publish tagged with `token`. Confirmation comes as an event.
+    /// Queues `message` tagged with `token` ([`UNTRACKED`]: nobody waits for its answer).
+    /// Confirmation comes as an event.
     ///
-    /// `traceparent` (sampled readings only) goes out as the MQTT v5 user property
-    /// `traceparent`; MQTT 3.1.1 has no properties, so it is not sent there.
-    fn publish(
-        &self,
-        token: Token,
-        topic: String,
-        payload: Bytes,
-        traceparent: Option<&str>,
-    ) -> Result<(), UplinkError> {
-        self.session.publish(token, topic, payload, traceparent).map_err(|e| UplinkError::Queue(e.to_string()))
+    /// On MQTT 5 the message's content type and compression go out as properties, with
+    /// `traceparent` (sampled readings only) as the user property `traceparent`; MQTT 3.1.1 has
+    /// no properties, so none is sent there.
+    fn publish(&self, token: Token, message: Publication, traceparent: Option<&str>) -> Result<(), UplinkError> {
+        self.session.publish_message(token, message, traceparent).map_err(|e| UplinkError::Queue(e.to_string()))
     }
 }
 
@@ -237,8 +253,12 @@ impl Link for MqttLink {
         let (Some(r), None) = (readings.next(), readings.next()) else {
             return Err(UplinkError::Queue("an MQTT delivery carries exactly one reading".into()));
         };
+        // What the encoding sends first (Sparkplug births) shares the connection's order.
+        for b in r.before {
+            self.publish(UNTRACKED, b, None)?;
+        }
         let token = self.next_token;
-        self.publish(token, r.topic, r.payload, r.traceparent.as_deref())?;
+        self.publish(token, r.message, r.traceparent.as_deref())?;
         self.next_token += 1;
         Ok(token)
     }
@@ -247,8 +267,14 @@ impl Link for MqttLink {
         self.events.recv().await.unwrap_or_else(|| LinkEvent::Lost { reason: "link task ended".into(), refused: false })
     }
 
-    /// Disconnects politely (after in-flight publishes were confirmed or given up).
+    /// Disconnects politely (after in-flight publishes were confirmed or given up), after the
+    /// encoding's farewell.
     async fn close(mut self) {
+        if let Some(f) = self.farewell.take()
+            && let Err(e) = self.publish(UNTRACKED, f, None)
+        {
+            debug!(error = %e, "farewell not queued");
+        }
         self.session.disconnect().await;
         let deadline = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(deadline);
@@ -289,11 +315,20 @@ impl Drop for MqttLink {
     }
 }
 
-/// Turns the session's events into link events (the facade binds tokens to packet ids).
-async fn poll(mut stream: Events<Token>, events: mpsc::UnboundedSender<LinkEvent>) {
+/// Turns the session's events into link events (the facade binds tokens to packet ids); what
+/// arrives on the encoding's subscriptions goes to its `inbox`.
+async fn poll(mut stream: Events<Token>, events: mpsc::UnboundedSender<LinkEvent>, inbox: Option<Inbox>) {
     loop {
         let ev = match stream.next().await {
             Event::Connected => LinkEvent::Connected,
+            Event::Published { token: UNTRACKED, .. } => continue,
+            Event::Message(m) => {
+                match &inbox {
+                    Some(f) => f(&m.topic, &m.payload),
+                    None => debug!(topic = %m.topic, "message on a session without subscriptions ignored"),
+                }
+                continue;
+            }
             Event::Published { token, code } => match puback_outcome(code) {
                 None => LinkEvent::Confirmed(token),
                 Some((reason, permanent)) => LinkEvent::Refused { token, reason: reason.to_string(), permanent },

@@ -94,6 +94,8 @@ pub fn world(devices: usize, nodes: usize) -> World {
                 device_selector: selector,
                 mqtt: MqttUplink { url: broker.clone(), protocol_version: Some(5), ..Default::default() },
                 encoding: None,
+                compression: None,
+                sparkplug: None,
                 buffer: None,
             },
             status: None,
