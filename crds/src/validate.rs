@@ -461,7 +461,10 @@ fn validate_encoding(
             };
             let name = &rest[open + 1..open + close];
             if !SPARKPLUG_PLACEHOLDERS.contains(&name) {
-                errs.push(at.clone(), format!("unknown placeholder {{{name}}} (known: {{namespace}}, {{uplink}}, {{node}})"));
+                errs.push(
+                    at.clone(),
+                    format!("unknown placeholder {{{name}}} (known: {{namespace}}, {{uplink}}, {{node}})"),
+                );
             }
             rest = &rest[open + close + 1..];
         }
@@ -731,15 +734,21 @@ uplinks:
                 "uplinks[0].sparkplug.groupId: unknown placeholder {site} (known: {namespace}, {uplink}, {node})",
             ]
         );
-        let stray = VALID.replace("  buffer: {maxBytes", "  encoding: protobufCompact\n  sparkplug: {}\n  buffer: {maxBytes");
+        let stray =
+            VALID.replace("  buffer: {maxBytes", "  encoding: protobufCompact\n  sparkplug: {}\n  buffer: {maxBytes");
         assert_eq!(problems(&stray), ["uplinks[0].sparkplug: only with encoding sparkplugB"]);
-        let fine = VALID
-            .replace("topic: \"t/{namespace}/{device}\"", "")
-            .replace("  buffer: {maxBytes", "  encoding: sparkplugB\n  sparkplug: {groupId: plant-1}\n  buffer: {maxBytes");
+        let fine = VALID.replace("topic: \"t/{namespace}/{device}\"", "").replace(
+            "  buffer: {maxBytes",
+            "  encoding: sparkplugB\n  sparkplug: {groupId: plant-1}\n  buffer: {maxBytes",
+        );
         parse(&fine).validate().unwrap();
-        let compressed = VALID.replace("  buffer: {maxBytes", "  encoding: jsonCompact\n  compression: gzip\n  buffer: {maxBytes");
+        let compressed =
+            VALID.replace("  buffer: {maxBytes", "  encoding: jsonCompact\n  compression: gzip\n  buffer: {maxBytes");
         let cfg = parse(&compressed);
-        assert_eq!((cfg.uplinks[0].encoding(), cfg.uplinks[0].compression()), (Encoding::JsonCompact, Compression::Gzip));
+        assert_eq!(
+            (cfg.uplinks[0].encoding(), cfg.uplinks[0].compression()),
+            (Encoding::JsonCompact, Compression::Gzip)
+        );
         let unknown = VALID.replace("  buffer: {maxBytes", "  encoding: cbor\n  compression: lz4\n  buffer: {maxBytes");
         let found = problems(&unknown);
         assert_eq!(found.len(), 2, "{found:#?}");

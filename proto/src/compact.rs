@@ -225,7 +225,8 @@ pub fn expand(msg: &CompactReading, table: &PointTable) -> Result<Reading, Compa
         };
         points.push(Point { name: info.name.clone(), value: Some(value), unit: info.unit.clone() });
     }
-    for (left, kind) in [(b.len(), "bool"), (i.len(), "int"), (u.len(), "uint"), (d.len(), "double"), (s.len(), "string")]
+    for (left, kind) in
+        [(b.len(), "bool"), (i.len(), "int"), (u.len(), "uint"), (d.len(), "double"), (s.len(), "string")]
     {
         if left > 0 {
             return Err(CompactError::LeftOver(kind));

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use fieldgate_gateway::reading::{Reading, to_json};
+use fieldgate_gateway::reading::Reading;
 use prost::Message as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value as Json;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::decode::{CloudDecoder, Decoded, MAX_DECOMPRESSED};
 use crate::wait_until;
 
 /// One message the cloud received.
@@ -25,6 +26,9 @@ pub struct CloudMessage {
     pub payload: Bytes,
     /// When the subscriber received it.
     pub at: Instant,
+    /// What it was, decoded in order of arrival like a consumer would ([`CloudDecoder`]), or
+    /// why it could not be.
+    pub decoded: std::result::Result<Decoded, String>,
 }
 
 /// Identity of a received reading, enough for delivery accounting.
@@ -41,19 +45,25 @@ pub struct ReadingKey {
 }
 
 impl CloudMessage {
-    /// The reading as JSON (the gateway's JSON shape), whatever the encoding: a payload that is
-    /// not a JSON object is decoded as protobuf `fieldgate.v1.Reading` and converted with the
-    /// gateway's own `to_json`.
+    /// The reading as JSON (the gateway's `json` shape), whatever the encoding and compression
+    /// ([`CloudDecoder`]). A Sparkplug birth or death is not a reading: an error.
     pub fn json(&self) -> Result<Json> {
-        if self.payload.first() == Some(&b'{') {
-            return serde_json::from_slice(&self.payload).with_context(|| format!("JSON payload on {}", self.topic));
+        match &self.decoded {
+            Ok(Decoded::Reading(j)) => Ok(j.clone()),
+            Ok(Decoded::Control(kind)) => bail!("{kind} on {} is not a reading", self.topic),
+            Err(e) => bail!("{e}"),
         }
-        Ok(to_json(&self.protobuf()?))
     }
 
-    /// The payload decoded as protobuf `fieldgate.v1.Reading`.
+    /// Whether the message is a reading (not a Sparkplug birth or death).
+    pub fn is_reading(&self) -> bool {
+        !matches!(self.decoded, Ok(Decoded::Control(_)))
+    }
+
+    /// The payload, decompressed, decoded as protobuf `fieldgate.v1.Reading`.
     pub fn protobuf(&self) -> Result<Reading> {
-        Reading::decode(self.payload.as_ref())
+        let bytes = fieldgate_gateway::encoding::compress::decompress(&self.payload, MAX_DECOMPRESSED)?;
+        Reading::decode(bytes.as_slice())
             .with_context(|| format!("protobuf payload on {} ({} bytes)", self.topic, self.payload.len()))
     }
 
@@ -124,6 +134,7 @@ impl CloudSubscriber {
             let client = client.clone();
             let filter = filter.to_string();
             tokio::spawn(async move {
+                let mut decoder = CloudDecoder::default();
                 loop {
                     match eventloop.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -146,10 +157,12 @@ impl CloudSubscriber {
                             }
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let decoded = decoder.decode(&p.topic, &p.payload).map_err(|e| format!("{e:#}"));
                             lock(&state).messages.push(CloudMessage {
                                 topic: p.topic,
                                 payload: p.payload,
                                 at: Instant::now(),
+                                decoded,
                             });
                         }
                         Ok(_) => {}
@@ -211,14 +224,15 @@ impl CloudSubscriber {
         lock(&self.state).connects
     }
 
-    /// Every received reading as JSON (protobuf payloads converted).
+    /// Every received reading as JSON, whatever its encoding (Sparkplug births and deaths left
+    /// out).
     pub fn readings(&self) -> Result<Vec<Json>> {
-        self.messages().iter().map(CloudMessage::json).collect()
+        self.messages().iter().filter(|m| m.is_reading()).map(CloudMessage::json).collect()
     }
 
     /// Id, device and buffer sequence of every received reading.
     pub fn keys(&self) -> Result<Vec<ReadingKey>> {
-        self.messages().iter().map(CloudMessage::key).collect()
+        self.messages().iter().filter(|m| m.is_reading()).map(CloudMessage::key).collect()
     }
 
     /// The distinct reading ids received.

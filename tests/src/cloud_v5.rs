@@ -1,5 +1,6 @@
-//! The cloud side over MQTT v5: a subscriber that records each message with its user
-//! properties (where the gateway puts the W3C `traceparent`).
+//! The cloud side over MQTT v5: a subscriber that records each message with its content type
+//! and user properties (where the gateway puts the W3C `traceparent` and a compressed
+//! message's `content-encoding`), decoded like a consumer would ([`CloudDecoder`]).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::task::JoinHandle;
 
 use crate::cloud::host_port;
+use crate::decode::{CloudDecoder, Decoded};
 use crate::wait_until;
 
 /// One message received over MQTT v5.
@@ -23,6 +25,10 @@ pub struct V5Message {
     pub payload: Bytes,
     /// User properties, in order.
     pub user_properties: Vec<(String, String)>,
+    /// The content type property.
+    pub content_type: Option<String>,
+    /// What it was, decoded in order of arrival, or why it could not be.
+    pub decoded: std::result::Result<Decoded, String>,
 }
 
 impl V5Message {
@@ -31,10 +37,12 @@ impl V5Message {
         self.user_properties.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
-    /// The reading id of a JSON payload.
+    /// The reading id, whatever the encoding.
     pub fn reading_id(&self) -> Option<String> {
-        let j: serde_json::Value = serde_json::from_slice(&self.payload).ok()?;
-        j["id"].as_str().map(str::to_string)
+        match &self.decoded {
+            Ok(Decoded::Reading(j)) => j["id"].as_str().map(str::to_string),
+            _ => None,
+        }
     }
 }
 
@@ -71,6 +79,7 @@ impl V5Subscriber {
             let state = Arc::clone(&state);
             let filter = filter.to_string();
             tokio::spawn(async move {
+                let mut decoder = CloudDecoder::default();
                 loop {
                     match eventloop.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -80,11 +89,16 @@ impl V5Subscriber {
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => lock(&state).subscribed = true,
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let user_properties = p.properties.map(|pr| pr.user_properties).unwrap_or_default();
+                            let (user_properties, content_type) =
+                                p.properties.map(|pr| (pr.user_properties, pr.content_type)).unwrap_or_default();
+                            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                            let decoded = decoder.decode(&topic, &p.payload).map_err(|e| format!("{e:#}"));
                             lock(&state).messages.push(V5Message {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                topic,
                                 payload: p.payload,
                                 user_properties,
+                                content_type,
+                                decoded,
                             });
                         }
                         Ok(_) => {}

@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod coap_peer;
 pub mod commands;
 pub mod config;
+pub mod decode;
 pub mod delivery;
 pub mod fleet;
 pub mod gateway;
@@ -39,6 +40,7 @@ pub mod procstat;
 pub mod prometheus;
 pub mod pymodbus;
 pub mod sim_process;
+pub mod tahu;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -49,6 +51,7 @@ use tokio::time::Instant;
 
 pub use cloud::{CloudMessage, CloudSubscriber};
 pub use config::{ConfigBuilder, stream_name, stream_subject};
+pub use decode::{CloudDecoder, Decoded};
 pub use delivery::{DeliveryReport, ServedLog, delivery_report};
 pub use fleet::SimFleet;
 pub use gateway::Gateway;

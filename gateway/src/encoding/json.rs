@@ -108,17 +108,44 @@ impl serde::Serialize for JsonValue<'_> {
 }
 
 /// What a consumer of `jsonCompact` does to get the `json` form back (units aside, which the
-/// compact form does not carry): the points object turned into the array of `{"name", "value"}`,
-/// in name order (a JSON object has no order a consumer may rely on).
-pub fn compact_to_full(mut compact: Json) -> Json {
-    if let Some(points) = compact.get_mut("points").and_then(Json::as_object_mut) {
-        let list = std::mem::take(points)
-            .into_iter()
-            .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
-            .collect();
-        compact["points"] = Json::Array(list);
+/// compact form does not carry): the points object turned into the array of
+/// `{"name", "value"}`, in the order the message lists them (the device's point order).
+pub fn compact_to_full(bytes: &[u8]) -> Result<Json, serde_json::Error> {
+    let compact: CompactEnvelope = serde_json::from_slice(bytes)?;
+    let mut full = compact.rest;
+    let points = compact.points.0.into_iter().map(|(name, value)| serde_json::json!({"name": name, "value": value}));
+    full.insert("points".into(), Json::Array(points.collect()));
+    Ok(Json::Object(full))
+}
+
+#[derive(serde::Deserialize)]
+struct CompactEnvelope {
+    points: OrderedMap,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Json>,
+}
+
+/// A JSON object's entries in the order they were written.
+struct OrderedMap(Vec<(String, Json)>);
+
+impl<'de> serde::Deserialize<'de> for OrderedMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = OrderedMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of point values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OrderedMap, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(OrderedMap(entries))
+            }
+        }
+        d.deserialize_map(Entries)
     }
-    compact
 }
 
 #[cfg(test)]
@@ -170,11 +197,9 @@ mod tests {
             "{text}"
         );
         let mut full = to_value(&sample(), Form::Full);
-        let points = full["points"].as_array_mut().unwrap();
-        for p in points.iter_mut() {
+        for p in full["points"].as_array_mut().unwrap() {
             p.as_object_mut().unwrap().remove("unit");
         }
-        points.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        assert_eq!(compact_to_full(serde_json::from_str(&text).unwrap()), full);
+        assert_eq!(compact_to_full(text.as_bytes()).unwrap(), full);
     }
 }

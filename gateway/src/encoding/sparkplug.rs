@@ -10,9 +10,10 @@
 //!   and `Node Control/Rebirth`;
 //! - before the first DDATA of each device, publishes the device's DBIRTH: every metric it
 //!   has reported, with name, alias, datatype, timestamp and its latest value;
-//! - publishes each reading as a DDATA whose metrics carry their alias only (no name, no
-//!   datatype), the sample time as each metric's timestamp and the publish time as the
-//!   payload's;
+//! - publishes each reading as a DDATA whose metrics carry their alias instead of their name,
+//!   with datatype and value, the sample time as each metric's timestamp and the publish time
+//!   as the payload's (the datatype, 2 bytes a metric, stays: decoders such as Eclipse Tahu's
+//!   read a value by the datatype beside it);
 //! - numbers every message but NDEATH with `seq`, 0 to 255 and round again;
 //! - publishes its NDEATH itself before a clean disconnect (the broker sends the will only on
 //!   an unclean one).
@@ -161,12 +162,13 @@ impl Device {
         }
     }
 
-    /// The metric `name`'s alias, timestamp and value, as DDATA carries it.
+    /// The metric `name` as DDATA carries it: alias, timestamp, datatype and value.
     fn data(&self, name: &str) -> Option<Metric> {
         let m = &self.metrics[*self.by_name.get(name)?];
         Some(Metric {
             alias: Some(m.alias),
             timestamp: Some(m.timestamp),
+            datatype: Some(m.datatype as u32),
             value: Some(m.value.clone()),
             ..Default::default()
         })
@@ -400,7 +402,7 @@ mod tests {
         let born: Vec<_> = birth.metrics.iter().map(|m| m.name.clone().unwrap()).collect();
         assert_eq!(born, [ID_METRIC, BUFFER_SEQ_METRIC, "r0", "r1", "r2"]);
         let data = payload(&first.message);
-        assert!(data.metrics.iter().all(|m| m.name.is_none() && m.datatype.is_none() && m.alias.is_some()));
+        assert!(data.metrics.iter().all(|m| m.name.is_none() && m.datatype.is_some() && m.alias.is_some()));
         assert!(data.metrics.iter().all(|m| m.timestamp == Some(1_700_000_000_000)));
         let again = n.encode(&r);
         assert_eq!(topics(&again), ["spBv1.0/plant-default/DDATA/edge-1/m1"]);
