@@ -52,6 +52,9 @@ async fn the_demo_exits_with_the_gateways_error_when_the_gateway_dies() -> Resul
     let (out, text) = demo(&["--devices", "2", "--encoding", "protobuff", "--run-for", "60s"]).await?;
     ensure!(out.status.code() == Some(1), "{}\n{text}", out.status);
     ensure!(text.contains("the gateway exited (exit status: 2)"), "{text}");
-    ensure!(text.contains("\"protobuff\" is not one of json, protobuf"), "the gateway's error is not shown: {text}");
+    ensure!(
+        text.contains("\"protobuff\" is not one of json, jsonCompact, protobuf"),
+        "the gateway's error is not shown: {text}"
+    );
     Ok(())
 }
