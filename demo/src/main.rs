@@ -51,7 +51,9 @@ struct Args {
     /// How often the gateway polls each device.
     #[arg(long, default_value = "1s")]
     poll_interval: fieldgate_crds::values::HumanDuration,
-    /// The uplink's encoding, written into the gateway's config as given: `json` or `protobuf`.
+    /// The uplink's encoding, written into the gateway's config as given: `json` or `protobuf`
+    /// (the view decodes these two; the compact forms and Sparkplug B are refused, see
+    /// docs/encodings.md for their consumers).
     #[arg(long, default_value = "json")]
     encoding: String,
     /// MQTT protocol version of the uplink: 5 or 3.
@@ -132,7 +134,18 @@ struct Demo {
     started: Instant,
 }
 
+/// Encodings the gateway supports but the view cannot decode: refused rather than shown wrong.
+/// Anything else is handed to the gateway as given, so a misspelt one gets the gateway's error.
+const NOT_VIEWABLE: [&str; 3] = ["jsonCompact", "protobufCompact", "sparkplugB"];
+
 async fn run(args: Args) -> Result<bool> {
+    if NOT_VIEWABLE.contains(&args.encoding.as_str()) {
+        bail!(
+            "--encoding {}: the gateway supports it, but this demo's view decodes only json and protobuf \
+             (docs/encodings.md shows how a consumer decodes the compact forms and Sparkplug B)",
+            args.encoding
+        );
+    }
     let wire = if args.encoding == "protobuf" { Wire::Protobuf } else { Wire::Json };
     let work = prepare_work_dir(&args.work_dir)?;
     let ports = free_ports(3)?;

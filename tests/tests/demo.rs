@@ -58,3 +58,11 @@ async fn the_demo_exits_with_the_gateways_error_when_the_gateway_dies() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_refuses_an_encoding_its_view_cannot_decode_instead_of_showing_wrong_values() -> Result<()> {
+    let (out, text) = demo(&["--devices", "1", "--encoding", "sparkplugB", "--run-for", "60s"]).await?;
+    ensure!(!out.status.success(), "{}\n{text}", out.status);
+    ensure!(text.contains("decodes only json and protobuf"), "{text}");
+    Ok(())
+}
