@@ -307,7 +307,8 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
     let mut endpoint = task.mqtt.endpoint.clone();
     endpoint.client_id = format!("{}-commands", endpoint.client_id);
     endpoint.max_packet_bytes = SESSION_MAX_PACKET;
-    let options = SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256 };
+    let options =
+        SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256, no_delay: true };
     let (session, mut events) = mqtt::open::<()>(&endpoint, &options);
     let d = Arc::new(Downlink { subject: subject(&task), task, hub, template, session, outcomes });
     let filter = filter(&d.template, &d.task.uplink.namespace, &d.task.uplink.name, &d.task.node);

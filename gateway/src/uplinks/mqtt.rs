@@ -204,8 +204,7 @@ impl MqttLink {
         let (events, events_rx) = mpsc::unbounded_channel();
         // The window, plus a whole buffer entry pulled while the window was not yet full.
         let capacity = usize::from(s.max_in_flight) + crate::buffer::MAX_ENTRY_READINGS + 16;
-        let options =
-            SessionOptions { persistent: false, manual_acks: false, max_in_flight: s.max_in_flight, capacity };
+        let options = SessionOptions { max_in_flight: s.max_in_flight, capacity, ..SessionOptions::default() };
         let (session, stream) = mqtt::open(&s.endpoint, &options);
         let task = tokio::spawn(poll(stream, events));
         Self { session, task, events: events_rx, next_token: 0 }
