@@ -307,7 +307,8 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
     let mut endpoint = task.mqtt.endpoint.clone();
     endpoint.client_id = format!("{}-commands", endpoint.client_id);
     endpoint.max_packet_bytes = SESSION_MAX_PACKET;
-    let options = SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256 };
+    let options =
+        SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256, no_delay: true };
     let (session, mut events) = mqtt::open::<()>(&endpoint, &options);
     let d = Arc::new(Downlink { subject: subject(&task), task, hub, template, session, outcomes });
     let filter = filter(&d.template, &d.task.uplink.namespace, &d.task.uplink.name, &d.task.node);
@@ -514,16 +515,27 @@ async fn hand_over(
     if in_progress.contains(&key) {
         return None;
     }
-    let resume = match d.recorded(&key).await {
-        Ok(Some(Record::Done(o))) => {
-            d.duplicate(&cmd, Some(&o));
-            let _ = msg.ack().await;
-            return None;
-        }
-        Ok(Some(Record::Started)) => true,
-        Ok(None) => false,
+    // Marked started before anything else: a crash from here on resumes it. The record is
+    // created only where there is none (one round trip for a new command); one already there
+    // is a repeat (answered from it) or an interrupted attempt (resumed).
+    let started = serde_json::to_vec(&Record::Started).unwrap_or_default();
+    let resume = match d.outcomes.create(&key, Bytes::from(started)).await {
+        Ok(_) => false,
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => match d.recorded(&key).await {
+            Ok(Some(Record::Done(o))) => {
+                d.duplicate(&cmd, Some(&o));
+                let _ = msg.ack().await;
+                return None;
+            }
+            Ok(Some(Record::Started) | None) => true,
+            Err(e) => {
+                tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command outcomes unreadable; retrying later");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return None;
+            }
+        },
         Err(e) => {
-            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command outcomes unreadable; retrying later");
+            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command start not recorded; retrying later");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return None;
         }
@@ -545,17 +557,6 @@ async fn hand_over(
         Err(refusal) => {
             span.fail("refused");
             d.conclude(&msg, &cmd, &key, refusal).await;
-            return None;
-        }
-    };
-    // Marked started before the adapter sees it: a crash from here on resumes it.
-    let started = serde_json::to_vec(&Record::Started).unwrap_or_default();
-    let resume = match d.outcomes.create(&key, Bytes::from(started)).await {
-        Ok(_) => resume,
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
-        Err(e) => {
-            tracing::warn!(uplink = %d.task.buffer.uplink, error = %e, "command start not recorded; retrying later");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return None;
         }
     };

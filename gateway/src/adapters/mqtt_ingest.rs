@@ -85,7 +85,8 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Session<T
     }
     endpoint.version = if settings.protocol_version() == 5 { Version::V5 } else { Version::V311 };
     endpoint.keep_alive = settings.keep_alive();
-    let options = SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256 };
+    let options =
+        SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256, no_delay: false };
     Ok(mqtt::open(&endpoint, &options))
 }
 

@@ -216,8 +216,7 @@ impl MqttLink {
             + plan.subscribe.len()
             + plan.births.len()
             + 16;
-        let options =
-            SessionOptions { persistent: false, manual_acks: false, max_in_flight: s.max_in_flight, capacity };
+        let options = SessionOptions { max_in_flight: s.max_in_flight, capacity, ..SessionOptions::default() };
         let (session, stream) = mqtt::open_with_will(&s.endpoint, &options, plan.will.as_ref());
         let task = tokio::spawn(poll(stream, events, plan.inbox));
         let subscribed = plan.subscribe.iter().try_for_each(|filter| session.subscribe(filter));

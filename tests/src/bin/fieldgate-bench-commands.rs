@@ -22,7 +22,7 @@ use fieldgate_crds::{Access, OnFull};
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
 use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, wait_until};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::time::Instant;
 
 #[derive(Parser, Debug, Clone)]
@@ -114,19 +114,38 @@ async fn main() -> Result<()> {
     });
     gw.write_config(&cfg.yaml()?)?;
 
+    // Two cloud clients, as a cloud would have them: one counting the telemetry, and the
+    // command application (sends commands, takes results; TCP_NODELAY, so that neither waits
+    // behind the telemetry stream or a delayed TCP acknowledgement).
     let seen = Arc::new(Seen::default());
-    let mut o = MqttOptions::new("bench-cloud", "127.0.0.1", mosq.port());
+    let mut o = MqttOptions::new("bench-telemetry", "127.0.0.1", mosq.port());
     o.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+    let (telemetry, mut el) = AsyncClient::new(o, 1024);
+    telemetry.subscribe("fieldgate/+/+/telemetry", QoS::AtLeastOnce).await?;
+    let s = Arc::clone(&seen);
+    let counter = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    s.readings.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let mut o = MqttOptions::new("bench-commands", "127.0.0.1", mosq.port());
+    o.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
     let (client, mut el) = AsyncClient::new(o, 1024);
-    client.subscribe("fieldgate/#", QoS::AtLeastOnce).await?;
+    el.set_network_options(network);
+    client.subscribe("fieldgate/+/+/commands/result", QoS::AtLeastOnce).await?;
     let s = Arc::clone(&seen);
     let listener = tokio::spawn(async move {
         loop {
             match el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/telemetry") => {
-                    s.readings.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/result") => {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Ok(j) = serde_json::from_slice::<serde_json::Value>(&p.payload) else { continue };
                     let (Some(id), Some(status)) = (j["id"].as_str(), j["status"].as_str()) else { continue };
                     if !matches!(status, "accepted" | "written") {
@@ -178,6 +197,7 @@ async fn main() -> Result<()> {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     listener.abort();
+    counter.abort();
     drop(sim);
 
     let results = seen.results.lock().unwrap_or_else(PoisonError::into_inner).clone();
