@@ -235,6 +235,10 @@ pub enum MqttError {
     /// The request queue to the event loop refused a request (full or closed).
     #[error("request queue: {0}")]
     Queue(String),
+    /// The broker sent a packet larger than the endpoint's `max_packet_bytes`: rumqttc ends
+    /// the connection before reading it.
+    #[error("the broker sent a packet of {0} bytes, above the client's limit")]
+    PacketTooLarge(usize),
 }
 
 impl MqttError {
@@ -244,6 +248,7 @@ impl MqttError {
             MqttError::Connection(_) => "connect",
             MqttError::Refused(_) => "refused",
             MqttError::Queue(_) => "queue",
+            MqttError::PacketTooLarge(_) => "packet_too_large",
         }
     }
 }
@@ -563,6 +568,9 @@ impl<T> Events<T> {
                     Err(e @ rumqttc::ConnectionError::ConnectionRefused(_)) => {
                         Some(self.lost(MqttError::Refused(e.to_string())))
                     }
+                    Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::Error::PayloadSizeLimitExceeded(n),
+                    ))) => Some(self.lost(MqttError::PacketTooLarge(n))),
                     Err(e) => Some(self.lost(MqttError::Connection(e.to_string()))),
                 }
             }
@@ -601,6 +609,9 @@ impl<T> Events<T> {
                     Err(e @ rumqttc::v5::ConnectionError::ConnectionRefused(_)) => {
                         Some(self.lost(MqttError::Refused(e.to_string())))
                     }
+                    Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(
+                        rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. },
+                    ))) => Some(self.lost(MqttError::PacketTooLarge(pkt_size))),
                     Err(e) => Some(self.lost(MqttError::Connection(e.to_string()))),
                 }
             }
