@@ -34,9 +34,9 @@ use tokio_modbus::client::{Context, rtu};
 use tokio_modbus::prelude::{Request, Response, SlaveContext};
 
 use super::DeviceTask;
-use crate::clock::PollSchedule;
 use super::modbus_tcp::{self, Block, ReadRequest, RequestError};
 use super::modbus_write::{self, Caller};
+use crate::clock::PollSchedule;
 use crate::command::{Inbox, Outcome, Reason};
 use crate::reading::{self, Reading};
 

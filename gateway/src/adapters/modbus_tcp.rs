@@ -27,8 +27,8 @@ use tokio_modbus::client::{Client, Context, tcp};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::DeviceTask;
-use crate::clock::PollSchedule;
 use super::modbus_write::{self, Caller};
+use crate::clock::PollSchedule;
 use crate::command::{Inbox, Job, Outcome, Reason};
 use crate::reading::{self, Reading, Value, pb};
 use crate::telemetry::{LogThrottle, ReadingTrace};
