@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::point::Point;
-use crate::values::{BrokerUrl, HumanDuration};
+use crate::values::{BrokerUrl, ByteSize, HumanDuration};
 
 /// A reusable point map shared by many identical devices.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -246,6 +246,11 @@ pub struct MqttDeviceConnection {
     /// Keep-alive interval, such as `30s`. Defaults to `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<HumanDuration>,
+    /// Largest message payload turned into a reading, as a quantity such as `64Ki`
+    /// (`1Ki`-`16Mi`). Defaults to `256Ki`. A larger message is acknowledged to the broker,
+    /// dropped and counted (`too_large`); the device keeps flowing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<ByteSize>,
 }
 
 impl MqttDeviceConnection {
@@ -253,6 +258,10 @@ impl MqttDeviceConnection {
     pub const DEFAULT_PROTOCOL_VERSION: u8 = 3;
     /// Keep-alive interval when none is set.
     pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+    /// Largest message payload when none is set.
+    pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 256 * 1024;
+    /// The allowed range of `maxMessageBytes`.
+    pub const MAX_MESSAGE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=16 * 1024 * 1024;
 
     /// The protocol version, default applied.
     pub fn protocol_version(&self) -> u8 {
@@ -262,6 +271,12 @@ impl MqttDeviceConnection {
     /// The keep-alive interval, default applied.
     pub fn keep_alive(&self) -> Duration {
         self.keep_alive.as_ref().map_or(Self::DEFAULT_KEEP_ALIVE, HumanDuration::get)
+    }
+
+    /// The largest message payload in bytes, default applied.
+    pub fn max_message_bytes(&self) -> usize {
+        let bytes = self.max_message_bytes.as_ref().map_or(Self::DEFAULT_MAX_MESSAGE_BYTES, ByteSize::bytes);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
     }
 }
 

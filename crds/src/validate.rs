@@ -278,6 +278,11 @@ fn validate_mqtt_device(
             format!("{:?}: TLS to a field broker is not supported (use mqtt://)", m.url.as_str()),
         );
     }
+    if let Some(max) = &m.max_message_bytes
+        && !crate::device::MqttDeviceConnection::MAX_MESSAGE_BYTES_RANGE.contains(&max.bytes())
+    {
+        errs.push(format!("{path}.maxMessageBytes"), format!("{:?} is out of range 1Ki-16Mi", max.as_str()));
+    }
     if m.topics.is_empty() {
         errs.push(format!("{path}.topics"), "needs at least one topic filter");
     }
@@ -781,6 +786,28 @@ uplinks:
             ],
             "{found:#?}"
         );
+    }
+
+    #[test]
+    fn an_mqtt_device_message_limit_outside_its_range_names_the_field_and_the_range() {
+        let device = |limit: &str| {
+            format!(
+                "apiVersion: fieldgate.io/v1alpha1\nkind: GatewayConfig\ndevices:\n- name: m\n  connection:\n    mqtt: {{url: \"mqtt://127.0.0.1:1883\", topics: [a/#], \
+                 maxMessageBytes: {limit}}}\n  points:\n  - {{name: v, type: float64}}\n"
+            )
+        };
+        let ok = GatewayConfig::from_yaml(&device("64Ki")).unwrap();
+        let crate::Connection::Mqtt(m) = &ok.devices[0].connection else { panic!("not MQTT") };
+        assert_eq!(m.max_message_bytes(), 64 * 1024);
+        assert_eq!(
+            problems(&device("32Mi")),
+            ["devices[0].connection.mqtt.maxMessageBytes: \"32Mi\" is out of range 1Ki-16Mi"]
+        );
+        assert_eq!(
+            problems(&device("'512'")),
+            ["devices[0].connection.mqtt.maxMessageBytes: \"512\" is out of range 1Ki-16Mi"]
+        );
+        assert!(problems(&device("1MB"))[0].starts_with("devices[0].connection.mqtt.maxMessageBytes: "));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod app;
 pub mod buffer;
+pub mod clock;
 pub mod cluster;
 pub mod command;
 pub mod config_watch;

@@ -160,6 +160,23 @@ pub struct ProtocolLabels {
     pub protocol: &'static str,
 }
 
+/// Which way the wall clock stepped.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StepDirection {
+    /// Back in time (NTP correction, an RTC that was ahead at boot).
+    backward,
+    /// Forward in time.
+    forward,
+}
+
+/// Labels of a wall-clock step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClockStepLabels {
+    /// Which way.
+    pub direction: StepDirection,
+}
+
 /// Labels of command outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
@@ -213,6 +230,8 @@ pub struct Metrics {
     pub task_restarts: Family<TaskLabels, Counter>,
     /// Configurations applied or refused (initial one included).
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// Wall-clock steps seen by the pollers (see [`crate::clock`]).
+    pub clock_steps: Family<ClockStepLabels, Counter>,
     /// Inbound messages refused before reaching a device, by protocol and reason.
     pub ingress_rejected: Family<IngressLabels, Counter>,
     /// Inbound messages handled by the listeners, by protocol and kind (`con`, `non`, ...).
@@ -346,6 +365,7 @@ impl Metrics {
             uplink_connects: Family::default(),
             task_restarts: Family::default(),
             config_reloads: Family::default(),
+            clock_steps: Family::default(),
             ingress_rejected: Family::default(),
             ingress_messages: Family::default(),
             ingress_connections: Family::default(),
@@ -415,6 +435,11 @@ impl Metrics {
         r.register("uplink_connects", "Broker connections established", m.uplink_connects.clone());
         r.register("task_restarts", "Tasks restarted by their supervisor", m.task_restarts.clone());
         r.register("config_reloads", "Configurations applied or refused", m.config_reloads.clone());
+        r.register(
+            "wall_clock_steps",
+            "Steps of the wall clock against the monotonic clock, by direction",
+            m.clock_steps.clone(),
+        );
         r.register("ingress_rejected", "Inbound messages refused before reaching a device", m.ingress_rejected.clone());
         r.register(
             "ingress_messages",

@@ -184,6 +184,64 @@ async fn raw_tcp_and_udp_devices_identify_deliver_and_are_policed() -> Result<()
         })
         .await?;
     }
+    // The device beside the oversized datagram keeps delivering.
+    udp.send(b"id=default/udp-1 token=u1 level=8.25").await?;
+    let n = tokio::time::timeout(ANSWER, udp.recv(&mut buf)).await??;
+    assert_eq!(&buf[..n], b"OK\n");
+    wait_value(&cloud, &gw, "udp-1", "level", json!(8.25)).await?;
+    Ok(())
+}
+
+/// At `--tcp-max-connections` a new connection is closed at once and counted
+/// (`connection_cap`); the identified device holding a slot keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_tcp_cap_are_closed_and_counted_while_the_device_keeps_delivering() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-tcp-cap", "fieldgate/#").await?;
+    let devices = vec![device(
+        "cap-1",
+        json!({"tcp": {"tokenSecretRef": {"name": "cap-1"}}}),
+        json!([{"name": "temp", "type": "float64"}]),
+    )];
+    let config = ConfigBuilder::new().devices(devices).cloud(&broker.url(), |_| {}).yaml()?;
+    let mut gw = ListeningGateway::new(&nats.url())?;
+    gw.gw.write_secret("cap-1", "token", "c1")?;
+    gw.gw.write_config(&config)?;
+    for a in ["--tcp-max-connections", "4", "--first-frame-timeout", "120s"] {
+        gw.arg(a);
+    }
+    gw.start_ready().await?;
+
+    let mut honest = LineDevice::connect(gw.tcp).await?;
+    assert_eq!(honest.exchange("id=default/cap-1 token=c1 temp=1.5").await?, "OK");
+    wait_value(&cloud, &gw, "cap-1", "temp", json!(1.5)).await?;
+    // Three silent connections take the other slots (the first-frame deadline is long).
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(gw.tcp).await?);
+    }
+    gw.wait_metric("fieldgate_ingress_connections", &[("protocol", "tcp")], WAIT, |v| v >= 4.0).await?;
+    // Beyond the cap: closed at once, each counted.
+    for _ in 0..5 {
+        let mut extra = LineDevice::connect(gw.tcp).await?;
+        extra.expect_closed().await?;
+    }
+    gw.wait_metric(
+        "fieldgate_ingress_rejected_total",
+        &[("protocol", "tcp"), ("reason", "connection_cap")],
+        WAIT,
+        |v| v >= 5.0,
+    )
+    .await?;
+    assert_eq!(honest.exchange("temp=2.75").await?, "OK", "the identified device was disturbed");
+    wait_value(&cloud, &gw, "cap-1", "temp", json!(2.75)).await?;
+    // A slot freed is a slot usable again.
+    drop(silent);
+    gw.wait_metric("fieldgate_ingress_connections", &[("protocol", "tcp")], WAIT, |v| v <= 1.0).await?;
+    let mut again = LineDevice::connect(gw.tcp).await?;
+    assert_eq!(again.exchange("id=default/cap-1 token=c1 temp=3.5").await?, "OK");
+    wait_value(&cloud, &gw, "cap-1", "temp", json!(3.5)).await?;
     Ok(())
 }
 

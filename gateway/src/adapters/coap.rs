@@ -37,7 +37,7 @@ use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::hub::{Credential, DeviceHub, Registered, bind_udp};
 use super::{DeviceTask, payload};
@@ -777,9 +777,9 @@ async fn client_loop(settings: &CoapConnection, host: &str, max_body: usize, tas
     health.gauge.set(0);
     let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(30));
     let mut client: Option<Client> = None;
-    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // Ticks on the monotonic clock; the slot names the poll (see `crate::clock`).
+    let clock = Arc::clone(&task.hub.clock);
+    let (mut schedule, mut ticker) = crate::clock::PollSchedule::start(interval, &clock);
     let ids = super::hub::IdClock::default();
 
     while !task.cancel.is_cancelled() {
@@ -815,8 +815,7 @@ async fn client_loop(settings: &CoapConnection, host: &str, max_body: usize, tas
                 () = task.cancel.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            let now_ms = reading::unix_nanos(SystemTime::now()) / 1_000_000;
-            let slot = now_ms - now_ms % interval_ms;
+            let slot = schedule.slot(clock.now());
             match task.cancel.run_until_cancelled(poll_once(c, task, slot)).await {
                 None => break,
                 Some(r) => r,

@@ -214,6 +214,8 @@ pub struct DeviceHub {
     pub udp_peers: super::udp::UdpPeers,
     /// Idle TCP device connections, parked off the runtime.
     pub tcp_park: super::tcp::Park,
+    /// The wall clock pollers name their polls by (steps counted, see [`crate::clock`]).
+    pub clock: Arc<crate::clock::WallClock>,
 }
 
 /// Frames waiting to be written to a live connection (commands), and what wakes it.
@@ -260,6 +262,18 @@ impl Drop for Running {
 impl DeviceHub {
     /// A hub; listeners start when the first device of their protocol registers.
     pub fn new(args: HubArgs, secrets: SecretStore, metrics: Arc<Metrics>, cancel: CancellationToken) -> Arc<Self> {
+        let clock = crate::clock::WallClock::system(Arc::clone(&metrics));
+        Self::with_clock(args, secrets, metrics, cancel, clock)
+    }
+
+    /// A hub whose pollers read `clock` (tests step it).
+    pub fn with_clock(
+        args: HubArgs,
+        secrets: SecretStore,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+        clock: Arc<crate::clock::WallClock>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             args,
             secrets,
@@ -273,6 +287,7 @@ impl DeviceHub {
             running: RwLock::default(),
             udp_peers: Default::default(),
             tcp_park: super::tcp::Park::default(),
+            clock,
         })
     }
 

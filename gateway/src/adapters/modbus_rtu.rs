@@ -23,12 +23,12 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fieldgate_crds::{ModbusRtuConnection, Parity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_modbus::Slave;
 use tokio_modbus::client::{Context, rtu};
 use tokio_modbus::prelude::{Request, Response, SlaveContext};
@@ -36,6 +36,7 @@ use tokio_modbus::prelude::{Request, Response, SlaveContext};
 use super::DeviceTask;
 use super::modbus_tcp::{self, Block, ReadRequest, RequestError};
 use super::modbus_write::{self, Caller};
+use crate::clock::PollSchedule;
 use crate::command::{Inbox, Outcome, Reason};
 use crate::reading::{self, Reading};
 
@@ -382,10 +383,6 @@ async fn run_bus(
     tracing::debug!(bus = %key, "Modbus RTU bus stopped");
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    reading::unix_nanos(t) / 1_000_000
-}
-
 /// Runs one Modbus RTU device until `task.cancel` fires: polls it, and executes its commands
 /// in order through the bus scheduler, where writes go before queued reads.
 pub async fn run(settings: &ModbusRtuConnection, task: DeviceTask, inbox: Inbox) {
@@ -436,7 +433,6 @@ async fn poll_device(settings: &ModbusRtuConnection, task: &DeviceTask, bus: &Bu
         tracing::warn!(device = %key, "bus key mismatch");
     }
     let interval = device.poll_interval().max(Duration::from_millis(1));
-    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
     let plan = modbus_tcp::plan(&device.points);
     let labels = task.labels();
     let polls = task.metrics.polls.get_or_create(&labels).clone();
@@ -444,24 +440,17 @@ async fn poll_device(settings: &ModbusRtuConnection, task: &DeviceTask, bus: &Bu
     let gauge = task.metrics.device_connected.get_or_create(&labels).clone();
     gauge.set(0);
     let mut up: Option<bool> = None;
-    let now_ms = unix_ms(SystemTime::now());
-    let mut ticker =
-        tokio::time::interval_at(Instant::now() + Duration::from_millis(interval_ms - now_ms % interval_ms), interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut last_slot = None;
+    // Ticks on the monotonic clock; the slot names the poll (see `crate::clock`).
+    let clock = Arc::clone(&task.hub.clock);
+    let (mut schedule, mut ticker) = PollSchedule::start(interval, &clock);
     loop {
         tokio::select! {
             biased;
             () = task.cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let now_ms = unix_ms(SystemTime::now());
-        let slot = now_ms - now_ms % interval_ms;
-        if last_slot.is_some_and(|l| slot <= l) {
-            continue;
-        }
-        last_slot = Some(slot);
-        let sampled = SystemTime::now();
+        let sampled = clock.now();
+        let slot = schedule.slot(sampled);
         let started = Instant::now();
         let Some(answer) =
             task.cancel.run_until_cancelled(bus.run(settings.unit_id, Op::Read(plan.requests.clone()))).await

@@ -17,17 +17,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use fieldgate_crds::{ModbusTable, ModbusTcpConnection, Point, ValueType, WordOrder};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_modbus::client::{Client, Context, tcp};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::DeviceTask;
 use super::modbus_write::{self, Caller};
+use crate::clock::PollSchedule;
 use crate::command::{Inbox, Job, Outcome, Reason};
 use crate::reading::{self, Reading, Value, pb};
 use crate::telemetry::{LogThrottle, ReadingTrace};
@@ -609,18 +610,13 @@ impl Backoff {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    reading::unix_nanos(t) / 1_000_000
-}
-
 /// Runs one Modbus TCP device until `task.cancel` fires.
 pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: Inbox) {
     let device = std::sync::Arc::clone(&task.device);
     let key = task.key();
     let labels = task.labels();
     let timeout = settings.timeout();
-    let interval = device.poll_interval().max(Duration::from_millis(1));
-    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+    let interval = device.poll_interval();
     let port = settings.port();
     let unit_id = settings.unit_id();
     let plan = plan(&device.points);
@@ -636,16 +632,14 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
     };
     link.gauge.set(0);
 
-    // Ticks on wall-clock multiples of the interval, so the scheduled slot names the poll.
-    let now_ms = unix_ms(SystemTime::now());
-    let to_next_slot = Duration::from_millis(interval_ms - now_ms % interval_ms);
-    let mut ticker = tokio::time::interval_at(Instant::now() + to_next_slot, interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // Ticks on the monotonic clock from a wall-clock multiple of the interval; the slot
+    // names the poll (see `crate::clock`).
+    let clock = std::sync::Arc::clone(&task.hub.clock);
+    let (mut schedule, mut ticker) = PollSchedule::start(interval, &clock);
 
     let mut conn: Option<Context> = None;
     let mut backoff = Backoff::new();
     let mut retry_at: Option<Instant> = None;
-    let mut last_slot: Option<u64> = None;
     let mut first = true;
     let mut throttle = LogThrottle::new(Duration::from_secs(60));
     tracing::debug!(device = %key, requests = plan.requests.len(), ?interval, "polling Modbus device");
@@ -692,15 +686,10 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
         if task.cancel.is_cancelled() {
             break;
         }
-        let now_ms = unix_ms(SystemTime::now());
-        let slot = now_ms - now_ms % interval_ms;
-        if last_slot.is_some_and(|last| slot <= last) {
-            continue;
-        }
         if retry_at.is_some_and(|at| Instant::now() < at) {
             continue; // backing off: skip this poll
         }
-        last_slot = Some(slot);
+        let slot = schedule.slot(clock.now());
 
         if conn.is_none() {
             let attempt = connect(&settings.host, port, unit_id, timeout);
@@ -724,7 +713,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
         }
         let Some(ctx) = conn.as_mut() else { continue };
 
-        let sampled = SystemTime::now();
+        let sampled = clock.now();
         let started = Instant::now();
         let mut trace = ReadingTrace::read(&key, labels.protocol);
         let Some(outcome) = task
@@ -1041,16 +1030,28 @@ mod tests {
 
     impl Harness {
         fn start(device: GatewayDevice) -> Self {
+            Self::start_with(device, Arc::new(crate::clock::SystemSource))
+        }
+
+        /// Started with its wall clock reading `source`.
+        fn start_with(device: GatewayDevice, source: Arc<dyn crate::clock::TimeSource>) -> Self {
             let metrics = Arc::new(Metrics::new(&mut Registry::default()));
             let (sink, readings) = ReadingSink::channel(256);
             let cancel = CancellationToken::new();
+            let hub = crate::adapters::hub::DeviceHub::with_clock(
+                crate::adapters::hub::HubArgs::loopback(),
+                crate::secrets::SecretStore::new("/nonexistent"),
+                Arc::clone(&metrics),
+                CancellationToken::new(),
+                crate::clock::WallClock::with_source(source, Arc::clone(&metrics)),
+            );
             let task = DeviceTask {
                 device: Arc::new(device),
                 node: "node-1".into(),
                 sink,
                 metrics: Arc::clone(&metrics),
                 cancel: cancel.clone(),
-                hub: crate::adapters::hub::DeviceHub::for_tests(Arc::clone(&metrics)),
+                hub,
             };
             let key = task.key();
             let adapter = tokio::spawn(crate::adapters::run(task));
@@ -1090,6 +1091,46 @@ mod tests {
                 .expect("adapter did not stop promptly")
                 .expect("adapter panicked");
         }
+    }
+
+    #[tokio::test]
+    async fn a_wall_clock_stepped_back_an_hour_is_counted_and_polling_continues_with_unique_ids() {
+        let (port, sim_cancel) = start_sim(SimDevice::new(4, 0)).await;
+        let clock = Arc::new(crate::clock::TestSource::default());
+        let mut h = Harness::start_with(sim_device(4, port, 0, "1s"), clock.clone());
+        let slot = |r: &Reading| -> u64 { r.id.strip_prefix("default/sim-4/").unwrap().parse().unwrap() };
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            slots.push(slot(&h.reading().await));
+        }
+        let metrics = Arc::clone(&h.metrics);
+        let steps = || {
+            let labels = crate::metrics::ClockStepLabels { direction: crate::metrics::StepDirection::backward };
+            metrics.clock_steps.get_or_create(&labels).get()
+        };
+        assert_eq!(steps(), 0);
+
+        clock.step(-3_600_000);
+        // Polling continues: readings keep coming, sampled on the stepped clock.
+        let mut after = Vec::new();
+        while after.len() < 10 {
+            let r = h.reading().await;
+            if reading::age(r.time_unix_nano) > Duration::from_secs(3000) {
+                after.push(slot(&r));
+            } else {
+                slots.push(slot(&r));
+            }
+        }
+        assert_eq!(steps(), 1, "the step was not counted once");
+        // Ids stay unique, increasing and on the interval's grid (deterministic from the
+        // last slot issued before the step).
+        slots.extend(&after);
+        for pair in slots.windows(2) {
+            assert!(pair[1] > pair[0], "slots not increasing: {slots:?}");
+        }
+        assert!(slots.iter().all(|s| s % 50 == 0), "{slots:?}");
+        h.stop().await;
+        sim_cancel.cancel();
     }
 
     #[tokio::test]

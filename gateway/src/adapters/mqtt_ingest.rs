@@ -10,12 +10,25 @@
 //! (`fieldgate_device_errors_total{kind}` with the payload kind) and acknowledged: it would
 //! never map, and redelivering it forever would stall the device.
 //!
+//! Size: a message whose payload is larger than the device's `maxMessageBytes` (default
+//! 256 KiB) is acknowledged at once, dropped and counted (`kind="too_large"`, also the
+//! device's last error); the messages after it flow as before. So that the oversize path is
+//! this one and not a lost connection, the client reads packets up to [`read_limit`]
+//! (at least 16 MiB, 4 times the device's limit). A packet above that cannot be read: on
+//! MQTT 5 the broker is told the limit (CONNECT Maximum Packet Size) and discards such a
+//! message without sending it (MQTT 5 3.1.2.11.4); on 3.1.1 rumqttc ends the connection,
+//! counted as `packet_too_large`, and the persistent session sends the message again on
+//! every reconnect — bound the broker's own message size (`message_size_limit` in
+//! mosquitto) below the read limit for 3.1.1 devices.
+//!
 //! Commands to the device are published on this same session (its credentials, its client
 //! id) to its `commandTopic` with QoS 1, `written` once the field broker acknowledged them.
 //!
 //! Payloads: see [`super::payload`]; a plain value goes to the point named like the topic's
 //! last level (or the only point). Error kinds: `connect` (connection lost or refused),
-//! `subscribe` (a filter refused), `not_accepted`, `secret`, and the payload kinds.
+//! `subscribe` (a filter refused), `not_accepted`, `secret`, `too_large` (a payload above
+//! `maxMessageBytes`), `packet_too_large` (a packet above the read limit, 3.1.1), and the
+//! payload kinds.
 
 use std::time::{Duration, SystemTime};
 
@@ -31,12 +44,25 @@ use crate::reading::{self, Acceptance, Reading};
 /// How long an acknowledgement waits for JetStream before the session is given up.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Smallest packet size the client reads (see the module doc).
+const MIN_READ_LIMIT: usize = 16 << 20;
+
+/// Largest packet the client of a device with message limit `max_message` reads: above the
+/// limit, so that an oversized message is read, counted and acknowledged here.
+pub fn read_limit(max_message: usize) -> usize {
+    max_message.saturating_mul(4).max(MIN_READ_LIMIT)
+}
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The broker connection failed or was lost.
     #[error("connection: {0}")]
     Connection(String),
+    /// The broker sent a packet above the client's read limit (MQTT 3.1.1 only: on 5 the
+    /// broker knows the limit).
+    #[error("the field broker sent a packet of {0} bytes, above the read limit")]
+    PacketTooLarge(usize),
     /// A reading was not accepted by the buffer: the session is dropped unacknowledged.
     #[error("a reading was not accepted by the buffer")]
     NotAccepted,
@@ -50,6 +76,7 @@ impl IngestError {
     pub fn kind(&self) -> &'static str {
         match self {
             IngestError::Connection(_) => "connect",
+            IngestError::PacketTooLarge(_) => "packet_too_large",
             IngestError::NotAccepted => "not_accepted",
             IngestError::Settings(_) => "settings",
         }
@@ -85,6 +112,7 @@ fn open(settings: &MqttDeviceConnection, task: &DeviceTask) -> Result<(Session<T
     }
     endpoint.version = if settings.protocol_version() == 5 { Version::V5 } else { Version::V311 };
     endpoint.keep_alive = settings.keep_alive();
+    endpoint.max_packet_bytes = read_limit(settings.max_message_bytes());
     let options =
         SessionOptions { persistent: true, manual_acks: true, max_in_flight: 100, capacity: 256, no_delay: false };
     Ok(mqtt::open(&endpoint, &options))
@@ -182,6 +210,7 @@ async fn session(
     inbox: &mut Inbox,
 ) -> Result<(), IngestError> {
     let (client, mut events) = open(settings, task)?;
+    let max_message = settings.max_message_bytes();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (broken_tx, mut broken) = oneshot::channel();
     let acker = tokio::spawn(acknowledge(client.clone(), ack_rx, broken_tx));
@@ -201,6 +230,7 @@ async fn session(
             e = events.next() => e,
         };
         match event {
+            Event::Lost(mqtt::MqttError::PacketTooLarge(n)) => return Err(IngestError::PacketTooLarge(n)),
             Event::Lost(e) => return Err(IngestError::Connection(e.to_string())),
             Event::Connected => {
                 for t in &settings.topics {
@@ -229,6 +259,14 @@ async fn session(
                 tracing::warn!(device = %task.key(), refused, "the field broker refused a topic filter");
             }
             Event::Subscribed { .. } => {}
+            Event::Message(Incoming { topic, payload, qos1, ack, .. }) if payload.len() > max_message => {
+                // Acknowledged at once: redelivered, it would be refused again, forever.
+                task.count_error("too_large");
+                tracing::debug!(device = %task.key(), topic = %topic, bytes = payload.len(), max = max_message, "MQTT message above maxMessageBytes dropped");
+                if qos1 {
+                    let _ = ack_tx.send((ack, AckWhen::Now));
+                }
+            }
             Event::Message(Incoming { topic, payload, qos1, ack, .. }) => {
                 let hint = topic.rsplit('/').next();
                 let outcome = match payload::decode(&task.device.points, &payload, hint) {

@@ -240,6 +240,10 @@ pub enum MqttError {
     /// The request queue to the event loop refused a request (full or closed).
     #[error("request queue: {0}")]
     Queue(String),
+    /// The broker sent a packet larger than the endpoint's `max_packet_bytes`: rumqttc ends
+    /// the connection before reading it.
+    #[error("the broker sent a packet of {0} bytes, above the client's limit")]
+    PacketTooLarge(usize),
 }
 
 impl MqttError {
@@ -249,6 +253,7 @@ impl MqttError {
             MqttError::Connection(_) => "connect",
             MqttError::Refused(_) => "refused",
             MqttError::Queue(_) => "queue",
+            MqttError::PacketTooLarge(_) => "packet_too_large",
         }
     }
 }
@@ -574,6 +579,9 @@ impl<T> Events<T> {
                     Err(e @ rumqttc::ConnectionError::ConnectionRefused(_)) => {
                         Some(self.lost(MqttError::Refused(e.to_string())))
                     }
+                    Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::Error::PayloadSizeLimitExceeded(n),
+                    ))) => Some(self.lost(MqttError::PacketTooLarge(n))),
                     Err(e) => Some(self.lost(MqttError::Connection(e.to_string()))),
                 }
             }
@@ -612,6 +620,9 @@ impl<T> Events<T> {
                     Err(e @ rumqttc::v5::ConnectionError::ConnectionRefused(_)) => {
                         Some(self.lost(MqttError::Refused(e.to_string())))
                     }
+                    Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(
+                        rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. },
+                    ))) => Some(self.lost(MqttError::PacketTooLarge(pkt_size))),
                     Err(e) => Some(self.lost(MqttError::Connection(e.to_string()))),
                 }
             }
