@@ -142,6 +142,7 @@ impl Running {
                     restarting.push(k);
                 } else {
                     info!(uplink = %k, "uplink removed");
+                    self.shared.metrics.forget_uplink(&k);
                     applied.removed.push(k);
                 }
             }
@@ -170,7 +171,12 @@ impl Running {
                 }
                 Some(d) => {
                     if let Some(w) = self.devices.remove(&k) {
+                        let protocol = w.spec.connection.protocol();
                         w.stop().await;
+                        // Series labelled with the protocol it no longer speaks go.
+                        if protocol != d.connection.protocol() {
+                            self.shared.metrics.forget_device(&k, protocol);
+                        }
                     }
                     info!(device = %k, "device changed; restarting it");
                     self.start_device(k.clone(), d);
@@ -178,7 +184,10 @@ impl Running {
                 }
                 None => {
                     if let Some(w) = self.devices.remove(&k) {
+                        let protocol = w.spec.connection.protocol();
                         w.stop().await;
+                        self.shared.metrics.forget_device(&k, protocol);
+                        self.shared.hub.forget_device(&k);
                     }
                     info!(device = %k, "device removed");
                     applied.removed.push(k);

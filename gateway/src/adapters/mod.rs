@@ -72,11 +72,7 @@ impl DeviceTask {
     /// Counts a failed request of the given kind.
     pub fn count_error(&self, kind: &'static str) {
         let device = self.key();
-        self.metrics.device_last_error.record(&device, kind);
-        self.metrics
-            .device_errors
-            .get_or_create(&DeviceErrorLabels { device, protocol: self.device.connection.protocol(), kind })
-            .inc();
+        self.metrics.device_error(DeviceErrorLabels { device, protocol: self.device.connection.protocol(), kind });
     }
 
     /// Applies the points' reporting rules ([`crate::reporting`]); `false` when nothing is
@@ -204,8 +200,8 @@ pub async fn run(task: DeviceTask) {
         Connection::ModbusTcp(settings) => Box::pin(modbus_tcp::run(settings, task, inbox)).await,
         Connection::Coap(settings) => Box::pin(coap::run(settings, task, inbox)).await,
         Connection::Mqtt(settings) => Box::pin(mqtt_ingest::run(settings, task, inbox)).await,
-        Connection::Tcp(settings) => Box::pin(tcp::run("tcp", settings, task, inbox)).await,
-        Connection::Udp(settings) => Box::pin(tcp::run("udp", settings, task, inbox)).await,
+        Connection::Tcp(settings) => Box::pin(tcp::run(tcp::Raw::Tcp, settings, task, inbox)).await,
+        Connection::Udp(settings) => Box::pin(tcp::run(tcp::Raw::Udp, settings, task, inbox)).await,
         Connection::ModbusRtu(settings) => Box::pin(modbus_rtu::run(settings, task, inbox)).await,
     }
 }
