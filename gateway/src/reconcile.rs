@@ -164,6 +164,7 @@ impl Running {
         let wanted_devices: HashMap<String, &GatewayDevice> =
             config.devices.iter().map(|d| (key(&d.namespace, &d.name), d)).collect();
         let running: Vec<String> = self.devices.keys().cloned().collect();
+        let mut removed = Vec::new();
         for k in running {
             match wanted_devices.get(&k) {
                 Some(d) if self.devices.get(&k).is_some_and(|w| *w.spec == **d) => {
@@ -184,15 +185,21 @@ impl Running {
                 }
                 None => {
                     if let Some(w) = self.devices.remove(&k) {
-                        let protocol = w.spec.connection.protocol();
-                        w.stop().await;
-                        self.shared.metrics.forget_device(&k, protocol);
-                        self.shared.hub.forget_device(&k);
+                        // Stopped together below: one at a time, a thousand removals take
+                        // a thousand round trips through the runtime.
+                        w.cancel.cancel();
+                        removed.push((k, w));
                     }
-                    info!(device = %k, "device removed");
-                    applied.removed.push(k);
                 }
             }
+        }
+        for (k, w) in removed {
+            let protocol = w.spec.connection.protocol();
+            w.stop().await;
+            self.shared.metrics.forget_device(&k, protocol);
+            self.shared.hub.forget_device(&k);
+            info!(device = %k, "device removed");
+            applied.removed.push(k);
         }
         for (k, d) in wanted_devices {
             if !self.devices.contains_key(&k) {
