@@ -552,11 +552,7 @@ impl Metrics {
     /// Removes every series of an uplink that left the config, once its driver stopped.
     pub fn forget_uplink(&self, uplink: &str) {
         let labels = UplinkLabels { uplink: uplink.to_string() };
-        for family in [
-            &self.readings_accepted,
-            &self.redeliveries,
-            &self.uplink_connects,
-        ] {
+        for family in [&self.readings_accepted, &self.redeliveries, &self.uplink_connects] {
             family.remove(&labels);
         }
         for family in [

@@ -256,7 +256,9 @@ impl Traces {
         #[cfg(not(feature = "otlp"))]
         {
             let _ = (args, service, instance);
-            warn!("OTEL_* variables ask for OTLP trace export, but this gateway was built without the `otlp` feature; tracing stays off");
+            warn!(
+                "OTEL_* variables ask for OTLP trace export, but this gateway was built without the `otlp` feature; tracing stays off"
+            );
             Self { provider: None }
         }
         #[cfg(feature = "otlp")]

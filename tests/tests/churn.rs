@@ -19,8 +19,10 @@ use fieldgate_tests::{Gateway, NatsServer, SimFleet, free_port, wait_until};
 const DEVICES: usize = 10_000;
 /// Devices of one round: each round's config replaces the previous round's devices.
 const PER_ROUND: usize = 1_000;
-/// Time one round gets to be applied (and each of its devices to show up in `/metrics`).
-const ROUND: Duration = Duration::from_secs(60);
+/// Time one round gets to be applied (and each of its devices to show up in `/metrics`): a
+/// bound, not a speed expectation (a debug build on a busy machine checks a 1,000-device
+/// config slowly).
+const ROUND: Duration = Duration::from_secs(240);
 
 /// Name prefix of the devices that come and go.
 const PREFIX: &str = "churn-";
@@ -65,8 +67,7 @@ async fn devices_that_come_and_go_leave_no_series_and_no_memory_behind() -> Resu
     let applied = |n: usize| {
         let gw = &gw;
         async move {
-            gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "applied")], ROUND, |v| v >= n as f64)
-                .await
+            gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "applied")], ROUND, |v| v >= n as f64).await
         }
     };
     applied(1).await?;
@@ -101,7 +102,9 @@ async fn devices_that_come_and_go_leave_no_series_and_no_memory_behind() -> Resu
     .await;
     left.map_err(|e| e.context(gw.log()))?;
     let end = rss_kib(&gw)?;
-    println!("RSS (VmRSS) of the gateway: start {start} KiB, peak {peak} KiB, after {DEVICES} devices came and went {end} KiB");
+    println!(
+        "RSS (VmRSS) of the gateway: start {start} KiB, peak {peak} KiB, after {DEVICES} devices came and went {end} KiB"
+    );
     // Near the start: what a gateway with no devices holds plus a small allowance for the
     // allocator's caches, far below what the devices of one round cost.
     let allowance = (peak - start) / 4;

@@ -16,11 +16,12 @@
 //! CoAP client, the device's MQTT ingest session, the TCP device's live connection, the UDP
 //! listener towards the device's last authenticated source.
 //!
-//! Adding a protocol:
-//! 1. add its typed settings as a variant of `fieldgate_crds::Connection` (with validation in
-//!    `fieldgate_crds::validate`);
-//! 2. add one file here with `pub async fn run(settings, DeviceTask)`;
-//! 3. add its arm to the `match` in [`run`] — the compiler points at every other place.
+//! Adding a protocol: `docs/adding-a-protocol.md` lists every place. In short, its typed
+//! settings become a variant of `fieldgate_crds::Connection`; then the compiler points at the
+//! exhaustive matches that need its arm (label and placement in `crds`, validation, the
+//! Secrets it reads, the operator's rendering, and [`run`] here); and one file here holds
+//! its adapter. A polled protocol edits 6 files by hand today. Protocols devices connect to
+//! also need a [`hub::Listener`] variant.
 
 use std::sync::Arc;
 
