@@ -177,11 +177,12 @@ mod tests {
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let restarts = metrics.task_restarts.get(&TaskLabels { task: "t".into() }).map(|c| c.get());
+        assert_eq!(restarts, Some(2));
         cancel.cancel();
         sup.await.unwrap();
-        let restarts = metrics.task_restarts.get_or_create(&TaskLabels { task: "t".into() }).get();
-        assert_eq!(restarts, 2);
         assert!(metrics.task_states.snapshot().is_empty(), "a stopped task leaves the task states");
+        assert!(metrics.task_restarts.get(&TaskLabels { task: "t".into() }).is_none(), "and its restart series");
     }
 
     #[tokio::test]
