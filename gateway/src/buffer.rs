@@ -487,14 +487,16 @@ impl Default for WriterSettings {
 /// force when the writer takes it.
 pub async fn run_writer(
     js: jetstream::Context,
-    routes: watch::Receiver<Arc<Routes>>,
+    mut routes: watch::Receiver<Arc<Routes>>,
     metrics: Arc<Metrics>,
     settings: WriterSettings,
     mut rx: mpsc::Receiver<Submission>,
     abandon: tokio_util::sync::CancellationToken,
 ) {
-    let mut lanes: HashMap<String, mpsc::Sender<Queued>> = HashMap::new();
+    let mut lanes: HashMap<String, Lane> = HashMap::new();
     let mut lane_tasks = tokio::task::JoinSet::new();
+    // Lanes of uplinks that left the config, storing what they still hold before they end.
+    let mut closing: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         let next = tokio::select! {
             biased;
@@ -513,14 +515,27 @@ pub async fn run_writer(
                 }
                 break;
             }
+            Some(ended) = lane_tasks.join_next_with_id(), if !closing.is_empty() => {
+                closing.remove(&lane_id(&ended));
+                continue;
+            }
             next = rx.recv() => next,
         };
         let Some(mut reading) = next else {
             info!(lanes = lanes.len(), "buffer writer draining");
             break;
         };
-        // A lane outlives its uplink leaving the config (it idles): were it replaced when the
-        // uplink comes back, two lanes would number the same stream's readings.
+        if routes.has_changed().unwrap_or(false) {
+            // Lanes of uplinks that left the config close: each stores what it holds and ends.
+            let current = Arc::clone(&routes.borrow_and_update());
+            lanes.retain(|uplink, lane| {
+                let kept = current.buffers().iter().any(|b| b.uplink == *uplink);
+                if !kept {
+                    closing.insert(lane.task, uplink.clone());
+                }
+                kept
+            });
+        }
         let current = Arc::clone(&routes.borrow());
         let targets = current.targets(&reading.namespace, &reading.device);
         if targets.is_empty() {
@@ -540,8 +555,18 @@ pub async fn run_writer(
             let b = &current.buffers()[route];
             // Looked up by reference: this runs for every reading.
             if !lanes.contains_key(&b.uplink) {
+                // An uplink back in the config waits for its old lane to end: two lanes would
+                // number the same stream's readings.
+                while closing.values().any(|u| *u == b.uplink) {
+                    match lane_tasks.join_next_with_id().await {
+                        Some(ended) => {
+                            closing.remove(&lane_id(&ended));
+                        }
+                        None => closing.clear(),
+                    }
+                }
                 let (tx, lane_rx) = mpsc::channel(settings.lane_capacity);
-                lane_tasks.spawn(run_lane(
+                let task = lane_tasks.spawn(run_lane(
                     js.clone(),
                     Arc::clone(b),
                     Arc::clone(&metrics),
@@ -549,9 +574,9 @@ pub async fn run_writer(
                     lane_rx,
                     abandon.clone(),
                 ));
-                lanes.insert(b.uplink.clone(), tx);
+                lanes.insert(b.uplink.clone(), Lane { tx, task: task.id() });
             }
-            let Some(lane) = lanes.get(&b.uplink) else { continue };
+            let Some(Lane { tx: lane, .. }) = lanes.get(&b.uplink) else { continue };
             let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
             let queued = Queued { payload: payload.clone(), tracker: tracker.clone(), span, since: Instant::now() };
             // Waits while the lane is full: the adapters feel the buffer's pace.
@@ -570,6 +595,20 @@ pub async fn run_writer(
     while lane_tasks.join_next().await.is_some() {}
     warn_if_dropped(&metrics, &routes.borrow());
     info!("buffer writer stopped");
+}
+
+/// The writer's end of an uplink's lane.
+struct Lane {
+    tx: mpsc::Sender<Queued>,
+    task: tokio::task::Id,
+}
+
+/// The id of a lane task that ended.
+fn lane_id(ended: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match ended {
+        Ok((id, ())) => *id,
+        Err(e) => e.id(),
+    }
 }
 
 /// Stores one uplink's readings as entries, one awaiting its PubAck at a time.

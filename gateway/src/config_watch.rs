@@ -70,7 +70,17 @@ pub async fn watch_file(
             continue;
         }
         last = d;
-        if tx.send(load_config(&path, &node, &secrets)).await.is_err() {
+        // Off the runtime: a config of thousands of devices takes a while to check, and
+        // /metrics, probes and the devices go on meanwhile.
+        let (p, n, s) = (path.clone(), node.clone(), secrets.clone());
+        let loaded = match tokio::task::spawn_blocking(move || load_config(&p, &n, &s)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(config = %path.display(), error = %e, "checking the config failed; keeping the running config");
+                continue;
+            }
+        };
+        if tx.send(loaded).await.is_err() {
             warn!("config watcher stopped: nobody applies configs any more");
             return;
         }

@@ -174,7 +174,7 @@ impl Downlink {
             status: status.label(),
             reason: reason.map_or("", Reason::label),
         };
-        self.task.metrics.commands.get_or_create(&labels).inc();
+        self.task.metrics.command(labels);
     }
 
     /// Publishes one result. Queued for the session; a result lost with the session is one

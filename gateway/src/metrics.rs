@@ -73,6 +73,18 @@ impl DropReason {
         DropReason::undecodable,
     ];
 
+    /// Every reason there is (the status page leaves `refused` out of [`DropReason::ALL`]).
+    pub const EVERY: [DropReason; 8] = [
+        DropReason::buffer_full_rejected,
+        DropReason::buffer_full_evicted,
+        DropReason::max_age_expired,
+        DropReason::buffer_unavailable,
+        DropReason::too_large,
+        DropReason::no_uplink,
+        DropReason::undecodable,
+        DropReason::refused,
+    ];
+
     /// The label value, for spans and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,6 +120,12 @@ pub enum DeliveryOutcome {
     refused,
     /// The connection dropped before the acknowledgement; the reading will be sent again.
     interrupted,
+}
+
+impl DeliveryOutcome {
+    /// Every outcome.
+    pub const EVERY: [DeliveryOutcome; 3] =
+        [DeliveryOutcome::acked, DeliveryOutcome::refused, DeliveryOutcome::interrupted];
 }
 
 /// Labels of a delivery.
@@ -257,6 +275,41 @@ pub struct Metrics {
     /// What each supervised task is doing, for the diagnostics bundle (restarts are counted
     /// in `task_restarts` too).
     pub task_states: crate::supervise::TaskStates,
+    /// The `device_errors` label sets of each device, removed with it.
+    error_series: LabelSets<DeviceErrorLabels>,
+    /// The `commands` label sets of each uplink, removed with it.
+    command_series: LabelSets<CommandLabels>,
+}
+
+/// The label sets each owner (a device or an uplink, `namespace/name`) created in a family
+/// whose label values cannot be listed up front (error kinds, command reasons), so that its
+/// series can be removed when the owner leaves the config.
+#[derive(Debug)]
+struct LabelSets<S>(std::sync::Mutex<std::collections::HashMap<String, Vec<S>>>);
+
+impl<S> Default for LabelSets<S> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+}
+
+impl<S: PartialEq + Clone> LabelSets<S> {
+    /// Notes that `owner` has a series labelled `labels`.
+    fn note(&self, owner: &str, labels: &S) {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.get_mut(owner) {
+            Some(sets) if sets.contains(labels) => {}
+            Some(sets) => sets.push(labels.clone()),
+            None => {
+                m.insert(owner.to_string(), vec![labels.clone()]);
+            }
+        }
+    }
+
+    /// The label sets of `owner`, forgotten here.
+    fn take(&self, owner: &str) -> Vec<S> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(owner).unwrap_or_default()
+    }
 }
 
 /// The last error of each device: kind and Unix milliseconds, by `namespace/name`.
@@ -279,6 +332,11 @@ impl LastErrors {
     /// Kind and Unix milliseconds of the device's last error.
     pub fn get(&self, device: &str) -> Option<(&'static str, u64)> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(device).copied()
+    }
+
+    /// Forgets the device (removed from the config).
+    pub fn forget(&self, device: &str) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device);
     }
 }
 
@@ -322,6 +380,11 @@ impl LastValues {
     /// The device's last recorded reading.
     pub fn get(&self, device: &str) -> Option<LastReading> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(device).cloned()
+    }
+
+    /// Forgets the device (removed from the config).
+    pub fn forget(&self, device: &str) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device);
     }
 
     /// Forgets the devices `keep` says no to (devices removed from the config).
@@ -377,6 +440,8 @@ impl Metrics {
             device_last_error: LastErrors::default(),
             device_last_values: LastValues::default(),
             task_states: crate::supervise::TaskStates::default(),
+            error_series: LabelSets::default(),
+            command_series: LabelSets::default(),
         };
         let r = registry.sub_registry_with_prefix("fieldgate");
         r.register("device_polls", "Device polls that read at least one point", m.polls.clone());
@@ -477,6 +542,65 @@ impl Metrics {
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "Version of the running gateway", build);
         m
+    }
+
+    /// Counts a failed request of `kind` to a device and records it as the device's last error.
+    pub fn device_error(&self, labels: DeviceErrorLabels) {
+        self.device_last_error.record(&labels.device, labels.kind);
+        self.error_series.note(&labels.device, &labels);
+        self.device_errors.get_or_create(&labels).inc();
+    }
+
+    /// Counts a command's final status.
+    pub fn command(&self, labels: CommandLabels) {
+        self.command_series.note(&labels.uplink, &labels);
+        self.commands.get_or_create(&labels).inc();
+    }
+
+    /// Removes every series and entry of a device that left the config (`protocol` is the
+    /// protocol it ran with), once its adapter stopped: a gateway whose devices come and go
+    /// keeps only the series of the devices it runs.
+    pub fn forget_device(&self, device: &str, protocol: &'static str) {
+        let labels = DeviceLabels { device: device.to_string(), protocol };
+        self.polls.remove(&labels);
+        self.poll_duration.remove(&labels);
+        self.device_connected.remove(&labels);
+        self.readings_received.remove(&labels);
+        self.device_last_reading.remove(&labels);
+        for errors in self.error_series.take(device) {
+            self.device_errors.remove(&errors);
+        }
+        self.device_last_error.forget(device);
+        self.device_last_values.forget(device);
+    }
+
+    /// Removes every series of an uplink that left the config, once its driver stopped.
+    pub fn forget_uplink(&self, uplink: &str) {
+        let labels = UplinkLabels { uplink: uplink.to_string() };
+        for family in [&self.readings_accepted, &self.redeliveries, &self.uplink_connects] {
+            family.remove(&labels);
+        }
+        for family in [
+            &self.buffer_messages,
+            &self.buffer_last_seq,
+            &self.buffer_bytes,
+            &self.uplink_connected,
+            &self.buffer_reachable,
+        ] {
+            family.remove(&labels);
+        }
+        self.delivery_latency.remove(&labels);
+        self.sample_to_cloud_latency.remove(&labels);
+        self.buffer_oldest_unsent_age.remove(&labels);
+        for reason in DropReason::EVERY {
+            self.readings_dropped.remove(&DropLabels { uplink: uplink.to_string(), reason });
+        }
+        for outcome in DeliveryOutcome::EVERY {
+            self.deliveries.remove(&DeliveryLabels { uplink: uplink.to_string(), outcome });
+        }
+        for commands in self.command_series.take(uplink) {
+            self.commands.remove(&commands);
+        }
     }
 
     /// Counts a dropped reading.

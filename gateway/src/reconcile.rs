@@ -142,6 +142,7 @@ impl Running {
                     restarting.push(k);
                 } else {
                     info!(uplink = %k, "uplink removed");
+                    self.shared.metrics.forget_uplink(&k);
                     applied.removed.push(k);
                 }
             }
@@ -163,6 +164,7 @@ impl Running {
         let wanted_devices: HashMap<String, &GatewayDevice> =
             config.devices.iter().map(|d| (key(&d.namespace, &d.name), d)).collect();
         let running: Vec<String> = self.devices.keys().cloned().collect();
+        let mut removed = Vec::new();
         for k in running {
             match wanted_devices.get(&k) {
                 Some(d) if self.devices.get(&k).is_some_and(|w| *w.spec == **d) => {
@@ -170,7 +172,12 @@ impl Running {
                 }
                 Some(d) => {
                     if let Some(w) = self.devices.remove(&k) {
+                        let protocol = w.spec.connection.protocol();
                         w.stop().await;
+                        // Series labelled with the protocol it no longer speaks go.
+                        if protocol != d.connection.protocol() {
+                            self.shared.metrics.forget_device(&k, protocol);
+                        }
                     }
                     info!(device = %k, "device changed; restarting it");
                     self.start_device(k.clone(), d);
@@ -178,12 +185,21 @@ impl Running {
                 }
                 None => {
                     if let Some(w) = self.devices.remove(&k) {
-                        w.stop().await;
+                        // Stopped together below: one at a time, a thousand removals take
+                        // a thousand round trips through the runtime.
+                        w.cancel.cancel();
+                        removed.push((k, w));
                     }
-                    info!(device = %k, "device removed");
-                    applied.removed.push(k);
                 }
             }
+        }
+        for (k, w) in removed {
+            let protocol = w.spec.connection.protocol();
+            w.stop().await;
+            self.shared.metrics.forget_device(&k, protocol);
+            self.shared.hub.forget_device(&k);
+            info!(device = %k, "device removed");
+            applied.removed.push(k);
         }
         for (k, d) in wanted_devices {
             if !self.devices.contains_key(&k) {

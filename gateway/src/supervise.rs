@@ -70,12 +70,15 @@ impl TaskStates {
         }
     }
 
-    fn remove(&self, name: &str, id: u64) {
+    /// Removes the task's entry; `false` when a task of the same name started since (a
+    /// changed device), which keeps its entry.
+    fn remove(&self, name: &str, id: u64) -> bool {
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        // A task of the same name started since (a changed device) keeps its entry.
-        if tasks.get(name).is_some_and(|(owner, _)| *owner == id) {
+        let ours = tasks.get(name).is_some_and(|(owner, _)| *owner == id);
+        if ours {
             tasks.remove(name);
         }
+        ours
     }
 }
 
@@ -93,7 +96,11 @@ where
 {
     let id = metrics.task_states.register(&name);
     supervise_registered(&name, id, &metrics, &cancel, make).await;
-    metrics.task_states.remove(&name, id);
+    // Stopped for good (its device or uplink left the config, or the gateway stops): its
+    // restart count goes with it, unless a task of the same name took over.
+    if metrics.task_states.remove(&name, id) {
+        metrics.task_restarts.remove(&TaskLabels { task: name });
+    }
 }
 
 async fn supervise_registered<F, Fut>(name: &str, id: u64, metrics: &Metrics, cancel: &CancellationToken, mut make: F)
@@ -170,11 +177,12 @@ mod tests {
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let restarts = metrics.task_restarts.get(&TaskLabels { task: "t".into() }).map(|c| c.get());
+        assert_eq!(restarts, Some(2));
         cancel.cancel();
         sup.await.unwrap();
-        let restarts = metrics.task_restarts.get_or_create(&TaskLabels { task: "t".into() }).get();
-        assert_eq!(restarts, 2);
         assert!(metrics.task_states.snapshot().is_empty(), "a stopped task leaves the task states");
+        assert!(metrics.task_restarts.get(&TaskLabels { task: "t".into() }).is_none(), "and its restart series");
     }
 
     #[tokio::test]

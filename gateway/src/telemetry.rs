@@ -226,6 +226,7 @@ pub fn otlp_configured() -> bool {
     }
 }
 
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 fn sampler(args: &TraceArgs) -> Option<Sampler> {
     let ratio = match (args.trace_sample_ratio, env("OTEL_TRACES_SAMPLER")) {
         (Some(r), _) => r,
@@ -252,6 +253,21 @@ impl Traces {
         if !otlp_configured() {
             return Self { provider: None };
         }
+        #[cfg(not(feature = "otlp"))]
+        {
+            let _ = (args, service, instance);
+            warn!(
+                "OTEL_* variables ask for OTLP trace export, but this gateway was built without the `otlp` feature; tracing stays off"
+            );
+            Self { provider: None }
+        }
+        #[cfg(feature = "otlp")]
+        Self::export(args, service, instance)
+    }
+
+    /// Starts the OTLP exporter and the pipeline around it.
+    #[cfg(feature = "otlp")]
+    fn export(args: &TraceArgs, service: &'static str, instance: &str) -> Self {
         let exporter = match opentelemetry_otlp::SpanExporter::builder().build() {
             Ok(e) => e,
             Err(e) => {

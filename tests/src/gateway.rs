@@ -182,6 +182,11 @@ impl Gateway {
         self.wait_ready().await
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(|p| matches!(p.try_status(), Ok(None)))

@@ -39,13 +39,14 @@ use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::hub::{Credential, DeviceHub, Registered, bind_udp};
+use super::hub::{Credential, DeviceHub, Listener, Registered, bind_udp};
 use super::{DeviceTask, payload};
 use crate::command::{Inbox, Outcome, Reason, Status};
 use crate::metrics::IngressLabels;
 use crate::reading::{self, Reading, pb};
 
-const PROTOCOL: &str = "coap";
+const LISTENER: Listener = Listener::Coap;
+const PROTOCOL: &str = LISTENER.protocol();
 /// Largest datagram read; anything longer is refused as `too_large`.
 const DATAGRAM: usize = 2048;
 /// How long a push waits for JetStream before it is answered 5.03.
@@ -241,7 +242,7 @@ struct Server {
 
 /// Runs the push listener until the hub's token is cancelled.
 pub(crate) async fn listen(hub: Arc<DeviceHub>) {
-    let Some(socket) = bind_udp(&hub, PROTOCOL, hub.args.coap_listen).await else { return };
+    let Some(socket) = bind_udp(&hub, LISTENER).await else { return };
     let server = Arc::new(Server {
         socket,
         hub: Arc::clone(&hub),
@@ -371,7 +372,7 @@ impl Server {
         }
         self.count_message(kind);
         let path = path_of(&req);
-        let Some(dev) = hub.lookup(PROTOCOL, &path) else {
+        let Some(dev) = hub.lookup(LISTENER, &path) else {
             hub.reject(PROTOCOL, "unknown_device");
             self.refuse(&req, peer, ResponseType::NotFound, "unknown device");
             return None;
@@ -758,7 +759,7 @@ async fn serve(settings: &CoapConnection, task: &DeviceTask) {
         None => Credential::Open,
         Some(r) => task.hub.credential(r, task),
     };
-    let _registration = task.hub.register(PROTOCOL, push_path, Registered::new(task.clone(), token, max_body));
+    let _registration = task.hub.register(LISTENER, push_path, Registered::new(task.clone(), token, max_body));
     match &settings.host {
         Some(host) => client_loop(settings, host, max_body, task).await,
         None => task.cancel.cancelled().await,

@@ -80,6 +80,49 @@ impl HubArgs {
     }
 }
 
+/// A listener devices connect to (or push to). Every place that differs per listener matches
+/// on it exhaustively, so a new listening protocol is a variant and the compiler lists the
+/// rest: its label, its address on the command line, the task that serves it. (Protocols
+/// whose adapter reaches out to the device, such as Modbus, need no listener.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Listener {
+    /// CoAP push (UDP).
+    Coap,
+    /// Raw TCP frames.
+    Tcp,
+    /// Raw UDP datagrams.
+    Udp,
+}
+
+impl Listener {
+    /// The protocol label (metrics, logs); the same as the devices' `Connection::protocol`.
+    pub const fn protocol(self) -> &'static str {
+        match self {
+            Listener::Coap => "coap",
+            Listener::Tcp => "tcp",
+            Listener::Udp => "udp",
+        }
+    }
+
+    /// The address it is bound to, from the command line.
+    pub fn address(self, args: &HubArgs) -> SocketAddr {
+        match self {
+            Listener::Coap => args.coap_listen,
+            Listener::Tcp => args.tcp_listen,
+            Listener::Udp => args.udp_listen,
+        }
+    }
+
+    /// Serves the listener until the hub stops (restarted by its supervisor if it fails).
+    async fn serve(self, hub: Arc<DeviceHub>) {
+        match self {
+            Listener::Coap => super::coap::listen(hub).await,
+            Listener::Tcp => super::tcp::listen(hub).await,
+            Listener::Udp => super::udp::listen(hub).await,
+        }
+    }
+}
+
 /// What a device must present to be let in.
 #[derive(Debug)]
 pub enum Credential {
@@ -164,8 +207,8 @@ impl IdClock {
     }
 }
 
-/// A directory key: protocol and the name devices are found by (CoAP path, TCP/UDP id).
-type Key = (&'static str, String);
+/// A directory key: the listener and the name devices are found by (CoAP path, TCP/UDP id).
+type Key = (Listener, String);
 
 /// Removes a registration when the device task ends.
 pub struct Registration {
@@ -202,8 +245,8 @@ pub struct DeviceHub {
     /// Cancelled when the gateway stops: listeners end.
     pub cancel: CancellationToken,
     directory: RwLock<HashMap<Key, Arc<Registered>>>,
-    started: Mutex<HashSet<&'static str>>,
-    bound: Mutex<HashMap<&'static str, SocketAddr>>,
+    started: Mutex<HashSet<Listener>>,
+    bound: Mutex<HashMap<Listener, SocketAddr>>,
     /// Modbus RTU buses in use (one scheduler per serial line).
     pub buses: super::modbus_rtu::Buses,
     /// Reporting state of the devices with reporting rules.
@@ -296,13 +339,13 @@ impl DeviceHub {
         Self::new(HubArgs::loopback(), SecretStore::new("/nonexistent"), metrics, CancellationToken::new())
     }
 
-    /// Registers a device under `(protocol, name)` and makes sure the protocol's listener
-    /// runs. A previous registration under the same key is replaced.
-    pub fn register(self: &Arc<Self>, protocol: &'static str, name: String, entry: Registered) -> Registration {
+    /// Registers a device under `(listener, name)` and makes sure the listener runs. A
+    /// previous registration under the same key is replaced.
+    pub fn register(self: &Arc<Self>, listener: Listener, name: String, entry: Registered) -> Registration {
         let entry = Arc::new(entry);
-        let key = (protocol, name);
+        let key = (listener, name);
         self.directory.write().unwrap_or_else(PoisonError::into_inner).insert(key.clone(), Arc::clone(&entry));
-        self.ensure_listener(protocol);
+        self.ensure_listener(listener);
         Registration { hub: Arc::clone(self), key, entry }
     }
 
@@ -324,16 +367,22 @@ impl DeviceHub {
         self.running.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
     }
 
-    /// Every device registered with `protocol`'s listener.
-    pub fn registered(&self, protocol: &'static str) -> Vec<Arc<Registered>> {
-        let dir = self.directory.read().unwrap_or_else(PoisonError::into_inner);
-        dir.iter().filter(|((p, _), _)| *p == protocol).map(|(_, e)| Arc::clone(e)).collect()
+    /// Forgets what the listeners keep of a device that left the config (its adapter, and
+    /// with it its registrations and command inbox, already stopped).
+    pub fn forget_device(&self, key: &str) {
+        self.udp_peers.forget(key);
     }
 
-    /// The device registered under `(protocol, name)`.
-    pub fn lookup(&self, protocol: &'static str, name: &str) -> Option<Arc<Registered>> {
+    /// Every device registered with `listener`.
+    pub fn registered(&self, listener: Listener) -> Vec<Arc<Registered>> {
         let dir = self.directory.read().unwrap_or_else(PoisonError::into_inner);
-        dir.get(&(protocol, name.to_string())).cloned()
+        dir.iter().filter(|((l, _), _)| *l == listener).map(|(_, e)| Arc::clone(e)).collect()
+    }
+
+    /// The device registered under `(listener, name)`.
+    pub fn lookup(&self, listener: Listener, name: &str) -> Option<Arc<Registered>> {
+        let dir = self.directory.read().unwrap_or_else(PoisonError::into_inner);
+        dir.get(&(listener, name.to_string())).cloned()
     }
 
     /// Counts a refusal not tied to a device.
@@ -347,12 +396,12 @@ impl DeviceHub {
     }
 
     /// The address a listener is bound to, once bound.
-    pub fn bound(&self, protocol: &'static str) -> Option<SocketAddr> {
-        self.bound.lock().unwrap_or_else(PoisonError::into_inner).get(protocol).copied()
+    pub fn bound(&self, listener: Listener) -> Option<SocketAddr> {
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner).get(&listener).copied()
     }
 
-    pub(crate) fn set_bound(&self, protocol: &'static str, addr: SocketAddr) {
-        self.bound.lock().unwrap_or_else(PoisonError::into_inner).insert(protocol, addr);
+    pub(crate) fn set_bound(&self, listener: Listener, addr: SocketAddr) {
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner).insert(listener, addr);
     }
 
     /// Reads a device token Secret. Unreadable: logged, counted (`secret`), and everything
@@ -368,32 +417,15 @@ impl DeviceHub {
         }
     }
 
-    fn ensure_listener(self: &Arc<Self>, protocol: &'static str) {
-        if !self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(protocol) {
+    fn ensure_listener(self: &Arc<Self>, listener: Listener) {
+        if !self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(listener) {
             return;
         }
         let hub = Arc::clone(self);
-        let name = format!("listener {protocol}");
-        let metrics = Arc::clone(&self.metrics);
-        let cancel = self.cancel.clone();
-        match protocol {
-            "coap" => {
-                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
-                    super::coap::listen(Arc::clone(&hub))
-                }));
-            }
-            "tcp" => {
-                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
-                    super::tcp::listen(Arc::clone(&hub))
-                }));
-            }
-            "udp" => {
-                tokio::spawn(crate::supervise::supervise(name, metrics, cancel, move || {
-                    super::udp::listen(Arc::clone(&hub))
-                }));
-            }
-            other => tracing::error!(protocol = other, "no listener for this protocol"),
-        }
+        let name = format!("listener {}", listener.protocol());
+        tokio::spawn(crate::supervise::supervise(name, Arc::clone(&self.metrics), self.cancel.clone(), move || {
+            listener.serve(Arc::clone(&hub))
+        }));
     }
 }
 
@@ -414,18 +446,15 @@ fn udp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 }
 
 /// Binds with retries (another process may hold the port for a moment) until `cancel`.
-pub(crate) async fn bind_udp(
-    hub: &DeviceHub,
-    protocol: &'static str,
-    addr: SocketAddr,
-) -> Option<tokio::net::UdpSocket> {
+pub(crate) async fn bind_udp(hub: &DeviceHub, listener: Listener) -> Option<tokio::net::UdpSocket> {
+    let (protocol, addr) = (listener.protocol(), listener.address(&hub.args));
     let mut delays = crate::supervise::backoff(Duration::from_millis(200), Duration::from_secs(10));
     let mut logged = false;
     loop {
         match udp_listener(addr) {
             Ok(s) => {
                 let local = s.local_addr().unwrap_or(addr);
-                hub.set_bound(protocol, local);
+                hub.set_bound(listener, local);
                 tracing::info!(protocol, listen = %local, "device listener bound");
                 return Some(s);
             }
@@ -495,16 +524,16 @@ mod tests {
             Ok(v) => Credential::Token(v),
             Err(_) => Credential::Unreadable,
         };
-        let first = hub.register("udp", "dev".into(), Registered::new(t.clone(), cred, 64));
-        let dev = hub.lookup("udp", "dev").unwrap();
+        let first = hub.register(Listener::Udp, "dev".into(), Registered::new(t.clone(), cred, 64));
+        let dev = hub.lookup(Listener::Udp, "dev").unwrap();
         assert!(dev.token_matches(b"abc"));
         assert!(!dev.token_matches(b"abd") && !dev.token_matches(b"ab") && !dev.token_matches(b""));
         // A newer registration under the same key survives the older guard.
-        let second = hub.register("udp", "dev".into(), Registered::new(t.clone(), Credential::Unreadable, 64));
+        let second = hub.register(Listener::Udp, "dev".into(), Registered::new(t.clone(), Credential::Unreadable, 64));
         drop(first);
-        assert!(!hub.lookup("udp", "dev").unwrap().token_matches(b"abc"));
+        assert!(!hub.lookup(Listener::Udp, "dev").unwrap().token_matches(b"abc"));
         drop(second);
-        assert!(hub.lookup("udp", "dev").is_none());
+        assert!(hub.lookup(Listener::Udp, "dev").is_none());
         let missing = hub.credential(&fieldgate_crds::DeviceSecretRef { name: "nope".into(), key: None }, &t);
         assert!(matches!(missing, Credential::Unreadable));
     }

@@ -16,11 +16,12 @@
 //! CoAP client, the device's MQTT ingest session, the TCP device's live connection, the UDP
 //! listener towards the device's last authenticated source.
 //!
-//! Adding a protocol:
-//! 1. add its typed settings as a variant of `fieldgate_crds::Connection` (with validation in
-//!    `fieldgate_crds::validate`);
-//! 2. add one file here with `pub async fn run(settings, DeviceTask)`;
-//! 3. add its arm to the `match` in [`run`] — the compiler points at every other place.
+//! Adding a protocol: `docs/adding-a-protocol.md` lists every place. In short, its typed
+//! settings become a variant of `fieldgate_crds::Connection`; then the compiler points at the
+//! exhaustive matches that need its arm (label and placement in `crds`, validation, the
+//! Secrets it reads, the operator's rendering, and [`run`] here); and one file here holds
+//! its adapter. A polled protocol edits 6 files by hand today. Protocols devices connect to
+//! also need a [`hub::Listener`] variant.
 
 use std::sync::Arc;
 
@@ -72,11 +73,7 @@ impl DeviceTask {
     /// Counts a failed request of the given kind.
     pub fn count_error(&self, kind: &'static str) {
         let device = self.key();
-        self.metrics.device_last_error.record(&device, kind);
-        self.metrics
-            .device_errors
-            .get_or_create(&DeviceErrorLabels { device, protocol: self.device.connection.protocol(), kind })
-            .inc();
+        self.metrics.device_error(DeviceErrorLabels { device, protocol: self.device.connection.protocol(), kind });
     }
 
     /// Applies the points' reporting rules ([`crate::reporting`]); `false` when nothing is
@@ -204,8 +201,8 @@ pub async fn run(task: DeviceTask) {
         Connection::ModbusTcp(settings) => Box::pin(modbus_tcp::run(settings, task, inbox)).await,
         Connection::Coap(settings) => Box::pin(coap::run(settings, task, inbox)).await,
         Connection::Mqtt(settings) => Box::pin(mqtt_ingest::run(settings, task, inbox)).await,
-        Connection::Tcp(settings) => Box::pin(tcp::run("tcp", settings, task, inbox)).await,
-        Connection::Udp(settings) => Box::pin(tcp::run("udp", settings, task, inbox)).await,
+        Connection::Tcp(settings) => Box::pin(tcp::run(tcp::Raw::Tcp, settings, task, inbox)).await,
+        Connection::Udp(settings) => Box::pin(tcp::run(tcp::Raw::Udp, settings, task, inbox)).await,
         Connection::ModbusRtu(settings) => Box::pin(modbus_rtu::run(settings, task, inbox)).await,
     }
 }

@@ -42,12 +42,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::hub::{CommandSlot, DeviceHub, Registered};
+use super::hub::{CommandSlot, DeviceHub, Listener, Registered};
 use super::{DeviceTask, payload};
 use crate::command::{Inbox, Outcome, Reason, Status};
 use crate::metrics::ProtocolLabels;
 
-const PROTOCOL: &str = "tcp";
+const LISTENER: Listener = Listener::Tcp;
+const PROTOCOL: &str = LISTENER.protocol();
 /// How long a frame waits for JetStream before it is answered `ERR not_accepted`.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,21 +56,21 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// sends its commands, in order, as the frame `{"command": id, "point", "value"}` — a TCP
 /// device on its live connection, a UDP device from the listener to the source of its last
 /// authenticated datagram. A frame is not sent twice (`written` once handed over).
-pub async fn run(protocol: &'static str, settings: &RawConnection, task: DeviceTask, mut inbox: Inbox) {
+pub async fn run(raw: Raw, settings: &RawConnection, task: DeviceTask, mut inbox: Inbox) {
     let d = &task.device;
     let id = device_id(settings, d);
     let credential = task.hub.credential(&settings.token_secret_ref, &task);
     let max = task.hub.args.max_frame_bytes;
-    let registration = task.hub.register(protocol, id, Registered::new(task.clone(), credential, max));
+    let registration = task.hub.register(raw.listener(), id, Registered::new(task.clone(), credential, max));
     while let Some((job, point)) = task.next_command(&mut inbox, false).await {
         let line = job.frame(point);
-        let sent = match protocol {
-            "udp" => {
+        let sent = match raw {
+            Raw::Udp => {
                 let key = task.key();
                 let send = super::udp::send_command(&task.hub, &key, line);
                 tokio::time::timeout_at(job.deadline, send).await.unwrap_or_else(|_| Err("timed out".into()))
             }
-            _ => {
+            Raw::Tcp => {
                 let send = send_frame(&task.hub, registration.entry(), line);
                 tokio::time::timeout_at(job.deadline, send)
                     .await
@@ -229,11 +230,38 @@ fn start_park(hub: &Arc<DeviceHub>) -> io::Result<()> {
     Ok(())
 }
 
+/// Which listener a raw device talks to.
+#[derive(Clone, Copy, Debug)]
+pub enum Raw {
+    /// Frames on a TCP connection it opens.
+    Tcp,
+    /// Datagrams.
+    Udp,
+}
+
+impl Raw {
+    /// Its listener.
+    pub fn listener(self) -> Listener {
+        match self {
+            Raw::Tcp => Listener::Tcp,
+            Raw::Udp => Listener::Udp,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Flaps {
     window_start: Option<Instant>,
     replacements: u32,
     quarantined_until: Option<Instant>,
+}
+
+impl Flaps {
+    /// Whether the entry says nothing any more: no quarantine and no window in force.
+    fn spent(&self, now: Instant, window: Duration) -> bool {
+        self.quarantined_until.is_none_or(|until| now >= until)
+            && self.window_start.is_none_or(|s| now.duration_since(s) > window)
+    }
 }
 
 /// Flapping per device id (the live connections themselves are in the hub, for commands).
@@ -263,6 +291,11 @@ impl State {
         self.hub.tcp_park.wake(&old);
         let now = Instant::now();
         let mut flaps = self.flaps.lock().unwrap_or_else(PoisonError::into_inner);
+        if !flaps.contains_key(id) && flaps.len() >= 64 && flaps.len().is_power_of_two() {
+            // Amortised: entries whose window and quarantine are over (devices that settled
+            // or left the config) go each time the table doubles.
+            flaps.retain(|_, f| !f.spent(now, args.flap_window));
+        }
         let f = flaps.entry(id.to_string()).or_default();
         if f.window_start.is_none_or(|s| now.duration_since(s) > args.flap_window) {
             f.window_start = Some(now);
@@ -310,7 +343,7 @@ pub(crate) async fn listen(hub: Arc<DeviceHub>) {
         let accepted = tokio::select! {
             () = hub.cancel.cancelled() => {
                 // Wake every live connection to close.
-                let live = hub.registered(PROTOCOL).into_iter().filter_map(|dev| {
+                let live = hub.registered(LISTENER).into_iter().filter_map(|dev| {
                     dev.live.lock().unwrap_or_else(PoisonError::into_inner).clone()
                 });
                 for slot in live.collect::<Vec<_>>() {
@@ -349,7 +382,7 @@ async fn bind_tcp(hub: &DeviceHub, addr: SocketAddr) -> Option<TcpListener> {
         match TcpListener::bind(addr).await {
             Ok(l) => {
                 let local = l.local_addr().unwrap_or(addr);
-                hub.set_bound(PROTOCOL, local);
+                hub.set_bound(LISTENER, local);
                 tracing::info!(protocol = PROTOCOL, listen = %local, "device listener bound");
                 return Some(l);
             }
@@ -574,7 +607,7 @@ async fn identify(
         conn.answer("ERR quarantined").await;
         return None;
     }
-    let Some(dev) = hub.lookup(PROTOCOL, &id) else {
+    let Some(dev) = hub.lookup(LISTENER, &id) else {
         hub.reject(PROTOCOL, "unknown_device");
         conn.answer("ERR unknown_device").await;
         return None;

@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
-use super::hub::{DeviceHub, bind_udp};
+use super::hub::{DeviceHub, Listener, bind_udp};
 use super::payload;
 
-const PROTOCOL: &str = "udp";
+const LISTENER: Listener = Listener::Udp;
+const PROTOCOL: &str = LISTENER.protocol();
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams waiting for acceptance at once; beyond it they are refused (`overloaded`).
 const MAX_PENDING: usize = 8192;
@@ -67,6 +68,11 @@ impl UdpPeers {
             last.by_device.retain(|_, (_, at)| now.duration_since(*at) <= COMMAND_PEER_MAX_AGE);
             last.prune_at = (2 * last.by_device.len()).max(1024);
         }
+    }
+
+    /// Forgets device `key` (removed from the config).
+    pub(crate) fn forget(&self, key: &str) {
+        self.last.lock().unwrap_or_else(PoisonError::into_inner).by_device.remove(key);
     }
 
     /// Where a command to device `key` goes now, or why it cannot.
@@ -115,7 +121,7 @@ pub async fn send_command(hub: &DeviceHub, key: &str, line: String) -> Result<()
 
 /// Runs the UDP listener until the hub's token is cancelled.
 pub(crate) async fn listen(hub: Arc<DeviceHub>) {
-    let Some(socket) = bind_udp(&hub, PROTOCOL, hub.args.udp_listen).await else { return };
+    let Some(socket) = bind_udp(&hub, LISTENER).await else { return };
     let socket = Arc::new(socket);
     *hub.udp_peers.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&socket));
     let _bound = Bound(&hub.udp_peers, Arc::clone(&socket));
@@ -151,7 +157,7 @@ fn handle(hub: &Arc<DeviceHub>, socket: &Arc<UdpSocket>, pending: &Arc<Semaphore
         hub.reject(PROTOCOL, "no_id");
         return;
     };
-    let Some(dev) = hub.lookup(PROTOCOL, &id) else {
+    let Some(dev) = hub.lookup(LISTENER, &id) else {
         hub.reject(PROTOCOL, "unknown_device");
         return;
     };
