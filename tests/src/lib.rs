@@ -33,6 +33,7 @@ pub mod listening;
 pub mod metrics;
 pub mod mosquitto;
 pub mod nats;
+pub mod nats_proxy;
 pub mod operator_bench;
 pub mod otlp;
 pub mod process;
