@@ -33,7 +33,7 @@ use crate::reading::ReadingSink;
 use crate::reconcile::{Interrupted, Running, Shared};
 use crate::secrets::SecretStore;
 use crate::supervise::{Watched, supervise};
-use crate::uplinks::mqtt::MqttSettings;
+use crate::uplinks::LinkSettings;
 
 /// Readings waiting for the buffer writer. Small on purpose: when JetStream falls behind,
 /// adapters wait (polls run late) instead of readings piling up in memory.
@@ -152,8 +152,8 @@ impl AppError {
 pub struct LoadedConfig {
     /// The document.
     pub config: GatewayConfig,
-    /// Broker settings, in `config.uplinks` order.
-    pub mqtt: Vec<MqttSettings>,
+    /// Link settings (broker or endpoint), in `config.uplinks` order.
+    pub links: Vec<LinkSettings>,
 }
 
 /// Reads, parses, validates and resolves a config file. Touches nothing else.
@@ -185,18 +185,18 @@ pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) ->
     if !missing.is_empty() {
         return Err(refuse(missing));
     }
-    let mut mqtt = Vec::new();
+    let mut links = Vec::new();
     let mut problems = Vec::new();
     for (i, u) in config.uplinks.iter().enumerate() {
-        match MqttSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
-            Ok(s) => mqtt.push(s),
+        match LinkSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
+            Ok(s) => links.push(s),
             Err(e) => problems.push(e.to_string()),
         }
     }
     if !problems.is_empty() {
         return Err(refuse(problems));
     }
-    Ok(LoadedConfig { config, mqtt })
+    Ok(LoadedConfig { config, links })
 }
 
 /// In-cluster mode, once started: the API client (if there is a configuration), where the

@@ -292,7 +292,7 @@ pub fn entry_readings(payload: &[u8]) -> Result<Vec<&[u8]>, EntryError> {
 }
 
 /// Packs encoded readings into one entry payload (a `BufferEntry`).
-fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+pub fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let size: usize = readings.clone().map(|r| 1 + encoded_len_varint(r.len() as u64) + r.len()).sum();
     let mut out = Vec::with_capacity(size);

@@ -41,7 +41,7 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
         namespace: NAMESPACE.to_string(),
         name: name.to_string(),
         devices: None,
-        mqtt: MqttUplink {
+        mqtt: Some(MqttUplink {
             url: url.parse().expect("a broker URL"),
             protocol_version: Some(5),
             topic: None,
@@ -52,7 +52,8 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             max_in_flight: None,
             auth: None,
             tls: None,
-        },
+        }),
+        http: None,
         encoding: Some(Encoding::Json),
         compression: None,
         sparkplug: None,
@@ -122,6 +123,13 @@ pub fn to_yaml(cfg: &GatewayConfig) -> Result<String> {
     let back = GatewayConfig::from_yaml(&text).with_context(|| format!("re-reading\n{text}"))?;
     anyhow::ensure!(back == *cfg, "the config YAML does not round-trip:\n{text}");
     Ok(text)
+}
+
+/// The MQTT settings of an uplink made by [`mqtt_uplink`] (panics on another kind: a bug in
+/// the test).
+#[allow(clippy::expect_used)]
+pub fn mqtt_of(u: &mut GatewayUplink) -> &mut MqttUplink {
+    u.mqtt.as_mut().expect("an MQTT uplink")
 }
 
 /// Sets the buffer limits of an uplink (keeping `redeliverAfter`). Panics on a `max_bytes`

@@ -21,7 +21,7 @@ use fieldgate_crds::{Encoding, GatewayUplink, MqttAuth, MqttTls, OnFull, SecretK
 use fieldgate_sim::Fault;
 use fieldgate_tests::certs::TestPki;
 use fieldgate_tests::cloud::ReadingKey;
-use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, UPLINK, mqtt_uplink, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, UPLINK, mqtt_of, mqtt_uplink, set_buffer};
 use fieldgate_tests::fleet::{check_sim_reading, typed_points};
 use fieldgate_tests::metrics::metric_or_zero;
 use fieldgate_tests::mosquitto::MosquittoTls;
@@ -173,8 +173,8 @@ async fn values_of_every_type_arrive_decoded() -> Result<()> {
         let name = format!("{}-v{version}", format!("{encoding:?}").to_lowercase());
         let mut u = mqtt_uplink(&name, &broker.url());
         u.encoding = Some(encoding);
-        u.mqtt.protocol_version = Some(version);
-        u.mqtt.topic = Some("types/{uplink}/{namespace}/{device}".into());
+        mqtt_of(&mut u).protocol_version = Some(version);
+        mqtt_of(&mut u).topic = Some("types/{uplink}/{namespace}/{device}".into());
         builder = builder.uplink(u);
     }
     let mut gw = Gateway::new(&nats.url())?;
@@ -343,7 +343,7 @@ async fn fill_buffer(policy: OnFull) -> Result<()> {
     // entries hold several readings and evictions take several at once.
     let mut rig = rig(&name, &[Fault::None; 8], "50ms", |u| {
         set_buffer(u, "64Ki", policy);
-        u.mqtt.max_in_flight = Some(16);
+        mqtt_of(u).max_in_flight = Some(16);
     })
     .await?;
     let (reason, other) = match policy {
@@ -519,8 +519,8 @@ async fn tls_and_password_uplink_delivers() -> Result<()> {
     let config = ConfigBuilder::new()
         .devices(fleet.gateway_devices("200ms"))
         .cloud(&secure, |u| {
-            u.mqtt.auth = Some(MqttAuth { secret_ref: SecretRef { name: "cloud-creds".into() } });
-            u.mqtt.tls = Some(MqttTls {
+            mqtt_of(u).auth = Some(MqttAuth { secret_ref: SecretRef { name: "cloud-creds".into() } });
+            mqtt_of(u).tls = Some(MqttTls {
                 ca_secret_ref: Some(SecretKeyRef { name: "cloud-ca".into(), key: None }),
                 client_cert_secret_ref: Some(SecretRef { name: "gateway-cert".into() }),
             });
@@ -588,7 +588,7 @@ async fn refused_topic(version: u8) -> Result<(Rig, DeliveryReport, String, Stri
     // Three devices polled in the same slots: entries hold readings of all three, so a refused
     // reading shares its entry with readings the broker confirms.
     let mut rig = rig_with(&format!("refused-v{version}"), &[Fault::None; 3], "100ms", options, |u| {
-        u.mqtt.protocol_version = Some(version);
+        mqtt_of(u).protocol_version = Some(version);
     })
     .await?;
     let key = format!("{NAMESPACE}/{denied}");

@@ -125,8 +125,10 @@ pub struct PointValue {
 pub struct UplinkStatus {
     /// `namespace/name`.
     pub name: String,
-    /// MQTT protocol version (3 or 5).
-    pub protocol_version: u8,
+    /// Its kind: `mqtt` or `http`.
+    pub kind: &'static str,
+    /// MQTT protocol version (3 or 5); absent for HTTP.
+    pub protocol_version: Option<u8>,
     /// Whether its broker connection is up.
     pub connected: bool,
     /// Whether its JetStream stream answered the last check.
@@ -218,7 +220,8 @@ impl StatusSource for Management {
             let state = metrics.state.uplink(&name);
             let (buffer, counts) = (state.snapshot(), state.counts());
             status.uplinks.push(UplinkStatus {
-                protocol_version: u.mqtt.protocol_version(),
+                kind: u.target().map_or("", |t| t.kind()),
+                protocol_version: u.mqtt.as_ref().map(|m| m.protocol_version()),
                 connected: buffer.connected,
                 buffer_reachable: buffer.reachable,
                 backlog_messages: i64::try_from(buffer.backlog).unwrap_or(i64::MAX),

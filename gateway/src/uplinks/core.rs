@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use super::link::{Delivery, Link, LinkEvent, Outgoing, Token};
+use super::link::{Delivery, FRAMING_BYTES, Link, LinkEvent, Outgoing, Token};
 
 /// What becomes of a buffered entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +111,12 @@ struct Pending<E> {
     confirmed: bool,
     /// A reading was refused for good in this delivery.
     terminated: bool,
+    /// The longest `Retry-After` the cloud asked for in this delivery.
+    retry_after: Option<Duration>,
 }
+
+/// The longest `Retry-After` honoured (a longer one is cut to this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// The most entries whose settled readings are remembered while they wait to come back.
 const REMEMBERED: usize = 65_536;
@@ -168,12 +173,30 @@ impl<E: Entry, T> Core<E, T> {
                 *s = true;
             }
         }
-        let mut p = Pending { entry, settled, unanswered: 0, again: false, confirmed: false, terminated: false };
+        let mut p = Pending {
+            entry,
+            settled,
+            unanswered: 0,
+            again: false,
+            confirmed: false,
+            terminated: false,
+            retry_after: None,
+        };
         let mut outcomes = Vec::new();
-        let per = link.max_readings().max(1);
+        let (per, max_bytes) = (link.max_readings().max(1), link.max_bytes());
         let mut ready = ready.into_iter().peekable();
         while ready.peek().is_some() {
-            let group: Vec<Ready<T>> = ready.by_ref().take(per).collect();
+            // As many readings as the link takes in one delivery, by count and by size.
+            let mut group: Vec<Ready<T>> = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = ready.peek() {
+                let size = r.outgoing.message.payload.len() + FRAMING_BYTES;
+                if group.len() >= per || (!group.is_empty() && bytes.saturating_add(size) > max_bytes) {
+                    break;
+                }
+                bytes = bytes.saturating_add(size);
+                group.extend(ready.next());
+            }
             if p.again {
                 // The link would not take the previous group: the rest goes with the entry.
                 outcomes.extend(group.into_iter().map(|r| Outcome::Interrupted(r.tag)));
@@ -206,11 +229,13 @@ impl<E: Entry, T> Core<E, T> {
             LinkEvent::Connected => Vec::new(),
             LinkEvent::Lost { .. } => self.release_all().await,
             LinkEvent::Confirmed(token) => self.answered(token, None).await,
-            LinkEvent::Refused { token, reason, permanent } => self.answered(token, Some((reason, permanent))).await,
+            LinkEvent::Refused { token, reason, permanent, retry_after } => {
+                self.answered(token, Some((reason, permanent, retry_after))).await
+            }
         }
     }
 
-    async fn answered(&mut self, token: Token, refusal: Option<(String, bool)>) -> Vec<Outcome<T>> {
+    async fn answered(&mut self, token: Token, refusal: Option<(String, bool, Option<Duration>)>) -> Vec<Outcome<T>> {
         let Some(parts) = self.in_flight.remove(&token) else { return Vec::new() };
         self.readings_in_flight = self.readings_in_flight.saturating_sub(parts.len());
         let mut outcomes = Vec::with_capacity(parts.len());
@@ -226,7 +251,7 @@ impl<E: Entry, T> Core<E, T> {
                     }
                     outcomes.push(Outcome::Confirmed(tag));
                 }
-                Some((reason, permanent)) => {
+                Some((reason, permanent, retry_after)) => {
                     if *permanent {
                         p.terminated = true;
                         if let Some(s) = p.settled.get_mut(index) {
@@ -234,6 +259,7 @@ impl<E: Entry, T> Core<E, T> {
                         }
                     } else {
                         p.again = true;
+                        p.retry_after = p.retry_after.max(*retry_after);
                     }
                     outcomes.push(Outcome::Refused { tag, reason: reason.clone(), permanent: *permanent });
                 }
@@ -259,7 +285,11 @@ impl<E: Entry, T> Core<E, T> {
             p.entry.settle(how).await;
             return;
         }
-        let delay = p.again.then(|| self.delays.after(p.entry.deliveries()));
+        // The growing delay, or longer when the cloud asked for it (bounded).
+        let delay = p.again.then(|| {
+            let asked = p.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
+            self.delays.after(p.entry.deliveries()).max(asked)
+        });
         self.give_back(p, delay).await;
     }
 
@@ -350,11 +380,15 @@ mod tests {
         sent: Vec<(Token, Vec<String>)>,
         per: usize,
         full: Option<usize>,
+        bytes: Option<usize>,
     }
 
     impl Link for FakeLink {
         fn max_readings(&self) -> usize {
             self.per.max(1)
+        }
+        fn max_bytes(&self) -> usize {
+            self.bytes.unwrap_or(usize::MAX)
         }
         fn send(&mut self, delivery: Delivery) -> Result<Token, UplinkError> {
             if self.full.is_some_and(|f| self.sent.len() >= f) {
@@ -395,7 +429,7 @@ mod tests {
     }
 
     fn refused(token: Token, permanent: bool) -> LinkEvent {
-        LinkEvent::Refused { token, reason: "NotAuthorized".into(), permanent }
+        LinkEvent::Refused { token, reason: "NotAuthorized".into(), permanent, retry_after: None }
     }
 
     #[tokio::test]
@@ -444,7 +478,13 @@ mod tests {
         let r = ready(&c, 7, 3);
         c.admit(&mut link, consumer.deliver(7), 3, r, &[]).await;
         c.on_event(LinkEvent::Confirmed(0)).await;
-        c.on_event(LinkEvent::Refused { token: 1, reason: "QuotaExceeded".into(), permanent: false }).await;
+        c.on_event(LinkEvent::Refused {
+            token: 1,
+            reason: "QuotaExceeded".into(),
+            permanent: false,
+            retry_after: None,
+        })
+        .await;
         c.on_event(LinkEvent::Confirmed(2)).await;
         // Given back with the one refused reading left to deliver.
         assert_eq!(consumer.settled(), [(7, nak(Some(1), 1))]);
@@ -454,7 +494,13 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.index).collect::<Vec<_>>(), [1]);
         c.admit(&mut link, consumer.deliver(7), 3, r, &[]).await;
         assert_eq!(link.sent.last().unwrap().1, ["7:1"]);
-        c.on_event(LinkEvent::Refused { token: 3, reason: "QuotaExceeded".into(), permanent: false }).await;
+        c.on_event(LinkEvent::Refused {
+            token: 3,
+            reason: "QuotaExceeded".into(),
+            permanent: false,
+            retry_after: None,
+        })
+        .await;
         assert_eq!(consumer.settled()[1], (7, nak(Some(2), 1)));
 
         // Third time lucky: acked, and nothing of it was sent twice but the refused reading.
@@ -527,6 +573,41 @@ mod tests {
         c.admit(&mut link, consumer.deliver(1), 2, Vec::new(), &[0, 1]).await;
         assert_eq!(consumer.settled(), [(1, Settle::Ack)]);
         assert!(link.sent.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_cut_by_size_and_a_reading_too_large_goes_alone() {
+        let (mut c, mut consumer) = (core(), FakeConsumer::new());
+        // 100 bytes per delivery; readings of 40, 40, 40, 300 and 10 bytes (each + 8 of framing).
+        let mut link = FakeLink { per: 10, bytes: Some(100), ..Default::default() };
+        let ready: Vec<Ready<String>> = [40, 40, 40, 300, 10]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| Ready {
+                index: i,
+                outgoing: Outgoing { topic: format!("1:{i}"), payload: Bytes::from(vec![0; len]), traceparent: None },
+                tag: format!("1:{i}"),
+            })
+            .collect();
+        c.admit(&mut link, consumer.deliver(1), 5, ready, &[]).await;
+        let groups: Vec<Vec<String>> = link.sent.iter().map(|(_, t)| t.clone()).collect();
+        assert_eq!(groups, [vec!["1:0", "1:1"], vec!["1:2"], vec!["1:3"], vec!["1:4"]]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_refusal_with_retry_after_waits_as_long_as_the_cloud_asked() {
+        let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
+        let r = ready(&c, 1, 1);
+        c.admit(&mut link, consumer.deliver(1), 1, r, &[]).await;
+        let retry_after = Some(Duration::from_secs(7));
+        c.on_event(LinkEvent::Refused { token: 0, reason: "HTTP 503".into(), permanent: false, retry_after }).await;
+        assert_eq!(consumer.settled(), [(1, nak(Some(7), 1))]);
+        // Never longer than the bound, whatever the cloud asks.
+        let r = ready(&c, 1, 1);
+        c.admit(&mut link, consumer.deliver(1), 1, r, &[]).await;
+        let retry_after = Some(Duration::from_secs(86_400));
+        c.on_event(LinkEvent::Refused { token: 1, reason: "HTTP 429".into(), permanent: false, retry_after }).await;
+        assert_eq!(consumer.settled()[1], (1, Settle::Nak { delay: Some(MAX_RETRY_AFTER), unsettled: 1 }));
     }
 
     #[test]

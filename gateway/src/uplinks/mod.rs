@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind, stream};
-use fieldgate_crds::{GatewayUplink, OnFull};
+use fieldgate_crds::GatewayUplink;
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::time::Instant;
@@ -42,10 +42,13 @@ use crate::supervise::backoff;
 use crate::telemetry::{self, BufferEntry, LogThrottle, StageSpan};
 
 pub mod core;
+pub mod http;
 pub mod link;
 pub mod mqtt;
+pub mod tls;
 
 use self::core::{Core, Outcome, Ready, RetryDelays, Settle};
+use http::{HttpLink, HttpSettings};
 pub use link::{Delivery, Link, LinkEvent, Outgoing, Token};
 use mqtt::{MqttLink, MqttSettings};
 
@@ -73,6 +76,101 @@ impl UplinkError {
     }
 }
 
+/// A problem with an uplink's settings found while resolving them (with its field path).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SettingsError {
+    /// Field path, such as `uplinks[0].mqtt.auth.secretRef`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A [`SettingsError`] at `path`.
+pub fn settings_err(path: String, message: impl Into<String>) -> SettingsError {
+    SettingsError { path, message: message.into() }
+}
+
+/// Hash of the uplink's spec and of every Secret value it references: a change (such as a
+/// rotated password) restarts the uplink.
+pub fn fingerprint(u: &GatewayUplink, secrets: &crate::secrets::SecretStore) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(u).unwrap_or_default().hash(&mut h);
+    for (_, name, key) in u.secret_keys() {
+        if let Ok(v) = secrets.read(&name, &key) {
+            v.expose().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// The resolved settings of an uplink's link to the cloud, secrets read.
+#[derive(Clone, Debug)]
+pub enum LinkSettings {
+    /// An MQTT broker.
+    Mqtt(MqttSettings),
+    /// An HTTP endpoint.
+    Http(Arc<HttpSettings>),
+}
+
+impl LinkSettings {
+    /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
+    /// `path` is the uplink's field path, for errors.
+    pub fn resolve(
+        u: &GatewayUplink,
+        node: &str,
+        secrets: &crate::secrets::SecretStore,
+        path: &str,
+    ) -> Result<Self, SettingsError> {
+        if u.http.is_some() {
+            Ok(Self::Http(Arc::new(HttpSettings::resolve(u, secrets, path)?)))
+        } else {
+            Ok(Self::Mqtt(MqttSettings::resolve(u, node, secrets, path)?))
+        }
+    }
+
+    /// Hash of everything the settings were resolved from, secrets included.
+    pub fn fingerprint(&self) -> u64 {
+        match self {
+            Self::Mqtt(m) => m.fingerprint,
+            Self::Http(h) => h.fingerprint,
+        }
+    }
+
+    /// Readings in flight at once.
+    pub fn window(&self) -> usize {
+        match self {
+            Self::Mqtt(m) => usize::from(m.max_in_flight),
+            Self::Http(h) => h.window(),
+        }
+    }
+
+    /// The topic template of readings (MQTT only).
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Self::Mqtt(m) => Some(&m.topic),
+            Self::Http(_) => None,
+        }
+    }
+
+    /// Where it connects, for logs.
+    pub fn endpoint(&self) -> String {
+        match self {
+            Self::Mqtt(m) => format!("{}:{}", m.host, m.endpoint.port),
+            Self::Http(h) => h.url.to_string(),
+        }
+    }
+
+    /// The MQTT settings, for an MQTT uplink.
+    pub fn mqtt(&self) -> Option<&MqttSettings> {
+        match self {
+            Self::Mqtt(m) => Some(m),
+            Self::Http(_) => None,
+        }
+    }
+}
+
 /// Name of each uplink's durable consumer (one stream per uplink, so one name suffices).
 pub const CONSUMER: &str = "uplink";
 
@@ -83,8 +181,8 @@ pub struct UplinkTask {
     pub uplink: Arc<GatewayUplink>,
     /// Its buffer.
     pub buffer: UplinkBuffer,
-    /// Its resolved broker settings.
-    pub mqtt: MqttSettings,
+    /// Its resolved link settings.
+    pub link: LinkSettings,
     /// JetStream.
     pub js: jetstream::Context,
     /// The gateway's metrics.
@@ -346,11 +444,12 @@ impl Driver {
                     continue;
                 }
             };
-            let topic = match self.topics.get(&reading.device) {
-                Some(t) => t.clone(),
-                None => {
+            let topic = match (self.topics.get(&reading.device), self.task.link.topic()) {
+                (Some(t), _) => t.clone(),
+                (None, None) => String::new(),
+                (None, Some(template)) => {
                     let t = render_topic(
-                        &self.task.mqtt.topic,
+                        template,
                         &reading.namespace,
                         &reading.device,
                         &self.task.uplink.name,
@@ -415,11 +514,14 @@ impl Driver {
     }
 }
 
-/// Runs one MQTT uplink until `task.cancel` fires, then finishes in-flight deliveries within
-/// `task.grace`. Failures of NATS or the broker are retried forever.
+/// Runs one uplink until `task.cancel` fires, then finishes in-flight deliveries within
+/// `task.grace`. Failures of NATS or the cloud are retried forever.
 pub async fn run(task: UplinkTask) {
-    let settings = task.mqtt.clone();
-    drive(task, move |plan| MqttLink::open(&settings, plan)).await;
+    match task.link.clone() {
+        LinkSettings::Mqtt(settings) => drive(task, move |plan| MqttLink::open(&settings, plan)).await,
+        // An HTTP endpoint has no session: the plan (will, births) is for MQTT only.
+        LinkSettings::Http(settings) => drive(task, move |_plan| HttpLink::open(&settings)).await,
+    }
 }
 
 /// When a link that went away is tried again.
@@ -452,7 +554,7 @@ impl Reconnect {
 /// with what the uplink's encoding needs of the session.
 pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut open: F) {
     let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
-    let window = usize::from(task.mqtt.max_in_flight);
+    let window = task.link.window();
     let mut d = Driver {
         confirmed_metrics: None,
         encoder: Encoder::new(&task.uplink, &task.node),
@@ -559,7 +661,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                     state.set_connected(true);
                     metrics.uplink_connects.get_or_create(&d.labels).inc();
                     reconnect = Reconnect::new();
-                    info!(uplink = %d.labels.uplink, host = %d.task.mqtt.host, "uplink connected");
+                    info!(uplink = %d.labels.uplink, endpoint = %d.task.link.endpoint(), "uplink connected");
                     was_connected = true;
                 }
                 LinkEvent::Lost { reason, refused } => {
