@@ -57,7 +57,8 @@ pub enum DropReason {
     /// A buffered entry could not be decoded (written by an incompatible version).
     undecodable,
     /// The cloud refused the reading for good (MQTT 5 PUBACK `0x87` NotAuthorized,
-    /// `0x90` TopicNameInvalid, `0x99` PayloadFormatInvalid): terminated, never sent again.
+    /// `0x90` TopicNameInvalid, `0x99` PayloadFormatInvalid; an HTTP 4xx other than 401, 403,
+    /// 408 and 429): terminated, never sent again.
     refused,
 }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fieldgate_crds::{BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, OnFull};
+use fieldgate_crds::{
+    BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, HttpUplink, MqttUplink, OnFull,
+};
 
 /// The JetStream stream of an uplink's buffer, per the delivery contract.
 pub fn stream_name(namespace: &str, uplink: &str) -> String {
@@ -64,6 +66,24 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             redeliver_after: Some(Duration::from_secs(2).into()),
         }),
     }
+}
+
+/// An HTTP uplink named `name` POSTing batches to `url`, otherwise as [`mqtt_uplink`].
+/// Panics on a `url` that is not an HTTP URL (a bug in the test).
+#[allow(clippy::expect_used)]
+pub fn http_uplink(name: &str, url: &str) -> GatewayUplink {
+    GatewayUplink {
+        mqtt: None,
+        http: Some(HttpUplink { url: url.parse().expect("an HTTP URL"), ..Default::default() }),
+        ..mqtt_uplink(name, "mqtt://127.0.0.1:1")
+    }
+}
+
+/// The HTTP settings of an uplink made by [`http_uplink`] (panics on another kind: a bug in
+/// the test).
+#[allow(clippy::expect_used)]
+pub fn http_of(u: &mut GatewayUplink) -> &mut HttpUplink {
+    u.http.as_mut().expect("an HTTP uplink")
 }
 
 impl ConfigBuilder {

@@ -29,6 +29,7 @@ pub mod decode;
 pub mod delivery;
 pub mod fleet;
 pub mod gateway;
+pub mod http_cloud;
 pub mod listening;
 pub mod metrics;
 pub mod mosquitto;
