@@ -26,8 +26,8 @@ pub use device::{
 pub use gateway_config::{ConfigError, GatewayConfig, GatewayDevice, GatewayUplink, SecretUse, UplinkTarget};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};
 pub use uplink::{
-    BufferSpec, Compression, Encoding, HttpAuth, HttpUplink, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef,
-    SparkplugSpec, Uplink, UplinkGatewayStatus, UplinkSpec, UplinkStatus,
+    BufferSpec, Compression, Encoding, HttpAuth, HttpUplink, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef,
+    SecretRef, SparkplugSpec, Uplink, UplinkGatewayStatus, UplinkSpec, UplinkStatus,
 };
 pub use validate::{FieldError, ValidationErrors};
 pub use values::{BrokerUrl, ByteSize, HttpUrl, HumanDuration, ValueError};

@@ -477,7 +477,10 @@ fn validate_encoding(
         if let Some(e) = encoding
             && !matches!(e, Encoding::Json | Encoding::Protobuf)
         {
-            errs.push(format!("{path}.encoding"), format!("{:?} is not for an HTTP uplink: use json or protobuf", e.as_str()));
+            errs.push(
+                format!("{path}.encoding"),
+                format!("{:?} is not for an HTTP uplink: use json or protobuf", e.as_str()),
+            );
         }
         if compression.is_some_and(|c| c != Compression::None) {
             errs.push(format!("{path}.compression"), "not with an HTTP uplink");
@@ -567,7 +570,14 @@ impl UplinkSpec {
         let mut errs = ValidationErrors::default();
         check_schema(&mut errs, crate::schema::uplink_spec(), "spec", self);
         validate_target(&mut errs, "spec", self.mqtt.as_ref(), self.http.as_ref(), SecretNames::Object);
-        validate_encoding(&mut errs, "spec", self.encoding, self.compression, self.sparkplug.as_ref(), self.mqtt.as_ref());
+        validate_encoding(
+            &mut errs,
+            "spec",
+            self.encoding,
+            self.compression,
+            self.sparkplug.as_ref(),
+            self.mqtt.as_ref(),
+        );
         if let Some(b) = &self.buffer {
             validate_buffer(&mut errs, "spec.buffer", b);
         }

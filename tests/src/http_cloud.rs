@@ -192,9 +192,7 @@ impl HttpCloud {
             .received
             .iter()
             .filter(|r| keep(r.status))
-            .flat_map(|r| {
-                r.readings.iter().map(|p| CloudMessage { topic: "http".to_string(), payload: p.clone(), at: r.at })
-            })
+            .flat_map(|r| r.readings.iter().map(|p| CloudMessage::stateless("http", p.clone(), r.at)))
             .collect()
     }
 

@@ -139,7 +139,7 @@ async fn a_503_with_retry_after_delays_its_readings_and_after_recovery_nothing_i
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     for r in rig.cloud.received() {
         for p in &r.readings {
-            let id = CloudMessage { topic: String::new(), payload: p.clone(), at: r.at }.key()?.id;
+            let id = CloudMessage::stateless("http", p.clone(), r.at).key()?.id;
             if let Some(before) = last.insert(id.clone(), r.at) {
                 let gap = r.at - before;
                 ensure!(gap >= Duration::from_secs(RETRY_AFTER), "{id} was sent again after {gap:?}");

@@ -585,7 +585,11 @@ mod tests {
             .enumerate()
             .map(|(i, len)| Ready {
                 index: i,
-                outgoing: Outgoing { topic: format!("1:{i}"), payload: Bytes::from(vec![0; len]), traceparent: None },
+                outgoing: Outgoing {
+                    message: crate::encoding::Publication::plain(format!("1:{i}"), vec![0; len], true),
+                    before: Vec::new(),
+                    traceparent: None,
+                },
                 tag: format!("1:{i}"),
             })
             .collect();

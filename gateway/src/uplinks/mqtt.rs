@@ -27,8 +27,8 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::link::{Delivery, Link, LinkEvent, Token};
-use crate::encoding::{Inbox, Publication, SessionPlan};
 use super::{SettingsError, UplinkError, settings_err};
+use crate::encoding::{Inbox, Publication, SessionPlan};
 use crate::mqtt::{self, Endpoint, Event, Events, MqttError, PubAckCode, Session, SessionOptions, Version};
 use crate::secrets::SecretStore;
 
