@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::device::Connection;
 use crate::point::Point;
-use crate::uplink::{BufferSpec, Compression, Encoding, MqttUplink, SparkplugSpec};
+use crate::uplink::{BufferSpec, Compression, Encoding, HttpUplink, MqttTls, MqttUplink, SparkplugSpec};
 use crate::validate::ValidationErrors;
 use crate::values::HumanDuration;
 
@@ -81,8 +81,12 @@ pub struct GatewayUplink {
     /// Absent: every device of the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<String>>,
-    /// The broker.
-    pub mqtt: MqttUplink,
+    /// An MQTT broker. Exactly one of `mqtt` and `http` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttUplink>,
+    /// An HTTP endpoint taking batches of readings. Exactly one of `mqtt` and `http` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpUplink>,
     /// Message encoding. Defaults to `json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
@@ -97,7 +101,78 @@ pub struct GatewayUplink {
     pub buffer: Option<BufferSpec>,
 }
 
+/// Where an uplink sends readings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UplinkTarget<'a> {
+    /// An MQTT broker.
+    Mqtt(&'a MqttUplink),
+    /// An HTTP endpoint.
+    Http(&'a HttpUplink),
+}
+
+impl UplinkTarget<'_> {
+    /// The field name of the kind (`mqtt`, `http`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UplinkTarget::Mqtt(_) => "mqtt",
+            UplinkTarget::Http(_) => "http",
+        }
+    }
+
+    /// The TLS settings.
+    pub fn tls(&self) -> Option<&MqttTls> {
+        match self {
+            UplinkTarget::Mqtt(m) => m.tls.as_ref(),
+            UplinkTarget::Http(h) => h.tls.as_ref(),
+        }
+    }
+}
+
 impl GatewayUplink {
+    /// Where it sends readings: `None` for an uplink with neither or both kinds set (which
+    /// validation refuses).
+    pub fn target(&self) -> Option<UplinkTarget<'_>> {
+        match (&self.mqtt, &self.http) {
+            (Some(m), None) => Some(UplinkTarget::Mqtt(m)),
+            (None, Some(h)) => Some(UplinkTarget::Http(h)),
+            _ => None,
+        }
+    }
+
+    /// The Secret keys it reads: `(path of the reference, Secret name, key)`, paths starting
+    /// at the uplink (`mqtt.auth.secretRef`).
+    pub fn secret_keys(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        let Some(target) = self.target() else { return out };
+        let at = target.kind();
+        match target {
+            UplinkTarget::Mqtt(m) => {
+                if let Some(a) = &m.auth {
+                    for key in ["username", "password"] {
+                        out.push((format!("{at}.auth.secretRef"), a.secret_ref.name.clone(), key.to_string()));
+                    }
+                }
+            }
+            UplinkTarget::Http(h) => {
+                if let Some(a) = &h.auth {
+                    let r = &a.token_secret_ref;
+                    out.push((format!("{at}.auth.tokenSecretRef"), r.name.clone(), r.key().to_string()));
+                }
+            }
+        }
+        if let Some(tls) = target.tls() {
+            if let Some(r) = &tls.ca_secret_ref {
+                out.push((format!("{at}.tls.caSecretRef"), r.name.clone(), r.key().to_string()));
+            }
+            if let Some(r) = &tls.client_cert_secret_ref {
+                for key in ["tls.crt", "tls.key"] {
+                    out.push((format!("{at}.tls.clientCertSecretRef"), r.name.clone(), key.to_string()));
+                }
+            }
+        }
+        out
+    }
+
     /// The buffer limits, defaults applied.
     pub fn buffer(&self) -> BufferSpec {
         self.buffer.clone().unwrap_or_default()
@@ -174,21 +249,8 @@ impl GatewayConfig {
             }
         }
         for (i, u) in self.uplinks.iter().enumerate() {
-            let at = format!("uplinks[{i}].mqtt");
-            if let Some(a) = &u.mqtt.auth {
-                for key in ["username", "password"] {
-                    add(format!("{at}.auth.secretRef"), &a.secret_ref.name, key, true);
-                }
-            }
-            if let Some(tls) = &u.mqtt.tls {
-                if let Some(r) = &tls.ca_secret_ref {
-                    add(format!("{at}.tls.caSecretRef"), &r.name, r.key(), true);
-                }
-                if let Some(r) = &tls.client_cert_secret_ref {
-                    for key in ["tls.crt", "tls.key"] {
-                        add(format!("{at}.tls.clientCertSecretRef"), &r.name, key, true);
-                    }
-                }
+            for (path, name, key) in u.secret_keys() {
+                add(format!("uplinks[{i}].{path}"), &name, &key, true);
             }
         }
         out

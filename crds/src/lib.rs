@@ -23,14 +23,14 @@ pub use device::{
     CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef, DeviceSpec, DeviceStatus,
     ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement, RawConnection,
 };
-pub use gateway_config::{ConfigError, GatewayConfig, GatewayDevice, GatewayUplink, SecretUse};
+pub use gateway_config::{ConfigError, GatewayConfig, GatewayDevice, GatewayUplink, SecretUse, UplinkTarget};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};
 pub use uplink::{
-    BufferSpec, Compression, Encoding, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef, SecretRef, SparkplugSpec,
-    Uplink, UplinkGatewayStatus, UplinkSpec, UplinkStatus,
+    BufferSpec, Compression, Encoding, HttpAuth, HttpUplink, MqttAuth, MqttTls, MqttUplink, OnFull, SecretKeyRef,
+    SecretRef, SparkplugSpec, Uplink, UplinkGatewayStatus, UplinkSpec, UplinkStatus,
 };
 pub use validate::{FieldError, ValidationErrors};
-pub use values::{BrokerUrl, ByteSize, HumanDuration, ValueError};
+pub use values::{BrokerUrl, ByteSize, HttpUrl, HumanDuration, ValueError};
 
 /// The API group of every Fieldgate resource.
 pub const GROUP: &str = "fieldgate.io";

@@ -19,7 +19,7 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value};
 
 use crate::validate::ValidationErrors;
-use crate::values::{BrokerUrl, ByteSize, HumanDuration};
+use crate::values::{BrokerUrl, ByteSize, HttpUrl, HumanDuration};
 
 /// A type's strict schema, compiled.
 pub struct DocumentSchema {
@@ -53,7 +53,8 @@ impl DocumentSchema {
             .should_validate_formats(true)
             .with_format(DURATION, |s| HumanDuration::parse(s).is_ok())
             .with_format(BYTE_SIZE, |s| ByteSize::parse(s).is_ok())
-            .with_format(BROKER_URL, |s| BrokerUrl::parse(s).is_ok());
+            .with_format(BROKER_URL, |s| BrokerUrl::parse(s).is_ok())
+            .with_format(HTTP_URL, |s| HttpUrl::parse(s).is_ok());
         #[allow(clippy::expect_used)]
         let validator = options.build(&schema).expect("generated schemas compile");
         Self { schema, validator }
@@ -189,12 +190,14 @@ pub fn uplink_spec() -> &'static DocumentSchema {
 const DURATION: &str = "fieldgate-duration";
 const BYTE_SIZE: &str = "fieldgate-byte-size";
 const BROKER_URL: &str = "fieldgate-broker-url";
+const HTTP_URL: &str = "fieldgate-http-url";
 
 /// The text values: the format that checks them, their pattern, and what they look like.
-const TEXT_VALUES: [(&str, &str, &str); 3] = [
+const TEXT_VALUES: [(&str, &str, &str); 4] = [
     (DURATION, HumanDuration::PATTERN, HumanDuration::EXPECTED),
     (BYTE_SIZE, ByteSize::PATTERN, ByteSize::EXPECTED),
     (BROKER_URL, BrokerUrl::PATTERN, BrokerUrl::EXPECTED),
+    (HTTP_URL, HttpUrl::PATTERN, HttpUrl::EXPECTED),
 ];
 
 /// Marks an object schema rewritten from an externally tagged enum (exactly one key is set).

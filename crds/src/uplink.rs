@@ -6,7 +6,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-use crate::values::{BrokerUrl, ByteSize, HumanDuration};
+use crate::device::DeviceSecretRef;
+use crate::values::{BrokerUrl, ByteSize, HttpUrl, HumanDuration};
 
 /// A cloud endpoint that receives the readings of the devices it selects.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -19,7 +20,9 @@ use crate::values::{BrokerUrl, ByteSize, HumanDuration};
     category = "fieldgate",
     namespaced,
     status = "UplinkStatus",
-    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.mqtt.url"}"#,
+    validation = Rule::new("has(self.spec.mqtt) != has(self.spec.http)").message("set exactly one of spec.mqtt or spec.http"),
+    printcolumn = r#"{"name":"Broker","type":"string","jsonPath":".spec.mqtt.url"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.http.url"}"#,
     printcolumn = r#"{"name":"Configured","type":"string","jsonPath":".status.conditions[?(@.type==\"Configured\")].status"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.gateways[*].connected"}"#,
@@ -36,9 +39,16 @@ pub struct UplinkSpec {
     /// Devices of this namespace whose readings go to this uplink. Empty: every Device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_selector: Option<LabelSelector>,
-    /// An MQTT broker (3.1.1 or 5) receiving readings with QoS 1.
-    pub mqtt: MqttUplink,
-    /// Encoding of each message. Defaults to `json`.
+    /// An MQTT broker (3.1.1 or 5) receiving readings with QoS 1. Exactly one of `mqtt` and
+    /// `http` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttUplink>,
+    /// An HTTP endpoint receiving batches of readings by POST. Exactly one of `mqtt` and
+    /// `http` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpUplink>,
+    /// Encoding of each reading (MQTT: each message; HTTP: each request is a JSON array of
+    /// readings, or a protobuf `fieldgate.v1.BufferEntry`). Defaults to `json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
     /// Compression of each message, applied after encoding (not with `sparkplugB`). Defaults
@@ -130,6 +140,84 @@ impl MqttUplink {
     }
 }
 
+/// Connection to an HTTP endpoint that takes batches of readings.
+///
+/// Each request is a `POST` to `url` of up to `maxBatch` readings (at most `maxRequestBytes`):
+/// a JSON array of reading envelopes (`Content-Type: application/json`) or, with `encoding:
+/// protobuf`, a `fieldgate.v1.BufferEntry` (`application/x-protobuf`). A 2xx answer confirms
+/// every reading of the request; 408, 429 and 5xx are transient (the readings go again after a
+/// growing delay, or the answer's `Retry-After`); 401 and 403 stop the uplink and retry it with
+/// a growing delay (nothing is dropped); any other 4xx refuses the request's readings for good
+/// (dropped and counted `refused`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('https://')").message("tls needs an https:// url"))]
+#[serde(rename_all = "camelCase")]
+pub struct HttpUplink {
+    /// Endpoint: `https://host[:port]/path` (TLS) or `http://host[:port]/path`.
+    pub url: HttpUrl,
+    /// Most readings in one request (1-10000). Defaults to 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_batch: Option<u32>,
+    /// Largest request body, such as `1Mi` (4Ki-64Mi). Defaults to `1Mi`. A reading larger
+    /// than this on its own is refused for good (counted `refused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<ByteSize>,
+    /// Time one request may take, answer included, such as `10s` (100ms-5m). Defaults to
+    /// `10s`. A request past it counts as a lost connection: its readings go again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    /// Requests awaiting their answer at once (1-64). Defaults to 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_in_flight: Option<u16>,
+    /// A bearer token sent in `Authorization`, from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<HttpAuth>,
+    /// TLS settings; only with an `https://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTls>,
+}
+
+impl HttpUplink {
+    /// Readings per request when none is set.
+    pub const DEFAULT_MAX_BATCH: u32 = 500;
+    /// Largest request body when none is set.
+    pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1 << 20;
+    /// Request timeout when none is set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Requests in flight when none is set.
+    pub const DEFAULT_MAX_IN_FLIGHT: u16 = 4;
+
+    /// Most readings per request, default applied.
+    pub fn max_batch(&self) -> u32 {
+        self.max_batch.unwrap_or(Self::DEFAULT_MAX_BATCH)
+    }
+
+    /// Largest request body, default applied.
+    pub fn max_request_bytes(&self) -> u64 {
+        self.max_request_bytes.as_ref().map_or(Self::DEFAULT_MAX_REQUEST_BYTES, ByteSize::bytes)
+    }
+
+    /// Request timeout, default applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.as_ref().map_or(Self::DEFAULT_TIMEOUT, HumanDuration::get)
+    }
+
+    /// Requests in flight, default applied.
+    pub fn max_in_flight(&self) -> u16 {
+        self.max_in_flight.unwrap_or(Self::DEFAULT_MAX_IN_FLIGHT)
+    }
+}
+
+/// The bearer token of an HTTP endpoint. Never inline: always a Secret reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpAuth {
+    /// Secret in the Uplink's namespace holding the token (key `token` unless set).
+    pub token_secret_ref: DeviceSecretRef,
+}
+
 /// Credentials for the broker. Never inline: always a Secret reference.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -138,11 +226,11 @@ pub struct MqttAuth {
     pub secret_ref: SecretRef,
 }
 
-/// TLS settings of a broker connection.
+/// TLS settings of a connection to the cloud (an MQTT broker or an HTTP endpoint).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MqttTls {
-    /// Secret with the CA bundle (key `ca.crt`) that signed the broker's certificate.
+    /// Secret with the CA bundle (key `ca.crt`) that signed the server's certificate.
     /// Without it the trust roots of the gateway's operating system are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::device::{Connection, DeviceProfileSpec, DeviceSpec, ModbusTcpConnection};
 use crate::gateway_config::{GatewayConfig, GatewayDevice, GatewayUplink};
 use crate::point::{Access, Point, ValueType};
-use crate::uplink::{BufferSpec, Compression, Encoding, MqttUplink, SparkplugSpec, UplinkSpec};
+use crate::uplink::{BufferSpec, Compression, Encoding, HttpUplink, MqttTls, MqttUplink, SparkplugSpec, UplinkSpec};
 use crate::values::HumanDuration;
 
 /// One refused value: where it is and what is wrong with it.
@@ -408,12 +408,58 @@ fn validate_mqtt(errs: &mut ValidationErrors, path: &str, m: &MqttUplink, names:
         if !m.url.tls() {
             errs.push(format!("{path}.tls"), "TLS settings need an mqtts:// URL");
         }
-        if let Some(r) = &tls.ca_secret_ref {
-            validate_secret_ref(errs, &format!("{path}.tls.caSecretRef"), &r.name, r.key.as_deref(), names);
+        validate_tls(errs, &format!("{path}.tls"), tls, names);
+    }
+}
+
+fn validate_tls(errs: &mut ValidationErrors, path: &str, tls: &MqttTls, names: SecretNames) {
+    if let Some(r) = &tls.ca_secret_ref {
+        validate_secret_ref(errs, &format!("{path}.caSecretRef"), &r.name, r.key.as_deref(), names);
+    }
+    if let Some(r) = &tls.client_cert_secret_ref {
+        validate_secret_ref(errs, &format!("{path}.clientCertSecretRef"), &r.name, None, names);
+    }
+}
+
+/// Smallest and largest HTTP request body accepted.
+pub const HTTP_REQUEST_BYTES: std::ops::RangeInclusive<u64> = 4 * 1024..=64 * 1024 * 1024;
+
+fn validate_http(errs: &mut ValidationErrors, path: &str, h: &HttpUplink, names: SecretNames) {
+    if let Some(max) = &h.max_request_bytes
+        && !HTTP_REQUEST_BYTES.contains(&max.bytes())
+    {
+        errs.push(format!("{path}.maxRequestBytes"), format!("{:?} is out of range 4Ki-64Mi", max.as_str()));
+    }
+    if let Some(t) = check_duration(errs, &format!("{path}.timeout"), h.timeout.as_ref(), Duration::from_millis(100))
+        && t > Duration::from_secs(300)
+    {
+        errs.push(format!("{path}.timeout"), format!("{:?} is longer than the maximum 5m", h.timeout().as_secs()));
+    }
+    if let Some(a) = &h.auth {
+        let r = &a.token_secret_ref;
+        validate_secret_ref(errs, &format!("{path}.auth.tokenSecretRef"), &r.name, r.key.as_deref(), names);
+    }
+    if let Some(tls) = &h.tls {
+        if !h.url.tls() {
+            errs.push(format!("{path}.tls"), "TLS settings need an https:// URL");
         }
-        if let Some(r) = &tls.client_cert_secret_ref {
-            validate_secret_ref(errs, &format!("{path}.tls.clientCertSecretRef"), &r.name, None, names);
-        }
+        validate_tls(errs, &format!("{path}.tls"), tls, names);
+    }
+}
+
+/// Exactly one of an uplink's kinds, each checked.
+fn validate_target(
+    errs: &mut ValidationErrors,
+    path: &str,
+    mqtt: Option<&MqttUplink>,
+    http: Option<&HttpUplink>,
+    names: SecretNames,
+) {
+    match (mqtt, http) {
+        (Some(m), None) => validate_mqtt(errs, &format!("{path}.mqtt"), m, names),
+        (None, Some(h)) => validate_http(errs, &format!("{path}.http"), h, names),
+        (Some(_), Some(_)) => errs.push(path, "set exactly one of mqtt or http, not both"),
+        (None, None) => errs.push(path, "set exactly one of mqtt or http"),
     }
 }
 
@@ -428,9 +474,27 @@ fn validate_encoding(
     encoding: Option<Encoding>,
     compression: Option<Compression>,
     sparkplug: Option<&SparkplugSpec>,
-    mqtt: &MqttUplink,
+    mqtt: Option<&MqttUplink>,
 ) {
     let sparkplug_b = encoding == Some(Encoding::SparkplugB);
+    if mqtt.is_none() {
+        // An HTTP uplink sends batches: a JSON array or a protobuf BufferEntry.
+        if let Some(e) = encoding
+            && !matches!(e, Encoding::Json | Encoding::Protobuf)
+        {
+            errs.push(
+                format!("{path}.encoding"),
+                format!("{:?} is not for an HTTP uplink: use json or protobuf", e.as_str()),
+            );
+        }
+        if compression.is_some_and(|c| c != Compression::None) {
+            errs.push(format!("{path}.compression"), "not with an HTTP uplink");
+        }
+        if sparkplug.is_some() {
+            errs.push(format!("{path}.sparkplug"), "only with encoding sparkplugB on an MQTT uplink");
+        }
+        return;
+    }
     if sparkplug_b {
         if compression.is_some_and(|c| c != Compression::None) {
             errs.push(
@@ -438,7 +502,7 @@ fn validate_encoding(
                 "not with encoding sparkplugB: Sparkplug hosts read plain Sparkplug B payloads",
             );
         }
-        if mqtt.topic.is_some() {
+        if mqtt.is_some_and(|m| m.topic.is_some()) {
             errs.push(
                 format!("{path}.mqtt.topic"),
                 "not used with encoding sparkplugB: topics are spBv1.0/{groupId}/{type}/{edgeNodeId}/{device}",
@@ -510,8 +574,15 @@ impl UplinkSpec {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
         check_schema(&mut errs, crate::schema::uplink_spec(), "spec", self);
-        validate_mqtt(&mut errs, "spec.mqtt", &self.mqtt, SecretNames::Object);
-        validate_encoding(&mut errs, "spec", self.encoding, self.compression, self.sparkplug.as_ref(), &self.mqtt);
+        validate_target(&mut errs, "spec", self.mqtt.as_ref(), self.http.as_ref(), SecretNames::Object);
+        validate_encoding(
+            &mut errs,
+            "spec",
+            self.encoding,
+            self.compression,
+            self.sparkplug.as_ref(),
+            self.mqtt.as_ref(),
+        );
         if let Some(b) = &self.buffer {
             validate_buffer(&mut errs, "spec.buffer", b);
         }
@@ -583,8 +654,8 @@ fn validate_uplink(errs: &mut ValidationErrors, path: &str, u: &GatewayUplink, k
     if !is_dns_subdomain(&u.name) {
         errs.push(format!("{path}.name"), format!("{:?} is not a DNS-1123 subdomain", u.name));
     }
-    validate_mqtt(errs, &format!("{path}.mqtt"), &u.mqtt, SecretNames::Config);
-    validate_encoding(errs, path, u.encoding, u.compression, u.sparkplug.as_ref(), &u.mqtt);
+    validate_target(errs, path, u.mqtt.as_ref(), u.http.as_ref(), SecretNames::Config);
+    validate_encoding(errs, path, u.encoding, u.compression, u.sparkplug.as_ref(), u.mqtt.as_ref());
     if let Some(b) = &u.buffer {
         validate_buffer(errs, &format!("{path}.buffer"), b);
     }
@@ -707,8 +778,8 @@ uplinks:
         let mut cfg = parse(VALID);
         cfg.devices[0].points[1].value_type = ValueType::Float32;
         cfg.devices[0].points[2].modbus.as_mut().unwrap().length = None;
-        cfg.uplinks[0].mqtt.qos = Some(0);
-        cfg.uplinks[0].mqtt.topic = Some("t/{site}/#".into());
+        cfg.uplinks[0].mqtt.as_mut().unwrap().qos = Some(0);
+        cfg.uplinks[0].mqtt.as_mut().unwrap().topic = Some("t/{site}/#".into());
         cfg.uplinks[0].buffer.as_mut().unwrap().max_bytes = Some("32Ki".parse().unwrap());
         assert_eq!(
             paths(&cfg),
@@ -971,7 +1042,7 @@ uplinks:
     #[test]
     fn tls_needs_a_tls_url() {
         let mut cfg = parse(VALID);
-        cfg.uplinks[0].mqtt.tls = Some(Default::default());
+        cfg.uplinks[0].mqtt.as_mut().unwrap().tls = Some(Default::default());
         assert_eq!(paths(&cfg), ["uplinks[0].mqtt.tls"]);
     }
 

@@ -300,6 +300,88 @@ impl Default for BrokerUrl {
 
 text_value!(BrokerUrl, "BrokerUrl");
 
+/// The address of an HTTP endpoint: `http://host[:port][/path][?query]` in plain text,
+/// `https://...` over TLS. The port defaults to 80 (plain) or 443 (TLS).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HttpUrl {
+    text: String,
+    tls: bool,
+    host: String,
+    port: u16,
+    /// Where the host is in `text`.
+    host_at: std::ops::Range<usize>,
+}
+
+impl HttpUrl {
+    /// What an HTTP URL looks like, for messages.
+    pub const EXPECTED: &'static str = "an http:// or https://host[:port]/path URL";
+    /// The grammar: a scheme, a host as in [`BrokerUrl`], an optional port 1-65535, an optional
+    /// path and query of URL characters (no fragment, no user information).
+    pub const PATTERN: &'static str = concat!(
+        r"^(https?)://",
+        r"([A-Za-z0-9](?:[-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]{2,45}\])",
+        r"(?::(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?",
+        r"(/[-A-Za-z0-9._~!$&'()*+,;=:@%/]*)?(\?[-A-Za-z0-9._~!$&'()*+,;=:@%/?]*)?$"
+    );
+    /// Longest text accepted.
+    pub const MAX_LENGTH: usize = 2048;
+
+    /// Parses an HTTP URL.
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        static RE: LazyLock<Regex> = LazyLock::new(|| compile(HttpUrl::PATTERN));
+        let err = || ValueError { text: text.to_string(), expected: Self::EXPECTED };
+        if text.len() > Self::MAX_LENGTH {
+            return Err(err());
+        }
+        let caps = RE.captures(text).ok_or_else(err)?;
+        let tls = &caps[1] == "https";
+        let host_at = caps.get(2).map_or(0..0, |m| m.range());
+        let host = caps[2].trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = match caps.get(3) {
+            Some(p) => p.as_str().parse().map_err(|_| err())?,
+            None if tls => 443,
+            None => 80,
+        };
+        Ok(Self { text: text.to_string(), tls, host, port, host_at })
+    }
+
+    /// The same URL with another host (an IPv6 address is bracketed).
+    pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        Self::parse(&format!("{}{host}{}", &self.text[..self.host_at.start], &self.text[self.host_at.end..]))
+    }
+
+    /// Whether the connection uses TLS (`https://`).
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host name or address (an IPv6 address without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port, defaults applied.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Default for HttpUrl {
+    /// An endpoint on the local host: `http://localhost/`.
+    fn default() -> Self {
+        Self {
+            text: "http://localhost/".to_string(),
+            tls: false,
+            host: "localhost".to_string(),
+            port: 80,
+            host_at: 7..16,
+        }
+    }
+}
+
+text_value!(HttpUrl, "HttpUrl");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +458,22 @@ mod tests {
     }
 
     #[test]
+    fn http_urls_give_scheme_host_port_and_keep_their_path() {
+        let u = HttpUrl::parse("https://ingest.example.com:8443/v1/readings?site=a").unwrap();
+        assert!(u.tls());
+        assert_eq!((u.host(), u.port()), ("ingest.example.com", 8443));
+        let u = HttpUrl::parse("http://10.0.0.7/x").unwrap();
+        assert_eq!((u.tls(), u.host(), u.port()), (false, "10.0.0.7", 80));
+        assert_eq!(HttpUrl::parse("https://[::1]").unwrap().port(), 443);
+        for bad in ["mqtt://x", "https://", "http://h:0", "http://u@h/", "http://h/#frag", "http://h/a b", "ftp://h"] {
+            assert!(HttpUrl::parse(bad).unwrap_err().to_string().contains("http:// or https://"), "{bad}");
+        }
+        let u = HttpUrl::parse("http://cloud:8080/in").unwrap().with_host("cloud.plant-a.svc").unwrap();
+        assert_eq!(u.as_str(), "http://cloud.plant-a.svc:8080/in");
+        assert_eq!(HttpUrl::default(), HttpUrl::parse("http://localhost/").unwrap());
+    }
+
+    #[test]
     fn the_published_patterns_accept_exactly_what_the_parsers_accept() {
         // The API server checks the pattern (an ECMA/RE2 regex); the parsers must agree, or an
         // object it accepted could not be read.
@@ -446,6 +544,25 @@ mod tests {
         ];
         for text in urls {
             assert_eq!(pattern_accepts(BrokerUrl::PATTERN, text), BrokerUrl::parse(text).is_ok(), "{text:?}");
+        }
+        let http = [
+            "http://h",
+            "https://h/",
+            "https://ingest.example.com:8443/v1/readings?site=a&x=%20",
+            "http://[::1]:8080/x",
+            "http://h:0",
+            "http://h:65536",
+            "http://u@h",
+            "http://h/#f",
+            "http://h/a b",
+            "HTTP://h",
+            "https://",
+            "mqtt://h",
+            "http://h?x",
+            "http://-h/",
+        ];
+        for text in http {
+            assert_eq!(pattern_accepts(HttpUrl::PATTERN, text), HttpUrl::parse(text).is_ok(), "{text:?}");
         }
     }
 

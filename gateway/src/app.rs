@@ -4,6 +4,11 @@
 //!
 //! Shutdown order: not ready -> adapters stop -> the writer drains and awaits every PubAck ->
 //! uplinks finish in-flight deliveries -> exit, all within `--shutdown-grace`.
+//!
+//! Every long-lived task is supervised (restarted with backoff and counted, its state in the
+//! diagnostics: `crate::supervise`), except the buffer writer, which owns the queue the
+//! adapters feed and cannot be restarted: if it stops, the gateway turns not ready, stops in
+//! order and exits with status 1, so that its supervisor (the kubelet) starts it again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::buffer::{self, Routes, WriterSettings};
 use crate::cluster;
@@ -27,7 +32,8 @@ use crate::metrics::{Metrics, ReloadLabels, ReloadOutcome};
 use crate::reading::ReadingSink;
 use crate::reconcile::{Interrupted, Running, Shared};
 use crate::secrets::SecretStore;
-use crate::uplinks::mqtt::MqttSettings;
+use crate::supervise::{Watched, supervise};
+use crate::uplinks::LinkSettings;
 
 /// Readings waiting for the buffer writer. Small on purpose: when JetStream falls behind,
 /// adapters wait (polls run late) instead of readings piling up in memory.
@@ -117,6 +123,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// The buffer writer stopped while the gateway ran: no reading can be accepted any more.
+    #[error("the buffer writer stopped: {0}")]
+    BufferWriter(String),
     /// Connecting to NATS failed in a way retrying cannot fix.
     #[error("NATS {url}: {source}")]
     Nats {
@@ -143,8 +152,8 @@ impl AppError {
 pub struct LoadedConfig {
     /// The document.
     pub config: GatewayConfig,
-    /// Broker settings, in `config.uplinks` order.
-    pub mqtt: Vec<MqttSettings>,
+    /// Link settings (broker or endpoint), in `config.uplinks` order.
+    pub links: Vec<LinkSettings>,
 }
 
 /// Reads, parses, validates and resolves a config file. Touches nothing else.
@@ -176,18 +185,18 @@ pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) ->
     if !missing.is_empty() {
         return Err(refuse(missing));
     }
-    let mut mqtt = Vec::new();
+    let mut links = Vec::new();
     let mut problems = Vec::new();
     for (i, u) in config.uplinks.iter().enumerate() {
-        match MqttSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
-            Ok(s) => mqtt.push(s),
+        match LinkSettings::resolve(u, node, secrets, &format!("uplinks[{i}]")) {
+            Ok(s) => links.push(s),
             Err(e) => problems.push(e.to_string()),
         }
     }
     if !problems.is_empty() {
         return Err(refuse(problems));
     }
-    Ok(LoadedConfig { config, mqtt })
+    Ok(LoadedConfig { config, links })
 }
 
 /// In-cluster mode, once started: the API client (if there is a configuration), where the
@@ -355,7 +364,17 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         .map_err(|source| AppError::Listen { addr: args.listen, source })?;
     let listen = listener.local_addr().unwrap_or(args.listen);
     let stop_serving = CancellationToken::new();
-    let server = tokio::spawn(management::serve(listener, Arc::clone(&management), stop_serving.clone()));
+    let server = {
+        let (listener, management, stop) = (Arc::new(listener), Arc::clone(&management), stop_serving.clone());
+        tokio::spawn(supervise("management server".into(), Arc::clone(&metrics), stop.clone(), move || {
+            let (listener, management, stop) = (Arc::clone(&listener), Arc::clone(&management), stop.clone());
+            async move {
+                if let Err(e) = management::serve(listener, management, stop).await {
+                    warn!(error = %e, "management server failed");
+                }
+            }
+        }))
+    };
     info!(%listen, "management server listening (status page: http://{listen}/status)");
 
     let signal = CancellationToken::new();
@@ -383,14 +402,16 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
     let (sink, rx) = ReadingSink::buffered(READING_QUEUE);
     let abandon = CancellationToken::new();
-    let mut writer = tokio::spawn(buffer::run_writer(
+    let writer_task = Watched::new("buffer writer", &metrics);
+    let mut writer = Some(tokio::spawn(buffer::run_writer(
         js.clone(),
         routes_rx,
         Arc::clone(&metrics),
         WriterSettings::default(),
         rx,
         abandon.clone(),
-    ));
+    )));
+    let mut failure: Option<AppError> = None;
 
     // Devices and uplinks, applied per device from the config and every later change.
     let shared = Shared {
@@ -414,14 +435,15 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     // credentials and report status (without one, the gateway runs on its local copy alone).
     let mut removal_check = None;
     if let Some(ClusterMode { client: Some(client), credentials, mirror, have }) = cluster {
-        tokio::spawn(cluster::mirror(client.clone(), credentials, mirror.clone(), have, background.clone()));
-        tokio::spawn(crate::status_report::report_status(
-            client.clone(),
-            args.node.clone(),
-            Arc::clone(&metrics),
-            applied_rx,
-            background.clone(),
-        ));
+        let (c, m, stop) = (client.clone(), mirror.clone(), background.clone());
+        tokio::spawn(supervise("cluster mirror".into(), Arc::clone(&metrics), background.clone(), move || {
+            cluster::mirror(c.clone(), credentials.clone(), m.clone(), have.clone(), stop.clone())
+        }));
+        let (c, node, health, stop) = (client.clone(), args.node.clone(), Arc::clone(&metrics), background.clone());
+        tokio::spawn(supervise("status reporter".into(), Arc::clone(&metrics), background.clone(), move || {
+            let applied = applied_rx.clone();
+            crate::status_report::report_status(c.clone(), node.clone(), Arc::clone(&health), applied, stop.clone())
+        }));
         removal_check = args.daemonset.clone().map(|ds| (client, ds, mirror));
     }
     let reloads = metrics.config_reloads.clone();
@@ -439,19 +461,25 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
 
     let (config_tx, mut config_rx) = mpsc::channel(1);
     let watcher_stop = CancellationToken::new();
-    tokio::spawn(config_watch::watch_file(
-        args.config.clone(),
-        args.node.clone(),
-        secrets.clone(),
-        Duration::from_secs(2),
-        initial_digest,
-        config_tx,
-        watcher_stop.clone(),
-    ));
+    {
+        let (path, node, secrets, stop) =
+            (args.config.clone(), args.node.clone(), secrets.clone(), watcher_stop.clone());
+        tokio::spawn(supervise("config watcher".into(), Arc::clone(&metrics), watcher_stop.clone(), move || {
+            let (path, node, secrets, tx) = (path.clone(), node.clone(), secrets.clone(), config_tx.clone());
+            config_watch::watch_file(path, node, secrets, Duration::from_secs(2), initial_digest, tx, stop.clone())
+        }));
+    }
 
-    while !signal.is_cancelled() {
+    while !signal.is_cancelled() && failure.is_none() {
         tokio::select! {
             () = signal.cancelled() => {}
+            Some(ended) = join_some(&mut writer) => {
+                writer = None;
+                let e = writer_stopped(ended, &writer_task);
+                error!(error = %e, "the gateway cannot accept readings any more; stopping");
+                management.set_failed(&e.to_string());
+                failure = Some(e);
+            }
             Some(candidate) = config_rx.recv() => match candidate {
                 Ok(loaded) => {
                     applied_tx.send_replace(config_of(&loaded));
@@ -488,14 +516,17 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     running.stop_devices().await;
     info!("devices stopped");
     let writer_deadline = deadline - args.shutdown_grace / 2;
-    tokio::select! {
-        _ = &mut writer => {}
-        () = tokio::time::sleep_until(writer_deadline) => {
-            abandon.cancel();
-            let _ = writer.await;
+    if let Some(mut writer) = writer.take() {
+        tokio::select! {
+            _ = &mut writer => {}
+            () = tokio::time::sleep_until(writer_deadline) => {
+                abandon.cancel();
+                let _ = writer.await;
+            }
         }
+        info!("buffer writer drained");
     }
-    info!("buffer writer drained");
+    drop(writer_task);
     running.stop_uplinks().await;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     // Removed from the cluster (the release uninstalled)? Then no copy of its config and
@@ -516,6 +547,67 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     stop_serving.cancel();
     let _ = server.await;
     traces.shutdown(Duration::from_secs(3)).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     info!("gateway stopped");
     Ok(())
+}
+
+/// The outcome of a task, once it ends (never, without one).
+async fn join_some<T>(task: &mut Option<tokio::task::JoinHandle<T>>) -> Option<Result<T, tokio::task::JoinError>> {
+    match task {
+        Some(t) => Some(t.await),
+        None => std::future::pending().await,
+    }
+}
+
+/// The gateway's error for a buffer writer that stopped while the gateway ran (it only stops
+/// by itself once every adapter is gone, at shutdown); its task state shows how.
+fn writer_stopped(ended: Result<Result<(), buffer::WriterError>, tokio::task::JoinError>, task: &Watched) -> AppError {
+    let (how, why) = match ended {
+        Ok(Ok(())) => ("ended", "it ended".to_string()),
+        Ok(Err(e)) => ("ended", e.to_string()),
+        Err(e) if e.is_panic() => ("panicked", "it panicked".to_string()),
+        Err(e) => ("ended", e.to_string()),
+    };
+    task.failed(how);
+    AppError::BufferWriter(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_buffer_writer_that_dies_makes_the_gateway_unready_and_exit_with_an_error() {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let management = Management::with_api(
+            Registry::default(),
+            Arc::clone(&metrics),
+            None,
+            "n",
+            &management::ManagementArgs::default(),
+        );
+        management.set_ready(true);
+        let task = Watched::new("buffer writer", &metrics);
+        let mut writer: Option<tokio::task::JoinHandle<Result<(), buffer::WriterError>>> =
+            Some(tokio::spawn(async { panic!("a bug in the writer") }));
+        let ended = join_some(&mut writer).await.expect("a writer outcome");
+        let e = writer_stopped(ended, &task);
+        management.set_failed(&e.to_string());
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("buffer writer stopped: it panicked"), "{e}");
+        let reasons = management.not_ready_reasons();
+        assert!(reasons.iter().any(|r| r.contains("buffer writer stopped")), "{reasons:?}");
+        let state = &metrics.task_states.snapshot()["buffer writer"];
+        assert_eq!((state.state, state.last_failure), ("failed", Some("panicked")));
+
+        // A lane that stopped is named.
+        let e = writer_stopped(Ok(Err(buffer::WriterError { uplink: "default/cloud".into() })), &task);
+        assert!(e.to_string().contains("lane of uplink default/cloud"), "{e}");
+        drop(task);
+        assert!(metrics.task_states.snapshot().is_empty());
+    }
 }

@@ -6,28 +6,36 @@
 //! [`MAX_ENTRY_READINGS`] readings (`BufferEntry` in `proto/fieldgate/v1/reading.proto`): each
 //! uplink's lane stores one entry at a time, and the next carries every reading that arrived
 //! meanwhile (group commit). Its headers give the `buffer_seq` of its first reading and their
-//! count, so `buffer_seq` numbers the uplink's readings without gaps, and the uplink can tell
-//! how many readings a lost entry held. Its `Nats-Msg-Id` is `{stream}/{first buffer_seq}`
-//! ([`entry_id`]), unique in the stream and the same for every retry, and each publish expects
-//! the stream's last sequence (the lane is its stream's one writer): an entry whose PubAck was
-//! lost is recognised when retried, never stored twice, never counted as dropped, and its
-//! `buffer_seq`s are never reused. An entry JetStream refuses as too large is stored in halves
-//! until each reading goes alone; one reading too large alone, or an entry refused otherwise
-//! (`rejectNew` and full, JetStream unreachable for `give_up_after` with no attempt that might
-//! have stored it), is dropped and each of its readings counted with the reason.
+//! count, so `buffer_seq` numbers the uplink's readings without gaps. Its `Nats-Msg-Id` is
+//! `{stream}/{first buffer_seq}` ([`entry_id`]), unique in the stream and the same for every
+//! retry, and each publish expects the stream's last sequence (the lane is its stream's one
+//! writer): an entry whose PubAck was lost is recognised when retried, never stored twice,
+//! never counted as dropped, and its `buffer_seq`s are never reused. An entry JetStream refuses
+//! as too large (for its `max_payload`, or for the whole buffer) is stored in halves until each
+//! reading goes alone; one reading too large alone, or an entry refused otherwise (`rejectNew`
+//! and full, JetStream unreachable for `give_up_after` with no attempt that might have stored
+//! it), is dropped and each of its readings counted with the reason.
+//!
+//! `buffer_seq` continues across restarts: after the stream's last entry, or, when the stream
+//! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`] (written
+//! shortly after each stored entry, off the lane's path); only when that record is behind the
+//! stream (a crash right after storing) does the sequence jump forward ([`next_after_empty`]),
+//! never back.
 //!
 //! Streams use interest retention: an entry leaves the disk once its uplink's consumer acked
-//! it, which the uplink does only after the cloud broker's PUBACK. `maxBytes`/`maxAge` bound
-//! what an outage can pile up; `onFull` chooses between evicting the oldest entries
-//! (`dropOldest`, JetStream discard-old) and refusing new ones (`rejectNew`, discard-new).
+//! it, which the uplink does only after the cloud confirmed or refused each of its readings.
+//! `maxBytes`/`maxAge` bound what an outage can pile up. JetStream itself only refuses a write
+//! to a full stream; the lane removes entries past `maxAge` and, with `onFull: dropOldest`,
+//! the oldest entry not being delivered to make room, counting each reading it removes — so
+//! the count of dropped readings is exact (the rule and its limits: [`crate::index`]).
 //! Durability against power loss is the nats-server's `jetstream.sync_interval` setting
 //! (`always` fsyncs every write; the default `2m` trades that for throughput).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
@@ -36,9 +44,10 @@ use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::metrics::{DropReason, Metrics, UplinkLabels};
+use crate::index::{Claim, Phase, Prior, UplinkState};
+use crate::metrics::{DropReason, Metrics};
 use crate::reading::{AcceptanceTracker, Submission};
 use crate::supervise::backoff;
 use crate::telemetry::{StageSpan, append_span};
@@ -134,12 +143,11 @@ impl UplinkBuffer {
             storage: StorageType::File,
             num_replicas: 1,
             max_bytes: i64::try_from(self.max_bytes).unwrap_or(i64::MAX),
-            max_age: self.max_age,
-            discard: match self.on_full {
-                OnFull::DropOldest => DiscardPolicy::Old,
-                OnFull::RejectNew => DiscardPolicy::New,
-            },
-            duplicate_window: DUPLICATE_WINDOW.min(self.max_age),
+            // The gateway applies `maxAge` and `onFull: dropOldest` itself, counting each
+            // reading it removes (see `crate::index`): JetStream only refuses a full write.
+            max_age: Duration::ZERO,
+            discard: DiscardPolicy::New,
+            duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         }
     }
@@ -284,7 +292,7 @@ pub fn entry_readings(payload: &[u8]) -> Result<Vec<&[u8]>, EntryError> {
 }
 
 /// Packs encoded readings into one entry payload (a `BufferEntry`).
-fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+pub fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let size: usize = readings.clone().map(|r| 1 + encoded_len_varint(r.len() as u64) + r.len()).sum();
     let mut out = Vec::with_capacity(size);
@@ -297,35 +305,149 @@ fn encode_entry<'a>(readings: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
 }
 
 /// The `buffer_seq` an empty stream whose last entry had stream sequence `last_entry` starts
-/// at. Every entry carries at most [`MAX_ENTRY_READINGS`] readings and only stored entries
-/// advance the count, so no reading of an earlier entry can have a `buffer_seq` at or above
-/// this: the sequence keeps growing across restarts even when nothing is left to read it from.
+/// at when nothing better is known. Every entry carries at most [`MAX_ENTRY_READINGS`]
+/// readings and only stored entries advance the count, so no reading of an earlier entry can
+/// have a `buffer_seq` at or above this: the sequence never goes back.
 pub fn seq_floor(last_entry: u64) -> u64 {
     last_entry.saturating_mul(MAX_ENTRY_READINGS as u64).saturating_add(1)
 }
 
-/// Where the lane of `b` continues: the `buffer_seq` of its next entry (right after the
-/// stream's last entry, or the [`seq_floor`] when the stream holds none) and the stream's last
-/// sequence, which each publish expects (`Nats-Expected-Last-Sequence`).
-async fn restore_next_seq(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(u64, u64), async_nats::Error> {
-    let mut stream = js.get_stream(&b.stream).await?;
-    let state = stream.info().await?.state.clone();
-    if state.messages > 0 {
-        match stream.get_last_raw_message_by_subject(&b.subject).await {
-            Ok(m) => {
-                if let Some((first, n)) = entry_range(Some(&m.headers)) {
-                    info!(uplink = %b.uplink, next = first + n, "bufferSeq continues at {} after the buffer's last entry", first + n);
-                    return Ok((first + n, state.last_sequence));
+/// The JetStream key-value bucket holding each lane's [`SeqRecord`], keyed by stream name.
+pub const SEQ_RECORDS: &str = "fieldgate_buffer_seq";
+
+/// Where a lane stood after its last stored entry: that entry's stream sequence and the next
+/// `buffer_seq`. Kept in [`SEQ_RECORDS`] so that a lane starting on an empty stream continues
+/// the numbering exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqRecord {
+    /// Stream sequence of the entry stored last.
+    pub stream_seq: u64,
+    /// The `buffer_seq` of the next reading.
+    pub next: u64,
+}
+
+impl SeqRecord {
+    fn encode(self) -> Bytes {
+        Bytes::from(format!("{} {}", self.stream_seq, self.next))
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let (s, n) = std::str::from_utf8(b).ok()?.split_once(' ')?;
+        Some(Self { stream_seq: s.parse().ok()?, next: n.parse().ok()? })
+    }
+}
+
+/// The next `buffer_seq` of a stream that holds no entry and whose last stream sequence is
+/// `last_seq`: exact when `record` describes that last entry; else (the record of the last
+/// entries was not written: the gateway stopped right after storing them) past every reading
+/// they can have held.
+pub fn next_after_empty(last_seq: u64, record: Option<SeqRecord>) -> u64 {
+    match record {
+        Some(r) if r.stream_seq == last_seq => r.next,
+        Some(r) if r.stream_seq < last_seq => {
+            r.next.saturating_add((last_seq - r.stream_seq).saturating_mul(MAX_ENTRY_READINGS as u64))
+        }
+        _ => seq_floor(last_seq),
+    }
+}
+
+/// The key-value bucket of sequence records, created if missing.
+async fn seq_records(js: &jetstream::Context) -> Result<jetstream::kv::Store, async_nats::Error> {
+    let config = jetstream::kv::Config {
+        bucket: SEQ_RECORDS.to_string(),
+        description: "Fieldgate: where each uplink buffer's bufferSeq continues".to_string(),
+        history: 1,
+        storage: StorageType::File,
+        ..Default::default()
+    };
+    Ok(js.create_or_update_key_value(config).await?)
+}
+
+/// Writes the latest [`SeqRecord`] of a lane, at most every 50 ms (records are coalesced), and
+/// the last one when the lane is gone. Never in the lane's way: a record that cannot be written
+/// now is written later.
+async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiver<Option<SeqRecord>>) {
+    let mut store: Option<jetstream::kv::Store> = None;
+    let mut written: Option<SeqRecord> = None;
+    let mut delays = backoff(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let closed = rx.changed().await.is_err();
+        let mut tries = 0;
+        loop {
+            let latest = *rx.borrow_and_update();
+            let Some(record) = latest.filter(|r| Some(*r) != written) else { break };
+            let put = async {
+                if store.is_none() {
+                    store = Some(seq_records(&js).await?);
+                }
+                match &store {
+                    Some(s) => s.put(&key, record.encode()).await.map(|_| ()).map_err(async_nats::Error::from),
+                    None => Ok(()),
+                }
+            };
+            match put.await {
+                Ok(()) => written = Some(record),
+                Err(e) => {
+                    debug!(key = %key, error = %e, "buffer sequence record not written; trying again");
+                    store = None;
+                    tries += 1;
+                    if closed && tries >= 3 {
+                        return;
+                    }
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
                 }
             }
-            Err(e) => debug!(stream = %b.stream, error = %e, "last entry not readable; continuing past every entry"),
         }
+        if closed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let floor = seq_floor(state.last_sequence);
+}
+
+/// Where the lane of `b` continues, read from the stream: the `buffer_seq` of its next entry
+/// (right after the stream's last entry, or from the [`SeqRecord`] when the stream holds none),
+/// the stream's last sequence, which each publish expects (`Nats-Expected-Last-Sequence`), and
+/// the entries already in the stream.
+async fn restore(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(stream::Stream, u64, Prior), async_nats::Error> {
+    let mut stream = js.get_stream(&b.stream).await?;
+    let state = stream.info().await?.state.clone();
+    let mut prior = Prior { last_seq: state.last_sequence, ..Prior::default() };
+    if state.messages > 0 {
+        let last = stream.get_last_raw_message_by_subject(&b.subject).await.ok();
+        let first = stream.get_raw_message(state.first_sequence).await.ok();
+        let last = last.and_then(|m| entry_range(Some(&m.headers)));
+        let first = first.and_then(|m| entry_range(Some(&m.headers)));
+        if let (Some((last_first, last_n)), Some((first_first, _))) = (last, first) {
+            let next = last_first + last_n;
+            prior.entries = state.messages;
+            prior.readings = next.saturating_sub(first_first);
+            prior.bytes = state.bytes;
+            prior.oldest = Some(std::time::SystemTime::from(state.first_timestamp));
+            info!(uplink = %b.uplink, next, entries = state.messages, "bufferSeq continues at {next} after the buffer's last entry");
+            return Ok((stream, next, prior));
+        }
+        warn!(uplink = %b.uplink, "the buffer's first or last entry is not readable; bufferSeq continues past every entry");
+        prior.entries = state.messages;
+        prior.bytes = state.bytes;
+        prior.oldest = Some(std::time::SystemTime::from(state.first_timestamp));
+        return Ok((stream, seq_floor(state.last_sequence), prior));
+    }
+    // No bucket yet (no record ever written) is no record; any other failure is retried.
+    let bucket = js.get_stream(format!("KV_{SEQ_RECORDS}")).await;
+    let record = match bucket {
+        Ok(_) => js.get_key_value(SEQ_RECORDS).await?.get(&b.stream).await?.as_deref().and_then(SeqRecord::decode),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let next = next_after_empty(state.last_sequence, record);
     if state.last_sequence > 0 {
-        info!(uplink = %b.uplink, next = floor, "the buffer is empty: bufferSeq continues at {floor}, past any earlier entry");
+        let exact = record.is_some_and(|r| r.stream_seq == state.last_sequence);
+        info!(uplink = %b.uplink, next, exact, "the buffer is empty: bufferSeq continues at {next}");
     }
-    Ok((floor, state.last_sequence))
+    Ok((stream, next, prior))
 }
 
 /// One reading waiting in an uplink's lane.
@@ -353,15 +475,38 @@ impl Queued {
         }
     }
 }
-
 /// The message id of the entry whose first reading is `first_seq`: unique in the stream, and
 /// the same for every retry of the entry, so JetStream stores it once.
 pub fn entry_id(stream: &str, first_seq: u64) -> String {
     format!("{stream}/{first_seq}")
 }
 
-/// Publishes one entry until JetStream stores it, refuses it for good, or `give_up_after`
-/// passes without an attempt that might have stored it.
+/// What became of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publish {
+    /// JetStream has it.
+    Stored,
+    /// The stream is full.
+    Full,
+    /// Larger than JetStream takes.
+    TooLarge,
+    /// Not stored, for good.
+    Dropped(DropReason),
+}
+
+/// The bytes an entry takes in the stream, estimated: payload, headers, subject and the
+/// store's per-message overhead.
+fn entry_bytes(subject: &str, headers: &async_nats::HeaderMap, payload: usize) -> u64 {
+    let headers: usize = headers
+        .iter()
+        .map(|(k, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4).sum::<usize>())
+        .sum();
+    (payload + headers + subject.len() + 12 + 38) as u64
+}
+
+/// Publishes one entry until JetStream stores it, refuses it, or `give_up_after` passes
+/// without an attempt that might have stored it. Returns the outcome, the attempts and the
+/// entry's estimated size.
 ///
 /// The lane is its stream's one writer, so each publish expects the stream's last sequence
 /// (`last_stream_seq`, updated here). A publish that went out without an answer (a timeout, a
@@ -376,7 +521,7 @@ async fn publish_entry(
     batch: &[Queued],
     give_up_after: Duration,
     last_stream_seq: &mut u64,
-) -> (Result<(), DropReason>, i64) {
+) -> (Publish, i64, u64) {
     let n = batch.len();
     let payload = encode_entry(batch.iter().map(|q| q.payload.as_ref()));
     let id = entry_id(&b.stream, first_seq);
@@ -389,6 +534,7 @@ async fn publish_entry(
             headers.append(TRACE_HEADER, format!("{i} {}", tp.as_str()).as_str());
         }
     }
+    let bytes = entry_bytes(&b.subject, &headers, payload.len());
     let deadline = Instant::now() + give_up_after;
     let mut delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempts: i64 = 0;
@@ -406,7 +552,7 @@ async fn publish_entry(
             Ok(ack) => {
                 // A duplicate: an earlier attempt of this entry stored it (ids are unique).
                 *last_stream_seq = ack.sequence;
-                return (Ok(()), attempts);
+                return (Publish::Stored, attempts, bytes);
             }
             Err((refusal, e)) => {
                 debug!(subject = %b.subject, id = %id, error = %e, ?refusal, "publish not accepted");
@@ -414,24 +560,26 @@ async fn publish_entry(
             }
         };
         match refusal {
-            Refusal::Full => return (Err(DropReason::buffer_full_rejected), attempts),
-            Refusal::TooLarge => return (Err(DropReason::too_large), attempts),
+            Refusal::Full => return (Publish::Full, attempts, bytes),
+            Refusal::TooLarge => return (Publish::TooLarge, attempts, bytes),
             Refusal::WrongLastSequence => match stored_after(js, b, *last_stream_seq, first_seq).await {
                 Some(Some(seq)) => {
                     *last_stream_seq = seq;
-                    return (Ok(()), attempts);
+                    return (Publish::Stored, attempts, bytes);
                 }
                 Some(None) => {
                     // Another writer moved the stream on (not this entry): continue after it.
-                    if let Ok((_, last)) = restore_next_seq(js, b).await {
-                        *last_stream_seq = last;
+                    if let Ok(mut s) = js.get_stream(&b.stream).await
+                        && let Ok(info) = s.info().await
+                    {
+                        *last_stream_seq = info.state.last_sequence;
                     }
                 }
                 None => {}
             },
             Refusal::Ambiguous => ambiguous = true,
             Refusal::Transient if !ambiguous && Instant::now() >= deadline => {
-                return (Err(DropReason::buffer_unavailable), attempts);
+                return (Publish::Dropped(DropReason::buffer_unavailable), attempts, bytes);
             }
             Refusal::Transient => {}
         }
@@ -461,8 +609,9 @@ async fn stored_after(js: &jetstream::Context, b: &UplinkBuffer, last: u64, firs
 pub struct WriterSettings {
     /// Readings waiting per uplink before the adapters wait.
     pub lane_capacity: usize,
-    /// How long a publish is retried while JetStream is unreachable before the reading is
-    /// dropped (`buffer_unavailable`).
+    /// How long a publish is retried while JetStream is unreachable (or the buffer is full of
+    /// readings being delivered) before the reading is dropped (`buffer_unavailable`,
+    /// `buffer_full_rejected`).
     pub give_up_after: Duration,
 }
 
@@ -472,19 +621,41 @@ impl Default for WriterSettings {
     }
 }
 
+/// The buffer writer stopped before every adapter was gone: readings can no longer be
+/// accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("the buffer lane of uplink {uplink} stopped unexpectedly")]
+pub struct WriterError {
+    /// The uplink whose lane stopped.
+    pub uplink: String,
+}
+
+impl WriterError {
+    /// A static label for metrics.
+    pub fn kind(&self) -> &'static str {
+        "lane_stopped"
+    }
+}
+
 /// Drains the adapters' queue into JetStream until every sender is gone, then waits for the
 /// outstanding PubAcks: nothing handed to the writer is left unresolved in memory. If
 /// `abandon` fires first (the shutdown grace period ran out), the readings not yet accepted
 /// are counted as dropped (`buffer_unavailable`) before it returns.
 ///
-/// Each uplink has a lane: its readings are stored as entries of up to
-/// [`MAX_ENTRY_READINGS`], one entry awaiting its PubAck at a time, the next holding whatever
-/// arrived meanwhile (group commit: one write, and with `sync_interval: always` one fsync, for
-/// many readings under load; no waiting when idle). One entry at a time also means a refused
-/// entry leaves no gap in `buffer_seq`.
+/// Each uplink has a lane, started as soon as the uplink is routed: its readings are stored as
+/// entries of up to [`MAX_ENTRY_READINGS`], one entry awaiting its PubAck at a time, the next
+/// holding whatever arrived meanwhile (group commit: one write, and with
+/// `sync_interval: always` one fsync, for many readings under load; no waiting when idle). One
+/// entry at a time also means a refused entry leaves no gap in `buffer_seq`. The lane also
+/// applies the buffer's limits itself (see [`crate::index`]): it removes entries older than
+/// `maxAge`, and with `onFull: dropOldest` the oldest entry not being delivered when the
+/// stream refuses a write as full, counting each reading it removes.
 ///
 /// `routes` may change while it runs (a config reload): each reading goes to the routes in
 /// force when the writer takes it.
+///
+/// Returns an error when a lane stopped unexpectedly (a bug): the gateway then cannot accept
+/// readings for that uplink, and stops.
 pub async fn run_writer(
     js: jetstream::Context,
     mut routes: watch::Receiver<Arc<Routes>>,
@@ -492,11 +663,28 @@ pub async fn run_writer(
     settings: WriterSettings,
     mut rx: mpsc::Receiver<Submission>,
     abandon: tokio_util::sync::CancellationToken,
-) {
-    let mut lanes: HashMap<String, Lane> = HashMap::new();
+) -> Result<(), WriterError> {
+    let mut lanes: HashMap<String, mpsc::Sender<Queued>> = HashMap::new();
     let mut lane_tasks = tokio::task::JoinSet::new();
-    // Lanes of uplinks that left the config, storing what they still hold before they end.
-    let mut closing: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut lane_of: HashMap<tokio::task::Id, String> = HashMap::new();
+    let open_lanes = |lanes: &mut HashMap<String, mpsc::Sender<Queued>>,
+                      lane_tasks: &mut tokio::task::JoinSet<()>,
+                      lane_of: &mut HashMap<tokio::task::Id, String>,
+                      current: &Routes| {
+        // A lane outlives its uplink leaving the config (it idles): were it replaced when the
+        // uplink comes back, two lanes would number the same stream's readings.
+        for b in current.buffers() {
+            if !lanes.contains_key(&b.uplink) {
+                let (tx, lane_rx) = mpsc::channel(settings.lane_capacity);
+                let lane = Lane::new(js.clone(), Arc::clone(b), &metrics, settings.give_up_after);
+                let handle = lane_tasks.spawn(lane.run(lane_rx, abandon.clone()));
+                lane_of.insert(handle.id(), b.uplink.clone());
+                lanes.insert(b.uplink.clone(), tx);
+            }
+        }
+    };
+    open_lanes(&mut lanes, &mut lane_tasks, &mut lane_of, &routes.borrow_and_update());
+    let mut failed: Option<WriterError> = None;
     loop {
         let next = tokio::select! {
             biased;
@@ -515,8 +703,18 @@ pub async fn run_writer(
                 }
                 break;
             }
-            Some(ended) = lane_tasks.join_next_with_id(), if !closing.is_empty() => {
-                closing.remove(&lane_id(&ended));
+            Some(done) = lane_tasks.join_next_with_id() => {
+                let id = match &done { Ok((id, ())) => *id, Err(e) => e.id() };
+                let uplink = lane_of.remove(&id).unwrap_or_default();
+                error!(uplink = %uplink, panicked = done.is_err(), "a buffer lane stopped unexpectedly; the buffer writer stops");
+                failed = Some(WriterError { uplink });
+                break;
+            }
+            changed = routes.changed() => {
+                if changed.is_ok() {
+                    let current = Arc::clone(&routes.borrow_and_update());
+                    open_lanes(&mut lanes, &mut lane_tasks, &mut lane_of, &current);
+                }
                 continue;
             }
             next = rx.recv() => next,
@@ -525,17 +723,6 @@ pub async fn run_writer(
             info!(lanes = lanes.len(), "buffer writer draining");
             break;
         };
-        if routes.has_changed().unwrap_or(false) {
-            // Lanes of uplinks that left the config close: each stores what it holds and ends.
-            let current = Arc::clone(&routes.borrow_and_update());
-            lanes.retain(|uplink, lane| {
-                let kept = current.buffers().iter().any(|b| b.uplink == *uplink);
-                if !kept {
-                    closing.insert(lane.task, uplink.clone());
-                }
-                kept
-            });
-        }
         let current = Arc::clone(&routes.borrow());
         let targets = current.targets(&reading.namespace, &reading.device);
         if targets.is_empty() {
@@ -553,30 +740,11 @@ pub async fn run_writer(
         let tracker = reading.accepted.take().map(|tx| Arc::new(AcceptanceTracker::new(targets.len(), tx)));
         for &route in targets {
             let b = &current.buffers()[route];
-            // Looked up by reference: this runs for every reading.
             if !lanes.contains_key(&b.uplink) {
-                // An uplink back in the config waits for its old lane to end: two lanes would
-                // number the same stream's readings.
-                while closing.values().any(|u| *u == b.uplink) {
-                    match lane_tasks.join_next_with_id().await {
-                        Some(ended) => {
-                            closing.remove(&lane_id(&ended));
-                        }
-                        None => closing.clear(),
-                    }
-                }
-                let (tx, lane_rx) = mpsc::channel(settings.lane_capacity);
-                let task = lane_tasks.spawn(run_lane(
-                    js.clone(),
-                    Arc::clone(b),
-                    Arc::clone(&metrics),
-                    settings.give_up_after,
-                    lane_rx,
-                    abandon.clone(),
-                ));
-                lanes.insert(b.uplink.clone(), Lane { tx, task: task.id() });
+                open_lanes(&mut lanes, &mut lane_tasks, &mut lane_of, &current);
             }
-            let Some(Lane { tx: lane, .. }) = lanes.get(&b.uplink) else { continue };
+            // Looked up by reference: this runs for every reading.
+            let Some(lane) = lanes.get(&b.uplink) else { continue };
             let span = append_span(reading.trace.as_ref(), &b.uplink, &b.subject, &reading.id);
             let queued = Queued { payload: payload.clone(), tracker: tracker.clone(), span, since: Instant::now() };
             // Waits while the lane is full: the adapters feel the buffer's pace.
@@ -594,139 +762,377 @@ pub async fn run_writer(
     lanes.clear();
     while lane_tasks.join_next().await.is_some() {}
     warn_if_dropped(&metrics, &routes.borrow());
-    info!("buffer writer stopped");
-}
-
-/// The writer's end of an uplink's lane.
-struct Lane {
-    tx: mpsc::Sender<Queued>,
-    task: tokio::task::Id,
-}
-
-/// The id of a lane task that ended.
-fn lane_id(ended: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
-    match ended {
-        Ok((id, ())) => *id,
-        Err(e) => e.id(),
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            info!("buffer writer stopped");
+            Ok(())
+        }
     }
 }
 
-/// Stores one uplink's readings as entries, one awaiting its PubAck at a time.
-async fn run_lane(
+/// What removing the oldest entry did.
+#[derive(Debug, PartialEq, Eq)]
+enum Removal {
+    /// Removed; its unsettled readings counted with the reason.
+    Removed,
+    /// The oldest removable entry is not due (stored at that time).
+    NotDue(SystemTime),
+    /// No entry can be removed now; `in_flight`: some are being delivered.
+    Nothing {
+        /// Some entry is being delivered.
+        in_flight: bool,
+    },
+}
+
+/// The reason of a reading the gateway removes from the buffer: expired when its entry was
+/// older than `max_age` at that moment, evicted otherwise.
+pub fn removal_reason(stored: SystemTime, now: SystemTime, max_age: Duration) -> DropReason {
+    if now.duration_since(stored).unwrap_or_default() >= max_age {
+        DropReason::max_age_expired
+    } else {
+        DropReason::buffer_full_evicted
+    }
+}
+
+/// One uplink's lane: stores its readings as entries and applies the buffer's limits.
+struct Lane {
     js: jetstream::Context,
     b: Arc<UplinkBuffer>,
-    metrics: Arc<Metrics>,
+    state: Arc<UplinkState>,
     give_up_after: Duration,
-    mut rx: mpsc::Receiver<Queued>,
-    abandon: tokio_util::sync::CancellationToken,
-) {
-    let labels = UplinkLabels { uplink: b.uplink.clone() };
-    let accepted = metrics.readings_accepted.get_or_create(&labels).clone();
-    let last_seq = metrics.buffer_last_seq.get_or_create(&labels).clone();
-    // The next entry's first `buffer_seq` and the stream's last sequence, once known.
-    let mut next: Option<(u64, u64)> = None;
-    let mut batch: Vec<Queued> = Vec::new();
-    // The second halves of entries JetStream refused as too large, stored next.
-    let mut halves: Vec<Vec<Queued>> = Vec::new();
-    let mut carry: Option<Queued> = None;
-    let mut restore_delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        if batch.is_empty()
-            && let Some(half) = halves.pop()
-        {
-            batch = half;
-        }
-        if batch.is_empty() {
-            let first = match carry.take() {
-                Some(q) => q,
-                None => tokio::select! {
-                    biased;
-                    () = abandon.cancelled() => break,
-                    q = rx.recv() => match q {
-                        Some(q) => q,
-                        None => return,
+    /// The stream, its next entry's first `buffer_seq` and last stream sequence, once restored.
+    stream: Option<stream::Stream>,
+    next: Option<(u64, u64)>,
+    record: watch::Sender<Option<SeqRecord>>,
+    /// When to look for entries past `max_age` next.
+    expiry_due: Option<Instant>,
+}
+
+impl Lane {
+    fn new(js: jetstream::Context, b: Arc<UplinkBuffer>, metrics: &Metrics, give_up_after: Duration) -> Self {
+        let state = metrics.state.uplink(&b.uplink);
+        Self { js, b, state, give_up_after, stream: None, next: None, record: watch::channel(None).0, expiry_due: None }
+    }
+
+    /// Reads where the buffer continues (once); entries past `max_age` are looked at at once.
+    async fn restore(&mut self) -> Result<(), async_nats::Error> {
+        let (stream, next, prior) = restore(&self.js, &self.b).await?;
+        self.stream = Some(stream);
+        self.next = Some((next, prior.last_seq));
+        self.state.restored(next, prior);
+        self.state.set_reachable(true);
+        self.expiry_due = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Plans the next look for expired entries: when the oldest entry reaches `max_age` (at
+    /// least a second from now, so that entries being delivered are not looked at in a loop).
+    fn plan_expiry(&mut self) {
+        self.expiry_due = self.state.oldest_stored().map(|t| {
+            let age = t.elapsed().unwrap_or_default();
+            Instant::now() + self.b.max_age.saturating_sub(age).max(Duration::from_secs(1))
+        });
+    }
+
+    /// The oldest entry no one is delivering or removing: its stream sequence and store time.
+    /// Entries of an earlier run are read from the stream as far as needed.
+    async fn oldest_candidate(&mut self) -> Result<Option<(u64, SystemTime)>, async_nats::Error> {
+        let prior = self.state.prior();
+        if prior.entries > 0 {
+            let Some(stream) = self.stream.as_mut() else { return Ok(None) };
+            let st = stream.info().await?.state.clone();
+            let end = prior.last_seq.min(st.last_sequence);
+            let mut s = st.first_sequence.max(1);
+            while s <= end {
+                if self.state.is_removed(s) {
+                    s += 1;
+                    continue;
+                }
+                match self.state.phase(s) {
+                    Some(Phase::Waiting) => break,
+                    Some(_) => {}
+                    None => match stream.get_raw_message(s).await {
+                        Ok(m) => {
+                            let n = entry_range(Some(&m.headers)).map_or(0, |(_, n)| n);
+                            let bytes = entry_bytes(&self.b.subject, &m.headers, m.payload.len());
+                            self.state.found(s, n, bytes, SystemTime::from(m.time));
+                            break;
+                        }
+                        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                        Err(e) => return Err(e.into()),
                     },
-                },
+                }
+                s += 1;
+            }
+            if s > end {
+                // Every sequence of the earlier run was looked at: none is left unseen.
+                self.state.prior_seen();
+            }
+        }
+        Ok(self.state.oldest_waiting())
+    }
+
+    /// Removes the oldest entry no one is delivering, if `due` says so of its store time, and
+    /// counts its readings not settled yet ([`removal_reason`]).
+    async fn remove_oldest(&mut self, due: impl Fn(SystemTime) -> bool) -> Result<Removal, async_nats::Error> {
+        for _ in 0..8 {
+            let Some((seq, stored)) = self.oldest_candidate().await? else {
+                return Ok(Removal::Nothing { in_flight: self.state.any_in_flight() });
             };
-            batch.push(first);
-            let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
-            while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
-                let Ok(q) = rx.try_recv() else { break };
-                if bytes + q.payload.len() > MAX_ENTRY_BYTES {
-                    carry = Some(q);
-                } else {
-                    bytes += q.payload.len();
-                    batch.push(q);
+            if !due(stored) {
+                return Ok(Removal::NotDue(stored));
+            }
+            let Claim::Claimed { unsettled, stored } = self.state.claim(seq) else { continue };
+            let Some(stream) = self.stream.as_ref() else {
+                self.state.unclaim(seq);
+                return Ok(Removal::Nothing { in_flight: false });
+            };
+            match stream.delete_message(seq).await {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(j) if j.error_code() == ErrorCode::NO_MESSAGE_FOUND) =>
+                {
+                    // Gone without an ack from the uplink: removed by hand. Not delivered
+                    // either, so counted like a removal of ours.
+                }
+                Err(e) => {
+                    self.state.unclaim(seq);
+                    return Err(e.into());
+                }
+            }
+            self.state.removed(seq);
+            let reason = removal_reason(stored, SystemTime::now(), self.b.max_age);
+            self.state.dropped(reason, unsettled);
+            debug!(uplink = %self.b.uplink, seq, readings = unsettled, ?reason, "buffer entry removed");
+            return Ok(Removal::Removed);
+        }
+        Ok(Removal::Nothing { in_flight: self.state.any_in_flight() })
+    }
+
+    /// Removes every entry older than `max_age` that is not being delivered.
+    async fn expire(&mut self) {
+        let max_age = self.b.max_age;
+        let mut removed = 0u64;
+        loop {
+            let due = |stored: SystemTime| stored.elapsed().unwrap_or_default() >= max_age;
+            match self.remove_oldest(due).await {
+                Ok(Removal::Removed) => removed += 1,
+                Ok(_) => break,
+                Err(e) => {
+                    debug!(uplink = %self.b.uplink, error = %e, "expired entries not removed now");
+                    self.state.set_reachable(false);
+                    self.expiry_due = Some(Instant::now() + Duration::from_secs(2));
+                    return;
                 }
             }
         }
-        let (first_seq, mut last_stream_seq) = match next {
-            Some(at) => at,
-            None => match restore_next_seq(&js, &b).await {
-                Ok((s, last)) => {
-                    debug!(uplink = %b.uplink, next = s, "buffer sequence restored");
-                    last_seq.set(i64::try_from(s - 1).unwrap_or(i64::MAX));
-                    (s, last)
+        if removed > 0 {
+            warn!(uplink = %self.b.uplink, entries = removed, "buffered readings past maxAge removed and counted (max_age_expired)");
+        }
+        self.plan_expiry();
+    }
+
+    /// Runs the lane until its queue closes (the writer drains) or `abandon` fires.
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, abandon: tokio_util::sync::CancellationToken) {
+        let recorder = tokio::spawn(run_recorder(self.js.clone(), self.b.stream.clone(), self.record.subscribe()));
+        let left = self.store_all(&mut rx, &abandon).await;
+        // Abandoned: what is held here was not accepted.
+        if let Some(mut left) = left {
+            rx.close();
+            while rx.try_recv().is_ok() {
+                left += 1;
+            }
+            if left > 0 {
+                warn!(uplink = %self.b.uplink, dropped = left, "shutdown grace ran out: readings not yet accepted are dropped");
+                self.state.dropped(DropReason::buffer_unavailable, left);
+            }
+        }
+        // The last record is written before the lane is gone (a restart on an empty stream
+        // continues the sequence exactly).
+        drop(self.record);
+        let _ = tokio::time::timeout(Duration::from_secs(2), recorder).await;
+    }
+
+    /// Stores readings until the queue closes (`None`) or `abandon` fires (`Some(readings
+    /// held and not accepted)`).
+    async fn store_all(
+        &mut self,
+        rx: &mut mpsc::Receiver<Queued>,
+        abandon: &tokio_util::sync::CancellationToken,
+    ) -> Option<u64> {
+        let mut batch: Vec<Queued> = Vec::new();
+        // The second halves of entries too large to store whole, stored next.
+        let mut halves: Vec<Vec<Queued>> = Vec::new();
+        let mut carry: Option<Queued> = None;
+        let mut restore_delays = backoff(Duration::from_millis(50), Duration::from_secs(2));
+        let held = |batch: &Vec<Queued>, carry: &Option<Queued>, halves: &Vec<Vec<Queued>>| {
+            batch.len() as u64 + u64::from(carry.is_some()) + halves.iter().map(|h| h.len() as u64).sum::<u64>()
+        };
+        loop {
+            if self.next.is_none() {
+                match self.restore().await {
+                    Ok(()) => debug!(uplink = %self.b.uplink, "buffer sequence restored"),
+                    Err(e) => {
+                        debug!(uplink = %self.b.uplink, error = %e, "buffer not reachable; readings wait");
+                        self.state.set_reachable(false);
+                        let (expired, waiting): (Vec<Queued>, Vec<Queued>) =
+                            batch.drain(..).partition(|q| q.since.elapsed() >= self.give_up_after);
+                        batch = waiting;
+                        if !expired.is_empty() {
+                            self.state.dropped(DropReason::buffer_unavailable, expired.len() as u64);
+                            for q in expired {
+                                q.resolve(Err(DropReason::buffer_unavailable), 0);
+                            }
+                        }
+                        let delay = restore_delays.next().unwrap_or(Duration::from_secs(2));
+                        tokio::select! {
+                            biased;
+                            () = abandon.cancelled() => return Some(held(&batch, &carry, &halves)),
+                            () = tokio::time::sleep(delay) => {}
+                            // Readings arriving meanwhile join the batch (bounded by the
+                            // entry limits; the rest wait in the queue).
+                            q = rx.recv(), if batch.len() < MAX_ENTRY_READINGS && carry.is_none() => match q {
+                                Some(q) => batch.push(q),
+                                None if batch.is_empty() => return None,
+                                None => {}
+                            },
+                        }
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    debug!(uplink = %b.uplink, error = %e, "buffer not reachable; readings wait");
-                    let (expired, waiting): (Vec<Queued>, Vec<Queued>) =
-                        batch.drain(..).partition(|q| q.since.elapsed() >= give_up_after);
-                    batch = waiting;
-                    if !expired.is_empty() {
-                        metrics.dropped_n(&b.uplink, DropReason::buffer_unavailable, expired.len() as u64);
-                        for q in expired {
-                            q.resolve(Err(DropReason::buffer_unavailable), 0);
+            }
+            if batch.is_empty()
+                && let Some(half) = halves.pop()
+            {
+                batch = half;
+            }
+            if batch.is_empty() {
+                let first = match carry.take() {
+                    Some(q) => q,
+                    None => {
+                        let due = self.expiry_due;
+                        tokio::select! {
+                            biased;
+                            () = abandon.cancelled() => return Some(held(&batch, &carry, &halves)),
+                            () = sleep_until_some(due) => {
+                                self.expire().await;
+                                continue;
+                            }
+                            q = rx.recv() => match q {
+                                Some(q) => q,
+                                None => return None,
+                            },
                         }
                     }
-                    let delay = restore_delays.next().unwrap_or(Duration::from_secs(2));
-                    tokio::select! {
-                        biased;
-                        () = abandon.cancelled() => break,
-                        () = tokio::time::sleep(delay) => continue,
+                };
+                batch.push(first);
+                let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
+                while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
+                    let Ok(q) = rx.try_recv() else { break };
+                    if bytes + q.payload.len() > MAX_ENTRY_BYTES {
+                        carry = Some(q);
+                    } else {
+                        bytes += q.payload.len();
+                        batch.push(q);
                     }
                 }
-            },
-        };
+            }
+            let stored = tokio::select! {
+                biased;
+                () = abandon.cancelled() => return Some(held(&batch, &carry, &halves)),
+                stored = self.store(&mut batch, &mut halves) => stored,
+            };
+            if stored && self.expiry_due.is_none() {
+                self.plan_expiry();
+            }
+        }
+    }
+
+    /// Stores `batch` as one entry (evicting the oldest entries while the buffer is full with
+    /// `dropOldest`), or drops it and counts why, or splits it into `halves` when too large.
+    /// Empties `batch`; returns whether it was stored.
+    async fn store(&mut self, batch: &mut Vec<Queued>, halves: &mut Vec<Vec<Queued>>) -> bool {
+        let Some((first_seq, mut last_stream_seq)) = self.next else { return false };
         let n = batch.len() as u64;
-        let (outcome, attempts) = tokio::select! {
-            biased;
-            () = abandon.cancelled() => break,
-            o = publish_entry(&js, &b, first_seq, &batch, give_up_after, &mut last_stream_seq) => o,
+        let deadline = Instant::now() + self.give_up_after;
+        let mut waits = backoff(Duration::from_millis(50), Duration::from_secs(1));
+        let mut attempts_total = 0;
+        let outcome = loop {
+            let (outcome, attempts, bytes) =
+                publish_entry(&self.js, &self.b, first_seq, batch, self.give_up_after, &mut last_stream_seq).await;
+            attempts_total += attempts;
+            self.next = Some((first_seq, last_stream_seq));
+            match outcome {
+                Publish::Stored => {
+                    self.state.stored(last_stream_seq, first_seq, n, bytes, SystemTime::now());
+                    break Ok(());
+                }
+                Publish::Full if self.b.on_full == OnFull::DropOldest => {
+                    match self.remove_oldest(|_| true).await {
+                        Ok(Removal::Removed) => continue,
+                        Ok(Removal::Nothing { in_flight: false }) if self.stream_is_empty().await => {
+                            // Full with nothing in it: the entry is larger than the buffer.
+                            break Err(DropReason::too_large);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(uplink = %self.b.uplink, error = %e, "could not make room in the buffer");
+                        }
+                    }
+                    // Everything buffered is being delivered: wait for the cloud's answers.
+                    if Instant::now() >= deadline {
+                        break Err(DropReason::buffer_full_rejected);
+                    }
+                    tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+                Publish::Full => break Err(DropReason::buffer_full_rejected),
+                Publish::TooLarge => break Err(DropReason::too_large),
+                Publish::Dropped(reason) => break Err(reason),
+            }
         };
-        next = Some((first_seq, last_stream_seq));
         match outcome {
             Ok(()) => {
-                next = Some((first_seq + n, last_stream_seq));
-                last_seq.set(i64::try_from(first_seq + n - 1).unwrap_or(i64::MAX));
-                accepted.inc_by(n);
+                self.state.set_reachable(true);
+                self.next = Some((first_seq + n, last_stream_seq));
+                self.record.send_replace(Some(SeqRecord { stream_seq: last_stream_seq, next: first_seq + n }));
+                self.state.accepted.inc_by(n);
                 for q in batch.drain(..) {
-                    q.resolve(Ok(()), attempts);
+                    q.resolve(Ok(()), attempts_total);
                 }
+                true
             }
             Err(DropReason::too_large) if batch.len() > 1 => {
                 // Each reading may fit alone: store the halves one after the other.
                 let second = batch.split_off(batch.len() / 2);
-                debug!(uplink = %b.uplink, readings = n, "entry too large for JetStream; storing it in halves");
+                debug!(uplink = %self.b.uplink, readings = n, "entry too large for the buffer; storing it in halves");
                 halves.push(second);
+                false
             }
             Err(reason) => {
-                metrics.dropped_n(&b.uplink, reason, n);
-                for q in batch.drain(..) {
-                    q.resolve(Err(reason), attempts);
+                if reason == DropReason::buffer_unavailable {
+                    self.state.set_reachable(false);
                 }
+                self.state.dropped(reason, n);
+                for q in batch.drain(..) {
+                    q.resolve(Err(reason), attempts_total);
+                }
+                false
             }
         }
     }
-    // Abandoned: what is held here was not accepted.
-    rx.close();
-    let mut left = batch.len() as u64 + u64::from(carry.is_some()) + halves.iter().map(|h| h.len() as u64).sum::<u64>();
-    while rx.try_recv().is_ok() {
-        left += 1;
+
+    async fn stream_is_empty(&mut self) -> bool {
+        match self.stream.as_mut() {
+            Some(s) => s.info().await.is_ok_and(|i| i.state.messages == 0),
+            None => false,
+        }
     }
-    if left > 0 {
-        warn!(uplink = %b.uplink, dropped = left, "shutdown grace ran out: readings not yet accepted are dropped");
-        metrics.dropped_n(&b.uplink, DropReason::buffer_unavailable, left);
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -796,6 +1202,31 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_buffer_continues_its_sequence_exactly_from_a_current_record() {
+        let r = SeqRecord { stream_seq: 40, next: 1234 };
+        assert_eq!(SeqRecord::decode(&r.encode()), Some(r));
+        assert_eq!(SeqRecord::decode(b"40"), None);
+        // The record describes the stream's last entry: exact, no jump.
+        assert_eq!(next_after_empty(40, Some(r)), 1234);
+        // Two entries stored after the record was written: past whatever they held.
+        assert_eq!(next_after_empty(42, Some(r)), 1234 + 2 * MAX_ENTRY_READINGS as u64);
+        // No record (or one of another stream's life): the floor.
+        assert_eq!(next_after_empty(42, None), seq_floor(42));
+        assert_eq!(next_after_empty(3, Some(r)), seq_floor(3));
+    }
+
+    #[test]
+    fn a_removed_reading_is_expired_when_older_than_max_age_else_evicted() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let max_age = Duration::from_secs(60);
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(removal_reason(at(940), now, max_age), DropReason::max_age_expired);
+        assert_eq!(removal_reason(at(941), now, max_age), DropReason::buffer_full_evicted);
+        // A store time after the gateway's clock (a clock step) is not expired.
+        assert_eq!(removal_reason(at(2000), now, max_age), DropReason::buffer_full_evicted);
+    }
+
+    #[test]
     fn policy_and_limits_reach_the_stream() {
         let cfg = GatewayConfig::from_yaml(
             r#"
@@ -811,7 +1242,9 @@ uplinks:
         let b = UplinkBuffer::new(&cfg.uplinks[0]);
         let s = b.stream_config();
         assert_eq!(s.max_bytes, 65_536);
-        assert_eq!(s.max_age, Duration::from_secs(3600));
+        // The lane applies maxAge and the eviction itself (counting each reading).
+        assert_eq!(s.max_age, Duration::ZERO);
+        assert_eq!(b.max_age, Duration::from_secs(3600));
         assert_eq!(s.discard, DiscardPolicy::New);
         assert_eq!(s.retention, RetentionPolicy::Interest);
         assert_eq!(s.storage, StorageType::File);

@@ -138,7 +138,7 @@ fn authorise(uplink: &GatewayUplink, hub: &DeviceHub, cmd: &StoredCommand) -> Re
 /// Starts the downlink of an uplink with a `commandTopic` (no-op otherwise). It stops with
 /// the uplink (`task.cancel`).
 pub fn start(task: &UplinkTask, hub: &Arc<DeviceHub>) {
-    let Some(template) = task.uplink.mqtt.command_topic.clone() else { return };
+    let Some(template) = task.uplink.mqtt.as_ref().and_then(|m| m.command_topic.clone()) else { return };
     if !template.split('/').any(|level| level == "{device}") {
         tracing::error!(uplink = %task.buffer.uplink, topic = %template, "commandTopic has no {{device}} level; commands are off");
         return;
@@ -304,7 +304,9 @@ async fn run(task: UplinkTask, hub: Arc<DeviceHub>, template: String) {
     let js = task.js.clone();
     let Some(stream) = retry(&task, "command stream", || ensure_stream(&js)).await else { return };
     let Some(outcomes) = retry(&task, "command outcome bucket", || ensure_outcomes(&js)).await else { return };
-    let mut endpoint = task.mqtt.endpoint.clone();
+    // Only an MQTT uplink has a command topic.
+    let Some(m) = task.link.mqtt() else { return };
+    let mut endpoint = m.endpoint.clone();
     endpoint.client_id = format!("{}-commands", endpoint.client_id);
     endpoint.max_packet_bytes = SESSION_MAX_PACKET;
     let options =

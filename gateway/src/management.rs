@@ -67,7 +67,7 @@ use tracing::{info, warn};
 
 use self::connections::{ConnectionLimits, ConnectionMetrics};
 use self::state::StatusSource as _;
-use crate::metrics::{Metrics, UplinkLabels};
+use crate::metrics::Metrics;
 use crate::secrets::SecretStore;
 use crate::telemetry::LogControl;
 
@@ -239,6 +239,8 @@ pub struct Management {
     limits: ConnectionLimits,
     connections: ConnectionMetrics,
     nats_server: Mutex<Option<String>>,
+    /// Why the gateway cannot work any more (a task it cannot run without stopped).
+    failed: Mutex<Option<String>>,
     started: std::time::Instant,
 }
 
@@ -257,6 +259,7 @@ impl Management {
             limits: ManagementArgs::default().limits(),
             connections,
             nats_server: Mutex::new(None),
+            failed: Mutex::new(None),
             started: std::time::Instant::now(),
         })
     }
@@ -281,6 +284,7 @@ impl Management {
             limits: args.limits(),
             connections,
             nats_server: Mutex::new(None),
+            failed: Mutex::new(None),
             started: std::time::Instant::now(),
         })
     }
@@ -299,6 +303,11 @@ impl Management {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Marks the gateway failed for good (`why`): never ready again in this process.
+    pub fn set_failed(&self, why: &str) {
+        *self.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_string());
+    }
+
     /// Follows the applied config (shown by `/api/v1`, and its uplinks checked by `/readyz`).
     pub fn watch_applied(&self, applied: watch::Receiver<Option<Arc<GatewayConfig>>>) {
         *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(applied);
@@ -311,6 +320,9 @@ impl Management {
     /// Why the gateway is not ready; empty when it is.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
+        if let Some(why) = self.failed.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            reasons.push(why);
+        }
         if !self.ready.load(Ordering::SeqCst) {
             reasons.push("starting or stopping".to_string());
         }
@@ -324,9 +336,9 @@ impl Management {
             }
             if let Some(cfg) = self.applied() {
                 for u in &cfg.uplinks {
-                    let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
-                    if m.buffer_reachable.get(&labels).is_some_and(|g| g.get() == 0) {
-                        reasons.push(format!("uplink {}: its buffer stream does not answer", labels.uplink));
+                    let name = format!("{}/{}", u.namespace, u.name);
+                    if m.state.get(&name).is_some_and(|s| s.snapshot().reachable == Some(false)) {
+                        reasons.push(format!("uplink {name}: its buffer stream does not answer"));
                     }
                 }
             }
@@ -562,7 +574,7 @@ pub fn router(m: Arc<Management>) -> Router {
 }
 
 /// Serves until `cancel` fires.
-pub async fn serve(listener: TcpListener, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(listener: Arc<TcpListener>, m: Arc<Management>, cancel: CancellationToken) -> std::io::Result<()> {
     let (limits, metrics) = (m.limits, m.connections.clone());
     connections::serve(listener, router(m), limits, metrics, cancel).await
 }

@@ -57,13 +57,14 @@ pub enum DropReason {
     /// A buffered entry could not be decoded (written by an incompatible version).
     undecodable,
     /// The cloud refused the reading for good (MQTT 5 PUBACK `0x87` NotAuthorized,
-    /// `0x90` TopicNameInvalid, `0x99` PayloadFormatInvalid): terminated, never sent again.
+    /// `0x90` TopicNameInvalid, `0x99` PayloadFormatInvalid; an HTTP 4xx other than 401, 403,
+    /// 408 and 429): terminated, never sent again.
     refused,
 }
 
 impl DropReason {
     /// Every reason, in the order the status page and `/api/v1` list them.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::buffer_full_rejected,
         DropReason::buffer_full_evicted,
         DropReason::max_age_expired,
@@ -71,6 +72,7 @@ impl DropReason {
         DropReason::too_large,
         DropReason::no_uplink,
         DropReason::undecodable,
+        DropReason::refused,
     ];
 
     /// Every reason there is (the status page leaves `refused` out of [`DropReason::ALL`]).
@@ -232,16 +234,6 @@ pub struct Metrics {
     pub delivery_latency: Family<UplinkLabels, Histogram>,
     /// Time from the device sample to the broker's acknowledgement.
     pub sample_to_cloud_latency: Family<UplinkLabels, Histogram>,
-    /// Readings in the uplink's buffer not yet acknowledged by the cloud.
-    pub buffer_messages: Family<UplinkLabels, Gauge>,
-    /// `buffer_seq` of the last reading the uplink's buffer stored.
-    pub buffer_last_seq: Family<UplinkLabels, Gauge>,
-    /// Bytes in the uplink's buffer.
-    pub buffer_bytes: Family<UplinkLabels, Gauge>,
-    /// Age of the oldest reading not yet acknowledged by the cloud.
-    pub buffer_oldest_unsent_age: Family<UplinkLabels, Gauge<f64, AtomicU64>>,
-    /// Whether the uplink's broker connection is up (1) or not (0).
-    pub uplink_connected: Family<UplinkLabels, Gauge>,
     /// Broker connections established.
     pub uplink_connects: Family<UplinkLabels, Counter>,
     /// Tasks restarted by their supervisor after a panic or an unexpected end.
@@ -264,8 +256,6 @@ pub struct Metrics {
     pub buffer_connected: Gauge,
     /// NATS connections established (1 + reconnects).
     pub buffer_connects: Counter,
-    /// Whether the uplink's JetStream stream answered its last check (every 2 s).
-    pub buffer_reachable: Family<UplinkLabels, Gauge>,
     /// The last error of each device, for `/api/v1` (not exported: an error kind is a label
     /// value of `fieldgate_device_errors_total` already).
     pub device_last_error: LastErrors,
@@ -279,6 +269,10 @@ pub struct Metrics {
     error_series: LabelSets<DeviceErrorLabels>,
     /// The `commands` label sets of each uplink, removed with it.
     command_series: LabelSets<CommandLabels>,
+    /// The state of every uplink and its buffer: the buffer gauges
+    /// (`fieldgate_buffer_messages`, `_bytes`, `_oldest_unsent_age_seconds`, `_last_seq`,
+    /// `_reachable`, `fieldgate_uplink_connected`) are read from it at each scrape.
+    pub state: crate::index::StateIndex,
 }
 
 /// The label sets each owner (a device or an uplink, `namespace/name`) created in a family
@@ -407,6 +401,16 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     /// Creates the metrics and registers them in `registry` under the `fieldgate` prefix.
     pub fn new(registry: &mut Registry) -> Self {
+        let readings_accepted: Family<UplinkLabels, Counter> = Family::default();
+        let readings_dropped: Family<DropLabels, Counter> = Family::default();
+        let deliveries: Family<DeliveryLabels, Counter> = Family::default();
+        let redeliveries: Family<UplinkLabels, Counter> = Family::default();
+        let state = crate::index::StateIndex::new(
+            readings_accepted.clone(),
+            deliveries.clone(),
+            redeliveries.clone(),
+            readings_dropped.clone(),
+        );
         let m = Self {
             commands: Family::default(),
             polls: Family::default(),
@@ -414,17 +418,12 @@ impl Metrics {
             poll_duration: Family::new_with_constructor(latency_histogram),
             device_connected: Family::default(),
             readings_received: Family::default(),
-            readings_accepted: Family::default(),
-            readings_dropped: Family::default(),
-            deliveries: Family::default(),
-            redeliveries: Family::default(),
+            readings_accepted,
+            readings_dropped,
+            deliveries,
+            redeliveries,
             delivery_latency: Family::new_with_constructor(latency_histogram),
             sample_to_cloud_latency: Family::new_with_constructor(latency_histogram),
-            buffer_messages: Family::default(),
-            buffer_last_seq: Family::default(),
-            buffer_bytes: Family::default(),
-            buffer_oldest_unsent_age: Family::default(),
-            uplink_connected: Family::default(),
             uplink_connects: Family::default(),
             task_restarts: Family::default(),
             config_reloads: Family::default(),
@@ -436,12 +435,12 @@ impl Metrics {
             device_last_reading: Family::default(),
             buffer_connected: Gauge::default(),
             buffer_connects: Counter::default(),
-            buffer_reachable: Family::default(),
             device_last_error: LastErrors::default(),
             device_last_values: LastValues::default(),
             task_states: crate::supervise::TaskStates::default(),
             error_series: LabelSets::default(),
             command_series: LabelSets::default(),
+            state,
         };
         let r = registry.sub_registry_with_prefix("fieldgate");
         r.register("device_polls", "Device polls that read at least one point", m.polls.clone());
@@ -474,29 +473,6 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.sample_to_cloud_latency.clone(),
         );
-        r.register(
-            "buffer_messages",
-            "Readings buffered and not yet acknowledged by the cloud",
-            m.buffer_messages.clone(),
-        );
-        r.register(
-            "buffer_last_seq",
-            "bufferSeq of the last reading stored in the uplink buffer",
-            m.buffer_last_seq.clone(),
-        );
-        r.register_with_unit(
-            "buffer",
-            "Bytes held in the uplink buffer",
-            prometheus_client::registry::Unit::Bytes,
-            m.buffer_bytes.clone(),
-        );
-        r.register_with_unit(
-            "buffer_oldest_unsent_age",
-            "Age of the oldest reading not yet acknowledged by the cloud",
-            prometheus_client::registry::Unit::Seconds,
-            m.buffer_oldest_unsent_age.clone(),
-        );
-        r.register("uplink_connected", "Whether the uplink broker connection is up", m.uplink_connected.clone());
         r.register("uplink_connects", "Broker connections established", m.uplink_connects.clone());
         r.register("task_restarts", "Tasks restarted by their supervisor", m.task_restarts.clone());
         r.register("config_reloads", "Configurations applied or refused", m.config_reloads.clone());
@@ -533,11 +509,7 @@ impl Metrics {
             m.buffer_connected.clone(),
         );
         r.register("buffer_connects", "NATS connections established", m.buffer_connects.clone());
-        r.register(
-            "buffer_reachable",
-            "Whether the uplink's JetStream stream answered its last check",
-            m.buffer_reachable.clone(),
-        );
+        r.register_collector(Box::new(m.state.clone()));
         let build: Family<BuildLabels, Gauge> = Family::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "Version of the running gateway", build);
@@ -580,18 +552,10 @@ impl Metrics {
         for family in [&self.readings_accepted, &self.redeliveries, &self.uplink_connects] {
             family.remove(&labels);
         }
-        for family in [
-            &self.buffer_messages,
-            &self.buffer_last_seq,
-            &self.buffer_bytes,
-            &self.uplink_connected,
-            &self.buffer_reachable,
-        ] {
-            family.remove(&labels);
-        }
         self.delivery_latency.remove(&labels);
         self.sample_to_cloud_latency.remove(&labels);
-        self.buffer_oldest_unsent_age.remove(&labels);
+        // The buffer gauges are read from the state index, whose entry stays with the uplink's
+        // lane (a lane outlives its uplink leaving the config, see buffer.rs).
         for reason in DropReason::EVERY {
             self.readings_dropped.remove(&DropLabels { uplink: uplink.to_string(), reason });
         }

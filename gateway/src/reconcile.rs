@@ -23,7 +23,7 @@ use crate::buffer::{Routes, UplinkBuffer};
 use crate::metrics::Metrics;
 use crate::reading::ReadingSink;
 use crate::supervise::{backoff, supervise};
-use crate::uplinks::{self, UplinkTask, mqtt::MqttSettings};
+use crate::uplinks::{self, LinkSettings, UplinkTask};
 
 /// What the running workers share.
 pub struct Shared {
@@ -105,21 +105,23 @@ impl Running {
     /// Makes the running gateway match `loaded`. Waits (retrying with backoff) until the
     /// buffer of every new or changed uplink is ready, unless `stop` fires first.
     pub async fn apply(&mut self, loaded: LoadedConfig, stop: &CancellationToken) -> Result<Applied, Interrupted> {
-        let LoadedConfig { config, mqtt } = loaded;
+        let LoadedConfig { config, links } = loaded;
         let mut applied = Applied::default();
         let routes = Arc::new(Routes::new(&config));
 
         // 1. Buffers of new and changed uplinks.
-        let wanted: HashMap<String, (&GatewayUplink, &MqttSettings, &Arc<UplinkBuffer>)> = config
+        let wanted: HashMap<String, (&GatewayUplink, &LinkSettings, &Arc<UplinkBuffer>)> = config
             .uplinks
             .iter()
-            .zip(&mqtt)
+            .zip(&links)
             .zip(routes.buffers())
             .map(|((u, m), b)| (key(&u.namespace, &u.name), (u, m, b)))
             .collect();
-        let fresh: Vec<(&Arc<UplinkBuffer>, &MqttSettings)> = wanted
+        let fresh: Vec<(&Arc<UplinkBuffer>, &LinkSettings)> = wanted
             .iter()
-            .filter(|(k, (u, m, _))| self.uplinks.get(*k).is_none_or(|w| w.spec.0 != **u || w.spec.1 != m.fingerprint))
+            .filter(|(k, (u, m, _))| {
+                self.uplinks.get(*k).is_none_or(|w| w.spec.0 != **u || w.spec.1 != m.fingerprint())
+            })
             .map(|(_, (_, m, b))| (*b, *m))
             .collect();
         open_buffers(&self.shared.js, &fresh, stop).await?;
@@ -134,7 +136,7 @@ impl Running {
             let keep = wanted
                 .get(&k)
                 .zip(self.uplinks.get(&k))
-                .is_some_and(|((u, m, _), w)| w.spec.0 == **u && w.spec.1 == m.fingerprint);
+                .is_some_and(|((u, m, _), w)| w.spec.0 == **u && w.spec.1 == m.fingerprint());
             if !keep && let Some(w) = self.uplinks.remove(&k) {
                 w.stop().await;
                 if wanted.contains_key(&k) {
@@ -211,12 +213,12 @@ impl Running {
         Ok(applied)
     }
 
-    fn start_uplink(&mut self, k: String, u: &GatewayUplink, m: &MqttSettings, b: &Arc<UplinkBuffer>) {
+    fn start_uplink(&mut self, k: String, u: &GatewayUplink, m: &LinkSettings, b: &Arc<UplinkBuffer>) {
         let cancel = CancellationToken::new();
         let task = UplinkTask {
             uplink: Arc::new(u.clone()),
             buffer: UplinkBuffer::clone(b),
-            mqtt: m.clone(),
+            link: m.clone(),
             js: self.shared.js.clone(),
             metrics: Arc::clone(&self.shared.metrics),
             node: self.shared.node.clone(),
@@ -231,7 +233,7 @@ impl Running {
             cancel.clone(),
             move || uplinks::run(task.clone()),
         ));
-        self.uplinks.insert(k, Worker { spec: (u.clone(), m.fingerprint), cancel, handle });
+        self.uplinks.insert(k, Worker { spec: (u.clone(), m.fingerprint()), cancel, handle });
     }
 
     fn start_device(&mut self, k: String, d: &GatewayDevice) {
@@ -281,7 +283,7 @@ impl Running {
 /// ready or `stop` fires.
 pub async fn open_buffers(
     js: &jetstream::Context,
-    buffers: &[(&Arc<UplinkBuffer>, &MqttSettings)],
+    buffers: &[(&Arc<UplinkBuffer>, &LinkSettings)],
     stop: &CancellationToken,
 ) -> Result<(), Interrupted> {
     let mut delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
@@ -290,7 +292,7 @@ pub async fn open_buffers(
         let (b, m) = buffers[i];
         let result = async {
             let mut s = b.ensure_stream(js).await?;
-            uplinks::ensure_consumer(&mut s, b, m.max_in_flight).await
+            uplinks::ensure_consumer(&mut s, b, u16::try_from(m.window()).unwrap_or(u16::MAX)).await
         }
         .await;
         match result {

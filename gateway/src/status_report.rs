@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::metrics::{DeliveryLabels, DeliveryOutcome, DeviceLabels, Metrics, UplinkLabels};
+use crate::metrics::{DeviceLabels, Metrics};
 
 /// Least time between two status writes of one device.
 pub const MIN_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -81,14 +81,14 @@ impl HealthSource for Metrics {
     }
 
     fn uplink(&self, namespace: &str, name: &str) -> UplinkHealth {
-        let uplink = format!("{namespace}/{name}");
-        let acked = DeliveryLabels { uplink: uplink.clone(), outcome: DeliveryOutcome::acked };
-        let labels = UplinkLabels { uplink };
+        // From the state index, which the buffer writer and the uplink keep.
+        let state = self.state.uplink(&format!("{namespace}/{name}"));
+        let buffer = state.snapshot();
         UplinkHealth {
-            connected: self.uplink_connected.get(&labels).is_some_and(|g| g.get() == 1),
-            backlog: self.buffer_messages.get(&labels).map_or(0, |g| u64::try_from(g.get()).unwrap_or(0)),
-            oldest_unsent_s: self.buffer_oldest_unsent_age.get(&labels).map_or(0, |g| g.get().max(0.0) as u64),
-            acked: self.deliveries.get(&acked).map_or(0, |c| c.get()),
+            connected: buffer.connected,
+            backlog: buffer.backlog,
+            oldest_unsent_s: buffer.oldest_unsent_age.as_secs(),
+            acked: state.delivered.get(),
         }
     }
 }
@@ -404,9 +404,10 @@ uplinks:
         let labels = DeviceLabels { device: "default/meter-1".into(), protocol: "modbus_tcp" };
         metrics.device_connected.get_or_create(&labels).set(1);
         metrics.polls.get_or_create(&labels).inc();
-        let up = UplinkLabels { uplink: "default/cloud".into() };
-        metrics.uplink_connected.get_or_create(&up).set(1);
-        metrics.buffer_messages.get_or_create(&up).set(7);
+        let up = metrics.state.uplink("default/cloud");
+        up.set_connected(true);
+        up.restored(1, crate::index::Prior::default());
+        up.stored(1, 1, 7, 100, std::time::SystemTime::now());
         let (tx, rx) = watch::channel(Some(Arc::new(cfg)));
         let cancel = CancellationToken::new();
         let reporter = tokio::spawn(report_status(client, "edge-1".into(), Arc::clone(&metrics), rx, cancel.clone()));

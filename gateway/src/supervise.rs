@@ -29,7 +29,8 @@ pub fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskState {
-    /// `running`, or `restarting` (waiting out its backoff after a failure).
+    /// `running`, `restarting` (waiting out its backoff after a failure), or `failed` (a task
+    /// that cannot be restarted stopped: the gateway stops too).
     pub state: &'static str,
     /// When it entered that state (RFC 3339).
     pub since: String,
@@ -84,6 +85,37 @@ impl TaskStates {
 
 fn now_text() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// A task that cannot be restarted (it owns what it works on, such as the buffer writer and
+/// its queue): shown in [`TaskStates`] like a supervised one while it runs; its end is the
+/// caller's to handle (the gateway stops). Leaves the task states when dropped.
+pub struct Watched {
+    name: String,
+    id: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Watched {
+    /// Shows `name` as running.
+    pub fn new(name: &str, metrics: &Arc<Metrics>) -> Self {
+        let id = metrics.task_states.register(name);
+        Self { name: name.to_string(), id, metrics: Arc::clone(metrics) }
+    }
+
+    /// Shows it as failed (`panicked` or `ended`).
+    pub fn failed(&self, how: &'static str) {
+        self.metrics.task_states.update(&self.name, self.id, |s| {
+            s.state = "failed";
+            s.last_failure = Some(how);
+        });
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.metrics.task_states.remove(&self.name, self.id);
+    }
 }
 
 /// Runs the task `make` builds until `cancel` fires, restarting it after a panic or an

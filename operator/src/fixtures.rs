@@ -135,7 +135,8 @@ impl UplinkFixture for Uplink {
             name,
             UplinkSpec {
                 device_selector: None,
-                mqtt: MqttUplink { url: "mqtt://broker.example:1883".parse().unwrap(), ..Default::default() },
+                mqtt: Some(MqttUplink { url: "mqtt://broker.example:1883".parse().unwrap(), ..Default::default() }),
+                http: None,
                 encoding: None,
                 compression: None,
                 sparkplug: None,
@@ -154,7 +155,7 @@ impl UplinkFixture for Uplink {
         self
     }
     fn auth(mut self, secret: &str) -> Self {
-        self.spec.mqtt.auth = Some(MqttAuth { secret_ref: SecretRef { name: secret.into() } });
+        self.spec.mqtt.as_mut().unwrap().auth = Some(MqttAuth { secret_ref: SecretRef { name: secret.into() } });
         self
     }
 }

@@ -31,7 +31,7 @@ use fieldgate_crds::node_objects::secret_dir;
 use fieldgate_crds::validate::{ValidationErrors, is_dns_subdomain};
 use fieldgate_crds::{
     BrokerUrl, Connection, Device, DeviceProfile, DeviceSecretRef, GatewayConfig, GatewayDevice, GatewayUplink,
-    MqttAuth, MqttUplink, Point, Uplink,
+    HttpUplink, MqttAuth, MqttTls, MqttUplink, Point, Uplink, UplinkSpec,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -466,7 +466,7 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
     for (key, uplink) in uplinks {
         let mut problems = uplink.spec.validate().err().map(Verdict::invalid_spec).unwrap_or_default();
         let selector = check_selector(uplink.spec.device_selector.as_ref(), &mut problems);
-        let secrets = secret_items(&key.namespace, &uplink.spec.mqtt);
+        let secrets = secret_items(&key.namespace, &uplink.spec);
         if let Some(index) = &world.secrets {
             check_secrets(&secrets, index, &world.unreadable_secrets, &mut problems);
         }
@@ -490,7 +490,8 @@ pub fn plan<'w>(world: &'w World, previous: &Placements, settings: &Settings) ->
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
                 devices: Some(names),
-                mqtt: rendered_mqtt(&key.namespace, &uplink.spec.mqtt),
+                mqtt: uplink.spec.mqtt.as_ref().map(|m| rendered_mqtt(&key.namespace, m)),
+                http: uplink.spec.http.as_ref().map(|h| rendered_http(&key.namespace, h)),
                 encoding: uplink.spec.encoding,
                 compression: uplink.spec.compression,
                 sparkplug: uplink.spec.sparkplug.clone(),
@@ -759,7 +760,7 @@ fn check_selector(selector: Option<&LabelSelector>, problems: &mut Vec<Problem>)
 /// The Secrets an Uplink references (they need not exist).
 pub fn secret_refs(uplink: &Uplink) -> Vec<ObjectKey> {
     let namespace = ObjectKey::of(uplink).namespace;
-    secret_items(&namespace, &uplink.spec.mqtt).into_iter().map(|(_, item)| item.secret).collect()
+    secret_items(&namespace, &uplink.spec).into_iter().map(|(_, item)| item.secret).collect()
 }
 
 /// The Secrets a Device references (they need not exist).
@@ -804,20 +805,34 @@ fn device_secret_items(namespace: &str, connection: &Connection) -> Vec<(String,
 }
 
 /// The Secret keys an uplink needs, each with the path of its reference.
-fn secret_items(namespace: &str, mqtt: &MqttUplink) -> Vec<(String, SecretItem)> {
+fn secret_items(namespace: &str, spec: &UplinkSpec) -> Vec<(String, SecretItem)> {
     let mut out = Vec::new();
-    if let Some(auth) = &mqtt.auth {
-        out.extend(auth_items(namespace, "spec.mqtt.auth", auth));
-    }
-    if let Some(tls) = &mqtt.tls {
+    let (at, tls) = match (&spec.mqtt, &spec.http) {
+        (Some(m), _) => {
+            if let Some(auth) = &m.auth {
+                out.extend(auth_items(namespace, "spec.mqtt.auth", auth));
+            }
+            ("spec.mqtt", m.tls.as_ref())
+        }
+        (None, Some(h)) => {
+            if let Some(a) = &h.auth {
+                let r = &a.token_secret_ref;
+                let at = "spec.http.auth.tokenSecretRef";
+                let path = if r.key.is_some() { format!("{at}.key") } else { format!("{at}.name") };
+                out.push((path, item(namespace, &r.name, r.key())));
+            }
+            ("spec.http", h.tls.as_ref())
+        }
+        (None, None) => return out,
+    };
+    if let Some(tls) = tls {
         if let Some(ca) = &tls.ca_secret_ref {
-            let path =
-                if ca.key.is_some() { "spec.mqtt.tls.caSecretRef.key" } else { "spec.mqtt.tls.caSecretRef.name" };
-            out.push((path.to_string(), item(namespace, &ca.name, ca.key())));
+            let field = if ca.key.is_some() { "key" } else { "name" };
+            out.push((format!("{at}.tls.caSecretRef.{field}"), item(namespace, &ca.name, ca.key())));
         }
         if let Some(cert) = &tls.client_cert_secret_ref {
             for key in ["tls.crt", "tls.key"] {
-                out.push(("spec.mqtt.tls.clientCertSecretRef.name".to_string(), item(namespace, &cert.name, key)));
+                out.push((format!("{at}.tls.clientCertSecretRef.name"), item(namespace, &cert.name, key)));
             }
         }
     }
@@ -876,14 +891,34 @@ fn rendered_mqtt(namespace: &str, mqtt: &MqttUplink) -> MqttUplink {
         rename_auth(namespace, auth);
     }
     if let Some(tls) = &mut m.tls {
-        if let Some(ca) = &mut tls.ca_secret_ref {
-            ca.name = secret_dir(namespace, &ca.name);
-        }
-        if let Some(cert) = &mut tls.client_cert_secret_ref {
-            cert.name = secret_dir(namespace, &cert.name);
-        }
+        rename_tls(namespace, tls);
     }
     m
+}
+
+/// The HTTP endpoint as the node's gateway sees it: Secret references renamed to the per-node
+/// Secret's layout, the host resolved in the Uplink's namespace.
+fn rendered_http(namespace: &str, http: &HttpUplink) -> HttpUplink {
+    let mut h = http.clone();
+    // A service host is a valid host name; were it not, the URL stays as the object has it.
+    h.url = h.url.with_host(&service_host(h.url.host(), namespace)).unwrap_or_else(|_| h.url.clone());
+    if let Some(auth) = &mut h.auth {
+        auth.token_secret_ref.name = secret_dir(namespace, &auth.token_secret_ref.name);
+    }
+    if let Some(tls) = &mut h.tls {
+        rename_tls(namespace, tls);
+    }
+    h
+}
+
+/// TLS Secret references renamed to the per-node Secret's layout.
+fn rename_tls(namespace: &str, tls: &mut MqttTls) {
+    if let Some(ca) = &mut tls.ca_secret_ref {
+        ca.name = secret_dir(namespace, &ca.name);
+    }
+    if let Some(cert) = &mut tls.client_cert_secret_ref {
+        cert.name = secret_dir(namespace, &cert.name);
+    }
 }
 
 /// MQTT credentials renamed to the per-node Secret's layout.

@@ -425,11 +425,11 @@ fn a_rendered_uplink_commands_only_the_devices_its_selector_matches_in_its_names
         Device::test("valve").label("cmd", "yes").in_ns("b").pinned("edge-000"),
     ];
     let mut cmd = Uplink::test("cmd").selector(labels_sel(&[("cmd", "yes")]));
-    cmd.spec.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into());
+    cmd.spec.mqtt.as_mut().unwrap().command_topic = Some("fieldgate/{namespace}/{device}/commands".into());
     let r = render(&world(devices, vec![], vec![cmd], gateways(1)), &Placements::new(), &settings());
     let cfg = &r.nodes["edge-000"].config;
     let uplink = cfg.uplinks.iter().find(|u| u.name == "cmd").unwrap();
-    assert_eq!(uplink.mqtt.command_topic.as_deref(), Some("fieldgate/{namespace}/{device}/commands"));
+    assert_eq!(uplink.mqtt.as_ref().unwrap().command_topic.as_deref(), Some("fieldgate/{namespace}/{device}/commands"));
     let selected: Vec<String> =
         cfg.devices.iter().filter(|d| uplink.selects(d)).map(|d| format!("{}/{}", d.namespace, d.name)).collect();
     assert_eq!(selected, ["default/valve"]);
@@ -476,9 +476,9 @@ fn malformed_selectors_are_refused_with_their_path() {
 #[test]
 fn an_invalid_uplink_spec_is_refused_with_its_paths() {
     let mut u = Uplink::test("u");
-    u.spec.mqtt.qos = Some(2);
-    u.spec.mqtt.max_in_flight = Some(0);
-    u.spec.mqtt.tls = Some(MqttTls::default());
+    u.spec.mqtt.as_mut().unwrap().qos = Some(2);
+    u.spec.mqtt.as_mut().unwrap().max_in_flight = Some(0);
+    u.spec.mqtt.as_mut().unwrap().tls = Some(MqttTls::default());
     u.spec.buffer = Some(fieldgate_crds::BufferSpec { max_bytes: Some("1Ki".parse().unwrap()), ..Default::default() });
     let r = render(&world(vec![Device::test("m")], vec![], vec![u], gateways(1)), &Placements::new(), &settings());
     assert_eq!(
@@ -497,8 +497,8 @@ fn an_invalid_uplink_spec_is_refused_with_its_paths() {
 #[test]
 fn secret_references_that_leave_their_directory_are_refused_in_every_kind_of_object() {
     let mut u = tls_uplink();
-    u.spec.mqtt.auth.as_mut().unwrap().secret_ref.name = "../creds".into();
-    u.spec.mqtt.tls.as_mut().unwrap().ca_secret_ref.as_mut().unwrap().key = Some("../ca.crt".into());
+    u.spec.mqtt.as_mut().unwrap().auth.as_mut().unwrap().secret_ref.name = "../creds".into();
+    u.spec.mqtt.as_mut().unwrap().tls.as_mut().unwrap().ca_secret_ref.as_mut().unwrap().key = Some("../ca.crt".into());
     let d = Device::test("m").spec_with(|s| {
         s.connection = fieldgate_crds::Connection::Tcp(fieldgate_crds::RawConnection {
             id: None,
@@ -519,8 +519,8 @@ fn secret_references_that_leave_their_directory_are_refused_in_every_kind_of_obj
 
 fn tls_uplink() -> Uplink {
     let mut u = Uplink::test("u").auth("creds");
-    u.spec.mqtt.url = "mqtts://broker:8883".parse().unwrap();
-    u.spec.mqtt.tls = Some(MqttTls {
+    u.spec.mqtt.as_mut().unwrap().url = "mqtts://broker:8883".parse().unwrap();
+    u.spec.mqtt.as_mut().unwrap().tls = Some(MqttTls {
         ca_secret_ref: Some(SecretKeyRef { name: "ca".into(), key: Some("root.pem".into()) }),
         client_cert_secret_ref: Some(SecretRef { name: "cert".into() }),
     });
@@ -569,7 +569,7 @@ fn a_node_gets_exactly_the_secret_keys_of_its_uplinks_under_namespaced_names() {
             "default/creds:username",
         ]
     );
-    let mqtt = &nc.config.uplinks.iter().find(|u| u.name == "u").unwrap().mqtt;
+    let mqtt = nc.config.uplinks.iter().find(|u| u.name == "u").unwrap().mqtt.as_ref().unwrap();
     assert_eq!(mqtt.auth.as_ref().unwrap().secret_ref.name, "default_creds");
     let tls = mqtt.tls.as_ref().unwrap();
     assert_eq!(tls.ca_secret_ref.as_ref().unwrap().name, "default_ca");
@@ -974,11 +974,11 @@ fn single_label_hosts_name_services_of_the_objects_namespace() {
         });
     });
     let mut uplink = Uplink::test("cloud").in_ns("plant-a");
-    uplink.spec.mqtt.url = "mqtt://mosquitto:1883".parse().unwrap();
+    uplink.spec.mqtt.as_mut().unwrap().url = "mqtt://mosquitto:1883".parse().unwrap();
     let w = world(vec![device], vec![], vec![uplink], gateways(1));
     let r = render(&w, &Placements::new(), &settings());
     let config = &r.nodes.values().next().unwrap().config;
     let Connection::ModbusTcp(c) = &config.devices[0].connection else { panic!() };
     assert_eq!(c.host, "fieldgate-sim.plant-a.svc");
-    assert_eq!(config.uplinks[0].mqtt.url.as_str(), "mqtt://mosquitto.plant-a.svc:1883");
+    assert_eq!(config.uplinks[0].mqtt.as_ref().unwrap().url.as_str(), "mqtt://mosquitto.plant-a.svc:1883");
 }

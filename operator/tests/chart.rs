@@ -446,12 +446,13 @@ fn exposed_metric_names() -> std::collections::BTreeSet<String> {
     g.redeliveries.get_or_create(&up).inc();
     g.delivery_latency.get_or_create(&up).observe(0.01);
     g.sample_to_cloud_latency.get_or_create(&up).observe(0.01);
-    g.buffer_messages.get_or_create(&up).set(1);
-    g.buffer_bytes.get_or_create(&up).set(1);
-    g.buffer_oldest_unsent_age.get_or_create(&up).set(1.0);
-    g.uplink_connected.get_or_create(&up).set(1);
+    // The buffer gauges come from the state index.
+    let state = g.state.uplink("default/u");
+    state.restored(1, fieldgate_gateway::index::Prior::default());
+    state.stored(1, 1, 1, 100, std::time::SystemTime::now());
+    state.set_connected(true);
+    state.set_reachable(true);
     g.uplink_connects.get_or_create(&up).inc();
-    g.buffer_reachable.get_or_create(&up).set(1);
     g.task_restarts.get_or_create(&gm::TaskLabels { task: "t".into() }).inc();
     g.config_reloads.get_or_create(&gm::ReloadLabels { outcome: gm::ReloadOutcome::applied }).inc();
     g.ingress_rejected.get_or_create(&gm::IngressLabels { protocol: "coap", reason: "unknown_device" }).inc();

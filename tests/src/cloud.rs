@@ -45,6 +45,12 @@ pub struct ReadingKey {
 }
 
 impl CloudMessage {
+    /// A message of a stateless encoding (json, protobuf) received on its own, decoded.
+    pub fn stateless(topic: &str, payload: Bytes, at: Instant) -> Self {
+        let decoded = crate::decode::CloudDecoder::default().decode(topic, &payload).map_err(|e| format!("{e:#}"));
+        Self { topic: topic.to_string(), payload, at, decoded }
+    }
+
     /// The reading as JSON (the gateway's `json` shape), whatever the encoding and compression
     /// ([`CloudDecoder`]). A Sparkplug birth or death is not a reading: an error.
     pub fn json(&self) -> Result<Json> {

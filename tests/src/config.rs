@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fieldgate_crds::{BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, MqttUplink, OnFull};
+use fieldgate_crds::{
+    BufferSpec, Encoding, GatewayConfig, GatewayDevice, GatewayUplink, HttpUplink, MqttUplink, OnFull,
+};
 
 /// The JetStream stream of an uplink's buffer, per the delivery contract.
 pub fn stream_name(namespace: &str, uplink: &str) -> String {
@@ -41,7 +43,7 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
         namespace: NAMESPACE.to_string(),
         name: name.to_string(),
         devices: None,
-        mqtt: MqttUplink {
+        mqtt: Some(MqttUplink {
             url: url.parse().expect("a broker URL"),
             protocol_version: Some(5),
             topic: None,
@@ -52,7 +54,8 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             max_in_flight: None,
             auth: None,
             tls: None,
-        },
+        }),
+        http: None,
         encoding: Some(Encoding::Json),
         compression: None,
         sparkplug: None,
@@ -63,6 +66,24 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             redeliver_after: Some(Duration::from_secs(2).into()),
         }),
     }
+}
+
+/// An HTTP uplink named `name` POSTing batches to `url`, otherwise as [`mqtt_uplink`].
+/// Panics on a `url` that is not an HTTP URL (a bug in the test).
+#[allow(clippy::expect_used)]
+pub fn http_uplink(name: &str, url: &str) -> GatewayUplink {
+    GatewayUplink {
+        mqtt: None,
+        http: Some(HttpUplink { url: url.parse().expect("an HTTP URL"), ..Default::default() }),
+        ..mqtt_uplink(name, "mqtt://127.0.0.1:1")
+    }
+}
+
+/// The HTTP settings of an uplink made by [`http_uplink`] (panics on another kind: a bug in
+/// the test).
+#[allow(clippy::expect_used)]
+pub fn http_of(u: &mut GatewayUplink) -> &mut HttpUplink {
+    u.http.as_mut().expect("an HTTP uplink")
 }
 
 impl ConfigBuilder {
@@ -122,6 +143,13 @@ pub fn to_yaml(cfg: &GatewayConfig) -> Result<String> {
     let back = GatewayConfig::from_yaml(&text).with_context(|| format!("re-reading\n{text}"))?;
     anyhow::ensure!(back == *cfg, "the config YAML does not round-trip:\n{text}");
     Ok(text)
+}
+
+/// The MQTT settings of an uplink made by [`mqtt_uplink`] (panics on another kind: a bug in
+/// the test).
+#[allow(clippy::expect_used)]
+pub fn mqtt_of(u: &mut GatewayUplink) -> &mut MqttUplink {
+    u.mqtt.as_mut().expect("an MQTT uplink")
 }
 
 /// Sets the buffer limits of an uplink (keeping `redeliverAfter`). Panics on a `max_bytes`

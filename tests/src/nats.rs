@@ -34,15 +34,27 @@ pub fn nats_server_binary() -> Result<PathBuf> {
     find_executable("FIELDGATE_NATS_SERVER", &[workspace_root().join(".venv/bin/nats-server")], "nats-server")
 }
 
+/// Settings of a test nats-server beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct NatsOptions {
+    /// `max_payload`: the largest message the server (and its clients) take.
+    pub max_payload: Option<usize>,
+}
+
 impl NatsServer {
     /// Starts a fresh server and waits until JetStream answers.
     pub async fn start() -> Result<Self> {
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// [`NatsServer::start`] with `options`.
+    pub async fn start_with(options: NatsOptions) -> Result<Self> {
         let dir = crate::temp_dir("fieldgate-nats-")?;
         let port = free_port()?;
         let monitor_port = free_port()?;
         let store = dir.path().join("store");
         std::fs::create_dir_all(&store)?;
-        let config = format!(
+        let mut config = format!(
             "listen: 127.0.0.1:{port}\n\
              http: 127.0.0.1:{monitor_port}\n\
              server_name: fieldgate_test\n\
@@ -51,6 +63,9 @@ impl NatsServer {
             log = dir.path().join("nats.log").display(),
             store = store.display(),
         );
+        if let Some(max) = options.max_payload {
+            config.push_str(&format!("max_payload: {max}\n"));
+        }
         std::fs::write(dir.path().join("nats.conf"), config)?;
         let mut server = Self { dir, port, monitor_port, binary: nats_server_binary()?, proc: None };
         server.start_again().await?;
@@ -173,6 +188,13 @@ impl NatsServer {
         let mut stream = js.get_stream(name).await.map_err(|e| anyhow!("getting stream {name}: {e}"))?;
         let info = stream.info().await.map_err(|e| anyhow!("stream {name} info: {e}"))?;
         Ok(info.state.clone())
+    }
+
+    /// The value of `key` in the key-value bucket `bucket`, if any.
+    pub async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let js = self.jetstream().await?;
+        let Ok(kv) = js.get_key_value(bucket).await else { return Ok(None) };
+        Ok(kv.get(key).await.map_err(|e| anyhow!("reading {bucket}/{key}: {e}"))?.map(|b| b.to_vec()))
     }
 
     /// The configuration of a stream.

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, ensure};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::coap_peer::{CoapServer, coap_client};
 use fieldgate_tests::commands::{WAIT, start_subscribed, wait_status};
-use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of};
 use fieldgate_tests::listening::ListeningGateway;
 use fieldgate_tests::pymodbus::{PtyPair, PyModbus, Transport, python};
 use fieldgate_tests::{CloudSubscriber, Mosquitto, NatsServer};
@@ -74,7 +74,7 @@ async fn commands_reach_devices_once_and_report_their_results() -> Result<()> {
     ];
     let config = ConfigBuilder::new()
         .devices(devices)
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
@@ -167,7 +167,7 @@ async fn udp_commands_go_where_the_device_last_sent_from() -> Result<()> {
     };
     let config = ConfigBuilder::new()
         .devices(vec![udp_device("blinds"), udp_device("mute")])
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use fieldgate_crds::GatewayDevice;
 use fieldgate_sim::{self as sim, Fault, SimDevice};
 use fieldgate_tests::commands::{WAIT, start_subscribed, statuses, wait_status};
-use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of};
 use fieldgate_tests::listening::ListeningGateway;
 use fieldgate_tests::mosquitto::MosquittoOptions;
 use fieldgate_tests::{CloudMessage, CloudSubscriber, Mosquitto, NatsServer, wait_until};
@@ -81,9 +81,9 @@ async fn commands_for_other_namespaces_unselected_devices_or_read_only_points_ar
             u.namespace = "a".into();
             // Rendered by the operator: the uplink's selector matches a/valve only.
             u.devices = Some(vec!["valve".into()]);
-            u.mqtt.protocol_version = Some(3);
-            u.mqtt.client_id = Some("gw-a".into());
-            u.mqtt.command_topic = Some(TEMPLATE.into());
+            mqtt_of(u).protocol_version = Some(3);
+            mqtt_of(u).client_id = Some("gw-a".into());
+            mqtt_of(u).command_topic = Some(TEMPLATE.into());
         })
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
@@ -130,7 +130,7 @@ async fn a_command_reaches_an_mqtt_device_behind_a_broker_that_requires_a_passwo
         "points": [{"name": "open", "type": "bool", "access": "readWrite"}]}))?;
     let config = ConfigBuilder::new()
         .devices(vec![valve])
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some(TEMPLATE.into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some(TEMPLATE.into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
@@ -165,7 +165,7 @@ async fn a_modbus_write_rides_the_pollers_only_connection_and_polling_goes_on() 
     let cloud = CloudSubscriber::start(&broker.url(), "cloud-one-connection", "fieldgate/#").await?;
     let config = ConfigBuilder::new()
         .devices(vec![modbus("default", "plc", plc.port, "100ms", "500ms")])
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some(TEMPLATE.into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some(TEMPLATE.into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
@@ -197,7 +197,7 @@ async fn a_command_delivered_twice_across_a_crash_after_the_device_write_is_writ
     let cloud = CloudSubscriber::start(&broker.url(), "cloud-crash", "fieldgate/#").await?;
     let config = ConfigBuilder::new()
         .devices(vec![modbus("default", "plc", plc.port, "200ms", "5s")])
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some(TEMPLATE.into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some(TEMPLATE.into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
@@ -241,7 +241,7 @@ async fn a_device_that_never_answers_does_not_hold_up_commands_to_ten_others() -
     devices.extend(others.iter().enumerate().map(|(i, s)| modbus("default", &format!("d{i}"), s.port, "1s", "1s")));
     let config = ConfigBuilder::new()
         .devices(devices)
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some(TEMPLATE.into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some(TEMPLATE.into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
@@ -283,7 +283,7 @@ async fn hostile_command_payloads_are_refused_and_counted_and_nothing_breaks() -
     let cloud = CloudSubscriber::start(&broker.url(), "cloud-hostile", "fieldgate/#").await?;
     let config = ConfigBuilder::new()
         .devices(vec![modbus("default", "plc", plc.port, "200ms", "500ms")])
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some(TEMPLATE.into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some(TEMPLATE.into()))
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;

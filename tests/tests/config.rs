@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fieldgate_crds::{MqttAuth, OnFull, SecretRef};
-use fieldgate_tests::config::{ConfigBuilder, mqtt_uplink, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of, mqtt_uplink, set_buffer};
 use fieldgate_tests::{Gateway, NatsServer, SimFleet, wait_until};
 
 /// Generous deadline for a process that should exit at once, on a busy 2-core machine.
@@ -29,9 +29,9 @@ async fn an_invalid_config_names_every_problem_with_its_path_and_touches_nothing
     let nats = NatsServer::start().await?;
     let fleet = SimFleet::healthy(2).await?;
     let mut second = mqtt_uplink("second", "mqtt://127.0.0.1:1");
-    second.mqtt.qos = Some(0);
-    second.mqtt.protocol_version = Some(4);
-    second.mqtt.auth = Some(MqttAuth { secret_ref: SecretRef { name: "../../etc".into() } });
+    mqtt_of(&mut second).qos = Some(0);
+    mqtt_of(&mut second).protocol_version = Some(4);
+    mqtt_of(&mut second).auth = Some(MqttAuth { secret_ref: SecretRef { name: "../../etc".into() } });
     let mut cfg = ConfigBuilder::new()
         .devices(fleet.gateway_devices("1s"))
         .cloud("mqtt://127.0.0.1:1", |u| set_buffer(u, "1Gi", OnFull::DropOldest))

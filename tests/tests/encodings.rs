@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use fieldgate_crds::{Compression, Encoding, GatewayUplink, OnFull};
 use fieldgate_gateway::encoding::compress::{decompress, sniff};
 use fieldgate_tests::cloud_v5::V5Subscriber;
-use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, mqtt_uplink, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, mqtt_of, mqtt_uplink, set_buffer};
 use fieldgate_tests::decode::MAX_DECOMPRESSED;
 use fieldgate_tests::fleet::{check_sim_reading, typed_points};
 use fieldgate_tests::{CloudSubscriber, Gateway, Mosquitto, NatsServer, SimFleet, workspace_root};
@@ -30,9 +30,9 @@ fn uplink(broker: &str, encoding: Encoding, compression: Compression, version: u
     set_buffer(&mut u, "32Mi", OnFull::DropOldest);
     u.encoding = Some(encoding);
     u.compression = Some(compression);
-    u.mqtt.protocol_version = Some(version);
+    mqtt_of(&mut u).protocol_version = Some(version);
     if encoding != Encoding::SparkplugB {
-        u.mqtt.topic = Some("enc/{uplink}/{device}".into());
+        mqtt_of(&mut u).topic = Some("enc/{uplink}/{device}".into());
     }
     u
 }

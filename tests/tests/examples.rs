@@ -120,7 +120,7 @@ async fn in_any_namespace_the_example_devices_read_only_registers_the_example_si
     let services = services();
 
     // The broker: a Service of the examples.
-    let url = &config.uplinks[0].mqtt.url;
+    let url = &config.uplinks[0].mqtt.as_ref().expect("an MQTT uplink").url;
     let (svc, port) = service_of(url.host(), url.port());
     assert!(services.get(&svc).is_some_and(|p| p.contains(&port)), "{url}: no Service {svc} with port {port}");
 

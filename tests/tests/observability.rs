@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use fieldgate_crds::{MqttAuth, SecretRef};
 use fieldgate_tests::api::request;
 use fieldgate_tests::cloud_v5::V5Subscriber;
-use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of};
 use fieldgate_tests::mosquitto::mosquitto_passwd_binary;
 use fieldgate_tests::otlp::{OtlpReceiver, RecordedSpan};
 use fieldgate_tests::prometheus::{Prometheus, prometheus_binary};
@@ -429,7 +429,7 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
     let fleet = SimFleet::healthy(1).await?;
     let config = ConfigBuilder::new()
         .devices(fleet.gateway_devices("300ms"))
-        .cloud(&secured, |u| u.mqtt.auth = Some(MqttAuth { secret_ref: SecretRef { name: "cloud-creds".into() } }))
+        .cloud(&secured, |u| mqtt_of(u).auth = Some(MqttAuth { secret_ref: SecretRef { name: "cloud-creds".into() } }))
         .yaml()?;
     for format in ["json", "text"] {
         let mut gw = Gateway::new(&nats.url())?;
@@ -481,7 +481,7 @@ async fn a_command_is_traced_from_the_cloud_message_to_the_device_write_and_read
     point.access = fieldgate_crds::Access::ReadWrite;
     let config = ConfigBuilder::new()
         .device(device.clone())
-        .cloud(&broker.url(), |u| u.mqtt.command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .cloud(&broker.url(), |u| mqtt_of(u).command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
         .yaml()?;
     let mut gw = traced_gateway(&nats, &otlp, "1")?;
     gw.write_config(&config)?;

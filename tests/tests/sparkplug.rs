@@ -17,7 +17,7 @@ use fieldgate_gateway::reading::{Value, pb};
 use fieldgate_proto::sparkplug_b::payload::Metric;
 use fieldgate_proto::sparkplug_b::payload::metric::Value as MetricValue;
 use fieldgate_proto::sparkplug_b::{DataType, Payload};
-use fieldgate_tests::config::{ConfigBuilder, mqtt_uplink};
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of, mqtt_uplink};
 use fieldgate_tests::fleet::check_sim_reading;
 use fieldgate_tests::tahu::{self, TahuMessage, as_i64, as_u64};
 use fieldgate_tests::{CloudMessage, CloudSubscriber, Gateway, Mosquitto, NatsServer, SimFleet};
@@ -191,7 +191,7 @@ async fn sparkplug_b_output_is_what_eclipse_tahus_decoder_and_the_specification_
         let mut u = mqtt_uplink(&format!("sp-v{version}"), &broker.url());
         u.encoding = Some(Encoding::SparkplugB);
         u.compression = Some(Compression::None);
-        u.mqtt.protocol_version = Some(version);
+        mqtt_of(&mut u).protocol_version = Some(version);
         u.sparkplug = Some(SparkplugSpec { group_id: None, edge_node_id: Some(format!("{{node}}-v{version}")) });
         builder = builder.uplink(u);
     }

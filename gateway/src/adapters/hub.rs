@@ -320,12 +320,12 @@ impl DeviceHub {
         Arc::new(Self {
             args,
             secrets,
+            buses: super::modbus_rtu::Buses::new(Arc::clone(&metrics)),
             metrics,
             cancel,
             directory: RwLock::default(),
             started: Mutex::default(),
             bound: Mutex::default(),
-            buses: Default::default(),
             reporters: Default::default(),
             running: RwLock::default(),
             udp_peers: Default::default(),

@@ -141,6 +141,9 @@ pub(crate) struct Job {
 
 /// A handle on a bus task. The task ends when the last handle is dropped.
 pub struct Bus {
+    /// Stops the bus's supervisor when the last device lets go of the bus (dropped first, so
+    /// the scheduler finds its queues closed only once it is meant to stop).
+    _stop: tokio_util::sync::DropGuard,
     key: String,
     reads: mpsc::Sender<Job>,
     writes: mpsc::Sender<Job>,
@@ -165,24 +168,41 @@ pub fn bus_key(c: &ModbusRtuConnection) -> String {
     }
 }
 
+/// The read and write queues of a bus (kept across restarts of its scheduler).
+type Queues = (mpsc::Receiver<Job>, mpsc::Receiver<Job>);
+
 /// Buses in use, by key.
-#[derive(Default)]
-pub struct Buses(Mutex<HashMap<String, Weak<Bus>>>);
+pub struct Buses {
+    running: Mutex<HashMap<String, Weak<Bus>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
 
 impl Buses {
-    /// The bus of `settings`, started if it is not running.
+    /// No bus running yet; their schedulers' restarts are counted in `metrics`.
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self { running: Mutex::default(), metrics }
+    }
+
+    /// The bus of `settings`, started if it is not running. Its scheduler is supervised
+    /// (`bus <key>`): restarted after a panic with the same queues.
     pub fn get(&self, settings: &ModbusRtuConnection) -> Arc<Bus> {
         let key = bus_key(settings);
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(bus) = map.get(&key).and_then(Weak::upgrade) {
             return bus;
         }
         let (reads, reads_rx) = mpsc::channel(64);
         let (writes, writes_rx) = mpsc::channel(64);
-        let bus = Arc::new(Bus { key: key.clone(), reads, writes });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let bus = Arc::new(Bus { _stop: stop.clone().drop_guard(), key: key.clone(), reads, writes });
         map.retain(|_, b| b.strong_count() > 0);
         map.insert(key.clone(), Arc::downgrade(&bus));
-        tokio::spawn(run_bus(key, settings.clone(), reads_rx, writes_rx));
+        let queues = Arc::new(tokio::sync::Mutex::new((reads_rx, writes_rx)));
+        let settings = settings.clone();
+        let name = format!("bus {key}");
+        tokio::spawn(crate::supervise::supervise(name, Arc::clone(&self.metrics), stop, move || {
+            run_bus(key.clone(), settings.clone(), Arc::clone(&queues))
+        }));
         bus
     }
 }
@@ -305,12 +325,9 @@ async fn call(ctx: &mut Context, req: Request<'static>, timeout: Duration) -> Re
 }
 
 /// The bus task: one job at a time, writes first, the line reopened after a breaking error.
-async fn run_bus(
-    key: String,
-    settings: ModbusRtuConnection,
-    mut reads: mpsc::Receiver<Job>,
-    mut writes: mpsc::Receiver<Job>,
-) {
+async fn run_bus(key: String, settings: ModbusRtuConnection, queues: Arc<tokio::sync::Mutex<Queues>>) {
+    let mut queues = queues.lock().await;
+    let (reads, writes) = &mut *queues;
     let timeout = settings.timeout();
     let mut line: Option<Line> = None;
     let mut delays = crate::supervise::backoff(Duration::from_millis(100), Duration::from_secs(10));

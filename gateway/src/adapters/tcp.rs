@@ -188,9 +188,11 @@ async fn resume(p: Parked) {
 const PARK_WAKER: mio::Token = mio::Token(usize::MAX);
 
 /// Resumes parked connections whose sockets became readable (a frame, or the peer closed).
-/// Runs on its own thread, blocked in `epoll_wait`; resumed connections go to the runtime.
-fn park_thread(hub: &DeviceHub, mut poll: mio::Poll, runtime: &tokio::runtime::Handle) {
+/// Runs on a thread of its own, blocked in `epoll_wait`; resumed connections go to the
+/// runtime. The epoll set outlives the thread (a restarted thread watches the same one).
+fn park_thread(hub: &DeviceHub, poll: &Mutex<mio::Poll>, runtime: &tokio::runtime::Handle) {
     let _runtime = runtime.enter();
+    let mut poll = poll.lock().unwrap_or_else(PoisonError::into_inner);
     let mut events = mio::Events::with_capacity(1024);
     loop {
         if let Err(e) = poll.poll(&mut events, None) {
@@ -212,16 +214,30 @@ fn park_thread(hub: &DeviceHub, mut poll: mio::Poll, runtime: &tokio::runtime::H
     }
 }
 
-/// Starts the park: its epoll set and the thread that watches it.
+/// Starts the park: its epoll set and the thread that watches it, supervised (`tcp park`:
+/// restarted with backoff after a panic or a failed wait, on the same epoll set).
 fn start_park(hub: &Arc<DeviceHub>) -> io::Result<()> {
     let poll = mio::Poll::new()?;
     let waker = mio::Waker::new(poll.registry(), PARK_WAKER)?;
     if hub.tcp_park.registry.set(poll.registry().try_clone()?).is_err() {
         return Ok(()); // already running
     }
+    let poll = Arc::new(Mutex::new(poll));
     let runtime = tokio::runtime::Handle::current();
     let thread_hub = Arc::clone(hub);
-    std::thread::Builder::new().name("tcp-park".into()).spawn(move || park_thread(&thread_hub, poll, &runtime))?;
+    let (metrics, cancel) = (Arc::clone(&hub.metrics), hub.cancel.clone());
+    tokio::spawn(crate::supervise::supervise("tcp park".into(), metrics, cancel, move || {
+        let (hub, poll, runtime) = (Arc::clone(&thread_hub), Arc::clone(&poll), runtime.clone());
+        async move {
+            let thread = tokio::task::spawn_blocking(move || park_thread(&hub, &poll, &runtime));
+            if let Err(e) = thread.await
+                && e.is_panic()
+            {
+                // The supervisor counts it and starts the thread again.
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }));
     let hub = Arc::clone(hub);
     tokio::spawn(async move {
         hub.cancel.cancelled().await;

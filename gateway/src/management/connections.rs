@@ -197,7 +197,7 @@ impl Drop for Busy {
 
 /// Serves `app` on `listener` until `cancel` fires, within `limits`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     app: Router,
     limits: ConnectionLimits,
     metrics: ConnectionMetrics,

@@ -2,20 +2,18 @@
 //!
 //! The status page, `/api/v1/status`, `/devices`, `/uplinks` and the diagnostics bundle show a
 //! [`GatewayStatus`] and nothing else; [`StatusSource::snapshot`] is the one place that reads
-//! the gateway's state to build it. Today that state is the metric families, the devices' last
-//! errors and values, and the applied config; a state index can replace that implementation
-//! without the routes noticing.
+//! the gateway's state to build it: the uplinks and their buffers from the state index
+//! ([`crate::index`]), the devices from their metric series, last errors and values, and the
+//! applied config.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::Management;
-use crate::metrics::{DeliveryLabels, DeliveryOutcome, DeviceLabels, DropLabels, DropReason, UplinkLabels};
+use crate::metrics::{DeviceLabels, DropLabels, DropReason};
 use crate::reading::Value;
 
 /// Gives the gateway's state at one instant.
@@ -127,8 +125,10 @@ pub struct PointValue {
 pub struct UplinkStatus {
     /// `namespace/name`.
     pub name: String,
-    /// MQTT protocol version (3 or 5).
-    pub protocol_version: u8,
+    /// Its kind: `mqtt` or `http`.
+    pub kind: &'static str,
+    /// MQTT protocol version (3 or 5); absent for HTTP.
+    pub protocol_version: Option<u8>,
     /// Whether its broker connection is up.
     pub connected: bool,
     /// Whether its JetStream stream answered the last check.
@@ -216,28 +216,22 @@ impl StatusSource for Management {
             });
         }
         for u in &cfg.uplinks {
-            let labels = UplinkLabels { uplink: format!("{}/{}", u.namespace, u.name) };
-            let gauge = |f: &Family<UplinkLabels, Gauge>| f.get(&labels).map(|g| g.get());
-            let dropped = DropReason::ALL
-                .into_iter()
-                .filter_map(|reason| {
-                    let n = metrics.readings_dropped.get(&DropLabels { uplink: labels.uplink.clone(), reason })?.get();
-                    (n > 0).then_some((reason.as_str(), n))
-                })
-                .collect();
-            let delivered = DeliveryLabels { uplink: labels.uplink.clone(), outcome: DeliveryOutcome::acked };
+            let name = format!("{}/{}", u.namespace, u.name);
+            let state = metrics.state.uplink(&name);
+            let (buffer, counts) = (state.snapshot(), state.counts());
             status.uplinks.push(UplinkStatus {
-                protocol_version: u.mqtt.protocol_version(),
-                connected: gauge(&metrics.uplink_connected) == Some(1),
-                buffer_reachable: gauge(&metrics.buffer_reachable).map(|v| v == 1),
-                backlog_messages: gauge(&metrics.buffer_messages).unwrap_or(0),
-                backlog_bytes: gauge(&metrics.buffer_bytes).unwrap_or(0),
-                oldest_unsent_age_seconds: metrics.buffer_oldest_unsent_age.get(&labels).map_or(0.0, |g| g.get()),
-                redeliveries: metrics.redeliveries.get(&labels).map_or(0, |c| c.get()),
-                accepted: metrics.readings_accepted.get(&labels).map_or(0, |c| c.get()),
-                delivered: metrics.deliveries.get(&delivered).map_or(0, |c| c.get()),
-                dropped,
-                name: labels.uplink,
+                kind: u.target().map_or("", |t| t.kind()),
+                protocol_version: u.mqtt.as_ref().map(|m| m.protocol_version()),
+                connected: buffer.connected,
+                buffer_reachable: buffer.reachable,
+                backlog_messages: i64::try_from(buffer.backlog).unwrap_or(i64::MAX),
+                backlog_bytes: i64::try_from(buffer.bytes).unwrap_or(i64::MAX),
+                oldest_unsent_age_seconds: buffer.oldest_unsent_age.as_secs_f64(),
+                redeliveries: counts.redeliveries,
+                accepted: counts.accepted,
+                delivered: counts.delivered,
+                dropped: counts.dropped,
+                name,
             });
         }
         let unrouted = DropLabels { uplink: "none".to_string(), reason: DropReason::no_uplink };

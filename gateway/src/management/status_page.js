@@ -73,7 +73,7 @@ function renderDevices(devices) {
 
 function renderUplinks(uplinks) {
   replaceRows("#uplinks", uplinks.map((u) => el("tr", { "data-uplink": u.name, "data-connected": String(u.connected) },
-    el("td", {}, u.name + " (MQTT " + (u.protocolVersion === 3 ? "3.1.1" : "5") + ")"),
+    el("td", {}, u.name + (u.kind === "http" ? " (HTTP)" : " (MQTT " + (u.protocolVersion === 3 ? "3.1.1" : "5") + ")")),
     el("td", {}, u.connected ? badge("connected", "connected") : badge("disconnected", "disconnected")),
     el("td", { class: "num" }, u.backlogMessages + " readings, " + bytes(u.backlogBytes)),
     el("td", { class: "num" }, duration(u.oldestUnsentAgeSeconds)),

@@ -17,16 +17,21 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use super::link::{Delivery, Link, LinkEvent, Outgoing, Token};
-use super::ranges::RangeSet;
+use super::link::{Delivery, FRAMING_BYTES, Link, LinkEvent, Outgoing, Token};
 
 /// What becomes of a buffered entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settle {
     /// Every reading settled: it leaves the buffer.
     Ack,
-    /// Some reading must go again: JetStream delivers the entry again after the delay.
-    Nak(Option<Duration>),
+    /// Some reading must go again: JetStream delivers the entry again after `delay`;
+    /// `unsettled` of its readings are still to be delivered.
+    Nak {
+        /// When JetStream delivers it again (`None`: at once).
+        delay: Option<Duration>,
+        /// Its readings not settled yet.
+        unsettled: usize,
+    },
     /// Every reading was refused for good: it leaves the buffer, never delivered again.
     Term,
 }
@@ -97,8 +102,6 @@ impl RetryDelays {
 
 struct Pending<E> {
     entry: E,
-    /// `buffer_seq` of its first reading.
-    first: u64,
     settled: Vec<bool>,
     /// Readings sent and not answered yet.
     unanswered: usize,
@@ -108,7 +111,12 @@ struct Pending<E> {
     confirmed: bool,
     /// A reading was refused for good in this delivery.
     terminated: bool,
+    /// The longest `Retry-After` the cloud asked for in this delivery.
+    retry_after: Option<Duration>,
 }
+
+/// The longest `Retry-After` honoured (a longer one is cut to this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// The most entries whose settled readings are remembered while they wait to come back.
 const REMEMBERED: usize = 65_536;
@@ -120,9 +128,6 @@ pub struct Core<E, T> {
     readings_in_flight: usize,
     /// Settled readings of entries given back to the buffer, by stream sequence.
     remembered: HashMap<u64, Vec<bool>>,
-    /// `buffer_seq`s of readings given back and not delivered again yet: if the buffer drops
-    /// one of them meanwhile, it is counted.
-    pub released: RangeSet,
     delays: RetryDelays,
 }
 
@@ -134,7 +139,6 @@ impl<E: Entry, T> Core<E, T> {
             in_flight: HashMap::new(),
             readings_in_flight: 0,
             remembered: HashMap::new(),
-            released: RangeSet::default(),
             delays,
         }
     }
@@ -150,21 +154,18 @@ impl<E: Entry, T> Core<E, T> {
         self.remembered.get(&seq).is_some_and(|s| s.get(index).copied().unwrap_or(false))
     }
 
-    /// Takes a delivered entry of `n` readings (the first numbered `first`): sends `ready` on
-    /// `link`, counts `settled_now` (undecodable) as settled, and settles the entry at once when
-    /// nothing is left to send. Readings [`Core::is_settled`] says are settled must not be in
-    /// `ready`.
+    /// Takes a delivered entry of `n` readings: sends `ready` on `link`, counts `settled_now`
+    /// (undecodable) as settled, and settles the entry at once when nothing is left to send.
+    /// Readings [`Core::is_settled`] says are settled must not be in `ready`.
     pub async fn admit<L: Link>(
         &mut self,
         link: &mut L,
         entry: E,
-        first: u64,
         n: usize,
         ready: Vec<Ready<T>>,
         settled_now: &[usize],
     ) -> Vec<Outcome<T>> {
         let seq = entry.seq();
-        self.released.remove(first, first + n as u64);
         let mut settled = self.remembered.remove(&seq).unwrap_or_default();
         settled.resize(n, false);
         for &i in settled_now {
@@ -172,12 +173,30 @@ impl<E: Entry, T> Core<E, T> {
                 *s = true;
             }
         }
-        let mut p = Pending { entry, first, settled, unanswered: 0, again: false, confirmed: false, terminated: false };
+        let mut p = Pending {
+            entry,
+            settled,
+            unanswered: 0,
+            again: false,
+            confirmed: false,
+            terminated: false,
+            retry_after: None,
+        };
         let mut outcomes = Vec::new();
-        let per = link.max_readings().max(1);
+        let (per, max_bytes) = (link.max_readings().max(1), link.max_bytes());
         let mut ready = ready.into_iter().peekable();
         while ready.peek().is_some() {
-            let group: Vec<Ready<T>> = ready.by_ref().take(per).collect();
+            // As many readings as the link takes in one delivery, by count and by size.
+            let mut group: Vec<Ready<T>> = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = ready.peek() {
+                let size = r.outgoing.message.payload.len() + FRAMING_BYTES;
+                if group.len() >= per || (!group.is_empty() && bytes.saturating_add(size) > max_bytes) {
+                    break;
+                }
+                bytes = bytes.saturating_add(size);
+                group.extend(ready.next());
+            }
             if p.again {
                 // The link would not take the previous group: the rest goes with the entry.
                 outcomes.extend(group.into_iter().map(|r| Outcome::Interrupted(r.tag)));
@@ -210,11 +229,13 @@ impl<E: Entry, T> Core<E, T> {
             LinkEvent::Connected => Vec::new(),
             LinkEvent::Lost { .. } => self.release_all().await,
             LinkEvent::Confirmed(token) => self.answered(token, None).await,
-            LinkEvent::Refused { token, reason, permanent } => self.answered(token, Some((reason, permanent))).await,
+            LinkEvent::Refused { token, reason, permanent, retry_after } => {
+                self.answered(token, Some((reason, permanent, retry_after))).await
+            }
         }
     }
 
-    async fn answered(&mut self, token: Token, refusal: Option<(String, bool)>) -> Vec<Outcome<T>> {
+    async fn answered(&mut self, token: Token, refusal: Option<(String, bool, Option<Duration>)>) -> Vec<Outcome<T>> {
         let Some(parts) = self.in_flight.remove(&token) else { return Vec::new() };
         self.readings_in_flight = self.readings_in_flight.saturating_sub(parts.len());
         let mut outcomes = Vec::with_capacity(parts.len());
@@ -230,7 +251,7 @@ impl<E: Entry, T> Core<E, T> {
                     }
                     outcomes.push(Outcome::Confirmed(tag));
                 }
-                Some((reason, permanent)) => {
+                Some((reason, permanent, retry_after)) => {
                     if *permanent {
                         p.terminated = true;
                         if let Some(s) = p.settled.get_mut(index) {
@@ -238,6 +259,7 @@ impl<E: Entry, T> Core<E, T> {
                         }
                     } else {
                         p.again = true;
+                        p.retry_after = p.retry_after.max(*retry_after);
                     }
                     outcomes.push(Outcome::Refused { tag, reason: reason.clone(), permanent: *permanent });
                 }
@@ -263,18 +285,17 @@ impl<E: Entry, T> Core<E, T> {
             p.entry.settle(how).await;
             return;
         }
-        let delay = p.again.then(|| self.delays.after(p.entry.deliveries()));
+        // The growing delay, or longer when the cloud asked for it (bounded).
+        let delay = p.again.then(|| {
+            let asked = p.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
+            self.delays.after(p.entry.deliveries()).max(asked)
+        });
         self.give_back(p, delay).await;
     }
 
     async fn give_back(&mut self, p: Pending<E>, delay: Option<Duration>) {
         let seq = p.entry.seq();
-        for (i, s) in p.settled.iter().enumerate() {
-            if !s {
-                let at = p.first + i as u64;
-                self.released.insert(at, at + 1);
-            }
-        }
+        let unsettled = p.settled.iter().filter(|s| !**s).count();
         if p.settled.iter().any(|s| *s) {
             if self.remembered.len() >= REMEMBERED
                 && let Some(oldest) = self.remembered.keys().min().copied()
@@ -283,7 +304,7 @@ impl<E: Entry, T> Core<E, T> {
             }
             self.remembered.insert(seq, p.settled);
         }
-        p.entry.settle(Settle::Nak(delay)).await;
+        p.entry.settle(Settle::Nak { delay, unsettled }).await;
     }
 
     /// Gives every entry with unanswered readings back for immediate redelivery (the link is
@@ -359,11 +380,15 @@ mod tests {
         sent: Vec<(Token, Vec<String>)>,
         per: usize,
         full: Option<usize>,
+        bytes: Option<usize>,
     }
 
     impl Link for FakeLink {
         fn max_readings(&self) -> usize {
             self.per.max(1)
+        }
+        fn max_bytes(&self) -> usize {
+            self.bytes.unwrap_or(usize::MAX)
         }
         fn send(&mut self, delivery: Delivery) -> Result<Token, UplinkError> {
             if self.full.is_some_and(|f| self.sent.len() >= f) {
@@ -399,17 +424,21 @@ mod tests {
         Core::new(RetryDelays::default())
     }
 
+    fn nak(delay_s: Option<u64>, unsettled: usize) -> Settle {
+        Settle::Nak { delay: delay_s.map(Duration::from_secs), unsettled }
+    }
+
     fn refused(token: Token, permanent: bool) -> LinkEvent {
-        LinkEvent::Refused { token, reason: "NotAuthorized".into(), permanent }
+        LinkEvent::Refused { token, reason: "NotAuthorized".into(), permanent, retry_after: None }
     }
 
     #[tokio::test]
     async fn confirmed_acks_exactly_the_confirmed_entries() {
         let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
         let r = ready(&c, 1, 2);
-        c.admit(&mut link, consumer.deliver(1), 10, 2, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(1), 2, r, &[]).await;
         let r = ready(&c, 2, 1);
-        c.admit(&mut link, consumer.deliver(2), 12, 1, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(2), 1, r, &[]).await;
         assert_eq!(c.in_flight(), 3);
         c.on_event(LinkEvent::Confirmed(0)).await;
         c.on_event(LinkEvent::Confirmed(2)).await;
@@ -427,7 +456,7 @@ mod tests {
     async fn a_permanent_refusal_terminates_the_reading_and_nothing_else() {
         let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
         let r = ready(&c, 1, 3);
-        c.admit(&mut link, consumer.deliver(1), 1, 3, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(1), 3, r, &[]).await;
         c.on_event(LinkEvent::Confirmed(0)).await;
         let out = c.on_event(refused(1, true)).await;
         assert_eq!(out, [Outcome::Refused { tag: "1:1".to_string(), reason: "NotAuthorized".into(), permanent: true }]);
@@ -438,35 +467,45 @@ mod tests {
 
         // An entry whose only reading is refused for good is terminated.
         let r = ready(&c, 2, 1);
-        c.admit(&mut link, consumer.deliver(2), 4, 1, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(2), 1, r, &[]).await;
         c.on_event(refused(3, true)).await;
         assert_eq!(consumer.settled()[1], (2, Settle::Term));
-        assert!(c.released.remove(0, u64::MAX) == 0, "nothing given back");
     }
 
     #[tokio::test]
     async fn a_transient_refusal_comes_back_later_and_sends_only_the_refused_reading() {
         let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
         let r = ready(&c, 7, 3);
-        c.admit(&mut link, consumer.deliver(7), 100, 3, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(7), 3, r, &[]).await;
         c.on_event(LinkEvent::Confirmed(0)).await;
-        c.on_event(LinkEvent::Refused { token: 1, reason: "QuotaExceeded".into(), permanent: false }).await;
+        c.on_event(LinkEvent::Refused {
+            token: 1,
+            reason: "QuotaExceeded".into(),
+            permanent: false,
+            retry_after: None,
+        })
+        .await;
         c.on_event(LinkEvent::Confirmed(2)).await;
-        assert_eq!(consumer.settled(), [(7, Settle::Nak(Some(Duration::from_secs(1))))]);
-        // The one refused reading is remembered as given back.
-        assert_eq!(c.released.remove(0, u64::MAX), 1);
+        // Given back with the one refused reading left to deliver.
+        assert_eq!(consumer.settled(), [(7, nak(Some(1), 1))]);
 
         // Redelivered: only reading 1 goes again; refused again, the delay doubles.
         let r = ready(&c, 7, 3);
         assert_eq!(r.iter().map(|r| r.index).collect::<Vec<_>>(), [1]);
-        c.admit(&mut link, consumer.deliver(7), 100, 3, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(7), 3, r, &[]).await;
         assert_eq!(link.sent.last().unwrap().1, ["7:1"]);
-        c.on_event(LinkEvent::Refused { token: 3, reason: "QuotaExceeded".into(), permanent: false }).await;
-        assert_eq!(consumer.settled()[1], (7, Settle::Nak(Some(Duration::from_secs(2)))));
+        c.on_event(LinkEvent::Refused {
+            token: 3,
+            reason: "QuotaExceeded".into(),
+            permanent: false,
+            retry_after: None,
+        })
+        .await;
+        assert_eq!(consumer.settled()[1], (7, nak(Some(2), 1)));
 
         // Third time lucky: acked, and nothing of it was sent twice but the refused reading.
         let r = ready(&c, 7, 3);
-        c.admit(&mut link, consumer.deliver(7), 100, 3, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(7), 3, r, &[]).await;
         c.on_event(LinkEvent::Confirmed(4)).await;
         assert_eq!(consumer.settled()[2], (7, Settle::Ack));
         let topics: Vec<&String> = link.sent.iter().flat_map(|(_, t)| t).collect();
@@ -477,9 +516,9 @@ mod tests {
     async fn a_lost_link_releases_everything_in_flight_and_resends_nothing_confirmed() {
         let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
         let r = ready(&c, 1, 2);
-        c.admit(&mut link, consumer.deliver(1), 1, 2, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(1), 2, r, &[]).await;
         let r = ready(&c, 2, 2);
-        c.admit(&mut link, consumer.deliver(2), 3, 2, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(2), 2, r, &[]).await;
         c.on_event(LinkEvent::Confirmed(0)).await;
         let out = c.on_event(LinkEvent::Lost { reason: "reset".into(), refused: false }).await;
         assert_eq!(out.len(), 3);
@@ -487,15 +526,15 @@ mod tests {
         assert_eq!(c.in_flight(), 0);
         let mut settled = consumer.settled();
         settled.sort_by_key(|(s, _)| *s);
-        assert_eq!(settled, [(1, Settle::Nak(None)), (2, Settle::Nak(None))]);
-        assert_eq!(c.released.remove(0, u64::MAX), 3, "readings 2, 3 and 4 were given back");
+        // Readings 2, 3 and 4 were given back.
+        assert_eq!(settled, [(1, nak(None, 1)), (2, nak(None, 2))]);
 
         // A new link: the entries come back; reading 1 (confirmed) is not sent again.
         let mut link2 = FakeLink::default();
         let r = ready(&c, 1, 2);
-        c.admit(&mut link2, consumer.deliver(1), 1, 2, r, &[]).await;
+        c.admit(&mut link2, consumer.deliver(1), 2, r, &[]).await;
         let r = ready(&c, 2, 2);
-        c.admit(&mut link2, consumer.deliver(2), 3, 2, r, &[]).await;
+        c.admit(&mut link2, consumer.deliver(2), 2, r, &[]).await;
         let topics: Vec<&String> = link2.sent.iter().flat_map(|(_, t)| t).collect();
         assert_eq!(topics, ["1:1", "2:0", "2:1"]);
         for t in 0..3 {
@@ -510,7 +549,7 @@ mod tests {
         let (mut c, mut consumer) = (core(), FakeConsumer::new());
         let mut link = FakeLink { per: 2, ..Default::default() };
         let r = ready(&c, 1, 5);
-        c.admit(&mut link, consumer.deliver(1), 1, 5, r, &[]).await;
+        c.admit(&mut link, consumer.deliver(1), 5, r, &[]).await;
         assert_eq!(link.sent.iter().map(|(_, t)| t.len()).collect::<Vec<_>>(), [2, 2, 1]);
         // A batch is refused as a unit.
         c.on_event(refused(1, true)).await;
@@ -521,19 +560,58 @@ mod tests {
         // A link that takes one delivery only: the rest is not sent, the entry comes back.
         let mut full = FakeLink { full: Some(1), ..Default::default() };
         let r = ready(&c, 2, 3);
-        let out = c.admit(&mut full, consumer.deliver(2), 6, 3, r, &[]).await;
+        let out = c.admit(&mut full, consumer.deliver(2), 3, r, &[]).await;
         assert_eq!(out.len(), 2);
         c.on_event(LinkEvent::Confirmed(0)).await;
-        assert_eq!(consumer.settled()[1], (2, Settle::Nak(Some(Duration::from_secs(1)))));
+        assert_eq!(consumer.settled()[1], (2, nak(Some(1), 2)));
         assert!(c.is_settled(2, 0) && !c.is_settled(2, 1));
     }
 
     #[tokio::test]
     async fn undecodable_readings_are_settled_and_an_entry_of_nothing_to_send_is_acked() {
         let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
-        c.admit(&mut link, consumer.deliver(1), 1, 2, Vec::new(), &[0, 1]).await;
+        c.admit(&mut link, consumer.deliver(1), 2, Vec::new(), &[0, 1]).await;
         assert_eq!(consumer.settled(), [(1, Settle::Ack)]);
         assert!(link.sent.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_cut_by_size_and_a_reading_too_large_goes_alone() {
+        let (mut c, mut consumer) = (core(), FakeConsumer::new());
+        // 100 bytes per delivery; readings of 40, 40, 40, 300 and 10 bytes (each + 8 of framing).
+        let mut link = FakeLink { per: 10, bytes: Some(100), ..Default::default() };
+        let ready: Vec<Ready<String>> = [40, 40, 40, 300, 10]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| Ready {
+                index: i,
+                outgoing: Outgoing {
+                    message: crate::encoding::Publication::plain(format!("1:{i}"), vec![0; len], true),
+                    before: Vec::new(),
+                    traceparent: None,
+                },
+                tag: format!("1:{i}"),
+            })
+            .collect();
+        c.admit(&mut link, consumer.deliver(1), 5, ready, &[]).await;
+        let groups: Vec<Vec<String>> = link.sent.iter().map(|(_, t)| t.clone()).collect();
+        assert_eq!(groups, [vec!["1:0", "1:1"], vec!["1:2"], vec!["1:3"], vec!["1:4"]]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_refusal_with_retry_after_waits_as_long_as_the_cloud_asked() {
+        let (mut c, mut consumer, mut link) = (core(), FakeConsumer::new(), FakeLink::default());
+        let r = ready(&c, 1, 1);
+        c.admit(&mut link, consumer.deliver(1), 1, r, &[]).await;
+        let retry_after = Some(Duration::from_secs(7));
+        c.on_event(LinkEvent::Refused { token: 0, reason: "HTTP 503".into(), permanent: false, retry_after }).await;
+        assert_eq!(consumer.settled(), [(1, nak(Some(7), 1))]);
+        // Never longer than the bound, whatever the cloud asks.
+        let r = ready(&c, 1, 1);
+        c.admit(&mut link, consumer.deliver(1), 1, r, &[]).await;
+        let retry_after = Some(Duration::from_secs(86_400));
+        c.on_event(LinkEvent::Refused { token: 1, reason: "HTTP 429".into(), permanent: false, retry_after }).await;
+        assert_eq!(consumer.settled()[1], (1, Settle::Nak { delay: Some(MAX_RETRY_AFTER), unsettled: 1 }));
     }
 
     #[test]

@@ -21,6 +21,10 @@ use crate::encoding::Publication;
 /// Identifies one delivery on one link.
 pub type Token = u64;
 
+/// Bytes a link may add around each reading of a delivery (a JSON comma, a protobuf field
+/// header), for [`Link::max_bytes`].
+pub const FRAMING_BYTES: usize = 8;
+
 /// One reading on its way to the cloud, encoded for it.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
@@ -56,6 +60,8 @@ pub enum LinkEvent {
         reason: String,
         /// Sending the same readings again cannot succeed.
         permanent: bool,
+        /// When the cloud asked to be tried again at the earliest (HTTP `Retry-After`).
+        retry_after: Option<std::time::Duration>,
     },
     /// The connection is gone: unanswered deliveries will never be answered.
     Lost {
@@ -73,6 +79,12 @@ pub enum LinkEvent {
 pub trait Link: Send {
     /// Most readings one delivery may carry (MQTT: one per publish).
     fn max_readings(&self) -> usize;
+
+    /// Most bytes one delivery may carry, counted as the readings' payloads plus
+    /// [`FRAMING_BYTES`] each; a reading larger than that alone still goes alone.
+    fn max_bytes(&self) -> usize {
+        usize::MAX
+    }
 
     /// Sends one delivery; its outcome arrives later as one event carrying the returned token.
     /// An error means nothing was sent.

@@ -13,8 +13,12 @@
 //! While a backlog waits and the broker is unreachable, the driver probes it every
 //! [`PROBE_EVERY`], so that delivery resumes within seconds of the broker coming back; only a
 //! broker that answers and refuses the connection (CONNACK failure) is retried with a long,
-//! growing delay. A gap in the buffer's sequence seen by the consumer is an entry the buffer
-//! policy dropped, and is counted with its reason.
+//! growing delay.
+//!
+//! The driver keeps the uplink's [`UplinkState`] in the state index: which entries are in
+//! flight (the buffer writer never removes those), which it settled, whether the link is up.
+//! Readings the buffer's limits remove are counted by the writer, which removes them
+//! ([`crate::index`]); the driver infers nothing from gaps.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind, stream};
-use fieldgate_crds::{GatewayUplink, OnFull};
+use fieldgate_crds::GatewayUplink;
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::time::Instant;
@@ -31,17 +35,20 @@ use tracing::{debug, info, warn};
 
 use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces};
 use crate::encoding::{Encoder, SessionPlan};
+use crate::index::{Begin, EntryFacts, UplinkState};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
 use crate::reading::{self, Reading};
 use crate::supervise::backoff;
 use crate::telemetry::{self, BufferEntry, LogThrottle, StageSpan};
 
 pub mod core;
+pub mod http;
 pub mod link;
 pub mod mqtt;
-mod ranges;
+pub mod tls;
 
 use self::core::{Core, Outcome, Ready, RetryDelays, Settle};
+use http::{HttpLink, HttpSettings};
 pub use link::{Delivery, Link, LinkEvent, Outgoing, Token};
 use mqtt::{MqttLink, MqttSettings};
 
@@ -69,6 +76,101 @@ impl UplinkError {
     }
 }
 
+/// A problem with an uplink's settings found while resolving them (with its field path).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SettingsError {
+    /// Field path, such as `uplinks[0].mqtt.auth.secretRef`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A [`SettingsError`] at `path`.
+pub fn settings_err(path: String, message: impl Into<String>) -> SettingsError {
+    SettingsError { path, message: message.into() }
+}
+
+/// Hash of the uplink's spec and of every Secret value it references: a change (such as a
+/// rotated password) restarts the uplink.
+pub fn fingerprint(u: &GatewayUplink, secrets: &crate::secrets::SecretStore) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(u).unwrap_or_default().hash(&mut h);
+    for (_, name, key) in u.secret_keys() {
+        if let Ok(v) = secrets.read(&name, &key) {
+            v.expose().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// The resolved settings of an uplink's link to the cloud, secrets read.
+#[derive(Clone, Debug)]
+pub enum LinkSettings {
+    /// An MQTT broker.
+    Mqtt(MqttSettings),
+    /// An HTTP endpoint.
+    Http(Arc<HttpSettings>),
+}
+
+impl LinkSettings {
+    /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
+    /// `path` is the uplink's field path, for errors.
+    pub fn resolve(
+        u: &GatewayUplink,
+        node: &str,
+        secrets: &crate::secrets::SecretStore,
+        path: &str,
+    ) -> Result<Self, SettingsError> {
+        if u.http.is_some() {
+            Ok(Self::Http(Arc::new(HttpSettings::resolve(u, secrets, path)?)))
+        } else {
+            Ok(Self::Mqtt(MqttSettings::resolve(u, node, secrets, path)?))
+        }
+    }
+
+    /// Hash of everything the settings were resolved from, secrets included.
+    pub fn fingerprint(&self) -> u64 {
+        match self {
+            Self::Mqtt(m) => m.fingerprint,
+            Self::Http(h) => h.fingerprint,
+        }
+    }
+
+    /// Readings in flight at once.
+    pub fn window(&self) -> usize {
+        match self {
+            Self::Mqtt(m) => usize::from(m.max_in_flight),
+            Self::Http(h) => h.window(),
+        }
+    }
+
+    /// The topic template of readings (MQTT only).
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Self::Mqtt(m) => Some(&m.topic),
+            Self::Http(_) => None,
+        }
+    }
+
+    /// Where it connects, for logs.
+    pub fn endpoint(&self) -> String {
+        match self {
+            Self::Mqtt(m) => format!("{}:{}", m.host, m.endpoint.port),
+            Self::Http(h) => h.url.to_string(),
+        }
+    }
+
+    /// The MQTT settings, for an MQTT uplink.
+    pub fn mqtt(&self) -> Option<&MqttSettings> {
+        match self {
+            Self::Mqtt(m) => Some(m),
+            Self::Http(_) => None,
+        }
+    }
+}
+
 /// Name of each uplink's durable consumer (one stream per uplink, so one name suffices).
 pub const CONSUMER: &str = "uplink";
 
@@ -79,8 +181,8 @@ pub struct UplinkTask {
     pub uplink: Arc<GatewayUplink>,
     /// Its buffer.
     pub buffer: UplinkBuffer,
-    /// Its resolved broker settings.
-    pub mqtt: MqttSettings,
+    /// Its resolved link settings.
+    pub link: LinkSettings,
     /// JetStream.
     pub js: jetstream::Context,
     /// The gateway's metrics.
@@ -93,19 +195,13 @@ pub struct UplinkTask {
     pub grace: Duration,
 }
 
-/// Creates (or updates) the uplink's durable consumer. Returns it with the stream sequence of
-/// the last entry it delivered before (0 for a new consumer), where this run's accounting
-/// starts.
+/// Creates (or updates) the uplink's durable consumer.
 pub async fn ensure_consumer(
     stream: &mut stream::Stream,
     buffer: &UplinkBuffer,
     window: u16,
-) -> Result<(jetstream::consumer::Consumer<pull::Config>, u64), BufferError> {
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BufferError> {
     let err = |e: async_nats::Error| BufferError::Consumer { stream: buffer.stream.clone(), source: e };
-    let delivered = match stream.consumer_info(CONSUMER).await {
-        Ok(info) => info.delivered.stream_sequence,
-        Err(_) => 0,
-    };
     let config = pull::Config {
         durable_name: Some(CONSUMER.to_string()),
         description: Some(format!("Fieldgate uplink {}", buffer.uplink)),
@@ -122,26 +218,46 @@ pub async fn ensure_consumer(
             stream.get_consumer(CONSUMER).await.map_err(err)?
         }
     };
-    Ok((consumer, delivered))
+    Ok(consumer)
 }
 
-impl self::core::Entry for jetstream::Message {
+/// A buffered entry being delivered: the JetStream message, its place in the state index.
+struct Buffered {
+    msg: jetstream::Message,
+    seq: u64,
+    deliveries: i64,
+    state: Arc<UplinkState>,
+}
+
+impl self::core::Entry for Buffered {
     fn seq(&self) -> u64 {
-        self.info().map(|i| i.stream_sequence).unwrap_or(0)
+        self.seq
     }
 
     fn deliveries(&self) -> i64 {
-        self.info().map(|i| i.delivered).unwrap_or(1)
+        self.deliveries
     }
 
     async fn settle(self, how: Settle) {
+        // The index first: a settled entry is never removed (and counted) by the writer, and
+        // one given back may be, with only its unsettled readings counted.
         let kind = match how {
-            Settle::Ack => AckKind::Ack,
-            Settle::Nak(delay) => AckKind::Nak(delay),
-            Settle::Term => AckKind::Term,
+            Settle::Ack => {
+                self.state.settled(self.seq);
+                AckKind::Ack
+            }
+            Settle::Term => {
+                self.state.settled(self.seq);
+                AckKind::Term
+            }
+            Settle::Nak { delay, unsettled } => {
+                self.state.given_back(self.seq, unsettled as u64);
+                AckKind::Nak(delay)
+            }
         };
-        // A lost ack means a redelivery: the readings go again under their ids.
-        if let Err(e) = self.ack_with(kind).await {
+        // A lost ack means a redelivery: the readings go again under their ids (or, for an
+        // entry the index knows as settled, the copy is acked without sending anything).
+        if let Err(e) = self.msg.ack_with(kind).await {
             debug!(error = %e, ?how, "JetStream ack failed");
         }
     }
@@ -178,16 +294,10 @@ struct Driver {
     encoder: Encoder,
     window: usize,
     /// The entries being delivered and the readings in flight.
-    core: Core<jetstream::Message, InFlight>,
-    /// The first `buffer_seq` this driver has not seen delivered (`None`: learnt from the
-    /// next entry).
-    expected: Option<u64>,
-    /// Set when the run started after entries it cannot read any more: the stream sequence of
-    /// the last entry delivered before. Entries after it that vanished unseen are counted,
-    /// without their readings' exact number.
-    unknown_after: Option<u64>,
+    core: Core<Buffered, InFlight>,
+    /// The uplink's state in the state index.
+    state: Arc<UplinkState>,
     topics: HashMap<String, String, foldhash::fast::RandomState>,
-    stream: Option<stream::Stream>,
     /// Refusals are logged at most once a minute (each one is counted).
     refusal_log: LogThrottle,
 }
@@ -215,12 +325,6 @@ pub fn render_topic(template: &str, namespace: &str, device: &str, uplink: &str,
         .replace("{node}", node)
 }
 
-/// The readings an entry at stream sequence `seq` covers, if it is there and readable.
-async fn entry_at(stream: &stream::Stream, seq: u64) -> Option<(u64, u64)> {
-    let m = stream.get_raw_message(seq).await.ok()?;
-    entry_range(Some(&m.headers))
-}
-
 impl Driver {
     fn outcome(&self, outcome: DeliveryOutcome) {
         self.task
@@ -228,23 +332,6 @@ impl Driver {
             .deliveries
             .get_or_create(&DeliveryLabels { uplink: self.labels.uplink.clone(), outcome })
             .inc();
-    }
-
-    /// Where this run's accounting starts: after the last entry the consumer delivered before.
-    async fn start_accounting(&mut self, stream: &stream::Stream, delivered: u64) {
-        self.expected = None;
-        self.unknown_after = None;
-        if delivered == 0 {
-            // A new consumer: nothing delivered before it to account for.
-            return;
-        }
-        if let Some((first, n)) = entry_at(stream, delivered).await {
-            self.expected = Some(first + n);
-        } else if let Some((first, _)) = entry_at(stream, delivered + 1).await {
-            self.expected = Some(first);
-        } else {
-            self.unknown_after = Some(delivered);
-        }
     }
 
     /// Gives every unanswered entry back to JetStream for immediate redelivery.
@@ -267,7 +354,7 @@ impl Driver {
                     }
                     self.outcome(DeliveryOutcome::refused);
                     if permanent {
-                        self.task.metrics.dropped(&self.labels.uplink, DropReason::refused);
+                        self.state.dropped(DropReason::refused, 1);
                     }
                     if let Some(held_back) = self.refusal_log.allow() {
                         if permanent {
@@ -286,76 +373,6 @@ impl Driver {
         }
     }
 
-    /// The `buffer_seq` of the first reading still in the stream: `Some(None)` when the stream
-    /// is empty, `None` when the buffer cannot tell now.
-    async fn first_present(&mut self) -> Option<Option<u64>> {
-        let s = self.stream.as_mut()?;
-        let st = s.info().await.ok()?.state.clone();
-        if st.messages == 0 {
-            return Some(None);
-        }
-        entry_at(s, st.first_sequence).await.map(|(first, _)| Some(first))
-    }
-
-    /// A first delivery skipped the readings `from..to`. Those below the stream's first entry
-    /// are gone (evicted or expired) and counted now. Those still in the stream were handed to
-    /// a pull stream that was closed (link lost) before passing them on: JetStream redelivers
-    /// them after `redeliverAfter`, so they are tracked like released ones, and counted only if
-    /// the buffer drops them before that.
-    async fn skipped(&mut self, from: u64, to: u64) {
-        let gone_to = match self.first_present().await {
-            Some(Some(first)) => first.clamp(from, to),
-            Some(None) => to,
-            None => from,
-        };
-        debug!(uplink = %self.labels.uplink, from, gone_to, to, "first delivery skipped readings");
-        self.count_gap(gone_to - from, false).await;
-        self.core.released.insert(gone_to, to);
-    }
-
-    /// The first entry this run sees (stream sequence `seq`, first reading `first`) when it
-    /// could not tell where its accounting starts. Earlier entries still in the stream come
-    /// back and are tracked like released ones; earlier entries gone unseen since the last one
-    /// delivered before this run are counted, one reading each at least.
-    async fn first_sight(&mut self, seq: u64, first: u64) {
-        let Some(s) = self.stream.as_mut() else { return };
-        let Ok(info) = s.info().await else { return };
-        let first_seq = info.state.first_sequence;
-        if let Some(d) = self.unknown_after.take() {
-            let gone = seq.min(first_seq).saturating_sub(d + 1);
-            self.count_gap(gone, true).await;
-        }
-        if first_seq < seq
-            && let Some(s) = &self.stream
-            && let Some((present, _)) = entry_at(s, first_seq).await
-        {
-            self.core.released.insert(present, first);
-        }
-    }
-
-    /// Counts `missing` readings the buffer policy dropped (`at_least`: a lower bound, the
-    /// entries that held them being gone unread).
-    async fn count_gap(&mut self, missing: u64, at_least: bool) {
-        if missing == 0 {
-            return;
-        }
-        let full = match (&mut self.stream, self.task.buffer.on_full) {
-            (Some(s), OnFull::DropOldest) => s
-                .info()
-                .await
-                .map(|i| i.state.bytes.saturating_mul(10) >= self.task.buffer.max_bytes.saturating_mul(9))
-                .unwrap_or(true),
-            _ => false,
-        };
-        let reason = if full { DropReason::buffer_full_evicted } else { DropReason::max_age_expired };
-        self.task.metrics.dropped_n(&self.labels.uplink, reason, missing);
-        if at_least {
-            warn!(uplink = %self.labels.uplink, entries = missing, ?reason, "buffer entries expired while no gateway was delivering them; counted as one reading each, they may have held more");
-        } else {
-            warn!(uplink = %self.labels.uplink, dropped = missing, ?reason, "buffered readings were dropped by the buffer policy");
-        }
-    }
-
     /// Hands a buffered entry's readings not settled yet to the core, which sends them on
     /// `link`.
     async fn deliver<L: Link>(&mut self, link: &mut L, msg: jetstream::Message) {
@@ -366,38 +383,46 @@ impl Driver {
                 return;
             }
         };
-        if delivered > 1 {
-            self.task.metrics.redeliveries.get_or_create(&self.labels).inc();
+        let range = entry_range(msg.headers.as_ref());
+        let facts = EntryFacts {
+            seq,
+            n: range.map_or(0, |(_, n)| n),
+            bytes: msg.length as u64,
+            stored: std::time::SystemTime::from(info_published),
+        };
+        match self.state.begin(facts) {
+            Begin::Deliver => {}
+            Begin::Gone => {
+                // Settled before (its ack was lost) or removed and counted by the writer.
+                let _ = msg.ack_with(AckKind::Ack).await;
+                return;
+            }
+            // Being removed by the writer: if that fails, JetStream delivers it again.
+            Begin::Claimed => return,
         }
-        let Some((first, n)) = entry_range(msg.headers.as_ref()) else {
+        if delivered > 1 {
+            self.state.redeliveries.inc();
+        }
+        let Some((first, n)) = range else {
             warn!(uplink = %self.labels.uplink, seq, "buffer entry without its Fieldgate-Seq/Fieldgate-Readings headers dropped");
-            self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+            self.state.dropped(DropReason::undecodable, 1);
+            self.state.settled(seq);
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         };
-        // A redelivery can be this driver's first sight of an entry too: one a closed pull
-        // stream had prefetched (a link loss) comes back only after `redeliverAfter`.
-        match self.expected {
-            Some(e) if first > e => self.skipped(e, first).await,
-            Some(_) => {}
-            None => self.first_sight(seq, first).await,
-        }
-        if self.expected.is_none_or(|e| e < first + n) {
-            self.expected = Some(first + n);
-        }
         let readings = match entry_readings(&msg.payload) {
             Ok(r) if r.len() as u64 == n => r,
             Ok(r) => {
                 warn!(uplink = %self.labels.uplink, seq, readings = r.len(), expected = n, "buffer entry with the wrong number of readings dropped");
-                self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
-                self.core.released.remove(first, first + n);
+                self.state.dropped(DropReason::undecodable, n);
+                self.state.settled(seq);
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
             Err(e) => {
                 warn!(uplink = %self.labels.uplink, seq, error = %e, "undecodable buffer entry dropped");
-                self.task.metrics.dropped_n(&self.labels.uplink, DropReason::undecodable, n);
-                self.core.released.remove(first, first + n);
+                self.state.dropped(DropReason::undecodable, n);
+                self.state.settled(seq);
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
@@ -414,16 +439,17 @@ impl Driver {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(uplink = %self.labels.uplink, buffer_seq, error = %e, "undecodable buffered reading dropped");
-                    self.task.metrics.dropped(&self.labels.uplink, DropReason::undecodable);
+                    self.state.dropped(DropReason::undecodable, 1);
                     undecodable.push(i);
                     continue;
                 }
             };
-            let topic = match self.topics.get(&reading.device) {
-                Some(t) => t.clone(),
-                None => {
+            let topic = match (self.topics.get(&reading.device), self.task.link.topic()) {
+                (Some(t), _) => t.clone(),
+                (None, None) => String::new(),
+                (None, Some(template)) => {
                     let t = render_topic(
-                        &self.task.mqtt.topic,
+                        template,
                         &reading.namespace,
                         &reading.device,
                         &self.task.uplink.name,
@@ -463,7 +489,8 @@ impl Driver {
                 tag: InFlight { sent: Instant::now(), sampled_unix_nano, span },
             });
         }
-        let outcomes = self.core.admit(link, msg, first, n as usize, ready, &undecodable).await;
+        let entry = Buffered { msg, seq, deliveries: delivered, state: Arc::clone(&self.state) };
+        let outcomes = self.core.admit(link, entry, n as usize, ready, &undecodable).await;
         self.outcomes(outcomes);
     }
 
@@ -476,13 +503,7 @@ impl Driver {
         let m = self.confirmed_metrics.get_or_insert_with(|| {
             let metrics = &self.task.metrics;
             ConfirmedMetrics {
-                acked: metrics
-                    .deliveries
-                    .get_or_create(&DeliveryLabels {
-                        uplink: self.labels.uplink.clone(),
-                        outcome: DeliveryOutcome::acked,
-                    })
-                    .clone(),
+                acked: self.state.delivered.clone(),
                 delivery_latency: metrics.delivery_latency.get_or_create(&self.labels).clone(),
                 sample_to_cloud_latency: metrics.sample_to_cloud_latency.get_or_create(&self.labels).clone(),
             }
@@ -491,95 +512,16 @@ impl Driver {
         m.delivery_latency.observe(f.sent.elapsed().as_secs_f64());
         m.sample_to_cloud_latency.observe(reading::age(f.sampled_unix_nano).as_secs_f64());
     }
-
-    async fn report_buffer(&mut self) {
-        let reachable = self.task.metrics.buffer_reachable.get_or_create(&self.labels).clone();
-        if self.stream.is_none() {
-            // Not connected since start: look at the buffer anyway (backlog, evictions).
-            let Ok(mut s) = self.task.buffer.ensure_stream(&self.task.js).await else {
-                reachable.set(0);
-                return;
-            };
-            let window = u16::try_from(self.window).unwrap_or(u16::MAX);
-            let Ok((_, delivered)) = ensure_consumer(&mut s, &self.task.buffer, window).await else {
-                reachable.set(0);
-                return;
-            };
-            self.start_accounting(&s, delivered).await;
-            self.stream = Some(s);
-        }
-        let Some(s) = &mut self.stream else { return };
-        let Ok(info) = s.info().await else {
-            reachable.set(0);
-            return;
-        };
-        reachable.set(1);
-        let st = info.state.clone();
-        // The first reading still in the stream (None: empty, or its entry left meanwhile).
-        let first_present = match &self.stream {
-            Some(s) if st.messages > 0 => entry_at(s, st.first_sequence).await.map(|(first, _)| first),
-            _ => None,
-        };
-        // Readings below the stream's first entry are gone. Those this driver never received
-        // (from `expected` on) or gave back and never got again were evicted: count them now,
-        // while the outage lasts, not when the link is back.
-        if st.messages == 0 {
-            let lost = self.core.released.remove_below(u64::MAX);
-            self.count_gap(lost, false).await;
-            if let Some(d) = self.unknown_after
-                && st.last_sequence > d
-            {
-                self.unknown_after = Some(st.last_sequence);
-                self.count_gap(st.last_sequence - d, true).await;
-            }
-        } else if let Some(first) = first_present {
-            if let Some(d) = self.unknown_after
-                && self.expected.is_none()
-            {
-                self.unknown_after = None;
-                self.expected = Some(first);
-                self.count_gap(st.first_sequence.saturating_sub(d + 1), true).await;
-            }
-            if let Some(e) = self.expected
-                && e < first
-            {
-                debug!(uplink = %self.labels.uplink, from = e, to = first, "unseen readings below the first entry");
-                self.expected = Some(first);
-                self.count_gap(first - e, false).await;
-            }
-            let lost = self.core.released.remove_below(first);
-            debug!(uplink = %self.labels.uplink, first, lost, "released readings below the first entry");
-            self.count_gap(lost, false).await;
-        }
-        // Readings from the first entry's to the last one's end (entries acked out of order
-        // in between still count: at most the in-flight window).
-        let mut backlog = 0;
-        if let Some(first) = first_present
-            && let Some(s) = &self.stream
-            && let Ok(last) = s.get_last_raw_message_by_subject(&self.task.buffer.subject).await
-            && let Some((last_first, last_n)) = entry_range(Some(&last.headers))
-        {
-            backlog = (last_first + last_n).saturating_sub(first);
-        }
-        let m = &self.task.metrics;
-        m.buffer_messages.get_or_create(&self.labels).set(i64::try_from(backlog).unwrap_or(i64::MAX));
-        m.buffer_bytes.get_or_create(&self.labels).set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
-        let age = if st.messages == 0 {
-            0.0
-        } else {
-            let first = st.first_timestamp.unix_timestamp_nanos();
-            let now = i128::from(reading::unix_nanos(std::time::SystemTime::now()) as i64);
-            ((now - first).max(0) as f64) / 1e9
-        };
-        m.buffer_oldest_unsent_age.get_or_create(&self.labels).set(age);
-    }
 }
 
-/// Runs one MQTT uplink until `task.cancel` fires, then finishes in-flight deliveries within
-/// `task.grace`. Failures of NATS or the broker are retried forever.
+/// Runs one uplink until `task.cancel` fires, then finishes in-flight deliveries within
+/// `task.grace`. Failures of NATS or the cloud are retried forever.
 pub async fn run(task: UplinkTask) {
-    let settings = task.mqtt.clone();
-    drive(task, move |plan| MqttLink::open(&settings, plan)).await;
+    match task.link.clone() {
+        LinkSettings::Mqtt(settings) => drive(task, move |plan| MqttLink::open(&settings, plan)).await,
+        // An HTTP endpoint has no session: the plan (will, births) is for MQTT only.
+        LinkSettings::Http(settings) => drive(task, move |_plan| HttpLink::open(&settings)).await,
+    }
 }
 
 /// When a link that went away is tried again.
@@ -612,23 +554,21 @@ impl Reconnect {
 /// with what the uplink's encoding needs of the session.
 pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut open: F) {
     let labels = UplinkLabels { uplink: task.buffer.uplink.clone() };
-    let window = usize::from(task.mqtt.max_in_flight);
+    let window = task.link.window();
     let mut d = Driver {
         confirmed_metrics: None,
         encoder: Encoder::new(&task.uplink, &task.node),
         labels,
         window,
         core: Core::new(RetryDelays::default()),
-        expected: None,
-        unknown_after: None,
+        state: task.metrics.state.uplink(&task.buffer.uplink),
         topics: HashMap::default(),
-        stream: None,
         refusal_log: LogThrottle::new(Duration::from_secs(60)),
         task,
     };
     let metrics = Arc::clone(&d.task.metrics);
-    let connected_gauge = metrics.uplink_connected.get_or_create(&d.labels).clone();
-    connected_gauge.set(0);
+    let state = Arc::clone(&d.state);
+    state.set_connected(false);
 
     let mut link: Option<L> = None;
     let mut connected = false;
@@ -643,8 +583,6 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     let mut buffer_retry_at = Instant::now();
     let mut buffer_ok = true;
 
-    let mut report = tokio::time::interval(Duration::from_secs(2));
-    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut drain_deadline: Option<Instant> = None;
 
     loop {
@@ -668,10 +606,14 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
         {
             messages = None;
         }
-        if drain_deadline.is_none() && connected && messages.is_none() && now >= buffer_retry_at {
+        // Delivery starts once the writer has restored the buffer (where it continues and what
+        // an earlier run left in it).
+        let restored = state.is_restored();
+        if drain_deadline.is_none() && connected && restored && messages.is_none() && now >= buffer_retry_at {
             match open_messages(&mut d).await {
                 Ok(m) => {
                     messages = Some(m);
+                    state.set_reachable(true);
                     buffer_delays = backoff(Duration::from_millis(200), Duration::from_secs(10));
                     if !buffer_ok {
                         info!(uplink = %d.labels.uplink, "buffer reachable again");
@@ -682,6 +624,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                     if buffer_ok {
                         warn!(uplink = %d.labels.uplink, error = %e, "buffer unreachable; retrying");
                     }
+                    state.set_reachable(false);
                     buffer_ok = false;
                     buffer_retry_at = now + buffer_delays.next().unwrap_or(Duration::from_secs(10));
                 }
@@ -691,7 +634,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
         if link.is_none() {
             wake = wake.min(link_retry_at);
         }
-        if messages.is_none() && connected {
+        if messages.is_none() && connected && restored {
             wake = wake.min(buffer_retry_at);
         }
         if let Some(at) = down_since
@@ -715,10 +658,10 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                 LinkEvent::Connected => {
                     connected = true;
                     down_since = None;
-                    connected_gauge.set(1);
+                    state.set_connected(true);
                     metrics.uplink_connects.get_or_create(&d.labels).inc();
                     reconnect = Reconnect::new();
-                    info!(uplink = %d.labels.uplink, host = %d.task.mqtt.host, "uplink connected");
+                    info!(uplink = %d.labels.uplink, endpoint = %d.task.link.endpoint(), "uplink connected");
                     was_connected = true;
                 }
                 LinkEvent::Lost { reason, refused } => {
@@ -733,7 +676,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                     let delay = reconnect.after(refused, was_connected && connected);
                     was_connected = false;
                     connected = false;
-                    connected_gauge.set(0);
+                    state.set_connected(false);
                     if let Some(l) = link.take() {
                         drop(l);
                     }
@@ -765,7 +708,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                     buffer_retry_at = Instant::now() + buffer_delays.next().unwrap_or(Duration::from_secs(10));
                 }
             },
-            _ = report.tick() => d.report_buffer().await,
+            () = state.wait_restored(), if !restored => {}
             () = tokio::time::sleep_until(wake) => {}
         }
     }
@@ -774,18 +717,14 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     if let Some(l) = link {
         l.close().await;
     }
-    connected_gauge.set(0);
+    state.set_connected(false);
     info!(uplink = %d.labels.uplink, unconfirmed = left, "uplink stopped");
 }
 
 async fn open_messages(d: &mut Driver) -> Result<pull::Stream, UplinkError> {
     let mut stream = d.task.buffer.ensure_stream(&d.task.js).await?;
     let window = u16::try_from(d.window).unwrap_or(u16::MAX);
-    let (consumer, delivered) = ensure_consumer(&mut stream, &d.task.buffer, window).await?;
-    if d.stream.is_none() {
-        d.start_accounting(&stream, delivered).await;
-    }
-    d.stream = Some(stream);
+    let consumer = ensure_consumer(&mut stream, &d.task.buffer, window).await?;
     consumer
         .stream()
         .max_messages_per_batch(d.window)

@@ -22,14 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate_crds::GatewayUplink;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::UplinkError;
 use super::link::{Delivery, Link, LinkEvent, Token};
+use super::{SettingsError, UplinkError, settings_err};
 use crate::encoding::{Inbox, Publication, SessionPlan};
 use crate::mqtt::{self, Endpoint, Event, Events, MqttError, PubAckCode, Session, SessionOptions, Version};
 use crate::secrets::SecretStore;
@@ -56,25 +54,11 @@ impl std::fmt::Debug for MqttSettings {
     }
 }
 
-/// A problem with an uplink's settings found while resolving them (with its field path).
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct SettingsError {
-    /// Field path, such as `uplinks[0].mqtt.auth.secretRef`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn settings_err(path: String, message: impl Into<String>) -> SettingsError {
-    SettingsError { path, message: message.into() }
-}
-
 impl MqttSettings {
     /// Resolves a validated uplink: parses its URL and reads the Secrets it references.
     /// `path` is the uplink's field path, for errors.
     pub fn resolve(u: &GatewayUplink, node: &str, secrets: &SecretStore, path: &str) -> Result<Self, SettingsError> {
-        let m = &u.mqtt;
+        let Some(m) = &u.mqtt else { return Err(settings_err(format!("{path}.mqtt"), "not an MQTT uplink")) };
         let client_id = m.client_id.clone().unwrap_or_else(|| {
             let mut id = format!("fieldgate-{node}-{}-{}", u.namespace, u.name);
             id.truncate(64);
@@ -96,7 +80,8 @@ impl MqttSettings {
             }
         };
         if m.url.tls() {
-            endpoint.tls = Some(Arc::new(tls_config(u, secrets, path)?));
+            endpoint.tls =
+                Some(Arc::new(super::tls::client_config(m.tls.as_ref(), secrets, &format!("{path}.mqtt.tls"))?));
         }
         let version = m.protocol_version();
         endpoint.version = Version::from_number(version).ok_or_else(|| {
@@ -104,88 +89,12 @@ impl MqttSettings {
         })?;
         endpoint.keep_alive = m.keep_alive();
         Ok(Self {
-            fingerprint: fingerprint(u, secrets),
+            fingerprint: super::fingerprint(u, secrets),
             host: endpoint.host.clone(),
             endpoint,
             max_in_flight: m.max_in_flight(),
             topic: m.topic().to_string(),
         })
-    }
-}
-
-/// Hash of the uplink's spec and of every secret value it references.
-fn fingerprint(u: &GatewayUplink, secrets: &SecretStore) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(u).unwrap_or_default().hash(&mut h);
-    let mut refs: Vec<(String, &str)> = Vec::new();
-    if let Some(a) = &u.mqtt.auth {
-        refs.push((a.secret_ref.name.clone(), "username"));
-        refs.push((a.secret_ref.name.clone(), "password"));
-    }
-    if let Some(t) = &u.mqtt.tls {
-        if let Some(c) = &t.ca_secret_ref {
-            refs.push((c.name.clone(), c.key()));
-        }
-        if let Some(c) = &t.client_cert_secret_ref {
-            refs.push((c.name.clone(), "tls.crt"));
-            refs.push((c.name.clone(), "tls.key"));
-        }
-    }
-    for (name, key) in refs {
-        if let Ok(v) = secrets.read(&name, key) {
-            v.expose().hash(&mut h);
-        }
-    }
-    h.finish()
-}
-
-fn tls_config(u: &GatewayUplink, secrets: &SecretStore, path: &str) -> Result<rustls::ClientConfig, SettingsError> {
-    let tls = u.mqtt.tls.clone().unwrap_or_default();
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_secret_ref {
-        Some(r) => {
-            let at = format!("{path}.mqtt.tls.caSecretRef");
-            let key = r.key();
-            let pem = secrets.read(&r.name, key).map_err(|e| settings_err(at.clone(), e.to_string()))?;
-            let mut n = 0;
-            for cert in CertificateDer::pem_slice_iter(pem.expose()) {
-                let cert = cert.map_err(|e| settings_err(at.clone(), format!("bad PEM in key {key:?}: {e}")))?;
-                roots.add(cert).map_err(|e| settings_err(at.clone(), format!("bad CA certificate: {e}")))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(settings_err(at, format!("no certificate in key {key:?}")));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // Unparseable system certificates are skipped, as every TLS client does.
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| settings_err(format!("{path}.mqtt.tls"), e.to_string()))?
-        .with_root_certificates(roots);
-    match &tls.client_cert_secret_ref {
-        None => Ok(builder.with_no_client_auth()),
-        Some(r) => {
-            let at = format!("{path}.mqtt.tls.clientCertSecretRef");
-            let crt = secrets.read(&r.name, "tls.crt").map_err(|e| settings_err(at.clone(), e.to_string()))?;
-            let key = secrets.read(&r.name, "tls.key").map_err(|e| settings_err(at.clone(), e.to_string()))?;
-            let chain = CertificateDer::pem_slice_iter(crt.expose())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| settings_err(at.clone(), format!("bad PEM in tls.crt: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(key.expose())
-                .map_err(|e| settings_err(at.clone(), format!("bad PEM in tls.key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| settings_err(at, format!("client certificate refused: {e}")))
-        }
     }
 }
 
@@ -330,7 +239,9 @@ async fn poll(mut stream: Events<Token>, events: mpsc::UnboundedSender<LinkEvent
             }
             Event::Published { token, code } => match puback_outcome(code) {
                 None => LinkEvent::Confirmed(token),
-                Some((reason, permanent)) => LinkEvent::Refused { token, reason: reason.to_string(), permanent },
+                Some((reason, permanent)) => {
+                    LinkEvent::Refused { token, reason: reason.to_string(), permanent, retry_after: None }
+                }
             },
             Event::Lost(e) => {
                 let refused = matches!(e, MqttError::Refused(_));

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use fieldgate_crds::{Access, OnFull};
-use fieldgate_tests::config::{ConfigBuilder, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of, set_buffer};
 use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
@@ -109,7 +109,7 @@ async fn main() -> Result<()> {
     });
     let gw = Gateway::new(&nats.url())?;
     let cfg = ConfigBuilder::new().devices(devices).cloud(&mosq.url(), |u| {
-        u.mqtt.command_topic = Some(TEMPLATE.into());
+        mqtt_of(u).command_topic = Some(TEMPLATE.into());
         set_buffer(u, "1Gi", OnFull::DropOldest);
     });
     gw.write_config(&cfg.yaml()?)?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fieldgate_crds::GatewayDevice;
 use fieldgate_tests::Mosquitto;
-use fieldgate_tests::config::ConfigBuilder;
+use fieldgate_tests::config::{ConfigBuilder, mqtt_of};
 use fieldgate_tests::listening::ListeningGateway;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::time::Instant;
@@ -132,7 +132,7 @@ async fn main() -> Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let config =
-        ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| u.mqtt.max_in_flight = Some(1000)).yaml()?;
+        ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| mqtt_of(u).max_in_flight = Some(1000)).yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_config(&config)?;
     gw.start_ready().await?;

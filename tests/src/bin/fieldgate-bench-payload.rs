@@ -28,7 +28,7 @@ use fieldgate_crds::{Compression, Encoding, GatewayUplink, OnFull};
 use fieldgate_gateway::encoding::{CONTENT_ENCODING, Encoder, Publication};
 use fieldgate_gateway::reading::{Point, Reading, Value, message_id};
 use fieldgate_proto::v1::CompactReading;
-use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, mqtt_uplink, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, mqtt_of, mqtt_uplink, set_buffer};
 use fieldgate_tests::decode::{CloudDecoder, Decoded};
 use fieldgate_tests::procstat::machine;
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, SimFleet, wait_until};
@@ -288,9 +288,9 @@ async fn main() -> Result<()> {
         u.encoding = Some(e);
         u.compression = Some(c);
         // MQTT 3.1.1: no properties, so the framing is the same for every encoding.
-        u.mqtt.protocol_version = Some(3);
+        mqtt_of(&mut u).protocol_version = Some(3);
         if e != Encoding::SparkplugB {
-            u.mqtt.topic = Some("bench/{uplink}/{device}".into());
+            mqtt_of(&mut u).topic = Some("bench/{uplink}/{device}".into());
         }
         builder = builder.uplink(u);
     }

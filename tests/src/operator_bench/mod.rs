@@ -92,7 +92,8 @@ pub fn world(devices: usize, nodes: usize) -> World {
             metadata: meta(&ns_name, name, &[]),
             spec: UplinkSpec {
                 device_selector: selector,
-                mqtt: MqttUplink { url: broker.clone(), protocol_version: Some(5), ..Default::default() },
+                mqtt: Some(MqttUplink { url: broker.clone(), protocol_version: Some(5), ..Default::default() }),
+                http: None,
                 encoding: None,
                 compression: None,
                 sparkplug: None,
