@@ -120,7 +120,9 @@ impl LogControl {
     pub fn set_level(&self, filter: &str) -> Result<(), LogFilterError> {
         let filter = filter.trim();
         let parsed = parse_filter(filter)?;
-        self.handle.reload(parsed).map_err(|e| LogFilterError { filter: filter.to_string(), message: e.to_string() })?;
+        self.handle
+            .reload(parsed)
+            .map_err(|e| LogFilterError { filter: filter.to_string(), message: e.to_string() })?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_string();
         Ok(())
     }

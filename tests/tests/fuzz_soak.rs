@@ -164,7 +164,9 @@ async fn the_fuzz_corpora_on_every_door_leave_healthy_devices_delivering() -> Re
     let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     for (_, seed) in corpus("mqtt_payload")? {
         let (body, level) = match seed.iter().position(|b| *b == b'\n') {
-            Some(i) => (seed[..i].to_vec(), String::from_utf8_lossy(&seed[i + 1..]).rsplit('/').next().map(String::from)),
+            Some(i) => {
+                (seed[..i].to_vec(), String::from_utf8_lossy(&seed[i + 1..]).rsplit('/').next().map(String::from))
+            }
             None => (seed.clone(), None),
         };
         let level = level.filter(|l| !l.is_empty() && !l.contains(['+', '#'])).unwrap_or_else(|| "state".into());
@@ -233,7 +235,9 @@ async fn the_fuzz_corpora_on_every_door_leave_healthy_devices_delivering() -> Re
         Ok((report.lost.is_empty() && report.unknown.is_empty()).then_some(report))
     })
     .await
-    .with_context(|| format!("{}\n{}", delivery_report(&fleet.served(), &cloud.keys().unwrap_or_default()), gw.log()))?;
+    .with_context(|| {
+        format!("{}\n{}", delivery_report(&fleet.served(), &cloud.keys().unwrap_or_default()), gw.log())
+    })?;
     poller.abort();
     Ok(())
 }
