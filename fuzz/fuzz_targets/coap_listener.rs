@@ -8,7 +8,6 @@ use std::sync::{Arc, OnceLock};
 use fieldgate_gateway::adapters::coap::Listener;
 use fieldgate_gateway::adapters::hub::{DeviceHub, Registration};
 use libfuzzer_sys::fuzz_target;
-use tokio::net::UdpSocket;
 
 struct Env {
     listener: Listener,
@@ -25,9 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let env = ENV.get_or_init(|| {
         let _in_rt = rt.enter();
         let (hub, guards) = fieldgate_fuzz::hub("coap");
-        let socket = rt.block_on(UdpSocket::bind("127.0.0.1:0")).unwrap_or_else(|e| panic!("bind: {e}"));
-        let peer_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-        let peer = peer_socket.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+        let (socket, peer_socket, peer) = fieldgate_fuzz::answer_sockets();
         let listener = Listener::new(socket, Arc::clone(&hub));
         Env { listener, _hub: hub, _peer_socket: peer_socket, peer, _guards: guards }
     });

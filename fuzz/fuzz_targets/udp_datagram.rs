@@ -23,10 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let env = ENV.get_or_init(|| {
         let _in_rt = rt.enter();
         let (hub, guards) = fieldgate_fuzz::hub("udp");
-        let socket = rt.block_on(UdpSocket::bind("127.0.0.1:0")).unwrap_or_else(|e| panic!("bind: {e}"));
-        // Answers go to a socket nobody reads (its buffer fills; sends are best effort).
-        let peer_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-        let peer = peer_socket.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+        let (socket, peer_socket, peer) = fieldgate_fuzz::answer_sockets();
         Env { hub, socket: Arc::new(socket), peer, _peer_socket: peer_socket, _guards: guards }
     });
     rt.block_on(async {

@@ -117,6 +117,18 @@ pub fn hub(protocol: &'static str) -> (Arc<DeviceHub>, Vec<Registration>) {
     (hub, guards)
 }
 
+/// A socket for the gateway's answers, and a peer address whose socket nobody reads (its
+/// buffer fills; answers are best effort, as on the network). Call inside the runtime.
+pub fn answer_sockets() -> (tokio::net::UdpSocket, std::net::UdpSocket, std::net::SocketAddr) {
+    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let ours = bind();
+    let _ = ours.set_nonblocking(true);
+    let socket = tokio::net::UdpSocket::from_std(ours).unwrap_or_else(|e| panic!("socket: {e}"));
+    let peer_socket = bind();
+    let peer = peer_socket.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    (socket, peer_socket, peer)
+}
+
 /// Cuts `data` into messages at every `0xff 0x00` pair (a split chosen by the fuzzer; the
 /// seeds use it between datagrams or reads).
 pub fn messages(data: &[u8]) -> Vec<&[u8]> {
