@@ -11,6 +11,7 @@
 #            installed into a project-local virtualenv at .venv/
 #   npm:     sparkplug-payload (Eclipse Tahu's Sparkplug B decoder, the independent check of the
 #            gateway's sparkplugB output) into tests/sparkplug/node_modules, as locked
+#   Rust:    the nightly toolchain and cargo-fuzz (the fuzz targets in fuzz/)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,6 +63,16 @@ fi
 if [ ! -d "$root/tests/sparkplug/node_modules/sparkplug-payload" ]; then
   echo "setup: installing Eclipse Tahu's sparkplug-payload into tests/sparkplug/node_modules"
   npm ci --prefix "$root/tests/sparkplug" --ignore-scripts --no-audit --no-fund --loglevel=error
+fi
+
+# The fuzz targets (fuzz/, run briefly by scripts/test.sh) build with cargo-fuzz on nightly.
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  echo "setup: installing the Rust nightly toolchain (for the fuzz targets)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz (builds from source, a few minutes)"
+  cargo install cargo-fuzz --locked
 fi
 
 echo "setup: $("$venv/bin/nats-server" --version), mosquitto at $(command -v mosquitto || echo /usr/sbin/mosquitto)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command two: installs what the tests need, builds everything, runs every test.
+# README command two: installs what the tests need, builds everything, runs every test, then
+# every fuzz target briefly.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -31,3 +32,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@" -- --test-threads 2
 fi
+
+# Every fuzz target briefly over its seed corpus (docs/fuzzing.md): a decoder that panics,
+# hangs or runs out of memory fails the run. An unoptimised build: it compiles in a fraction
+# of the time, and 12 s a target is about the corpus and its neighbourhood, not a campaign.
+FUZZ_BUILD="--dev" bash scripts/fuzz.sh 12

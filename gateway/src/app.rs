@@ -158,6 +158,16 @@ pub struct LoadedConfig {
 
 /// Reads, parses, validates and resolves a config file. Touches nothing else.
 pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) -> Result<LoadedConfig, AppError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AppError::Config {
+        path: path.display().to_string(),
+        message: e.to_string(),
+        problems: vec![],
+    })?;
+    check_config(&text, &path.display().to_string(), node, secrets)
+}
+
+/// Checks the config document `text` (from `path`) as [`load_config`] does.
+pub fn check_config(text: &str, path: &str, node: &str, secrets: &SecretStore) -> Result<LoadedConfig, AppError> {
     let refuse = |problems: Vec<String>| {
         let n = problems.len();
         let mut message = format!("{n} problem{}", if n == 1 { "" } else { "s" });
@@ -165,16 +175,11 @@ pub fn load_config(path: &std::path::Path, node: &str, secrets: &SecretStore) ->
             message.push_str("\n  ");
             message.push_str(p);
         }
-        AppError::Config { path: path.display().to_string(), message, problems }
+        AppError::Config { path: path.to_string(), message, problems }
     };
-    let text = std::fs::read_to_string(path).map_err(|e| AppError::Config {
-        path: path.display().to_string(),
-        message: e.to_string(),
-        problems: vec![],
-    })?;
-    let config = GatewayConfig::from_yaml(&text).map_err(|e| match e {
+    let config = GatewayConfig::from_yaml(text).map_err(|e| match e {
         ConfigError::Invalid(errs) => refuse(errs.0.iter().map(ToString::to_string).collect()),
-        syntax => AppError::Config { path: path.display().to_string(), message: syntax.to_string(), problems: vec![] },
+        syntax => AppError::Config { path: path.to_string(), message: syntax.to_string(), problems: vec![] },
     })?;
     // Every Secret at once, with the file searched. A device's missing Secret refuses that
     // device alone (when it presents itself), so it is only a warning here.

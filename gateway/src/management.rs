@@ -526,15 +526,7 @@ async fn set_log_level(State(m): State<Arc<Management>>, headers: HeaderMap, bod
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let filter = if json_body {
-        match serde_json::from_slice::<Json>(&body) {
-            Ok(v) => v["level"].as_str().map(str::to_string),
-            Err(_) => None,
-        }
-    } else {
-        String::from_utf8(body.to_vec()).ok()
-    };
-    let Some(filter) = filter else {
+    let Some(filter) = requested_filter(json_body, &body) else {
         return problem(StatusCode::BAD_REQUEST, "send {\"level\": \"debug\"} as JSON or the filter as text");
     };
     match logs.set_level(&filter) {
@@ -543,6 +535,19 @@ async fn set_log_level(State(m): State<Arc<Management>>, headers: HeaderMap, bod
             axum::Json(json!({"level": logs.level()})).into_response()
         }
         Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// The log filter a `PUT /api/v1/log-level` body asks for: `{"level": ...}` as JSON, else the
+/// body as text.
+pub fn requested_filter(json_body: bool, body: &[u8]) -> Option<String> {
+    if json_body {
+        match serde_json::from_slice::<Json>(body) {
+            Ok(v) => v["level"].as_str().map(str::to_string),
+            Err(_) => None,
+        }
+    } else {
+        String::from_utf8(body.to_vec()).ok()
     }
 }
 

@@ -119,12 +119,10 @@ impl LogControl {
     /// Replaces the filter, such as `debug` or `info,fieldgate_gateway::uplinks=debug`.
     pub fn set_level(&self, filter: &str) -> Result<(), LogFilterError> {
         let filter = filter.trim();
-        let err = |message: String| LogFilterError { filter: filter.to_string(), message };
-        if filter.is_empty() || filter.len() > MAX_FILTER_LEN {
-            return Err(err(format!("must be 1 to {MAX_FILTER_LEN} characters")));
-        }
-        let parsed = EnvFilter::builder().parse(filter).map_err(|e| err(e.to_string()))?;
-        self.handle.reload(parsed).map_err(|e| err(e.to_string()))?;
+        let parsed = parse_filter(filter)?;
+        self.handle
+            .reload(parsed)
+            .map_err(|e| LogFilterError { filter: filter.to_string(), message: e.to_string() })?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = filter.to_string();
         Ok(())
     }
@@ -133,6 +131,15 @@ impl LogControl {
     pub fn recent_warnings(&self) -> Vec<Warning> {
         self.recent.snapshot()
     }
+}
+
+/// Parses a log filter given at run time (`RUST_LOG` syntax, at most [`MAX_FILTER_LEN`]).
+pub fn parse_filter(filter: &str) -> Result<EnvFilter, LogFilterError> {
+    let err = |message: String| LogFilterError { filter: filter.to_string(), message };
+    if filter.is_empty() || filter.len() > MAX_FILTER_LEN {
+        return Err(err(format!("must be 1 to {MAX_FILTER_LEN} characters")));
+    }
+    EnvFilter::builder().parse(filter).map_err(|e| err(e.to_string()))
 }
 
 /// Installs the process's log subscriber: `RUST_LOG` (default [`DEFAULT_FILTER`]) filters, `format` is

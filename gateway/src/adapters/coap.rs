@@ -243,16 +243,7 @@ struct Server {
 /// Runs the push listener until the hub's token is cancelled.
 pub(crate) async fn listen(hub: Arc<DeviceHub>) {
     let Some(socket) = bind_udp(&hub, LISTENER).await else { return };
-    let server = Arc::new(Server {
-        socket,
-        hub: Arc::clone(&hub),
-        dedup: Mutex::default(),
-        blocks: Mutex::default(),
-        pending: Arc::new(Semaphore::new(MAX_PENDING)),
-        next_mid: AtomicU16::new(rand::random()),
-        con_messages: OnceLock::new(),
-        non_messages: OnceLock::new(),
-    });
+    let server = Server::new(socket, Arc::clone(&hub));
     let mut buf = vec![0u8; DATAGRAM];
     // Requests waiting for the buffer to accept their reading: polled here, so that a stored
     // buffer entry wakes this one task rather than a task per request.
@@ -278,7 +269,37 @@ pub(crate) async fn listen(hub: Arc<DeviceHub>) {
     while waiting.next().await.is_some() {}
 }
 
+/// The push listener's handling of datagrams, answering from `socket`, without its receive
+/// loop: the fuzz targets' entry point, not an API.
+#[doc(hidden)]
+pub struct PushListener(Arc<Server>);
+
+impl PushListener {
+    /// A listener for `hub`'s CoAP devices.
+    pub fn new(socket: UdpSocket, hub: Arc<DeviceHub>) -> Self {
+        Self(Server::new(socket, hub))
+    }
+
+    /// Handles one datagram from `peer`; `true` when it carried a reading to keep.
+    pub fn handle(&self, data: &[u8], peer: SocketAddr) -> bool {
+        self.0.handle(data, peer).is_some()
+    }
+}
+
 impl Server {
+    fn new(socket: UdpSocket, hub: Arc<DeviceHub>) -> Arc<Self> {
+        Arc::new(Server {
+            socket,
+            hub,
+            dedup: Mutex::default(),
+            blocks: Mutex::default(),
+            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            next_mid: AtomicU16::new(rand::random()),
+            con_messages: OnceLock::new(),
+            non_messages: OnceLock::new(),
+        })
+    }
+
     fn send(&self, bytes: &[u8], peer: SocketAddr) {
         // UDP: a full socket buffer drops the answer like the network would; the client retransmits.
         if let Err(e) = self.socket.try_send_to(bytes, peer) {

@@ -287,6 +287,39 @@ fn attach<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: T) -> Line
     Line { ctx: rtu::attach(Tap { inner: stream, heard: heard.clone() }), heard }
 }
 
+/// Reads `points` once from unit `unit_id` on the line at the other end of `stream`, as the
+/// bus does, and decodes what came back; also what each request's failure was classified as.
+/// The fuzz targets' entry point (answers are outside bytes), not an API.
+#[doc(hidden)]
+pub async fn poll_once<S>(
+    stream: S,
+    unit_id: u8,
+    points: &[fieldgate_crds::Point],
+    timeout: Duration,
+) -> (Vec<reading::pb::Point>, Vec<&'static str>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Line { mut ctx, heard } = attach(stream);
+    ctx.set_slave(Slave(unit_id));
+    let plan = modbus_tcp::plan(points);
+    let (mut blocks, mut failures) = (Vec::new(), Vec::new());
+    for r in &plan.requests {
+        heard.clear();
+        match modbus_tcp::read(&mut ctx, *r, timeout).await.map_err(|e| heard.classify(e)) {
+            Ok(block) => blocks.push(Some(block)),
+            Err(e) => {
+                failures.push(e.kind());
+                if e.breaks_connection() {
+                    break;
+                }
+                blocks.push(None);
+            }
+        }
+    }
+    (modbus_tcp::points_read(points, &plan, &blocks), failures)
+}
+
 async fn open(settings: &ModbusRtuConnection, timeout: Duration) -> io::Result<Line> {
     if let Some(port) = &settings.port {
         let parity = match settings.parity.unwrap_or_default() {

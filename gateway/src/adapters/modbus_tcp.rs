@@ -537,6 +537,27 @@ pub(crate) fn points_read(points: &[Point], plan: &ReadPlan, blocks: &[Option<Bl
         .collect()
 }
 
+/// Reads `points` once, as the poller does, from the device at the other end of `stream` and
+/// decodes what came back. The fuzz targets' entry point (answers are outside bytes), not an
+/// API.
+#[doc(hidden)]
+pub async fn poll_once<S>(stream: S, unit_id: u8, points: &[Point], timeout: Duration) -> Vec<pb::Point>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + fmt::Debug + Unpin + Send + 'static,
+{
+    let mut ctx = tcp::attach_slave(stream, Slave(unit_id));
+    let plan = plan(points);
+    let mut blocks = Vec::with_capacity(plan.requests.len());
+    for req in &plan.requests {
+        match read(&mut ctx, *req, timeout).await {
+            Ok(block) => blocks.push(Some(block)),
+            Err(e) if e.breaks_connection() => break,
+            Err(_) => blocks.push(None),
+        }
+    }
+    points_read(points, &plan, &blocks)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Run
 

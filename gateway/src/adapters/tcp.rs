@@ -439,29 +439,76 @@ fn read_some(stream: &TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
+/// The next non-empty line in `partial`, without its terminator; `None` until one is complete.
+fn take_frame(partial: &mut Vec<u8>, max: usize) -> Option<Result<Vec<u8>, FrameError>> {
+    while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
+        let mut frame: Vec<u8> = partial.drain(..=pos).collect();
+        if partial.is_empty() {
+            *partial = Vec::new();
+        }
+        frame.pop();
+        if frame.last() == Some(&b'\r') {
+            frame.pop();
+        }
+        if frame.len() > max {
+            return Some(Err(FrameError::TooLarge));
+        }
+        if !frame.iter().all(u8::is_ascii_whitespace) {
+            return Some(Ok(frame));
+        }
+    }
+    (partial.len() > max).then_some(Err(FrameError::TooLarge))
+}
+
+/// What the listener makes of a connection whose bytes arrive in `reads`: frames split as
+/// [`Conn`] does, the first one's credentials taken as in identification, each frame's points
+/// for `points`; one entry per frame (points, or the refusal's kind) up to the first frame
+/// that closes the connection. The fuzz targets' entry point, not an API.
+#[doc(hidden)]
+pub fn frames(reads: &[&[u8]], max: usize, points: &[fieldgate_crds::Point]) -> Vec<Result<usize, &'static str>> {
+    let mut partial = Vec::new();
+    let mut out = Vec::new();
+    let mut identified = false;
+    for read in reads {
+        partial.extend_from_slice(read);
+        while let Some(frame) = take_frame(&mut partial, max) {
+            let mut frame = match frame.and_then(parse) {
+                Ok(frame) => frame,
+                Err(FrameError::Payload(e)) if identified => {
+                    out.push(Err(e.kind()));
+                    continue;
+                }
+                Err(FrameError::Payload(e)) => {
+                    out.push(Err(e.kind()));
+                    return out;
+                }
+                Err(_) => {
+                    out.push(Err("too_large"));
+                    return out;
+                }
+            };
+            let (id, _token) = payload::take_credentials(&mut frame);
+            if !identified && id.is_none() {
+                out.push(Err("no_id"));
+                return out;
+            }
+            identified = true;
+            if frame.is_empty() {
+                out.push(Ok(0));
+                continue;
+            }
+            out.push(payload::from_object(points, &frame).map(|p| p.len()).map_err(|e| e.kind()));
+        }
+    }
+    out
+}
+
 impl Conn {
     /// The next non-empty line, without its terminator.
     async fn next_frame(&mut self, max: usize) -> Result<Vec<u8>, FrameError> {
         loop {
-            if let Some(pos) = self.partial.iter().position(|b| *b == b'\n') {
-                let mut frame: Vec<u8> = self.partial.drain(..=pos).collect();
-                if self.partial.is_empty() {
-                    self.partial = Vec::new();
-                }
-                frame.pop();
-                if frame.last() == Some(&b'\r') {
-                    frame.pop();
-                }
-                if frame.len() > max {
-                    return Err(FrameError::TooLarge);
-                }
-                if frame.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return Ok(frame);
-            }
-            if self.partial.len() > max {
-                return Err(FrameError::TooLarge);
+            if let Some(frame) = take_frame(&mut self.partial, max) {
+                return frame;
             }
             self.stream.readable().await.map_err(|_| FrameError::Io)?;
             match read_some(&self.stream, &mut self.partial) {

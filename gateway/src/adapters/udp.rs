@@ -144,6 +144,12 @@ pub(crate) async fn listen(hub: Arc<DeviceHub>) {
     }
 }
 
+/// Handles one datagram as the listener does (the fuzz targets' entry point, not an API).
+#[doc(hidden)]
+pub fn handle_datagram(hub: &Arc<DeviceHub>, socket: &Arc<UdpSocket>, datagram: &[u8], peer: SocketAddr) {
+    handle(hub, socket, &Arc::new(Semaphore::new(MAX_PENDING)), datagram, peer);
+}
+
 fn handle(hub: &Arc<DeviceHub>, socket: &Arc<UdpSocket>, pending: &Arc<Semaphore>, datagram: &[u8], peer: SocketAddr) {
     let mut frame = match payload::parse_frame(datagram) {
         Ok(f) => f,
