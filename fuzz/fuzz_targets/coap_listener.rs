@@ -10,7 +10,7 @@ use fieldgate_gateway::adapters::hub::{DeviceHub, Registration};
 use libfuzzer_sys::fuzz_target;
 
 struct Env {
-    listener: Listener,
+    listener: PushListener,
     _hub: Arc<DeviceHub>,
     _peer_socket: std::net::UdpSocket,
     peer: SocketAddr,
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let rt = fieldgate_fuzz::runtime();
     let env = ENV.get_or_init(|| {
         let _in_rt = rt.enter();
-        let (hub, guards) = fieldgate_fuzz::hub("coap");
+        let (hub, guards) = fieldgate_fuzz::hub(fieldgate_gateway::adapters::hub::Listener::Coap);
         let (socket, peer_socket, peer) = fieldgate_fuzz::answer_sockets();
         let listener = PushListener::new(socket, Arc::clone(&hub));
         Env { listener, _hub: hub, _peer_socket: peer_socket, peer, _guards: guards }

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let rt = fieldgate_fuzz::runtime();
     let env = ENV.get_or_init(|| {
         let _in_rt = rt.enter();
-        let (hub, guards) = fieldgate_fuzz::hub("udp");
+        let (hub, guards) = fieldgate_fuzz::hub(fieldgate_gateway::adapters::hub::Listener::Udp);
         let (socket, peer_socket, peer) = fieldgate_fuzz::answer_sockets();
         Env { hub, socket: Arc::new(socket), peer, _peer_socket: peer_socket, _guards: guards }
     });

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use fieldgate_crds::{GatewayDevice, Point};
 use fieldgate_gateway::adapters::DeviceTask;
-use fieldgate_gateway::adapters::hub::{Credential, DeviceHub, Registered, Registration};
+use fieldgate_gateway::adapters::hub::{Credential, DeviceHub, Listener, Registered, Registration};
 use fieldgate_gateway::metrics::Metrics;
 use fieldgate_gateway::reading::ReadingSink;
 use fieldgate_gateway::secrets::SecretStore;
@@ -81,10 +81,10 @@ pub fn modbus_points() -> Vec<Point> {
 /// The token the registered devices present (`token=...`).
 pub const TOKEN: &str = "s3cret-token";
 
-/// A hub with `protocol` devices registered: `open` (no token) and `dev` (token [`TOKEN`]),
+/// A hub with devices of `listener` registered: `open` (no token) and `dev` (token [`TOKEN`]),
 /// both with [`push_points`] (for CoAP, at the paths `/open` and `/dev`); the guards keep them
 /// registered. Call inside the runtime.
-pub fn hub(protocol: &'static str) -> (Arc<DeviceHub>, Vec<Registration>) {
+pub fn hub(listener: Listener) -> (Arc<DeviceHub>, Vec<Registration>) {
     let metrics = Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
     let hub = DeviceHub::for_tests(Arc::clone(&metrics));
     let dir = std::env::temp_dir().join(format!("fieldgate-fuzz-secrets-{}", std::process::id()));
@@ -109,10 +109,10 @@ pub fn hub(protocol: &'static str) -> (Arc<DeviceHub>, Vec<Registration>) {
             hub: Arc::clone(&hub),
         }
     };
-    let prefix = if protocol == "coap" { "/" } else { "" };
+    let prefix = if listener == Listener::Coap { "/" } else { "" };
     let guards = vec![
-        hub.register(protocol, format!("{prefix}open"), Registered::new(task("open"), Credential::Open, 1024)),
-        hub.register(protocol, format!("{prefix}dev"), Registered::new(task("dev"), token, 1024)),
+        hub.register(listener, format!("{prefix}open"), Registered::new(task("open"), Credential::Open, 1024)),
+        hub.register(listener, format!("{prefix}dev"), Registered::new(task("dev"), token, 1024)),
     ];
     (hub, guards)
 }
