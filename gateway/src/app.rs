@@ -52,6 +52,10 @@ pub struct Args {
     /// Name of this gateway node, carried in every reading.
     #[arg(long, env = "NODE_NAME", default_value = "standalone")]
     pub node: String,
+    /// Safety re-read of the config file and secrets: changes are seen through file-system
+    /// events as they happen; this re-read only catches what the events missed.
+    #[arg(long, env = "FIELDGATE_CONFIG_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub config_resync: Duration,
     /// Time allowed for a graceful stop after SIGTERM.
     #[arg(long, env = "FIELDGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -443,7 +447,7 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
         args.config.clone(),
         args.node.clone(),
         secrets.clone(),
-        Duration::from_secs(2),
+        args.config_resync,
         initial_digest,
         config_tx,
         watcher_stop.clone(),
