@@ -58,6 +58,10 @@ pub struct Args {
     /// Name of this gateway node, carried in every reading.
     #[arg(long, env = "NODE_NAME", default_value = "standalone")]
     pub node: String,
+    /// Safety re-read of the config file and secrets: changes are seen through file-system
+    /// events as they happen; this re-read only catches what the events missed.
+    #[arg(long, env = "FIELDGATE_CONFIG_RESYNC", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub config_resync: Duration,
     /// Time allowed for a graceful stop after SIGTERM.
     #[arg(long, env = "FIELDGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -469,9 +473,10 @@ pub async fn run(args: Args, logs: Option<crate::telemetry::LogControl>) -> Resu
     {
         let (path, node, secrets, stop) =
             (args.config.clone(), args.node.clone(), secrets.clone(), watcher_stop.clone());
+        let resync = args.config_resync;
         tokio::spawn(supervise("config watcher".into(), Arc::clone(&metrics), watcher_stop.clone(), move || {
             let (path, node, secrets, tx) = (path.clone(), node.clone(), secrets.clone(), config_tx.clone());
-            config_watch::watch_file(path, node, secrets, Duration::from_secs(2), initial_digest, tx, stop.clone())
+            config_watch::watch_file(path, node, secrets, resync, initial_digest, tx, stop.clone())
         }));
     }
 

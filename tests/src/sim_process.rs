@@ -2,14 +2,7 @@
 
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context, Result, bail};
-
-/// A binary built next to the running one (`cargo build --release --workspace --bins`).
-pub fn sibling_binary(name: &str) -> Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().context("no parent dir")?.join(name);
-    if p.is_file() { Ok(p) } else { bail!("{} not found: run `cargo build --release --workspace --bins`", p.display()) }
-}
+use anyhow::{Result, bail};
 
 /// `n` consecutive free ports on 127.0.0.1 (the first of them).
 pub fn free_consecutive_ports(n: u16) -> Result<u16> {
@@ -28,7 +21,7 @@ pub struct SimProcess(Child);
 impl SimProcess {
     /// Starts `devices` devices from port `base` with `extra` extra registers, plus `args`.
     pub fn start(devices: u16, base: u16, extra: u16, args: &[&str]) -> Result<Self> {
-        let child = Command::new(sibling_binary("fieldgate-sim")?)
+        let child = Command::new(crate::gateway::workspace_binary("fieldgate-sim", "FIELDGATE_SIM_BIN")?)
             .args(["--devices", &devices.to_string(), "--base-port", &base.to_string()])
             .args(["--extra-registers", &extra.to_string()])
             .args(args)

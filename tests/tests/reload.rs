@@ -145,3 +145,50 @@ async fn with_the_api_server_unreachable_the_gateway_runs_its_last_applied_confi
     assert!(log.contains("starting from the last applied configuration"), "{log}");
     Ok(())
 }
+
+/// Lays out `dir/config.yaml` the way a Kubernetes ConfigMap volume does: the file is a symlink
+/// to `..data/config.yaml`, `..data` a symlink to a timestamped directory; a change writes a new
+/// directory and swaps `..data` atomically (the file itself is never written).
+fn configmap_version(dir: &std::path::Path, version: u32, yaml: &str) -> Result<()> {
+    let versioned = dir.join(format!("..2026_{version:04}"));
+    std::fs::create_dir_all(&versioned)?;
+    std::fs::write(versioned.join("config.yaml"), yaml)?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(versioned.file_name().unwrap(), &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    let link = dir.join("config.yaml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/config.yaml", &link)?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_swap_is_applied_as_it_happens_not_at_the_next_safety_reread() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-reload-events", "fieldgate/#").await?;
+    let fleet = SimFleet::healthy(2).await?;
+    let devices = fleet.gateway_devices("200ms");
+    let names: Vec<String> = devices.iter().map(|d| format!("{}/{}", d.namespace, d.name)).collect();
+    let mut gw = Gateway::new(&nats.url())?;
+    // The safety re-read is far beyond the test's deadline: only a file-system event can
+    // bring the change in time.
+    gw.env("FIELDGATE_CONFIG_RESYNC", "1h");
+    let yaml =
+        |n: usize| ConfigBuilder::new().devices(devices[..n].iter().cloned()).cloud(&broker.url(), |_| {}).yaml();
+    configmap_version(gw.dir(), 1, &yaml(1)?)?;
+    gw.start_ready().await?;
+    wait_more(&cloud, &names[0], 2).await.map_err(|e| e.context(gw.log()))?;
+
+    configmap_version(gw.dir(), 2, &yaml(2)?)?;
+    gw.wait_metric("fieldgate_config_reloads_total", &[("outcome", "applied")], WAIT, |v| v >= 2.0)
+        .await
+        .map_err(|e| e.context(gw.log()))?;
+    wait_more(&cloud, &names[1], 2).await?;
+
+    let status = gw.terminate().await?;
+    assert!(status.success(), "gateway exited with {status}");
+    Ok(())
+}

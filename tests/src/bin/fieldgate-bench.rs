@@ -6,6 +6,15 @@
 //!
 //! Prints delivered points/s, gateway CPU-seconds per 10^6 delivered points, gateway RSS, and
 //! the sample -> cloud latency p50/p99 at a moderate rate (10k points/s by default).
+//!
+//! `--scenario NAME` runs one of the edge scenarios instead and prints each figure beside its
+//! target, counting the gateway *and* its nats-server (the cloud broker, which stands in for
+//! the cloud, is listed apart); "delivered" is what the bench's own cloud subscriber received:
+//!
+//! - `idle`: 100 devices configured whose ports nobody listens on; CPU share of a core.
+//! - `edge-1k`: 10 devices x 100 points every 1 s (1,000 points/s).
+//! - `edge-10k`: 10 devices x 100 points every 100 ms (10,000 points/s).
+//! - `capacity`: 80 devices x 128 points every 100 ms (~100,000 points/s).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,8 +26,9 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
 use fieldgate_crds::OnFull;
+use fieldgate_tests::bench_nats::BenchNats;
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
-use fieldgate_tests::procstat::proc_stats;
+use fieldgate_tests::procstat::{ProcStats, machine, proc_stats};
 use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, free_port, wait_until};
 use futures::StreamExt;
@@ -60,6 +70,43 @@ struct Args {
     /// Skip the ceiling probes.
     #[arg(long)]
     no_probes: bool,
+    /// Run one edge scenario (figures beside the targets) instead of the default runs.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// Devices of the `idle` scenario (configured, unreachable).
+    #[arg(long, default_value_t = 100)]
+    idle_devices: u16,
+    /// Measurement window of the `idle` scenario, seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Idle,
+    #[value(name = "edge-1k")]
+    Edge1k,
+    #[value(name = "edge-10k")]
+    Edge10k,
+    Capacity,
+}
+
+/// One data-path run: `devices` simulated devices of `POINTS_FIXED + extra` points polled
+/// every `poll`.
+#[derive(Clone, Debug)]
+struct Load {
+    devices: u16,
+    extra: u16,
+    poll: String,
+    record_latency: bool,
+}
+
+/// What a scenario must reach on this machine (issue targets); `None`: no target.
+#[derive(Clone, Copy, Debug, Default)]
+struct Targets {
+    cpu_s_per_million: Option<f64>,
+    rss_mib: Option<f64>,
+    p99_ms: Option<f64>,
 }
 
 const POINTS_FIXED: u64 = 28;
@@ -140,6 +187,12 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 struct RunResult {
+    /// Gateway + nats-server CPU-s per 10^6 points, and each apart.
+    both_cpu_s_per_million: f64,
+    nats_cpu_s_per_million: f64,
+    nats_hwm_mib: f64,
+    /// The cloud broker (not part of the gateway's cost).
+    broker_cpu_s_per_million: f64,
     points_per_s: f64,
     readings_per_s: f64,
     cpu_s_per_million: f64,
@@ -150,26 +203,55 @@ struct RunResult {
     latency_samples: usize,
 }
 
-async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -> Result<RunResult> {
-    let nats = NatsServer::start().await?;
+/// CPU of the gateway, its nats-server and the cloud broker at one moment.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    gateway: ProcStats,
+    nats: ProcStats,
+    broker_cpu_s: f64,
+}
+
+fn sample(gateway: u32, nats: u32, broker: Option<u32>) -> Result<Sample> {
+    Ok(Sample {
+        gateway: proc_stats(gateway)?,
+        nats: proc_stats(nats)?,
+        broker_cpu_s: broker.map(fieldgate_tests::procstat::cpu_seconds).unwrap_or(0.0),
+    })
+}
+
+/// Waits `seconds`, printing a progress line every 5 s (points/s so far, CPU of gateway +
+/// nats-server).
+async fn window(label: &str, seconds: u64, count: &AtomicU64, ppr: u64, s0: Sample, pids: (u32, u32)) {
+    let (c0, t0) = (count.load(Ordering::Relaxed), Instant::now());
+    let end = t0 + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tokio::time::sleep_until(end.min(Instant::now() + Duration::from_secs(5))).await;
+        let el = t0.elapsed().as_secs_f64();
+        let points = (count.load(Ordering::Relaxed) - c0) * ppr;
+        let cpu =
+            sample(pids.0, pids.1, None).map(|s| s.gateway.cpu_s + s.nats.cpu_s - s0.gateway.cpu_s - s0.nats.cpu_s);
+        eprintln!(
+            "  [{label}] {el:>4.0}/{seconds} s: {:.0} points/s delivered, gateway + nats-server {:.3} CPU-s",
+            points as f64 / el.max(1e-9),
+            cpu.unwrap_or(f64::NAN)
+        );
+    }
+}
+
+async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
+    let nats = BenchNats::start(Some("always")).await?;
     let mosq = Mosquitto::start().await?;
+    let devices = load.devices;
     let base = free_consecutive_ports(devices)?;
-    let sim = SimProcess::start(devices, base, args.extra_registers, &[])?;
+    let sim = SimProcess::start(devices, base, load.extra, &[])?;
     let gw = Gateway::new(&nats.url())?;
     let encoding = match args.encoding.as_str() {
         "protobuf" => fieldgate_crds::Encoding::Protobuf,
         _ => fieldgate_crds::Encoding::Json,
     };
-    let poll: fieldgate_crds::HumanDuration = poll.parse()?;
+    let poll: fieldgate_crds::HumanDuration = load.poll.parse()?;
     let devices_cfg = (0..devices).map(|i| {
-        fieldgate_sim::gateway_device(
-            "default",
-            &format!("sim-{i:04}"),
-            "127.0.0.1",
-            base + i,
-            &poll,
-            args.extra_registers,
-        )
+        fieldgate_sim::gateway_device("default", &format!("sim-{i:04}"), "127.0.0.1", base + i, &poll, load.extra)
     });
     let cfg = ConfigBuilder::new().devices(devices_cfg).cloud(&mosq.url(), |u| {
         u.encoding = Some(encoding);
@@ -189,31 +271,39 @@ async fn run_path(args: &Args, devices: u16, poll: &str, record_latency: bool) -
     .await?;
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
+    let ppr = POINTS_FIXED + u64::from(load.extra);
     let c0 = counter.count.load(Ordering::Relaxed);
-    let s0 = proc_stats(pid)?;
+    let s0 = sample(pid, nats.pid(), mosq.pid())?;
     let t0 = Instant::now();
-    counter.recording.store(record_latency, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    counter.recording.store(load.record_latency, Ordering::Relaxed);
+    let label = format!("{devices} devices every {}", load.poll);
+    window(&label, args.seconds, &counter.count, ppr, s0, (pid, nats.pid())).await;
     counter.recording.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     let c1 = counter.count.load(Ordering::Relaxed);
-    let s1 = proc_stats(pid)?;
+    let s1 = sample(pid, nats.pid(), mosq.pid())?;
 
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     drop(sim);
 
     let readings = (c1 - c0) as f64;
-    let points = readings * (POINTS_FIXED + u64::from(args.extra_registers)) as f64;
-    let cpu_s = s1.cpu_s - s0.cpu_s;
+    let points = readings * ppr as f64;
+    let per_million = |cpu_s: f64| if points > 0.0 { cpu_s / points * 1e6 } else { f64::NAN };
+    let gw_cpu = s1.gateway.cpu_s - s0.gateway.cpu_s;
+    let nats_cpu = s1.nats.cpu_s - s0.nats.cpu_s;
     let mut lat = counter.latencies_us.lock().await.clone();
     lat.sort_unstable();
     Ok(RunResult {
+        both_cpu_s_per_million: per_million(gw_cpu + nats_cpu),
+        nats_cpu_s_per_million: per_million(nats_cpu),
+        nats_hwm_mib: s1.nats.hwm_kib as f64 / 1024.0,
+        broker_cpu_s_per_million: per_million(s1.broker_cpu_s - s0.broker_cpu_s),
         points_per_s: points / elapsed,
         readings_per_s: readings / elapsed,
-        cpu_s_per_million: if points > 0.0 { cpu_s / points * 1e6 } else { f64::NAN },
-        rss_mib: s1.rss_kib as f64 / 1024.0,
-        hwm_mib: s1.hwm_kib as f64 / 1024.0,
+        cpu_s_per_million: per_million(gw_cpu),
+        rss_mib: s1.gateway.rss_kib as f64 / 1024.0,
+        hwm_mib: s1.gateway.hwm_kib as f64 / 1024.0,
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         latency_samples: lat.len(),
@@ -293,6 +383,9 @@ async fn nats_ceiling(args: &Args, payload_len: usize) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(scenario) = args.scenario {
+        return run_scenario(&args, scenario).await;
+    }
     let ppr = POINTS_FIXED + u64::from(args.extra_registers);
     println!(
         "fieldgate-bench: {} devices x {} points every {} (throughput), {} devices every {} (latency); \
@@ -309,13 +402,19 @@ async fn main() -> Result<()> {
     );
     let _ = free_port()?;
 
-    let t = run_path(&args, args.devices, &args.poll_interval, false).await?;
+    let load = |devices, poll: &str, record_latency| Load {
+        devices,
+        extra: args.extra_registers,
+        poll: poll.to_string(),
+        record_latency,
+    };
+    let t = run_path(&args, &load(args.devices, &args.poll_interval, false)).await?;
     println!("throughput run:");
     println!("  delivered           {:>10.0} points/s ({:.0} readings/s)", t.points_per_s, t.readings_per_s);
     println!("  gateway CPU         {:>10.3} CPU-s per 10^6 points", t.cpu_s_per_million);
     println!("  gateway RSS         {:>10.1} MiB (peak {:.1} MiB)", t.rss_mib, t.hwm_mib);
 
-    let l = run_path(&args, args.latency_devices, &args.latency_poll_interval, true).await?;
+    let l = run_path(&args, &load(args.latency_devices, &args.latency_poll_interval, true)).await?;
     println!("latency run ({:.0} points/s delivered):", l.points_per_s);
     println!("  sample -> cloud     p50 {:.2} ms, p99 {:.2} ms ({} samples)", l.p50_ms, l.p99_ms, l.latency_samples);
     println!("  gateway CPU         {:>10.3} CPU-s per 10^6 points", l.cpu_s_per_million);
@@ -335,5 +434,115 @@ async fn main() -> Result<()> {
             100.0 * t.readings_per_s / n
         );
     }
+    Ok(())
+}
+
+/// `value` beside its ceiling: `  3.10 (target <= 3, MET)`.
+fn against(value: f64, target: Option<f64>, decimals: usize) -> String {
+    match target {
+        Some(t) if value.is_finite() => {
+            let verdict = if value <= t { "met" } else { "NOT MET" };
+            format!("{value:>10.decimals$}   (target <= {t}, {verdict})")
+        }
+        _ => format!("{value:>10.decimals$}"),
+    }
+}
+
+async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
+    let name = clap::ValueEnum::to_possible_value(&scenario).map(|v| v.get_name().to_string()).unwrap_or_default();
+    println!("fieldgate-bench --scenario {name}: machine {}", machine());
+    let (load, targets) = match scenario {
+        Scenario::Idle => return run_idle(args).await,
+        Scenario::Edge1k => (
+            Load { devices: 10, extra: 72, poll: "1s".into(), record_latency: true },
+            Targets { cpu_s_per_million: Some(3.0), rss_mib: Some(20.0), p99_ms: Some(10.0) },
+        ),
+        Scenario::Edge10k => (
+            Load { devices: 10, extra: 72, poll: "100ms".into(), record_latency: true },
+            Targets { p99_ms: Some(10.0), ..Targets::default() },
+        ),
+        Scenario::Capacity => (
+            Load { devices: 80, extra: 100, poll: "100ms".into(), record_latency: true },
+            Targets { cpu_s_per_million: Some(0.3), p99_ms: Some(50.0), ..Targets::default() },
+        ),
+    };
+    let ppr = POINTS_FIXED + u64::from(load.extra);
+    println!(
+        "  load: {} devices x {ppr} points every {} (JetStream sync_interval: always), {} s window after {} s warm-up",
+        load.devices, load.poll, args.seconds, args.warmup
+    );
+    let r = run_path(args, &load).await?;
+    println!("  load average after the run: {}", machine());
+    println!("  delivered (cloud subscriber)   {:>10.0} points/s ({:.0} readings/s)", r.points_per_s, r.readings_per_s);
+    println!(
+        "  gateway + nats-server CPU      {} CPU-s per 10^6 points",
+        against(r.both_cpu_s_per_million, targets.cpu_s_per_million, 3)
+    );
+    println!("    gateway                      {:>10.3} CPU-s per 10^6 points", r.cpu_s_per_million);
+    println!("    nats-server                  {:>10.3} CPU-s per 10^6 points", r.nats_cpu_s_per_million);
+    println!("  cloud broker (not counted)     {:>10.3} CPU-s per 10^6 points", r.broker_cpu_s_per_million);
+    println!("  gateway peak RSS               {} MiB", against(r.hwm_mib, targets.rss_mib, 1));
+    println!("  nats-server peak RSS           {:>10.1} MiB", r.nats_hwm_mib);
+    println!("  sample -> cloud p50            {:>10.2} ms", r.p50_ms);
+    println!(
+        "  sample -> cloud p99            {} ms ({} samples)",
+        against(r.p99_ms, targets.p99_ms, 2),
+        r.latency_samples
+    );
+    Ok(())
+}
+
+/// Target of the idle scenario: 0.2 % of one core, gateway + nats-server.
+const IDLE_TARGET_PERCENT: f64 = 0.2;
+
+/// `args.idle_devices` Modbus devices configured on loopback ports nobody listens on (each
+/// connect is refused: the gateway backs off), an uplink to a live broker, no readings:
+/// what the gateway and its nats-server cost per second when nothing happens.
+async fn run_idle(args: &Args) -> Result<()> {
+    let devices = args.idle_devices;
+    println!(
+        "  load: {devices} devices configured, unreachable (nobody listens on their ports), polled every 1 s; \
+         {} s window after {} s warm-up",
+        args.idle_seconds, args.warmup
+    );
+    let nats = BenchNats::start(Some("always")).await?;
+    let mosq = Mosquitto::start().await?;
+    let base = free_consecutive_ports(devices)?;
+    let poll: fieldgate_crds::HumanDuration = "1s".parse()?;
+    let devices_cfg = (0..devices)
+        .map(|i| fieldgate_sim::gateway_device("default", &format!("dead-{i:04}"), "127.0.0.1", base + i, &poll, 0));
+    let cfg = ConfigBuilder::new().devices(devices_cfg).cloud(&mosq.url(), |u| {
+        set_buffer(u, "1Gi", OnFull::DropOldest);
+    });
+    let mut gw = Gateway::new(&nats.url())?;
+    gw.write_config(&cfg.yaml()?)?;
+    gw.env("RUST_LOG", "warn");
+    gw.start_ready().await?;
+    let pid = gw.pid().context("gateway pid")?;
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+
+    let s0 = sample(pid, nats.pid(), mosq.pid())?;
+    let t0 = Instant::now();
+    let nothing = AtomicU64::new(0);
+    window("idle", args.idle_seconds, &nothing, 0, s0, (pid, nats.pid())).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let s1 = sample(pid, nats.pid(), mosq.pid())?;
+    let percent = |cpu: f64| 100.0 * cpu / elapsed;
+    let gw_cpu = s1.gateway.cpu_s - s0.gateway.cpu_s;
+    let nats_cpu = s1.nats.cpu_s - s0.nats.cpu_s;
+    println!("  load average after the run: {}", machine());
+    println!(
+        "  gateway + nats-server CPU      {} % of a core",
+        against(percent(gw_cpu + nats_cpu), Some(IDLE_TARGET_PERCENT), 3)
+    );
+    println!(
+        "    gateway                      {:>10.3} % of a core ({gw_cpu:.2} CPU-s in {elapsed:.0} s)",
+        percent(gw_cpu)
+    );
+    println!("    nats-server                  {:>10.3} % of a core ({nats_cpu:.2} CPU-s)", percent(nats_cpu));
+    println!("  cloud broker (not counted)     {:>10.3} % of a core", percent(s1.broker_cpu_s - s0.broker_cpu_s));
+    println!("  gateway peak RSS               {:>10.1} MiB", s1.gateway.hwm_kib as f64 / 1024.0);
+    println!("  nats-server peak RSS           {:>10.1} MiB", s1.nats.hwm_kib as f64 / 1024.0);
+    drop(gw);
     Ok(())
 }
