@@ -108,7 +108,9 @@ async fn the_fuzz_corpora_on_every_door_leave_healthy_devices_delivering() -> Re
     devices.push(device("field", json!({"mqtt": {"url": field.url(), "topics": ["plant/field/#"]}})));
     let config = ConfigBuilder::new()
         .devices(devices)
-        .cloud(&cloud_broker.url(), |u| fieldgate_tests::config::mqtt_of(u).command_topic = Some("fieldgate/{namespace}/{device}/commands".into()))
+        .cloud(&cloud_broker.url(), |u| {
+            fieldgate_tests::config::mqtt_of(u).command_topic = Some("fieldgate/{namespace}/{device}/commands".into())
+        })
         .yaml()?;
     let mut gw = ListeningGateway::new(&nats.url())?;
     gw.gw.write_secret("push", "token", TOKEN)?;
