@@ -234,6 +234,35 @@ pub struct BrokerUrl {
     host_at: std::ops::Range<usize>,
 }
 
+/// The parts of a URL matched by a pattern whose groups are scheme, host and port: whether the
+/// scheme is one of `tls_schemes`, the host (an IPv6 address without brackets), the port with
+/// the scheme's default (`ports`: plain, TLS) applied, and where the host is in `text`.
+fn endpoint(
+    re: &Regex,
+    text: &str,
+    expected: &'static str,
+    tls_schemes: &[&str],
+    ports: (u16, u16),
+) -> Result<(bool, String, u16, std::ops::Range<usize>), ValueError> {
+    let err = || ValueError { text: text.to_string(), expected };
+    let caps = re.captures(text).ok_or_else(err)?;
+    let tls = tls_schemes.contains(&&caps[1]);
+    let host_at = caps.get(2).map_or(0..0, |m| m.range());
+    let host = caps[2].trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = match caps.get(3) {
+        Some(p) => p.as_str().parse().map_err(|_| err())?,
+        None if tls => ports.1,
+        None => ports.0,
+    };
+    Ok((tls, host, port, host_at))
+}
+
+/// `text` with the host at `host_at` replaced by `host` (an IPv6 address is bracketed).
+fn replace_host(text: &str, host_at: &std::ops::Range<usize>, host: &str) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    format!("{}{host}{}", &text[..host_at.start], &text[host_at.end..])
+}
+
 impl BrokerUrl {
     /// What a broker URL looks like, for messages.
     pub const EXPECTED: &'static str = "an mqtt://host:port or mqtts://host:port URL";
@@ -250,23 +279,13 @@ impl BrokerUrl {
     /// Parses a broker URL.
     pub fn parse(text: &str) -> Result<Self, ValueError> {
         static RE: LazyLock<Regex> = LazyLock::new(|| compile(BrokerUrl::PATTERN));
-        let err = || ValueError { text: text.to_string(), expected: Self::EXPECTED };
-        let caps = RE.captures(text).ok_or_else(err)?;
-        let tls = matches!(&caps[1], "mqtts" | "ssl");
-        let host_at = caps.get(2).map_or(0..0, |m| m.range());
-        let host = caps[2].trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = match caps.get(3) {
-            Some(p) => p.as_str().parse().map_err(|_| err())?,
-            None if tls => 8883,
-            None => 1883,
-        };
+        let (tls, host, port, host_at) = endpoint(&RE, text, Self::EXPECTED, &["mqtts", "ssl"], (1883, 8883))?;
         Ok(Self { text: text.to_string(), tls, host, port, host_at })
     }
 
     /// The same URL with another host (an IPv6 address is bracketed).
     pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
-        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-        Self::parse(&format!("{}{host}{}", &self.text[..self.host_at.start], &self.text[self.host_at.end..]))
+        Self::parse(&replace_host(&self.text, &self.host_at, host))
     }
 
     /// Whether the connection uses TLS (`mqtts://`, `ssl://`).
@@ -329,26 +348,16 @@ impl HttpUrl {
     /// Parses an HTTP URL.
     pub fn parse(text: &str) -> Result<Self, ValueError> {
         static RE: LazyLock<Regex> = LazyLock::new(|| compile(HttpUrl::PATTERN));
-        let err = || ValueError { text: text.to_string(), expected: Self::EXPECTED };
         if text.len() > Self::MAX_LENGTH {
-            return Err(err());
+            return Err(ValueError { text: text.to_string(), expected: Self::EXPECTED });
         }
-        let caps = RE.captures(text).ok_or_else(err)?;
-        let tls = &caps[1] == "https";
-        let host_at = caps.get(2).map_or(0..0, |m| m.range());
-        let host = caps[2].trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = match caps.get(3) {
-            Some(p) => p.as_str().parse().map_err(|_| err())?,
-            None if tls => 443,
-            None => 80,
-        };
+        let (tls, host, port, host_at) = endpoint(&RE, text, Self::EXPECTED, &["https"], (80, 443))?;
         Ok(Self { text: text.to_string(), tls, host, port, host_at })
     }
 
     /// The same URL with another host (an IPv6 address is bracketed).
     pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
-        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-        Self::parse(&format!("{}{host}{}", &self.text[..self.host_at.start], &self.text[self.host_at.end..]))
+        Self::parse(&replace_host(&self.text, &self.host_at, host))
     }
 
     /// Whether the connection uses TLS (`https://`).

@@ -75,18 +75,6 @@ impl DropReason {
         DropReason::refused,
     ];
 
-    /// Every reason there is (the status page leaves `refused` out of [`DropReason::ALL`]).
-    pub const EVERY: [DropReason; 8] = [
-        DropReason::buffer_full_rejected,
-        DropReason::buffer_full_evicted,
-        DropReason::max_age_expired,
-        DropReason::buffer_unavailable,
-        DropReason::too_large,
-        DropReason::no_uplink,
-        DropReason::undecodable,
-        DropReason::refused,
-    ];
-
     /// The label value, for spans and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -556,7 +544,7 @@ impl Metrics {
         self.sample_to_cloud_latency.remove(&labels);
         // The buffer gauges are read from the state index, whose entry stays with the uplink's
         // lane (a lane outlives its uplink leaving the config, see buffer.rs).
-        for reason in DropReason::EVERY {
+        for reason in DropReason::ALL {
             self.readings_dropped.remove(&DropLabels { uplink: uplink.to_string(), reason });
         }
         for outcome in DeliveryOutcome::EVERY {
