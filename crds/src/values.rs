@@ -234,6 +234,34 @@ pub struct BrokerUrl {
     host_at: std::ops::Range<usize>,
 }
 
+/// What a parsed URL type (`text`, `tls`, `host`, `port`, `host_at`; a `parse`) offers: the same
+/// URL with another host, and its parts.
+macro_rules! url_parts {
+    ($t:ty, $tls_schemes:literal) => {
+        impl $t {
+            /// The same URL with another host (an IPv6 address is bracketed).
+            pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
+                Self::parse(&replace_host(&self.text, &self.host_at, host))
+            }
+
+            #[doc = concat!("Whether the connection uses TLS ", $tls_schemes, ".")]
+            pub fn tls(&self) -> bool {
+                self.tls
+            }
+
+            /// The host name or address (an IPv6 address without brackets).
+            pub fn host(&self) -> &str {
+                &self.host
+            }
+
+            /// The port, defaults applied.
+            pub fn port(&self) -> u16 {
+                self.port
+            }
+        }
+    };
+}
+
 /// The parts of a URL matched by a pattern whose groups are scheme, host and port: whether the
 /// scheme is one of `tls_schemes`, the host (an IPv6 address without brackets), the port with
 /// the scheme's default (`ports`: plain, TLS) applied, and where the host is in `text`.
@@ -282,27 +310,9 @@ impl BrokerUrl {
         let (tls, host, port, host_at) = endpoint(&RE, text, Self::EXPECTED, &["mqtts", "ssl"], (1883, 8883))?;
         Ok(Self { text: text.to_string(), tls, host, port, host_at })
     }
-
-    /// The same URL with another host (an IPv6 address is bracketed).
-    pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
-        Self::parse(&replace_host(&self.text, &self.host_at, host))
-    }
-
-    /// Whether the connection uses TLS (`mqtts://`, `ssl://`).
-    pub fn tls(&self) -> bool {
-        self.tls
-    }
-
-    /// The host name or address (an IPv6 address without brackets).
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port, defaults applied.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
 }
+
+url_parts!(BrokerUrl, "(`mqtts://`, `ssl://`)");
 
 impl Default for BrokerUrl {
     /// A broker on the local host: `mqtt://localhost`.
@@ -354,27 +364,9 @@ impl HttpUrl {
         let (tls, host, port, host_at) = endpoint(&RE, text, Self::EXPECTED, &["https"], (80, 443))?;
         Ok(Self { text: text.to_string(), tls, host, port, host_at })
     }
-
-    /// The same URL with another host (an IPv6 address is bracketed).
-    pub fn with_host(&self, host: &str) -> Result<Self, ValueError> {
-        Self::parse(&replace_host(&self.text, &self.host_at, host))
-    }
-
-    /// Whether the connection uses TLS (`https://`).
-    pub fn tls(&self) -> bool {
-        self.tls
-    }
-
-    /// The host name or address (an IPv6 address without brackets).
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port, defaults applied.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
 }
+
+url_parts!(HttpUrl, "(`https://`)");
 
 impl Default for HttpUrl {
     /// An endpoint on the local host: `http://localhost/`.
