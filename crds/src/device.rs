@@ -112,6 +112,78 @@ impl Connection {
             Connection::ModbusRtu(c) => c.port.is_none(),
         }
     }
+
+    /// The Secret references of the connection, in field order. Validation, the list of
+    /// Secrets a config reads and the operator's per-node Secrets all come from here.
+    pub fn secret_refs(&self) -> Vec<ConnectionSecretRef<'_>> {
+        fn token<'a>(at: &'static str, r: &'a DeviceSecretRef) -> ConnectionSecretRef<'a> {
+            ConnectionSecretRef { at, name: &r.name, key: r.key.as_deref(), reads: vec![r.key()] }
+        }
+        match self {
+            Connection::Coap(c) => c.token_secret_ref.iter().map(|r| token("coap.tokenSecretRef", r)).collect(),
+            Connection::Tcp(r) => vec![token("tcp.tokenSecretRef", &r.token_secret_ref)],
+            Connection::Udp(r) => vec![token("udp.tokenSecretRef", &r.token_secret_ref)],
+            Connection::Mqtt(m) => m
+                .auth
+                .iter()
+                .map(|a| ConnectionSecretRef {
+                    at: "mqtt.auth.secretRef",
+                    name: &a.secret_ref.name,
+                    key: None,
+                    reads: vec!["username", "password"],
+                })
+                .collect(),
+            Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+        }
+    }
+
+    /// The names of the Secrets [`Connection::secret_refs`] lists, to rename them (the
+    /// operator renders them into one Secret per node).
+    pub fn secret_names_mut(&mut self) -> Vec<&mut String> {
+        match self {
+            Connection::Coap(c) => c.token_secret_ref.iter_mut().map(|r| &mut r.name).collect(),
+            Connection::Tcp(r) | Connection::Udp(r) => vec![&mut r.token_secret_ref.name],
+            Connection::Mqtt(m) => m.auth.iter_mut().map(|a| &mut a.secret_ref.name).collect(),
+            Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+        }
+    }
+
+    /// Where the gateway reaches out to the device, if it does (devices that connect to the
+    /// gateway have none): the operator resolves the host name in the device's namespace.
+    pub fn endpoint_mut(&mut self) -> Option<EndpointMut<'_>> {
+        match self {
+            Connection::ModbusTcp(c) => Some(EndpointMut::Host(&mut c.host)),
+            Connection::Coap(c) => c.host.as_mut().map(EndpointMut::Host),
+            Connection::Mqtt(m) => Some(EndpointMut::Url(&mut m.url)),
+            Connection::ModbusRtu(c) => c.address.as_mut().map(EndpointMut::Address),
+            Connection::Tcp(_) | Connection::Udp(_) => None,
+        }
+    }
+}
+
+/// One Secret reference of a device's connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionSecretRef<'a> {
+    /// The reference's path below the connection, such as `coap.tokenSecretRef`.
+    pub at: &'static str,
+    /// Name of the Secret.
+    pub name: &'a str,
+    /// The key as the reference names it; `None` when it names none (the default applies, or
+    /// the keys are fixed, as `username` and `password` of MQTT credentials).
+    pub key: Option<&'a str>,
+    /// Every key of the Secret the gateway reads.
+    pub reads: Vec<&'a str>,
+}
+
+/// The device's end of a connection the gateway opens.
+#[derive(Debug)]
+pub enum EndpointMut<'a> {
+    /// A host name or IP address.
+    Host(&'a mut String),
+    /// `host:port`.
+    Address(&'a mut String),
+    /// A broker URL.
+    Url(&'a mut BrokerUrl),
 }
 
 /// Settings of a Modbus TCP connection.

@@ -226,26 +226,10 @@ impl GatewayConfig {
         };
         for (i, d) in self.devices.iter().enumerate() {
             let at = format!("devices[{i}].connection");
-            match &d.connection {
-                Connection::Coap(c) => {
-                    if let Some(r) = &c.token_secret_ref {
-                        add(format!("{at}.coap.tokenSecretRef"), &r.name, r.key(), false);
-                    }
+            for r in d.connection.secret_refs() {
+                for key in &r.reads {
+                    add(format!("{at}.{}", r.at), r.name, key, false);
                 }
-                Connection::Tcp(r) => {
-                    add(format!("{at}.tcp.tokenSecretRef"), &r.token_secret_ref.name, r.token_secret_ref.key(), false)
-                }
-                Connection::Udp(r) => {
-                    add(format!("{at}.udp.tokenSecretRef"), &r.token_secret_ref.name, r.token_secret_ref.key(), false)
-                }
-                Connection::Mqtt(m) => {
-                    if let Some(a) = &m.auth {
-                        for key in ["username", "password"] {
-                            add(format!("{at}.mqtt.auth.secretRef"), &a.secret_ref.name, key, false);
-                        }
-                    }
-                }
-                Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => {}
             }
         }
         for (i, u) in self.uplinks.iter().enumerate() {

@@ -20,8 +20,9 @@ pub mod validate;
 pub mod values;
 
 pub use device::{
-    CoapConnection, Connection, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef, DeviceSpec, DeviceStatus,
-    ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity, Placement, RawConnection,
+    CoapConnection, Connection, ConnectionSecretRef, Device, DeviceProfile, DeviceProfileSpec, DeviceSecretRef,
+    DeviceSpec, DeviceStatus, EndpointMut, ModbusRtuConnection, ModbusTcpConnection, MqttDeviceConnection, Parity,
+    Placement, RawConnection,
 };
 pub use gateway_config::{ConfigError, GatewayConfig, GatewayDevice, GatewayUplink, SecretUse, UplinkTarget};
 pub use point::{Access, ModbusPoint, ModbusTable, Point, ReportRule, ValueType, WordOrder};

@@ -186,11 +186,15 @@ enum SecretNames {
 fn validate_connection(errs: &mut ValidationErrors, path: &str, c: &Connection, names: SecretNames) {
     match c {
         Connection::ModbusTcp(m) => validate_modbus_tcp(errs, &format!("{path}.modbusTcp"), m),
-        Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c, names),
-        Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m, names),
-        Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r, names),
-        Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r, names),
+        Connection::Coap(c) => validate_coap(errs, &format!("{path}.coap"), c),
+        Connection::Mqtt(m) => validate_mqtt_device(errs, &format!("{path}.mqtt"), m),
+        Connection::Tcp(r) => validate_raw(errs, &format!("{path}.tcp"), r),
+        Connection::Udp(r) => validate_raw(errs, &format!("{path}.udp"), r),
         Connection::ModbusRtu(m) => validate_modbus_rtu(errs, &format!("{path}.modbusRtu"), m),
+    }
+    // Every protocol's Secret references, one way.
+    for r in c.secret_refs() {
+        validate_secret_ref(errs, &format!("{path}.{}", r.at), r.name, r.key, names);
     }
 }
 
@@ -246,7 +250,7 @@ fn validate_auth(errs: &mut ValidationErrors, path: &str, auth: Option<&crate::u
     }
 }
 
-fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection, names: SecretNames) {
+fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::CoapConnection) {
     if c.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
         errs.push(format!("{path}.host"), "must not be empty");
     }
@@ -260,18 +264,10 @@ fn validate_coap(errs: &mut ValidationErrors, path: &str, c: &crate::device::Coa
     if c.host.is_none() && (c.path.is_some() || c.observe.is_some()) {
         errs.push(format!("{path}.host"), "path and observe need the device's host");
     }
-    if let Some(r) = &c.token_secret_ref {
-        validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.name, r.key.as_deref(), names);
-    }
     check_duration(errs, &format!("{path}.timeout"), c.timeout.as_ref(), Duration::from_millis(1));
 }
 
-fn validate_mqtt_device(
-    errs: &mut ValidationErrors,
-    path: &str,
-    m: &crate::device::MqttDeviceConnection,
-    names: SecretNames,
-) {
+fn validate_mqtt_device(errs: &mut ValidationErrors, path: &str, m: &crate::device::MqttDeviceConnection) {
     if m.url.tls() {
         errs.push(
             format!("{path}.url"),
@@ -304,18 +300,15 @@ fn validate_mqtt_device(
     {
         errs.push(format!("{path}.protocolVersion"), format!("{v} is not 3 (3.1.1) or 5"));
     }
-    validate_auth(errs, path, m.auth.as_ref(), names);
     check_duration(errs, &format!("{path}.keepAlive"), m.keep_alive.as_ref(), Duration::from_secs(1));
 }
 
-fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawConnection, names: SecretNames) {
+fn validate_raw(errs: &mut ValidationErrors, path: &str, r: &crate::device::RawConnection) {
     if let Some(id) = &r.id
         && (id.is_empty() || id.len() > 128 || id.contains(|c: char| c.is_whitespace() || c.is_control()))
     {
         errs.push(format!("{path}.id"), format!("{id:?} must be 1-128 characters without spaces"));
     }
-    let r = &r.token_secret_ref;
-    validate_secret_ref(errs, &format!("{path}.tokenSecretRef"), &r.name, r.key.as_deref(), names);
 }
 
 /// Checks the reporting rule of a point (`at` is the point's path).

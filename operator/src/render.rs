@@ -30,8 +30,8 @@ use std::time::Duration;
 use fieldgate_crds::node_objects::secret_dir;
 use fieldgate_crds::validate::{ValidationErrors, is_dns_subdomain};
 use fieldgate_crds::{
-    BrokerUrl, Connection, Device, DeviceProfile, DeviceSecretRef, GatewayConfig, GatewayDevice, GatewayUplink,
-    HttpUplink, MqttAuth, MqttTls, MqttUplink, Point, Uplink, UplinkSpec,
+    BrokerUrl, Connection, Device, DeviceProfile, EndpointMut, GatewayConfig, GatewayDevice, GatewayUplink, HttpUplink,
+    MqttAuth, MqttTls, MqttUplink, Point, Uplink, UplinkSpec,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -632,25 +632,14 @@ fn check_device<'w>(
 fn node_device(key: &ObjectKey, device: &Device, profile_points: &[Point]) -> GatewayDevice {
     let mut d = gateway_device(key, device, profile_points);
     let ns = key.namespace.as_str();
-    let rename = |r: &mut DeviceSecretRef| r.name = secret_dir(ns, &r.name);
-    match &mut d.connection {
-        Connection::Coap(c) => {
-            c.token_secret_ref.iter_mut().for_each(rename);
-            if let Some(h) = &mut c.host {
-                *h = service_host(h, ns);
-            }
-        }
-        Connection::Tcp(r) | Connection::Udp(r) => rename(&mut r.token_secret_ref),
-        Connection::Mqtt(m) => {
-            m.auth.iter_mut().for_each(|a| rename_auth(ns, a));
-            m.url = service_url(&m.url, ns);
-        }
-        Connection::ModbusTcp(c) => c.host = service_host(&c.host, ns),
-        Connection::ModbusRtu(c) => {
-            if let Some(a) = &mut c.address {
-                *a = service_address(a, ns);
-            }
-        }
+    for name in d.connection.secret_names_mut() {
+        *name = secret_dir(ns, name);
+    }
+    match d.connection.endpoint_mut() {
+        Some(EndpointMut::Host(h)) => *h = service_host(h, ns),
+        Some(EndpointMut::Address(a)) => *a = service_address(a, ns),
+        Some(EndpointMut::Url(u)) => *u = service_url(u, ns),
+        None => {}
     }
     d
 }
@@ -783,25 +772,12 @@ fn auth_items(namespace: &str, at: &str, auth: &MqttAuth) -> [(String, SecretIte
 /// check refuses (a token Secret name that is not a Secret name, empty MQTT credentials) is
 /// left out: it is reported once, as an invalid spec.
 fn device_secret_items(namespace: &str, connection: &Connection) -> Vec<(String, SecretItem)> {
-    let token = |at: &str, r: &DeviceSecretRef| {
-        let path = if r.key.is_some() { format!("{at}.key") } else { format!("{at}.name") };
-        let item = item(namespace, &r.name, r.key());
-        is_dns_subdomain(&r.name).then_some((path, item))
-    };
-    match connection {
-        Connection::Coap(c) => {
-            c.token_secret_ref.iter().filter_map(|r| token("spec.connection.coap.tokenSecretRef", r)).collect()
-        }
-        Connection::Tcp(r) => token("spec.connection.tcp.tokenSecretRef", &r.token_secret_ref).into_iter().collect(),
-        Connection::Udp(r) => token("spec.connection.udp.tokenSecretRef", &r.token_secret_ref).into_iter().collect(),
-        Connection::Mqtt(m) => m
-            .auth
-            .iter()
-            .filter(|a| !a.secret_ref.name.is_empty())
-            .flat_map(|a| auth_items(namespace, "spec.connection.mqtt.auth", a))
-            .collect(),
-        Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+    let mut out = Vec::new();
+    for r in connection.secret_refs().into_iter().filter(|r| is_dns_subdomain(r.name)) {
+        let path = format!("spec.connection.{}.{}", r.at, if r.key.is_some() { "key" } else { "name" });
+        out.extend(r.reads.iter().map(|key| (path.clone(), item(namespace, r.name, key))));
     }
+    out
 }
 
 /// The Secret keys an uplink needs, each with the path of its reference.
