@@ -909,6 +909,13 @@ fn every_device_secret_reference_names_a_file_the_gateway_writes_from_the_node_s
                     .flat_map(|a| ["username", "password"].map(|k| (a.secret_ref.name.clone(), k.to_string())))
                     .collect(),
                 Connection::ModbusTcp(_) | Connection::ModbusRtu(_) => Vec::new(),
+                // A protocol added later: the Secrets it declares.
+                #[allow(unreachable_patterns)]
+                other => other
+                    .secret_refs()
+                    .iter()
+                    .flat_map(|r| r.reads.iter().map(|k| (r.name.to_string(), k.to_string())))
+                    .collect(),
             };
             for f in wanted {
                 assert!(files.contains(&f), "{node}: {} reads {f:?}, not in {files:?}", d.name);

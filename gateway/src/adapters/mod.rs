@@ -18,10 +18,10 @@
 //!
 //! Adding a protocol: `docs/adding-a-protocol.md` lists every place. In short, its typed
 //! settings become a variant of `fieldgate_crds::Connection`; then the compiler points at the
-//! exhaustive matches that need its arm (label and placement in `crds`, validation, the
-//! Secrets it reads, the operator's rendering, and [`run`] here); and one file here holds
-//! its adapter. A polled protocol edits 6 files by hand today. Protocols devices connect to
-//! also need a [`hub::Listener`] variant.
+//! exhaustive matches that need its arm (its label, placement, Secrets and endpoint in the
+//! methods of `Connection`, its validation, and [`run`] here); and one file here holds its
+//! adapter: 4 hand-edited files for a polled protocol. Protocols devices connect to also
+//! need a [`hub::Listener`] variant.
 
 use std::sync::Arc;
 
