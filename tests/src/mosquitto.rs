@@ -41,6 +41,9 @@ pub struct MosquittoOptions {
     /// An ACL file's lines (mosquitto `acl_file` syntax, such as `topic deny a/b`), applied to
     /// every client.
     pub acl: Option<Vec<String>>,
+    /// Bridges to other brokers: each a `(name, address, topic line)` such as
+    /// `("cloud", "127.0.0.1:1883", "bench/# out 1")`.
+    pub bridges: Vec<(String, String, String)>,
 }
 
 /// A mosquitto process. Killed on drop.
@@ -144,6 +147,9 @@ impl Mosquitto {
                 }
                 None => writeln!(conf, "allow_anonymous true")?,
             }
+        }
+        for (name, address, topic) in &options.bridges {
+            writeln!(conf, "\nconnection {name}\naddress {address}\ntopic {topic}\ncleansession true")?;
         }
         std::fs::write(d.join("mosquitto.conf"), conf)?;
         let mut m = Self {

@@ -511,6 +511,7 @@ async fn tls_and_password_uplink_delivers() -> Result<()> {
         tls: Some(MosquittoTls { pki: pki.clone(), require_certificate: true }),
         password: Some(("gateway".into(), "pa55-w0rd".into())),
         acl: None,
+        bridges: Vec::new(),
     })
     .await?;
     let secure = broker.secure_url().context("secure listener")?;

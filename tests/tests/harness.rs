@@ -98,6 +98,7 @@ async fn tls_listener_with_password_starts() {
         tls: Some(MosquittoTls { pki, require_certificate: true }),
         password: Some(("gw".into(), "s3cret".into())),
         acl: None,
+        bridges: Vec::new(),
     })
     .await
     .unwrap();

@@ -423,6 +423,7 @@ async fn no_secret_is_ever_printed_in_logs_or_the_api() -> Result<()> {
         tls: None,
         password: Some(("gateway".into(), RIGHT.into())),
         acl: None,
+        bridges: Vec::new(),
     })
     .await?;
     let secured = broker.secure_url().context("password listener")?;

@@ -668,6 +668,9 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
     loop {
         // The first poll right away, then on the ticks.
         if !std::mem::take(&mut first) {
+            // While backing off the ticker is not polled: an unreachable device costs one
+            // wake-up per retry, not one per interval.
+            let resume = retry_at.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
                 () = task.cancel.cancelled() => break,
@@ -701,14 +704,17 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
                     }
                     continue;
                 }
-                _ = ticker.tick() => {}
+                () = tokio::time::sleep_until(resume), if retry_at.is_some() => {
+                    // The backoff is over: the ticker's missed tick fires at once (the
+                    // schedule keeps its wall-clock phase), then the ticks come as before.
+                    retry_at = None;
+                    continue;
+                }
+                _ = ticker.tick(), if retry_at.is_none() => {}
             }
         }
         if task.cancel.is_cancelled() {
             break;
-        }
-        if retry_at.is_some_and(|at| Instant::now() < at) {
-            continue; // backing off: skip this poll
         }
         let slot = schedule.slot(clock.now());
 

@@ -15,6 +15,9 @@
 //! - `edge-1k`: 10 devices x 100 points every 1 s (1,000 points/s).
 //! - `edge-10k`: 10 devices x 100 points every 100 ms (10,000 points/s).
 //! - `capacity`: 80 devices x 128 points every 100 ms (~100,000 points/s).
+//! - `mqtt-ingest`: 1,000 QoS 1 messages/s (one point each) published to a field mosquitto,
+//!   carried to the cloud mosquitto first by a mosquitto bridge, then by the gateway (field
+//!   broker -> gateway -> JetStream -> cloud); CPU per 10^6 messages of each, side by side.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -79,6 +82,12 @@ struct Args {
     /// Measurement window of the `idle` scenario, seconds.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Messages per second of the `mqtt-ingest` scenario.
+    #[arg(long, default_value_t = 1000)]
+    ingest_rate: u32,
+    /// Devices (field topics) of the `mqtt-ingest` scenario.
+    #[arg(long, default_value_t = 10)]
+    ingest_devices: u16,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +98,8 @@ enum Scenario {
     #[value(name = "edge-10k")]
     Edge10k,
     Capacity,
+    #[value(name = "mqtt-ingest")]
+    MqttIngest,
 }
 
 /// One data-path run: `devices` simulated devices of `POINTS_FIXED + extra` points polled
@@ -453,6 +464,7 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
     println!("fieldgate-bench --scenario {name}: machine {}", machine());
     let (load, targets) = match scenario {
         Scenario::Idle => return run_idle(args).await,
+        Scenario::MqttIngest => return run_mqtt_ingest(args).await,
         Scenario::Edge1k => (
             Load { devices: 10, extra: 72, poll: "1s".into(), record_latency: true },
             Targets { cpu_s_per_million: Some(3.0), rss_mib: Some(20.0), p99_ms: Some(10.0) },
@@ -545,4 +557,166 @@ async fn run_idle(args: &Args) -> Result<()> {
     println!("  nats-server peak RSS           {:>10.1} MiB", s1.nats.hwm_kib as f64 / 1024.0);
     drop(gw);
     Ok(())
+}
+
+/// Target of the mqtt-ingest scenario: gateway + nats-server at most this many times the CPU
+/// per message of a mosquitto bridge carrying the same messages.
+const INGEST_TARGET_RATIO: f64 = 5.0;
+
+/// What carries the field messages to the cloud broker in one mqtt-ingest run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carrier {
+    /// A mosquitto bridge: a broker of its own with a bridge `in` from the field broker and
+    /// one `out` to the cloud broker, QoS 1 on both.
+    Bridge,
+    /// The gateway (MQTT devices on the field broker, an uplink to the cloud broker) and its
+    /// nats-server.
+    Gateway,
+}
+
+/// Messages delivered to the cloud broker and the carrier's CPU in the window.
+struct IngestRun {
+    messages_per_s: f64,
+    cpu_s_per_million: f64,
+    nats_cpu_s_per_million: f64,
+    hwm_mib: f64,
+}
+
+async fn run_mqtt_ingest(args: &Args) -> Result<()> {
+    println!(
+        "  load: {} QoS 1 messages/s over {} field topics (one point each), {} s window after {} s warm-up; \
+         the same messages through a mosquitto bridge, then through the gateway (JetStream sync_interval: always)",
+        args.ingest_rate, args.ingest_devices, args.seconds, args.warmup
+    );
+    let bridge = ingest_run(args, Carrier::Bridge).await?;
+    let gateway = ingest_run(args, Carrier::Gateway).await?;
+    println!("  load average after the runs: {}", machine());
+    println!(
+        "  delivered (cloud subscriber)   bridge {:.0} msg/s, gateway {:.0} msg/s",
+        bridge.messages_per_s, gateway.messages_per_s
+    );
+    println!("  mosquitto bridge CPU           {:>10.3} CPU-s per 10^6 messages", bridge.cpu_s_per_million);
+    println!("  gateway + nats-server CPU      {:>10.3} CPU-s per 10^6 messages", gateway.cpu_s_per_million);
+    println!("    nats-server                  {:>10.3} CPU-s per 10^6 messages", gateway.nats_cpu_s_per_million);
+    println!(
+        "  gateway + nats-server / bridge {} x",
+        against(gateway.cpu_s_per_million / bridge.cpu_s_per_million, Some(INGEST_TARGET_RATIO), 2)
+    );
+    println!("  peak RSS                       bridge {:.1} MiB, gateway {:.1} MiB", bridge.hwm_mib, gateway.hwm_mib);
+    Ok(())
+}
+
+async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
+    let field = Mosquitto::start().await?;
+    let cloud = Mosquitto::start().await?;
+    let topics: Vec<String> = (0..args.ingest_devices).map(|i| format!("bench/d{i}/v")).collect();
+    // Whichever carries them, the processes whose CPU counts: (carrier, its nats-server).
+    let (_bridge, _nats, _gw, pids, filter) = match carrier {
+        Carrier::Bridge => {
+            let bridges = vec![
+                ("field".to_string(), format!("127.0.0.1:{}", field.port()), "bench/# in 1".to_string()),
+                ("cloud".to_string(), format!("127.0.0.1:{}", cloud.port()), "bench/# out 1".to_string()),
+            ];
+            let bridge =
+                Mosquitto::start_with(fieldgate_tests::MosquittoOptions { bridges, ..Default::default() }).await?;
+            let pid = bridge.pid().context("bridge pid")?;
+            (Some(bridge), None, None, (pid, None), "bench/#")
+        }
+        Carrier::Gateway => {
+            let nats = BenchNats::start(Some("always")).await?;
+            let devices: Vec<fieldgate_crds::GatewayDevice> = (0..args.ingest_devices)
+                .map(|i| {
+                    serde_json::from_value(serde_json::json!({"name": format!("d{i}"),
+                        "connection": {"mqtt": {"url": field.url(), "topics": [format!("bench/d{i}/#")]}},
+                        "points": [{"name": "v", "type": "uint64"}]}))
+                })
+                .collect::<Result<_, _>>()?;
+            let cfg = ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| {
+                fieldgate_tests::config::mqtt_of(u).max_in_flight = Some(1000);
+                set_buffer(u, "1Gi", OnFull::DropOldest);
+            });
+            let mut gw = Gateway::new(&nats.url())?;
+            gw.write_config(&cfg.yaml()?)?;
+            gw.env("RUST_LOG", "warn");
+            gw.start_ready().await?;
+            let pid = gw.pid().context("gateway pid")?;
+            let nats_pid = nats.pid();
+            (None, Some(nats), Some(gw), (pid, Some(nats_pid)), "fieldgate/#")
+        }
+    };
+    let counter = Counter::start(cloud.port(), filter).await?;
+    let publisher = paced_publisher(field.port(), topics, args.ingest_rate);
+    let first = counter.count.clone();
+    wait_until("first message at the cloud", Duration::from_secs(60), || {
+        let n = first.load(Ordering::Relaxed);
+        async move { Ok((n > 0).then_some(())) }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+
+    let cpu = |pids: (u32, Option<u32>)| -> Result<(f64, f64, u64)> {
+        let carrier = proc_stats(pids.0)?;
+        let nats = pids.1.map(proc_stats).transpose()?;
+        Ok((carrier.cpu_s, nats.map_or(0.0, |n| n.cpu_s), carrier.hwm_kib))
+    };
+    let c0 = counter.count.load(Ordering::Relaxed);
+    let (carrier0, nats0, _) = cpu(pids)?;
+    let t0 = Instant::now();
+    let label = match carrier {
+        Carrier::Bridge => "mosquitto bridge",
+        Carrier::Gateway => "gateway",
+    };
+    let end = t0 + Duration::from_secs(args.seconds);
+    while Instant::now() < end {
+        tokio::time::sleep_until(end.min(Instant::now() + Duration::from_secs(5))).await;
+        let n = counter.count.load(Ordering::Relaxed) - c0;
+        eprintln!(
+            "  [{label}] {:>4.0}/{} s: {:.0} msg/s delivered",
+            t0.elapsed().as_secs_f64(),
+            args.seconds,
+            n as f64 / t0.elapsed().as_secs_f64()
+        );
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let delivered = (counter.count.load(Ordering::Relaxed) - c0) as f64;
+    let (carrier1, nats1, hwm_kib) = cpu(pids)?;
+    publisher.abort();
+    let per_million = |cpu_s: f64| if delivered > 0.0 { cpu_s / delivered * 1e6 } else { f64::NAN };
+    Ok(IngestRun {
+        messages_per_s: delivered / elapsed,
+        cpu_s_per_million: per_million(carrier1 - carrier0 + nats1 - nats0),
+        nats_cpu_s_per_million: per_million(nats1 - nats0),
+        hwm_mib: hwm_kib as f64 / 1024.0,
+    })
+}
+
+/// Publishes `rate` QoS 1 messages per second round robin over `topics` (a batch every 10 ms)
+/// until aborted; the payload is the message's number as text.
+fn paced_publisher(port: u16, topics: Vec<String>, rate: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut o = MqttOptions::new(format!("bench-field-publisher-{port}"), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30)).set_inflight(1000);
+        let (client, mut el) = AsyncClient::new(o, 4096);
+        let poller = tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let per_tick = u64::from(rate.div_ceil(100));
+        let mut i = 0u64;
+        loop {
+            tick.tick().await;
+            for _ in 0..per_tick {
+                let t = &topics[(i % topics.len() as u64) as usize];
+                if client.publish(t.clone(), QoS::AtLeastOnce, false, i.to_string().into_bytes()).await.is_err() {
+                    poller.abort();
+                    return;
+                }
+                i += 1;
+            }
+        }
+    })
 }
