@@ -304,16 +304,25 @@ impl GatewayConfig {
 fn check_well_formed_parts(doc: &Value, errs: &mut ValidationErrors) {
     fn parts<T: serde::de::DeserializeOwned>(doc: &Value, field: &str, errs: &ValidationErrors) -> Vec<(usize, T)> {
         let items = doc.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        // The items with a problem of their own (`field[i]`, `field[i].x`, `field[i][j]`), found
+        // in one pass over the problems rather than one per item.
+        let malformed: BTreeSet<usize> = errs
+            .0
+            .iter()
+            .filter_map(|e| {
+                let rest = e.path.strip_prefix(field)?.strip_prefix('[')?;
+                let (index, rest) = rest.split_once(']')?;
+                let whole = rest.is_empty() || rest.starts_with(['.', '[']);
+                // The index as the path spells it: digits, no sign or leading zero.
+                let plain = index == "0" || (!index.starts_with('0') && index.bytes().all(|b| b.is_ascii_digit()));
+                if whole && plain { index.parse().ok() } else { None }
+            })
+            .collect();
         items
             .iter()
             .enumerate()
-            .filter(|(i, _)| {
-                let at = format!("{field}[{i}]");
-                !errs.0.iter().any(|e| {
-                    e.path.strip_prefix(&at).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-                })
-            })
-            .filter_map(|(i, v)| Some((i, serde_json::from_value(v.clone()).ok()?)))
+            .filter(|(i, _)| !malformed.contains(i))
+            .filter_map(|(i, v)| Some((i, T::deserialize(v).ok()?)))
             .collect()
     }
     let devices: Vec<(usize, GatewayDevice)> = parts(doc, "devices", errs);

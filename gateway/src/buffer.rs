@@ -31,7 +31,7 @@
 //! Durability against power loss is the nats-server's `jetstream.sync_interval` setting
 //! (`always` fsyncs every write; the default `2m` trades that for throughput).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -40,7 +40,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
-use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
+use fieldgate_crds::{GatewayConfig, GatewayDevice, GatewayUplink, OnFull};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -174,10 +174,27 @@ impl Routes {
     /// The routes of a validated config.
     pub fn new(cfg: &GatewayConfig) -> Self {
         let buffers: Vec<Arc<UplinkBuffer>> = cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
+        // What `GatewayUplink::selects` says, with each uplink's device list as a set: an
+        // operator-rendered uplink lists every device it takes, and a scan of that list per
+        // device is quadratic in the devices.
+        let lists: Vec<Option<HashSet<&str>>> = cfg
+            .uplinks
+            .iter()
+            .map(|u| u.devices.as_ref().map(|names| names.iter().map(String::as_str).collect()))
+            .collect();
+        let selects = |u: &GatewayUplink, list: &Option<HashSet<&str>>, d: &GatewayDevice| {
+            d.namespace == u.namespace && list.as_ref().is_none_or(|names| names.contains(d.name.as_str()))
+        };
         let mut by_device: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for d in &cfg.devices {
-            let targets: Vec<usize> =
-                cfg.uplinks.iter().enumerate().filter(|(_, u)| u.selects(d)).map(|(i, _)| i).collect();
+            let targets: Vec<usize> = cfg
+                .uplinks
+                .iter()
+                .zip(&lists)
+                .enumerate()
+                .filter(|(_, (u, list))| selects(u, list, d))
+                .map(|(i, _)| i)
+                .collect();
             by_device.entry(d.namespace.clone()).or_default().insert(d.name.clone(), targets);
         }
         Self { buffers, by_device }
@@ -1249,5 +1266,35 @@ uplinks:
         assert_eq!(s.retention, RetentionPolicy::Interest);
         assert_eq!(s.storage, StorageType::File);
         assert_eq!(b.redeliver_after, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn routes_follow_each_uplinks_device_list_and_namespace() {
+        let cfg = GatewayConfig::from_yaml(
+            r#"
+apiVersion: fieldgate.io/v1alpha1
+kind: GatewayConfig
+devices:
+- {name: a, connection: {coap: {}}, points: [{name: v, type: float64}]}
+- {name: b, connection: {coap: {}}, points: [{name: v, type: float64}]}
+- {namespace: other, name: a, connection: {coap: {}}, points: [{name: v, type: float64}]}
+uplinks:
+- {name: all, mqtt: {url: "mqtt://127.0.0.1:1883"}}
+- {name: listed, devices: [b], mqtt: {url: "mqtt://127.0.0.1:1883"}}
+- {name: none, devices: [], mqtt: {url: "mqtt://127.0.0.1:1883"}}
+- {namespace: other, name: theirs, mqtt: {url: "mqtt://127.0.0.1:1883"}}
+"#,
+        )
+        .unwrap();
+        let routes = Routes::new(&cfg);
+        assert_eq!(routes.targets("default", "a"), [0]);
+        assert_eq!(routes.targets("default", "b"), [0, 1]);
+        assert_eq!(routes.targets("other", "a"), [3]);
+        assert!(routes.targets("default", "ghost").is_empty());
+        for d in &cfg.devices {
+            let selected: Vec<usize> =
+                cfg.uplinks.iter().enumerate().filter(|(_, u)| u.selects(d)).map(|(i, _)| i).collect();
+            assert_eq!(routes.targets(&d.namespace, &d.name), selected, "{}/{}", d.namespace, d.name);
+        }
     }
 }

@@ -157,7 +157,8 @@ pub struct TaskLabels {
 pub struct IngressLabels {
     /// Protocol label, such as `coap`.
     pub protocol: &'static str,
-    /// What was wrong (or, for `ingress_messages`, what kind of message), from a fixed set.
+    /// What was wrong (or, for `ingress_messages`, what kind of message; for `ingress_evicted`,
+    /// what was forgotten), from a fixed set.
     pub reason: &'static str,
 }
 
@@ -234,6 +235,9 @@ pub struct Metrics {
     pub ingress_rejected: Family<IngressLabels, Counter>,
     /// Inbound messages handled by the listeners, by protocol and kind (`con`, `non`, ...).
     pub ingress_messages: Family<IngressLabels, Counter>,
+    /// Entries a listener forgot before their time to stay within a bound, by protocol and
+    /// what was forgotten (`retransmission_cache`).
+    pub ingress_evicted: Family<IngressLabels, Counter>,
     /// Open inbound connections, by protocol.
     pub ingress_connections: Family<ProtocolLabels, Gauge>,
     /// Of those, the idle ones parked off the runtime (raw TCP), by protocol.
@@ -418,6 +422,7 @@ impl Metrics {
             clock_steps: Family::default(),
             ingress_rejected: Family::default(),
             ingress_messages: Family::default(),
+            ingress_evicted: Family::default(),
             ingress_connections: Family::default(),
             ingress_parked: Family::default(),
             device_last_reading: Family::default(),
@@ -474,6 +479,11 @@ impl Metrics {
             "ingress_messages",
             "Inbound messages handled by the listeners, by kind",
             m.ingress_messages.clone(),
+        );
+        r.register(
+            "ingress_evicted",
+            "Entries a device listener forgot before their time to stay within a bound, by what was forgotten",
+            m.ingress_evicted.clone(),
         );
         r.register(
             "commands",

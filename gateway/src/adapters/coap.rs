@@ -130,6 +130,8 @@ fn empty(kind: MessageType, mid: u16) -> Packet {
 struct Dedup {
     answers: HashMap<(SocketAddr, u16), Option<Vec<u8>>>,
     order: VecDeque<((SocketAddr, u16), Instant)>,
+    /// Entries forgotten before their lifetime because the cache was full, not yet counted.
+    evicted: u64,
 }
 
 enum Seen {
@@ -142,8 +144,13 @@ impl Dedup {
     fn check(&mut self, key: (SocketAddr, u16)) -> Seen {
         let now = Instant::now();
         while let Some((k, at)) = self.order.front() {
-            if self.order.len() < DEDUP_ENTRIES && now.duration_since(*at) < DEDUP_LIFETIME {
+            let live = now.duration_since(*at) < DEDUP_LIFETIME;
+            if self.order.len() < DEDUP_ENTRIES && live {
                 break;
+            }
+            if live {
+                // Full: a retransmission of this one would now be handled as a new request.
+                self.evicted += 1;
             }
             let k = *k;
             self.order.pop_front();
@@ -158,6 +165,11 @@ impl Dedup {
                 Seen::New
             }
         }
+    }
+
+    /// The entries evicted since the last call.
+    fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
     }
 
     fn answer(&mut self, key: (SocketAddr, u16), bytes: &[u8]) {
@@ -383,7 +395,14 @@ impl Server {
             }
         };
         let key = (peer, req.header.message_id);
-        match self.dedup.lock().unwrap_or_else(PoisonError::into_inner).check(key) {
+        let (seen, evicted) = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
+            (dedup.check(key), dedup.take_evicted())
+        };
+        if evicted > 0 {
+            hub.evicted(PROTOCOL, "retransmission_cache", evicted);
+        }
+        match seen {
             Seen::New => {}
             Seen::InProgress => return None,
             Seen::Answered(bytes) => {
@@ -996,6 +1015,25 @@ mod tests {
         assert!(matches!(d.check(k), Seen::InProgress));
         d.answer(k, b"x");
         assert!(matches!(d.check(k), Seen::Answered(b) if b == b"x"));
+    }
+
+    #[test]
+    fn a_full_retransmission_cache_counts_what_it_forgets_early() {
+        let mut d = Dedup::default();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let key = |i: usize| ((peer.ip(), 1 + (i / 65_536) as u16).into(), (i % 65_536) as u16);
+        for i in 0..DEDUP_ENTRIES {
+            assert!(matches!(d.check(key(i)), Seen::New));
+        }
+        assert_eq!(d.take_evicted(), 0);
+        // One more: the oldest goes, within its lifetime.
+        assert!(matches!(d.check(key(DEDUP_ENTRIES)), Seen::New));
+        assert_eq!(d.take_evicted(), 1);
+        assert_eq!(d.take_evicted(), 0);
+        assert_eq!(d.answers.len(), DEDUP_ENTRIES);
+        // So its retransmission is new again.
+        assert!(matches!(d.check(key(0)), Seen::New));
+        assert_eq!(d.take_evicted(), 1);
     }
 
     #[test]

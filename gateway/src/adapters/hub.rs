@@ -390,6 +390,11 @@ impl DeviceHub {
         self.metrics.ingress_rejected.get_or_create(&IngressLabels { protocol, reason }).inc();
     }
 
+    /// Counts `n` entries of `what` forgotten before their time to stay within a bound.
+    pub fn evicted(&self, protocol: &'static str, what: &'static str, n: u64) {
+        self.metrics.ingress_evicted.get_or_create(&IngressLabels { protocol, reason: what }).inc_by(n);
+    }
+
     /// Counts a handled inbound message of `kind`.
     pub fn count_message(&self, protocol: &'static str, kind: &'static str) {
         self.metrics.ingress_messages.get_or_create(&IngressLabels { protocol, reason: kind }).inc();
