@@ -1,5 +1,5 @@
-//! A Modbus RTU line's bytes (any, then the line closes) answering one poll: RTU framing and
-//! CRC, answers from other units, the bad-frame classification (bad CRC, truncated, noise),
+//! A Modbus RTU line's bytes (any, then the end of the stream) answering one poll: RTU framing
+//! and CRC, answers from other units, the bad-frame classification (bad CRC, truncated, noise),
 //! register decoding.
 #![no_main]
 use std::sync::OnceLock;
@@ -16,8 +16,11 @@ fuzz_target!(|data: &[u8]| {
     fieldgate_fuzz::runtime().block_on(async {
         let (gateway, mut line) = tokio::io::duplex(data.len() + 4096);
         let _ = line.write_all(data).await;
-        drop(line);
+        // End of the answers, but the line stays open: a dropped end would refuse the
+        // gateway's requests (broken pipe) before any answer is read.
+        let _ = line.shutdown().await;
         let (read, _failures) = modbus_rtu::poll_once(gateway, 1, points, Duration::from_secs(5)).await;
         assert!(read.len() <= points.len());
+        drop(line);
     });
 });

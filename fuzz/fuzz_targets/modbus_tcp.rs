@@ -1,4 +1,4 @@
-//! A Modbus TCP device's answers (any bytes, then the connection closes) to one poll of points
+//! A Modbus TCP device's answers (any bytes, then the end of the stream) to one poll of points
 //! over every table and type: MBAP and PDU decoding, answer validation against the request,
 //! register decoding.
 #![no_main]
@@ -16,8 +16,11 @@ fuzz_target!(|data: &[u8]| {
     fieldgate_fuzz::runtime().block_on(async {
         let (gateway, mut device) = tokio::io::duplex(data.len() + 4096);
         let _ = device.write_all(data).await;
-        drop(device);
+        // End of the answers, but the device stays open: a dropped end would refuse the
+        // gateway's requests (broken pipe) before any answer is read.
+        let _ = device.shutdown().await;
         let read = modbus_tcp::poll_once(gateway, 1, points, Duration::from_secs(5)).await;
         assert!(read.len() <= points.len());
+        drop(device);
     });
 });
