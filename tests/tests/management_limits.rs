@@ -88,8 +88,11 @@ async fn probes_metrics_and_the_api_answer_while_a_thousand_idle_and_trickling_c
     let evicted = gw
         .wait_metric("fieldgate_management_connections_closed_total", &[("reason", "evicted")], WAIT, |v| v >= 800.0)
         .await?;
-    let open = gw.metric("fieldgate_management_connections", &[]).await?.unwrap_or(f64::MAX);
-    ensure!(open <= 256.0, "{open} connections open after {evicted} evictions");
+    // An evicted connection is closed by its own task, so the count of open sockets settles
+    // at or below the limit shortly after the evictions.
+    gw.wait_metric("fieldgate_management_connections", &[], WAIT, |v| v <= 256.0)
+        .await
+        .with_context(|| format!("more than 256 connections still open after {evicted} evictions"))?;
 
     stop.cancel();
     slow.await?;
