@@ -141,7 +141,21 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, LogFilterError> {
     }
     // Field values in `[span{field=value}]` directives are matched as text, not compiled as
     // regular expressions: a filter from the API must not cost seconds of CPU to parse.
-    EnvFilter::builder().with_regex(false).parse(filter).map_err(|e| err(e.to_string()))
+    let builder = EnvFilter::builder().with_regex(false);
+    // Two directives that differ only in their level replace each other (the last one wins).
+    // That is done here, before tracing-subscriber's directive set sees them: for a field value
+    // matched as text its equality and its ordering disagree, which fails an internal
+    // assertion in builds with debug assertions (found by the `management` fuzz target).
+    let mut kept: Vec<(String, &str)> = Vec::new();
+    for directive in filter.split(',').filter(|d| !d.is_empty()) {
+        let shown = builder.parse(directive).map_err(|e| err(e.to_string()))?.to_string();
+        // `target[span{field=value}]=level`, or a bare level: what precedes the level.
+        let key = shown.rsplit_once('=').map_or(String::new(), |(key, _)| key.to_string());
+        kept.retain(|(k, _)| *k != key);
+        kept.push((key, directive));
+    }
+    let deduplicated = kept.iter().map(|(_, d)| *d).collect::<Vec<_>>().join(",");
+    builder.parse(deduplicated).map_err(|e| err(e.to_string()))
 }
 
 /// Installs the process's log subscriber: `RUST_LOG` (default [`DEFAULT_FILTER`]) filters, `format` is
@@ -774,6 +788,21 @@ mod tests {
         let _ = parse_filter(filter.trim());
         let literal = parse_filter("[read{device=sim-00.*}]=debug").unwrap();
         assert!(literal.to_string().contains("device=sim-00.*"), "{literal}");
+    }
+
+    /// Found by the `management` fuzz target: the same span field directive twice (once `off`,
+    /// once `trace`) failed an assertion inside tracing-subscriber in debug builds. The last
+    /// one wins, as for any other repeated directive.
+    #[test]
+    fn a_directive_repeated_with_another_level_is_replaced_by_the_last_one() {
+        let body: &[u8] = b"\x01wrn,hyperrn,hyper=off,[spappath{f\x00\x00\x00\x7f=184kind45\x00\x00\x0016}]=off,[spappath{f\x00\x00\x00\x7f=184kind45\x00\x00\x0016}]=trace";
+        let filter = crate::management::requested_filter(false, &body[1..]).unwrap_or_default();
+        let _ = parse_filter(filter.trim());
+        let f = parse_filter("info,[poll{device=a}]=off,fieldgate=debug,[poll{device=a}]=trace,warn").unwrap();
+        let shown = f.to_string();
+        assert!(shown.contains("[poll{device=a}]=trace") && !shown.contains("=off"), "{shown}");
+        assert!(shown.contains("fieldgate=debug") && shown.contains("warn") && !shown.contains("info"), "{shown}");
+        assert!(parse_filter("[poll{device=a}]=loud").is_err());
     }
 
     #[test]
