@@ -146,8 +146,11 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, LogFilterError> {
     // That is done here, before tracing-subscriber's directive set sees them: for a field value
     // matched as text its equality and its ordering disagree, which fails an internal
     // assertion in builds with debug assertions (found by the `management` fuzz target).
+    // Each directive is trimmed first: tracing-subscriber walks a directive's trimmed text but
+    // slices the untrimmed one, which panics (in every build) when leading whitespace shifts
+    // an index into a multi-byte character (found by the `management` fuzz target).
     let mut kept: Vec<(String, &str)> = Vec::new();
-    for directive in filter.split(',').filter(|d| !d.is_empty()) {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let shown = builder.parse(directive).map_err(|e| err(e.to_string()))?.to_string();
         // `target[span{field=value}]=level`, or a bare level: what precedes the level.
         let key = shown.rsplit_once('=').map_or(String::new(), |(key, _)| key.to_string());
@@ -803,6 +806,18 @@ mod tests {
         assert!(shown.contains("[poll{device=a}]=trace") && !shown.contains("=off"), "{shown}");
         assert!(shown.contains("fieldgate=debug") && shown.contains("warn") && !shown.contains("info"), "{shown}");
         assert!(parse_filter("[poll{device=a}]=loud").is_err());
+    }
+
+    /// Found by the `management` fuzz target: a directive with leading whitespace and a
+    /// multi-byte character made tracing-subscriber slice inside that character and panic.
+    #[test]
+    fn a_directive_with_leading_whitespace_and_multibyte_text_is_refused_or_parsed_without_a_panic() {
+        let body: &[u8] = b"\"le<el\": \"info\xd4\x8fiYldvaluesal-velenfo\xd4\x8fiYldvaluesalvalul\"!: \"inble: holding, address: 10, l\"info\xd4\x8fiYldvaluesalpush--velenfo\xd4\x8f[i\x08{\",e Yldnielt l,e  \n\n\n\n\n\n\n\n\n\n\n\n  \n\n\n\n\nga*te\x7fga\x00\x00\x00false\x00\x00\x00\x00\x00}\x03\n\n\x00\x00u\x00g\"-t}-token}";
+        let filter = crate::management::requested_filter(false, &body[1..]).unwrap_or_default();
+        let _ = parse_filter(filter.trim());
+        let spaced = parse_filter("info, \u{50f}[s]=debug").unwrap().to_string();
+        assert!(spaced.contains("\u{50f}[s]=debug"), "{spaced}");
+        assert_eq!(parse_filter("info,  fieldgate=debug").unwrap().to_string(), "fieldgate=debug,info");
     }
 
     #[test]
