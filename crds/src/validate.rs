@@ -545,6 +545,11 @@ fn validate_buffer(errs: &mut ValidationErrors, path: &str, b: &BufferSpec) {
     }
     check_duration(errs, &format!("{path}.maxAge"), b.max_age.as_ref(), Duration::from_secs(1));
     check_duration(errs, &format!("{path}.redeliverAfter"), b.redeliver_after.as_ref(), Duration::from_millis(100));
+    if let Some(l) = &b.linger
+        && l.get() > BufferSpec::MAX_LINGER
+    {
+        errs.push(format!("{path}.linger"), format!("{:?} is out of range 0s-1s", l.as_str()));
+    }
 }
 
 /// Checks a typed value against the strict schema of its type: what the types alone cannot
@@ -844,7 +849,7 @@ uplinks:
                 "devices[0].points[1].modbus.tabel: unknown field (did you mean table?); \
                  expected one of address, bit, length, table, wordOrder",
                 "uplinks[0].buffer.onFul: unknown field (did you mean onFull?); \
-                 expected one of maxAge, maxBytes, onFull, redeliverAfter",
+                 expected one of linger, maxAge, maxBytes, onFull, redeliverAfter",
                 "uplinks[0].mqtt.qso: unknown field (did you mean qos?); expected one of auth, clientId, \
                  commandTopic, keepAlive, maxInFlight, protocolVersion, qos, tls, topic, url",
             ],
@@ -886,6 +891,14 @@ uplinks:
             ],
             "{found:#?}"
         );
+    }
+
+    #[test]
+    fn a_buffer_linger_over_a_second_names_the_field_and_the_range() {
+        let long = VALID.replace("onFull: rejectNew}", "onFull: rejectNew, linger: 1500ms}");
+        assert_eq!(problems(&long), ["uplinks[0].buffer.linger: \"1500ms\" is out of range 0s-1s"]);
+        let fine = VALID.replace("onFull: rejectNew}", "onFull: rejectNew, linger: 1s}");
+        parse(&fine).validate().unwrap();
     }
 
     #[test]

@@ -1,20 +1,21 @@
 //! The buffer: one JetStream stream per uplink on the node's disk, and the writer that puts
 //! readings into it.
 //!
-//! A reading is *accepted* once JetStream acknowledged the entry that carries it (PubAck);
-//! until then it is only in flight. An entry is one JetStream message holding up to
+//! A reading is *accepted* once JetStream acknowledged the entry that carries it (PubAck); until
+//! then it is only in flight. An entry is one JetStream message holding up to
 //! [`MAX_ENTRY_READINGS`] readings (`BufferEntry` in `proto/fieldgate/v1/reading.proto`): each
 //! uplink's lane stores one entry at a time, and the next carries every reading that arrived
-//! meanwhile (group commit). Its headers give the `buffer_seq` of its first reading and their
-//! count, so `buffer_seq` numbers the uplink's readings without gaps. Its `Nats-Msg-Id` is
-//! `{stream}/{first buffer_seq}` ([`entry_id`]), unique in the stream and the same for every
-//! retry, and each publish expects the stream's last sequence (the lane is its stream's one
-//! writer): an entry whose PubAck was lost is recognised when retried, never stored twice,
-//! never counted as dropped, and its `buffer_seq`s are never reused. An entry JetStream refuses
-//! as too large (for its `max_payload`, or for the whole buffer) is stored in halves until each
-//! reading goes alone; one reading too large alone, or an entry refused otherwise (`rejectNew`
-//! and full, JetStream unreachable for `give_up_after` with no attempt that might have stored
-//! it), is dropped and each of its readings counted with the reason.
+//! meanwhile (group commit) — and, with the uplink's `buffer.linger`, every reading that arrives
+//! until its first one has waited that long (fewer, larger entries for less CPU). Its headers give
+//! the `buffer_seq` of its first reading and their count, so `buffer_seq` numbers the uplink's
+//! readings without gaps. Its `Nats-Msg-Id` is `{stream}/{first buffer_seq}` ([`entry_id`]), unique
+//! in the stream and the same for every retry, and each publish expects the stream's last sequence
+//! (the lane is its stream's one writer): an entry whose PubAck was lost is recognised when
+//! retried, never stored twice, never counted as dropped, and its `buffer_seq`s are never reused.
+//! An entry JetStream refuses as too large (for its `max_payload`, or for the whole buffer) is
+//! stored in halves until each reading goes alone; one reading too large alone, or an entry refused
+//! otherwise (`rejectNew` and full, JetStream unreachable for `give_up_after` with no attempt that
+//! might have stored it), is dropped and each of its readings counted with the reason.
 //!
 //! `buffer_seq` continues across restarts: after the stream's last entry, or, when the stream
 //! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`] (written
@@ -105,6 +106,8 @@ pub struct UplinkBuffer {
     pub on_full: OnFull,
     /// Ack wait of the uplink's consumer: when an unacknowledged delivery is sent again.
     pub redeliver_after: Duration,
+    /// How long the first reading of an entry waits for others to join it.
+    pub linger: Duration,
 }
 
 /// JetStream stream name of an uplink (`.` is not allowed in stream names and `_` is not
@@ -130,6 +133,7 @@ impl UplinkBuffer {
             max_age: b.max_age(),
             on_full: b.on_full(),
             redeliver_after: b.redeliver_after(),
+            linger: b.linger(),
         }
     }
 
@@ -1042,16 +1046,25 @@ impl Lane {
                         }
                     }
                 };
+                let until = first.since + self.b.linger;
                 batch.push(first);
                 let mut bytes: usize = batch.iter().map(|q| q.payload.len()).sum();
                 while batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
                     let Ok(q) = rx.try_recv() else { break };
-                    if bytes + q.payload.len() > MAX_ENTRY_BYTES {
-                        carry = Some(q);
-                    } else {
-                        bytes += q.payload.len();
-                        batch.push(q);
-                    }
+                    admit(&mut batch, &mut carry, &mut bytes, q);
+                }
+                // `linger`: more readings may join until the first one has waited that long.
+                while !self.b.linger.is_zero() && batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
+                    let q = tokio::select! {
+                        biased;
+                        () = abandon.cancelled() => return Some(held(&batch, &carry, &halves)),
+                        () = tokio::time::sleep_until(until) => break,
+                        q = rx.recv() => match q {
+                            Some(q) => q,
+                            None => break,
+                        },
+                    };
+                    admit(&mut batch, &mut carry, &mut bytes, q);
                 }
             }
             let stored = tokio::select! {
@@ -1143,6 +1156,17 @@ impl Lane {
             Some(s) => s.info().await.is_ok_and(|i| i.state.messages == 0),
             None => false,
         }
+    }
+}
+
+/// Adds `q` to the entry being formed, or keeps it for the next one when the entry would grow
+/// past [`MAX_ENTRY_BYTES`].
+fn admit(batch: &mut Vec<Queued>, carry: &mut Option<Queued>, bytes: &mut usize, q: Queued) {
+    if *bytes + q.payload.len() > MAX_ENTRY_BYTES {
+        *carry = Some(q);
+    } else {
+        *bytes += q.payload.len();
+        batch.push(q);
     }
 }
 

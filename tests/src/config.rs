@@ -64,6 +64,7 @@ pub fn mqtt_uplink(name: &str, url: &str) -> GatewayUplink {
             max_age: None,
             on_full: None,
             redeliver_after: Some(Duration::from_secs(2).into()),
+            linger: None,
         }),
     }
 }

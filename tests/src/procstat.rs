@@ -11,6 +11,11 @@ pub struct ProcStats {
     pub rss_kib: u64,
     /// Peak resident memory (`VmHWM`).
     pub hwm_kib: u64,
+    /// Resident anonymous memory (`RssAnon`): heap, stacks.
+    pub anon_kib: u64,
+    /// Resident file-backed memory (`RssFile`): mostly the pages of the program's own code,
+    /// clean and shared with the page cache.
+    pub file_kib: u64,
 }
 
 /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
@@ -31,7 +36,13 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats> {
             .unwrap_or(0)
     };
     // Linux reports utime/stime in USER_HZ, which is 100 on every supported architecture.
-    Ok(ProcStats { cpu_s: (utime + stime) as f64 / 100.0, rss_kib: kib("VmRSS:"), hwm_kib: kib("VmHWM:") })
+    Ok(ProcStats {
+        cpu_s: (utime + stime) as f64 / 100.0,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        anon_kib: kib("RssAnon:"),
+        file_kib: kib("RssFile:"),
+    })
 }
 
 /// CPU seconds of `pid`, or 0 when it cannot be read (the figure then shows as 0).

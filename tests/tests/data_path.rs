@@ -848,3 +848,28 @@ async fn buffer_seq_continues_without_a_gap_across_restarts_on_an_empty_buffer()
     ensure!(seqs == expected, "bufferSeq has gaps or jumps: [{}]", fieldgate_tests::delivery::ranges(&seqs));
     Ok(())
 }
+
+/// `buffer.linger`: the readings of one poll slot (four devices polled together) wait for
+/// each other and are stored as one buffer entry, and every one of them still arrives once.
+/// Entries are counted by nats-server (the stream's last sequence), readings by the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_linger_stores_the_readings_of_a_poll_slot_together_and_loses_none() -> Result<()> {
+    let mut rig = rig("linger", &[Fault::None; 4], "500ms", |u| {
+        u.buffer.get_or_insert_with(Default::default).linger = Some("300ms".parse().expect("a duration"));
+    })
+    .await?;
+    rig.cloud.wait_for_count(40, WAIT).await.with_context(|| rig.gw.log())?;
+    let (report, _) = rig.drain_and_stop().await?;
+    let entries = rig.nats.stream_state(&stream_name(NAMESPACE, UPLINK)).await?.last_sequence;
+    eprintln!("linger 300ms, 4 devices every 500ms: {report}; {entries} buffer entries");
+    report.assert_complete()?;
+    ensure!(report.duplicates == 0, "duplicates without any outage: {report}");
+    // Without a linger the first reading of a slot goes alone and the other three follow in
+    // a second entry (or more); with it, a slot's four readings share one entry.
+    ensure!(
+        entries * 3 <= report.served as u64,
+        "{entries} entries for {} readings: the slot's readings were not stored together",
+        report.served
+    );
+    Ok(())
+}

@@ -31,7 +31,7 @@ use clap::Parser;
 use fieldgate_crds::OnFull;
 use fieldgate_tests::bench_nats::BenchNats;
 use fieldgate_tests::config::{ConfigBuilder, set_buffer};
-use fieldgate_tests::procstat::{ProcStats, machine, proc_stats};
+use fieldgate_tests::procstat::{ProcStats, cpu_seconds, machine, proc_stats};
 use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, free_port, wait_until};
 use futures::StreamExt;
@@ -88,6 +88,23 @@ struct Args {
     /// Devices (field topics) of the `mqtt-ingest` scenario.
     #[arg(long, default_value_t = 10)]
     ingest_devices: u16,
+    /// The uplink's `buffer.linger` (how long a reading may wait for others to share its
+    /// buffer entry), such as `10ms`; none by default.
+    #[arg(long)]
+    linger: Option<fieldgate_crds::HumanDuration>,
+}
+
+/// The benchmark's uplink buffer: 1 GiB, `dropOldest`, `args.linger`.
+fn bench_buffer(u: &mut fieldgate_crds::GatewayUplink, args: &Args) {
+    set_buffer(u, "1Gi", OnFull::DropOldest);
+    if let Some(b) = u.buffer.as_mut() {
+        b.linger = args.linger.clone();
+    }
+}
+
+/// How the load line names the buffer's linger.
+fn linger_note(args: &Args) -> String {
+    args.linger.as_ref().map(|l| format!(", buffer.linger {}", l.as_str())).unwrap_or_default()
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +226,10 @@ struct RunResult {
     cpu_s_per_million: f64,
     rss_mib: f64,
     hwm_mib: f64,
+    /// The gateway's resident memory at the end of the window: anonymous, and file-backed
+    /// (its own code).
+    anon_mib: f64,
+    file_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
     latency_samples: usize,
@@ -266,7 +287,7 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     });
     let cfg = ConfigBuilder::new().devices(devices_cfg).cloud(&mosq.url(), |u| {
         u.encoding = Some(encoding);
-        set_buffer(u, "1Gi", OnFull::DropOldest);
+        bench_buffer(u, args);
     });
     gw.write_config(&cfg.yaml()?)?;
     let counter = Counter::start(mosq.port(), "fieldgate/#").await?;
@@ -315,6 +336,8 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
         cpu_s_per_million: per_million(gw_cpu),
         rss_mib: s1.gateway.rss_kib as f64 / 1024.0,
         hwm_mib: s1.gateway.hwm_kib as f64 / 1024.0,
+        anon_mib: s1.gateway.anon_kib as f64 / 1024.0,
+        file_mib: s1.gateway.file_kib as f64 / 1024.0,
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         latency_samples: lat.len(),
@@ -480,8 +503,12 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
     };
     let ppr = POINTS_FIXED + u64::from(load.extra);
     println!(
-        "  load: {} devices x {ppr} points every {} (JetStream sync_interval: always), {} s window after {} s warm-up",
-        load.devices, load.poll, args.seconds, args.warmup
+        "  load: {} devices x {ppr} points every {} (JetStream sync_interval: always{}), {} s window after {} s warm-up",
+        load.devices,
+        load.poll,
+        linger_note(args),
+        args.seconds,
+        args.warmup
     );
     let r = run_path(args, &load).await?;
     println!("  load average after the run: {}", machine());
@@ -494,6 +521,10 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
     println!("    nats-server                  {:>10.3} CPU-s per 10^6 points", r.nats_cpu_s_per_million);
     println!("  cloud broker (not counted)     {:>10.3} CPU-s per 10^6 points", r.broker_cpu_s_per_million);
     println!("  gateway peak RSS               {} MiB", against(r.hwm_mib, targets.rss_mib, 1));
+    println!(
+        "    at the end: anonymous        {:>10.1} MiB, file-backed (its code, shared with the page cache) {:.1} MiB",
+        r.anon_mib, r.file_mib
+    );
     println!("  nats-server peak RSS           {:>10.1} MiB", r.nats_hwm_mib);
     println!("  sample -> cloud p50            {:>10.2} ms", r.p50_ms);
     println!(
@@ -531,14 +562,30 @@ async fn run_idle(args: &Args) -> Result<()> {
     gw.env("RUST_LOG", "warn");
     gw.start_ready().await?;
     let pid = gw.pid().context("gateway pid")?;
+    // The floor under the target, in the same window: nats-server's own cost with JetStream on
+    // and no stream, and with one stream and a connected client that sends nothing.
+    let bare = BenchNats::start(Some("always")).await?;
+    let one_stream = BenchNats::start(Some("always")).await?;
+    let client = async_nats::connect(one_stream.url()).await?;
+    jetstream::new(client.clone())
+        .create_stream(jetstream::stream::Config {
+            name: "floor".into(),
+            subjects: vec!["floor".into()],
+            retention: jetstream::stream::RetentionPolicy::Interest,
+            ..Default::default()
+        })
+        .await
+        .context("creating the floor probe's stream")?;
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
     let s0 = sample(pid, nats.pid(), mosq.pid())?;
+    let floor0 = (cpu_seconds(bare.pid()), cpu_seconds(one_stream.pid()));
     let t0 = Instant::now();
     let nothing = AtomicU64::new(0);
     window("idle", args.idle_seconds, &nothing, 0, s0, (pid, nats.pid())).await;
     let elapsed = t0.elapsed().as_secs_f64();
     let s1 = sample(pid, nats.pid(), mosq.pid())?;
+    let floor = (cpu_seconds(bare.pid()) - floor0.0, cpu_seconds(one_stream.pid()) - floor0.1);
     let percent = |cpu: f64| 100.0 * cpu / elapsed;
     let gw_cpu = s1.gateway.cpu_s - s0.gateway.cpu_s;
     let nats_cpu = s1.nats.cpu_s - s0.nats.cpu_s;
@@ -553,8 +600,12 @@ async fn run_idle(args: &Args) -> Result<()> {
     );
     println!("    nats-server                  {:>10.3} % of a core ({nats_cpu:.2} CPU-s)", percent(nats_cpu));
     println!("  cloud broker (not counted)     {:>10.3} % of a core", percent(s1.broker_cpu_s - s0.broker_cpu_s));
+    println!("  floor: nats-server alone, same window (not counted)");
+    println!("    JetStream on, no stream      {:>10.3} % of a core", percent(floor.0));
+    println!("    one stream, a client idle    {:>10.3} % of a core", percent(floor.1));
     println!("  gateway peak RSS               {:>10.1} MiB", s1.gateway.hwm_kib as f64 / 1024.0);
     println!("  nats-server peak RSS           {:>10.1} MiB", s1.nats.hwm_kib as f64 / 1024.0);
+    drop(client);
     drop(gw);
     Ok(())
 }
@@ -585,8 +636,12 @@ struct IngestRun {
 async fn run_mqtt_ingest(args: &Args) -> Result<()> {
     println!(
         "  load: {} QoS 1 messages/s over {} field topics (one point each), {} s window after {} s warm-up; \
-         the same messages through a mosquitto bridge, then through the gateway (JetStream sync_interval: always)",
-        args.ingest_rate, args.ingest_devices, args.seconds, args.warmup
+         the same messages through a mosquitto bridge, then through the gateway (JetStream sync_interval: always{})",
+        args.ingest_rate,
+        args.ingest_devices,
+        args.seconds,
+        args.warmup,
+        linger_note(args)
     );
     let bridge = ingest_run(args, Carrier::Bridge).await?;
     let gateway = ingest_run(args, Carrier::Gateway).await?;
@@ -633,7 +688,7 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
                 .collect::<Result<_, _>>()?;
             let cfg = ConfigBuilder::new().devices(devices).cloud(&cloud.url(), |u| {
                 fieldgate_tests::config::mqtt_of(u).max_in_flight = Some(1000);
-                set_buffer(u, "1Gi", OnFull::DropOldest);
+                bench_buffer(u, args);
             });
             let mut gw = Gateway::new(&nats.url())?;
             gw.write_config(&cfg.yaml()?)?;
