@@ -344,7 +344,9 @@ fn check_well_formed_parts(doc: &Value, errs: &mut ValidationErrors) {
     );
 }
 
-fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
+/// Parses YAML (or JSON) text into a document tree, as [`GatewayConfig::from_yaml`] does first
+/// (with the same node budget).
+pub fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
     // The parser's default budget (250k nodes) refuses a node with ~13k devices; a device
     // is ~20 nodes. Allow a few hundred thousand devices; the file size bounds the rest.
     let mut budget = serde_saphyr::Budget::default();
