@@ -197,6 +197,15 @@ impl GatewayUplink {
     pub fn selects(&self, device: &GatewayDevice) -> bool {
         device.namespace == self.namespace && self.devices.as_ref().is_none_or(|names| names.contains(&device.name))
     }
+
+    /// [`selects`](Self::selects) for asking about many devices: the device list is read into
+    /// a set once (an operator-rendered uplink lists every device it takes, and a scan of that
+    /// list per device is quadratic in the devices).
+    pub fn selector(&self) -> impl Fn(&GatewayDevice) -> bool + '_ {
+        let names: Option<std::collections::HashSet<&str>> =
+            self.devices.as_ref().map(|names| names.iter().map(String::as_str).collect());
+        move |d| d.namespace == self.namespace && names.as_ref().is_none_or(|names| names.contains(d.name.as_str()))
+    }
 }
 
 fn default_namespace() -> String {

@@ -32,7 +32,7 @@
 //! Durability against power loss is the nats-server's `jetstream.sync_interval` setting
 //! (`always` fsyncs every write; the default `2m` trades that for throughput).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -41,7 +41,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
-use fieldgate_crds::{GatewayConfig, GatewayDevice, GatewayUplink, OnFull};
+use fieldgate_crds::{GatewayConfig, GatewayUplink, OnFull};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -178,27 +178,11 @@ impl Routes {
     /// The routes of a validated config.
     pub fn new(cfg: &GatewayConfig) -> Self {
         let buffers: Vec<Arc<UplinkBuffer>> = cfg.uplinks.iter().map(|u| Arc::new(UplinkBuffer::new(u))).collect();
-        // What `GatewayUplink::selects` says, with each uplink's device list as a set: an
-        // operator-rendered uplink lists every device it takes, and a scan of that list per
-        // device is quadratic in the devices.
-        let lists: Vec<Option<HashSet<&str>>> = cfg
-            .uplinks
-            .iter()
-            .map(|u| u.devices.as_ref().map(|names| names.iter().map(String::as_str).collect()))
-            .collect();
-        let selects = |u: &GatewayUplink, list: &Option<HashSet<&str>>, d: &GatewayDevice| {
-            d.namespace == u.namespace && list.as_ref().is_none_or(|names| names.contains(d.name.as_str()))
-        };
+        let selectors: Vec<_> = cfg.uplinks.iter().map(GatewayUplink::selector).collect();
         let mut by_device: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for d in &cfg.devices {
-            let targets: Vec<usize> = cfg
-                .uplinks
-                .iter()
-                .zip(&lists)
-                .enumerate()
-                .filter(|(_, (u, list))| selects(u, list, d))
-                .map(|(i, _)| i)
-                .collect();
+            let targets: Vec<usize> =
+                selectors.iter().enumerate().filter(|(_, selects)| selects(d)).map(|(i, _)| i).collect();
             by_device.entry(d.namespace.clone()).or_default().insert(d.name.clone(), targets);
         }
         Self { buffers, by_device }
