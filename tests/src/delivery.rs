@@ -43,6 +43,11 @@ pub struct DeliveryReport {
     pub unknown: Vec<(String, u32)>,
     /// A `bufferSeq` that carried two different samples of one uplink.
     pub seq_conflicts: Vec<u64>,
+    /// Connections each device served samples on. Each may have ended in a poll cut after
+    /// its first requests answered and before its holding registers were read: a reading
+    /// without a sample the judge cannot see from the device side (at most one per
+    /// connection).
+    pub connections: BTreeMap<String, usize>,
 }
 
 /// Compares the cloud's readings with the devices' sample logs.
@@ -70,6 +75,7 @@ pub fn delivery_report(served: &ServedLog, keys: &[ReadingKey]) -> DeliveryRepor
             last_of.insert(s.connection, s.sample);
         }
         let last_samples: BTreeSet<u32> = last_of.values().copied().collect();
+        r.connections.insert(device.clone(), last_of.len());
         for s in samples {
             known.insert((device.as_str(), s.sample));
             if got.contains_key(&(device.as_str(), s.sample)) {
@@ -104,6 +110,12 @@ impl DeliveryReport {
     /// Samples abandoned.
     pub fn abandoned_count(&self) -> usize {
         self.abandoned.values().map(Vec::len).sum()
+    }
+
+    /// Polls the judge cannot see that may still have made a reading: one per connection a
+    /// device served samples on ([`DeliveryReport::connections`]).
+    pub fn cut_polls_possible(&self) -> usize {
+        self.connections.values().sum()
     }
 
     /// Fails unless every served sample arrived (abandoned polls aside) and nothing arrived
@@ -198,6 +210,7 @@ mod tests {
         let r = delivery_report(&log, &keys);
         assert_eq!(r.lost["d"], [2]);
         assert_eq!(r.abandoned["d"], [4, 6]);
+        assert_eq!(r.connections["d"], 2);
         assert_eq!((r.served, r.received, r.delivered, r.duplicates), (6, 4, 3, 1));
         r.assert_consistent().unwrap();
         assert!(r.assert_complete().unwrap_err().to_string().contains("lost of d: [2]"));
