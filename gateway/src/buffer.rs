@@ -1037,18 +1037,22 @@ impl Lane {
                     let Ok(q) = rx.try_recv() else { break };
                     admit(&mut batch, &mut carry, &mut bytes, q);
                 }
-                // `linger`: more readings may join until the first one has waited that long.
+                // `linger`: more readings may join until the first one has waited that long,
+                // or until none arrived for a quarter of it ([`linger_close`]).
+                let mut last = Instant::now();
                 while !self.b.linger.is_zero() && batch.len() < MAX_ENTRY_READINGS && carry.is_none() {
+                    let close = linger_close(until, last, self.b.linger);
                     let q = tokio::select! {
                         biased;
                         () = abandon.cancelled() => return Some(held(&batch, &carry, &halves)),
-                        () = tokio::time::sleep_until(until) => break,
+                        () = tokio::time::sleep_until(close) => break,
                         q = rx.recv() => match q {
                             Some(q) => q,
                             None => break,
                         },
                     };
                     admit(&mut batch, &mut carry, &mut bytes, q);
+                    last = Instant::now();
                 }
             }
             let stored = tokio::select! {
@@ -1141,6 +1145,15 @@ impl Lane {
             None => false,
         }
     }
+}
+
+/// When an entry that lingers closes: `linger` after its first reading (`until`), or earlier
+/// once no reading arrived for a quarter of `linger` since the `last` one. The readings of one
+/// poll slot come within a few milliseconds of each other; the entry does not wait out the
+/// rest of the linger once they stopped, while a steady stream of readings (faster than one
+/// per quarter linger) still fills it for the whole linger.
+fn linger_close(until: Instant, last: Instant, linger: Duration) -> Instant {
+    until.min(last + linger / 4)
 }
 
 /// Adds `q` to the entry being formed, or keeps it for the next one when the entry would grow
@@ -1238,6 +1251,19 @@ mod tests {
         // No record (or one of another stream's life): the floor.
         assert_eq!(next_after_empty(42, None), seq_floor(42));
         assert_eq!(next_after_empty(3, Some(r)), seq_floor(3));
+    }
+
+    #[test]
+    fn a_lingering_entry_closes_at_its_linger_or_after_a_quiet_quarter_of_it() {
+        let t0 = Instant::now();
+        let linger = Duration::from_millis(40);
+        let until = t0 + linger;
+        // Readings stopped right after the first: closes a quarter linger later.
+        assert_eq!(linger_close(until, t0, linger), t0 + Duration::from_millis(10));
+        // A reading 8 ms in pushes it to 18 ms.
+        assert_eq!(linger_close(until, t0 + Duration::from_millis(8), linger), t0 + Duration::from_millis(18));
+        // Readings still coming near the end: never past the linger.
+        assert_eq!(linger_close(until, t0 + Duration::from_millis(35), linger), until);
     }
 
     #[test]

@@ -302,9 +302,9 @@ struct Driver {
     refusal_log: LogThrottle,
 }
 
-async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, String>> {
+async fn next_message(m: &mut Option<pull::Stream>) -> Option<Result<jetstream::Message, pull::MessagesError>> {
     match m {
-        Some(s) => s.next().await.map(|r| r.map_err(|e| e.to_string())),
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }
@@ -698,7 +698,9 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
                 }
                 Some(Err(e)) => {
                     debug!(uplink = %d.labels.uplink, error = %e, "buffer consumer error");
-                    if !e.contains("heartbeat") {
+                    // A missed heartbeat is reported and the stream goes on; anything else
+                    // ends it.
+                    if e.kind() != pull::MessagesErrorKind::MissingHeartbeat {
                         messages = None;
                         buffer_retry_at = Instant::now() + buffer_delays.next().unwrap_or(Duration::from_secs(10));
                     }

@@ -360,15 +360,33 @@ async fn measure(nats: &BenchNats, args: &Args, variant: Variant, points: usize)
     Ok(figure)
 }
 
+/// How the uplink side releases what the cloud confirmed.
+#[derive(Clone, Copy, Debug)]
+enum Release {
+    /// Interest retention: each ack removes its message (a write per message).
+    Interest(AckPolicy),
+    /// Limits retention, one ack per reading, and one purge below the acknowledged prefix per
+    /// `window / 2` readings (the store drops whole blocks; no write per message).
+    LimitsPurge,
+}
+
 /// Stores `n` readings (atomic batches), then consumes and acks them: one ack per reading
-/// (`AckPolicy::Explicit`) or one ack per pulled batch (`AckPolicy::All`). Returns
-/// nats-server's CPU-seconds during the consumption and the readings consumed per second.
-async fn ack_cost(nats: &BenchNats, args: &Args, policy: AckPolicy) -> Result<(f64, f64)> {
+/// (`AckPolicy::Explicit`) or one ack per pulled batch (`AckPolicy::All`) on an interest
+/// stream, or acks plus a periodic purge on a limits stream. Returns nats-server's
+/// CPU-seconds during the consumption and the readings consumed per second.
+async fn ack_cost(nats: &BenchNats, args: &Args, release: Release) -> Result<(f64, f64)> {
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
-    let name = format!("acks_{policy:?}").to_lowercase();
+    let (policy, name) = match release {
+        Release::Interest(p) => (p, format!("acks_{p:?}").to_lowercase()),
+        Release::LimitsPurge => (AckPolicy::Explicit, "acks_limits_purge".to_string()),
+    };
     let subject = format!("bench.{name}");
-    let mut stream = js.create_stream(stream_config(&name, true)).await.map_err(|e| anyhow!("{e}"))?;
+    let mut config = stream_config(&name, true);
+    if let Release::LimitsPurge = release {
+        config.retention = RetentionPolicy::Limits;
+    }
+    let mut stream = js.create_stream(config).await.map_err(|e| anyhow!("{e}"))?;
     // Interest retention keeps messages only for a consumer: create it first.
     let consumer = stream
         .create_consumer(pull::Config {
@@ -417,7 +435,16 @@ async fn ack_cost(nats: &BenchNats, args: &Args, policy: AckPolicy) -> Result<(f
                     since_ack = 0;
                 }
             }
-            _ => msg.ack().await.map_err(|e| anyhow!("{e}"))?,
+            _ => {
+                msg.ack().await.map_err(|e| anyhow!("{e}"))?;
+                if let Release::LimitsPurge = release
+                    && (since_ack >= args.window / 2 || consumed == stored)
+                {
+                    let seq = msg.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
+                    stream.purge().sequence(seq + 1).await.map_err(|e| anyhow!("{e}"))?;
+                    since_ack = 0;
+                }
+            }
         }
     }
     // Wait until the server processed the acks (interest retention removes the messages).
@@ -538,11 +565,12 @@ async fn main() -> Result<()> {
         }
     }
     println!("\nuplink acks ({} readings of 21 points, consumed and acked):", args.ack_readings);
-    for policy in [AckPolicy::Explicit, AckPolicy::All] {
-        let (cpu, rate) = ack_cost(&nats, &args, policy).await?;
-        let how = match policy {
-            AckPolicy::All => format!("AckPolicy::All, one ack per {} readings", args.window / 2),
-            _ => String::from("AckPolicy::Explicit, one ack per reading"),
+    for release in [Release::Interest(AckPolicy::Explicit), Release::Interest(AckPolicy::All), Release::LimitsPurge] {
+        let (cpu, rate) = ack_cost(&nats, &args, release).await?;
+        let how = match release {
+            Release::Interest(AckPolicy::All) => format!("AckPolicy::All, one ack per {} readings", args.window / 2),
+            Release::Interest(_) => String::from("AckPolicy::Explicit, one ack per reading"),
+            Release::LimitsPurge => format!("limits stream, one ack per reading, purge per {}", args.window / 2),
         };
         println!(
             "  {how:<48} {rate:>9.0} readings/s; nats-server {:.2} CPU-s per 10^6 readings",

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use clap::Parser;
 use fieldgate_crds::OnFull;
 use fieldgate_tests::bench_nats::BenchNats;
-use fieldgate_tests::config::{ConfigBuilder, set_buffer};
+use fieldgate_tests::config::{ConfigBuilder, NAMESPACE, UPLINK, set_buffer, stream_name};
 use fieldgate_tests::procstat::{ProcStats, cpu_seconds, machine, proc_stats};
 use fieldgate_tests::sim_process::{SimProcess, free_consecutive_ports};
 use fieldgate_tests::{Gateway, Mosquitto, NatsServer, free_port, wait_until};
@@ -233,6 +233,10 @@ struct RunResult {
     p50_ms: f64,
     p99_ms: f64,
     latency_samples: usize,
+    /// Buffer entries stored per second in the window (JetStream messages of the uplink's
+    /// stream), and nats-server's CPU per entry.
+    entries_per_s: f64,
+    nats_us_per_entry: f64,
 }
 
 /// CPU of the gateway, its nats-server and the cloud broker at one moment.
@@ -304,6 +308,10 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
     let ppr = POINTS_FIXED + u64::from(load.extra);
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    let stream = stream_name(NAMESPACE, UPLINK);
+    let last_seq = || async { anyhow::Ok(js.get_stream(&stream).await?.cached_info().state.last_sequence) };
+    let e0 = last_seq().await?;
     let c0 = counter.count.load(Ordering::Relaxed);
     let s0 = sample(pid, nats.pid(), mosq.pid())?;
     let t0 = Instant::now();
@@ -314,6 +322,7 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     let elapsed = t0.elapsed().as_secs_f64();
     let c1 = counter.count.load(Ordering::Relaxed);
     let s1 = sample(pid, nats.pid(), mosq.pid())?;
+    let entries = last_seq().await?.saturating_sub(e0) as f64;
 
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -341,6 +350,8 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         latency_samples: lat.len(),
+        entries_per_s: entries / elapsed,
+        nats_us_per_entry: if entries > 0.0 { nats_cpu / entries * 1e6 } else { f64::NAN },
     })
 }
 
@@ -519,6 +530,12 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
     );
     println!("    gateway                      {:>10.3} CPU-s per 10^6 points", r.cpu_s_per_million);
     println!("    nats-server                  {:>10.3} CPU-s per 10^6 points", r.nats_cpu_s_per_million);
+    println!(
+        "      per buffer entry           {:>10.1} µs ({:.1} entries/s, {:.1} readings an entry)",
+        r.nats_us_per_entry,
+        r.entries_per_s,
+        r.readings_per_s / r.entries_per_s
+    );
     println!("  cloud broker (not counted)     {:>10.3} CPU-s per 10^6 points", r.broker_cpu_s_per_million);
     println!("  gateway peak RSS               {} MiB", against(r.hwm_mib, targets.rss_mib, 1));
     println!(
