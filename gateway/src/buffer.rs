@@ -23,8 +23,12 @@
 //! stream (a crash right after storing) does the sequence jump forward ([`next_after_empty`]),
 //! never back.
 //!
-//! Streams use interest retention: an entry leaves the disk once its uplink's consumer acked
-//! it, which the uplink does only after the cloud confirmed or refused each of its readings.
+//! The uplink's consumer acks an entry only after the cloud confirmed or refused each of its
+//! readings. Streams use limits retention, so an ack removes nothing by itself (on an interest
+//! stream every ack is a removal: a write and, with `sync_interval: always`, an fsync per
+//! entry); the uplink releases the acknowledged prefix — every entry up to its consumer's
+//! acknowledgement floor — in one purge at most once a second ([`release_settled`]), and the
+//! lane does the same before it treats the stream as full, and at start.
 //! `maxBytes`/`maxAge` bound what an outage can pile up. JetStream itself only refuses a write
 //! to a full stream; the lane removes entries past `maxAge` and, with `onFull: dropOldest`,
 //! the oldest entry not being delivered to make room, counting each reading it removes — so
@@ -143,7 +147,11 @@ impl UplinkBuffer {
             name: self.stream.clone(),
             description: Some(format!("Fieldgate buffer of uplink {}", self.uplink)),
             subjects: vec![self.subject.clone()],
-            retention: RetentionPolicy::Interest,
+            // Limits retention: an acknowledgement does not remove its entry (on an interest
+            // stream each one is a removal, a write and an fsync per entry); the uplink
+            // releases the acknowledged prefix in one purge now and then
+            // ([`release_settled`]).
+            retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: 1,
             max_bytes: i64::try_from(self.max_bytes).unwrap_or(i64::MAX),
@@ -164,6 +172,18 @@ impl UplinkBuffer {
         debug!(stream = %self.stream, "buffer stream ready");
         Ok(s)
     }
+}
+
+/// Removes the entries the uplink's consumer acknowledged, up to its acknowledgement floor
+/// (every entry at or below it was acked or terminated), in one purge; returns how many
+/// left. Nothing else is touched: an entry above the floor is kept even if acked.
+pub async fn release_settled<I>(stream: &stream::Stream<I>) -> Result<u64, async_nats::Error> {
+    let info = stream.consumer_info(crate::uplinks::CONSUMER).await?;
+    let floor = info.ack_floor.stream_sequence;
+    if floor == 0 {
+        return Ok(0);
+    }
+    Ok(stream.purge().sequence(floor + 1).await?.purged)
 }
 
 /// Where each device's readings go: the buffers of the uplinks that select it.
@@ -416,6 +436,12 @@ async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiv
 /// the entries already in the stream.
 async fn restore(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(stream::Stream, u64, Prior), async_nats::Error> {
     let mut stream = js.get_stream(&b.stream).await?;
+    // What an earlier run's uplink acknowledged and did not release yet is not buffered.
+    match release_settled(&stream).await {
+        Ok(0) => {}
+        Ok(n) => debug!(uplink = %b.uplink, entries = n, "entries acknowledged by an earlier run released"),
+        Err(e) => debug!(uplink = %b.uplink, error = %e, "nothing released at start (no consumer yet?)"),
+    }
     let state = stream.info().await?.state.clone();
     let mut prior = Prior { last_seq: state.last_sequence, ..Prior::default() };
     if state.messages > 0 {
@@ -1075,6 +1101,8 @@ impl Lane {
         let deadline = Instant::now() + self.give_up_after;
         let mut waits = backoff(Duration::from_millis(50), Duration::from_secs(1));
         let mut attempts_total = 0;
+        // Whether acknowledged entries were released since the last refusal.
+        let mut released = false;
         let outcome = loop {
             let (outcome, attempts, bytes) =
                 publish_entry(&self.js, &self.b, first_seq, batch, self.give_up_after, &mut last_stream_seq).await;
@@ -1084,6 +1112,11 @@ impl Lane {
                 Publish::Stored => {
                     self.state.stored(last_stream_seq, first_seq, n, bytes, SystemTime::now());
                     break Ok(());
+                }
+                // Entries delivered and not released yet take room too: release them first.
+                Publish::Full if !released && self.release().await > 0 => {
+                    released = true;
+                    continue;
                 }
                 Publish::Full if self.b.on_full == OnFull::DropOldest => {
                     match self.remove_oldest(|_| true).await {
@@ -1102,6 +1135,8 @@ impl Lane {
                         break Err(DropReason::buffer_full_rejected);
                     }
                     tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
+                    // Entries may have been acknowledged meanwhile.
+                    released = false;
                 }
                 Publish::Full => break Err(DropReason::buffer_full_rejected),
                 Publish::TooLarge => break Err(DropReason::too_large),
@@ -1135,6 +1170,18 @@ impl Lane {
                     q.resolve(Err(reason), attempts_total);
                 }
                 false
+            }
+        }
+    }
+
+    /// [`release_settled`] on this lane's stream; 0 when nothing could be released.
+    async fn release(&mut self) -> u64 {
+        let Some(stream) = self.stream.as_ref() else { return 0 };
+        match release_settled(stream).await {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(uplink = %self.b.uplink, error = %e, "acknowledged entries not released now");
+                0
             }
         }
     }
@@ -1297,7 +1344,7 @@ uplinks:
         assert_eq!(s.max_age, Duration::ZERO);
         assert_eq!(b.max_age, Duration::from_secs(3600));
         assert_eq!(s.discard, DiscardPolicy::New);
-        assert_eq!(s.retention, RetentionPolicy::Interest);
+        assert_eq!(s.retention, RetentionPolicy::Limits);
         assert_eq!(s.storage, StorageType::File);
         assert_eq!(b.redeliver_after, Duration::from_secs(2));
     }

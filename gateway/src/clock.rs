@@ -179,6 +179,38 @@ impl TimeSource for TestSource {
     }
 }
 
+/// Retry delays at least this long are placed on the shared [`RETRY_GRID`].
+pub const RETRY_GRID_FROM: Duration = Duration::from_secs(5);
+/// The grid long retry delays end on: every unreachable device whose retry falls in the same
+/// second retries in the same wake-up of the gateway.
+pub const RETRY_GRID: Duration = Duration::from_secs(1);
+
+/// When a retry `delay` from `now` is due: exactly then for short delays, else rounded up onto
+/// a one-second grid shared by every task of the process ([`retry_at_on_grid`]). A hundred
+/// unreachable devices, each backing off by up to 30 s, then wake the gateway about once a
+/// second instead of once per device retry; each delay grows by less than a second (under
+/// 20 % of it, well inside the backoff's jitter).
+pub fn retry_at(now: Instant, delay: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| now);
+    retry_at_on_grid(now, delay, epoch)
+}
+
+/// [`retry_at`] with the grid's origin given.
+pub fn retry_at_on_grid(now: Instant, delay: Duration, epoch: Instant) -> Instant {
+    let at = now + delay;
+    if delay < RETRY_GRID_FROM || at <= epoch {
+        return at;
+    }
+    let grid = RETRY_GRID.as_nanos();
+    let rem = at.duration_since(epoch).as_nanos() % grid;
+    if rem == 0 {
+        return at;
+    }
+    // `grid - rem` is below one second: it fits.
+    at + Duration::from_nanos(u64::try_from(grid - rem).unwrap_or(0))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -223,5 +255,21 @@ mod tests {
         clock.now();
         assert_eq!(steps(&metrics, StepDirection::forward), 1);
         assert_eq!(steps(&metrics, StepDirection::backward), 1);
+    }
+
+    #[test]
+    fn long_retries_end_on_a_shared_second_and_short_ones_exactly() {
+        let epoch = Instant::now();
+        let now = epoch + Duration::from_millis(12_345);
+        // Short: exactly.
+        assert_eq!(retry_at_on_grid(now, Duration::from_millis(800), epoch), now + Duration::from_millis(800));
+        // Long: up to the next whole second after the epoch.
+        let at = retry_at_on_grid(now, Duration::from_secs(20), epoch);
+        assert_eq!(at, epoch + Duration::from_secs(33));
+        // Two devices whose retries fall in the same second wake together.
+        let other = retry_at_on_grid(now + Duration::from_millis(400), Duration::from_secs(20), epoch);
+        assert_eq!(other, at);
+        // Already on the grid: unchanged.
+        assert_eq!(retry_at_on_grid(epoch, Duration::from_secs(10), epoch), epoch + Duration::from_secs(10));
     }
 }

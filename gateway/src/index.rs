@@ -11,7 +11,9 @@
 //! the stream in exactly one of three ways, each counted where it happens:
 //!
 //! - the uplink acks it once each of its readings is settled (delivered, refused for good and
-//!   counted `refused`, or undecodable and counted `undecodable`);
+//!   counted `refused`, or undecodable and counted `undecodable`), and later releases it with
+//!   every other entry up to its consumer's acknowledgement floor (one purge; the index
+//!   forgets an entry at its ack);
 //! - the writer removes it to make room (`onFull: dropOldest`) or because it is older than
 //!   `maxAge`; it counts the entry's readings not settled yet, by this rule: **`max_age_expired`
 //!   when the entry was older than `maxAge` at the moment the gateway removed it, otherwise
@@ -29,7 +31,10 @@
 //! present at start, which over-counts entries acked out of order before the restart, at most
 //! the in-flight window); the bytes of entries (JetStream's per-message overhead is estimated);
 //! and a reading confirmed by the cloud in an earlier run whose entry was not acked before the
-//! restart, which is sent again, or counted if its entry is then removed.
+//! restart, which is sent again, or counted if its entry is then removed — or whose entry was
+//! acked out of order, above the consumer's acknowledgement floor, and not released yet (at
+//! most the in-flight window): counted if the writer removes that entry before the floor
+//! passes it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -227,6 +232,9 @@ pub struct UplinkState {
     /// Entries delivered more than once.
     pub redeliveries: Counter,
     dropped: Family<DropLabels, Counter>,
+    /// Entries settled by the uplink (acked or terminated) in this run: the uplink releases
+    /// their space once some have ([`crate::buffer::release_settled`]).
+    settled_entries: std::sync::atomic::AtomicU64,
 }
 
 impl UplinkState {
@@ -327,6 +335,12 @@ impl UplinkState {
         if l.remove(seq).is_none() {
             l.removed.insert(seq, seq + 1);
         }
+        self.settled_entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Entries settled so far in this run.
+    pub fn settled_entries(&self) -> u64 {
+        self.settled_entries.load(Ordering::Relaxed)
     }
 
     /// The writer wants to remove an entry.
@@ -501,6 +515,7 @@ impl StateIndex {
                 .clone(),
             redeliveries: self.redeliveries.get_or_create(&labels).clone(),
             dropped: self.dropped.clone(),
+            settled_entries: std::sync::atomic::AtomicU64::new(0),
         });
         map.insert(name.to_string(), Arc::clone(&s));
         s

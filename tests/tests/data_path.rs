@@ -448,6 +448,87 @@ fn assert_policy_drops_close(report: &DeliveryReport, m: &str, reason: &str) -> 
     Ok(())
 }
 
+/// Delivered entries leave the buffer in one purge now and then (limits retention), so they
+/// take room until released: a buffer smaller than a second of readings (`64Ki`; four
+/// devices of 329 points every 50 ms, ~190 KB/s) with the cloud up releases them when full
+/// instead of refusing new readings. Nothing is lost or counted dropped, and once drained the
+/// stream holds nothing (nats-server's own count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_smaller_than_a_second_of_readings_releases_what_was_delivered_and_refuses_nothing() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-release", TELEMETRY).await?;
+    let fleet = SimFleet::start_with(&[Fault::None; 4], 300).await?;
+    let config = ConfigBuilder::new()
+        .devices(fleet.gateway_devices("50ms"))
+        .cloud(&broker.url(), |u| set_buffer(u, "64Ki", OnFull::RejectNew))
+        .yaml()?;
+    let mut gw = Gateway::new(&nats.url())?;
+    gw.write_config(&config)?;
+    gw.start_ready().await?;
+    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    let stream = stream_name(NAMESPACE, UPLINK);
+    // 200 readings: several times what the buffer holds went through it.
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let r = wait_until("200 readings at the cloud", WAIT, || async {
+        let state = rig.nats.stream_state(&stream).await?;
+        most.fetch_max(state.bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok((rig.cloud.count() >= 200).then_some(()))
+    })
+    .await;
+    r.with_context(|| rig.gw.log())?;
+    let most = most.into_inner();
+    let (report, m) = rig.drain_and_stop().await?;
+    let state = rig.nats.stream_state(&stream).await?;
+    let dropped = metric_or_zero(&m, "fieldgate_readings_dropped_total", &[]);
+    eprintln!(
+        "64Ki buffer, 4 devices of 329 points every 50ms: {report}; the stream held up to {most} bytes; \
+         at the end {state:?}; dropped {dropped}"
+    );
+    report.assert_complete()?;
+    ensure!(dropped == 0.0, "{dropped} readings counted dropped with the cloud up: {report}");
+    ensure!(state.messages == 0, "delivered entries left in the stream: {state:?}");
+    Ok(())
+}
+
+/// A buffer stream an earlier version left (interest retention, where each ack removed its
+/// entry) is taken over at start: nats-server reports it under limits retention afterwards,
+/// and every reading still arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_stream_of_an_earlier_version_is_updated_in_place_and_delivers() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let stream = stream_name(NAMESPACE, UPLINK);
+    let js = nats.jetstream().await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("fieldgate.{NAMESPACE}.{UPLINK}")],
+        retention: async_nats::jetstream::stream::RetentionPolicy::Interest,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating the old stream: {e}"))?;
+    let broker = Mosquitto::start().await?;
+    let cloud = CloudSubscriber::start(&broker.url(), "cloud-upgrade", TELEMETRY).await?;
+    let fleet = SimFleet::start(&[Fault::None; 2]).await?;
+    let config = ConfigBuilder::new().devices(fleet.gateway_devices("100ms")).cloud(&broker.url(), |_| {}).yaml()?;
+    let mut gw = Gateway::new(&nats.url())?;
+    gw.write_config(&config)?;
+    gw.start_ready().await?;
+    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    rig.cloud.wait_for_count(20, WAIT).await.with_context(|| rig.gw.log())?;
+    let (report, _) = rig.drain_and_stop().await?;
+    let mut s = js.get_stream(&stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let retention = s.info().await.map_err(|e| anyhow::anyhow!("{e}"))?.config.retention;
+    eprintln!("stream of an earlier version: {report}; retention now {retention:?}");
+    report.assert_complete()?;
+    ensure!(
+        retention == async_nats::jetstream::stream::RetentionPolicy::Limits,
+        "the stream kept {retention:?} retention"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_buffer_applies_policy_and_counts_every_drop() -> Result<()> {
     fill_buffer(OnFull::RejectNew).await.context("onFull: rejectNew")?;

@@ -394,7 +394,8 @@ async fn run_bus(key: String, settings: ModbusRtuConnection, queues: Arc<tokio::
                         tracing::warn!(bus = %key, error = %e, "Modbus RTU line cannot be opened; retrying with backoff");
                     }
                     healthy = Some(false);
-                    retry_at = Some(Instant::now() + delays.next().unwrap_or(Duration::from_secs(10)));
+                    retry_at =
+                        Some(crate::clock::retry_at(Instant::now(), delays.next().unwrap_or(Duration::from_secs(10))));
                     let _ = job.reply.send(Answer::Unavailable(e.to_string()));
                     continue;
                 }

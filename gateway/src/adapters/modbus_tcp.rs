@@ -733,7 +733,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
                     task.count_error("connect");
                     let delay = backoff.next();
                     link.down("connect", &error, delay);
-                    retry_at = Some(Instant::now() + delay);
+                    retry_at = Some(crate::clock::retry_at(Instant::now(), delay));
                     continue;
                 }
             }
@@ -764,7 +764,7 @@ pub async fn run(settings: &ModbusTcpConnection, task: DeviceTask, mut inbox: In
                 conn = None;
                 let delay = backoff.next();
                 link.down(error.kind(), error, delay);
-                retry_at = Some(Instant::now() + delay);
+                retry_at = Some(crate::clock::retry_at(Instant::now(), delay));
             }
         }
 

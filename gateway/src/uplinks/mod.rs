@@ -31,9 +31,9 @@ use futures::StreamExt;
 use prost::Message as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
-use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces};
+use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces, release_settled};
 use crate::encoding::{Encoder, SessionPlan};
 use crate::index::{Begin, EntryFacts, UplinkState};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
@@ -584,9 +584,23 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     let mut buffer_ok = true;
 
     let mut drain_deadline: Option<Instant> = None;
+    // Entries settled up to the last release, and when the next release is due.
+    let mut released_through = state.settled_entries();
+    let mut release_at: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
+        // Acknowledged entries stay in the stream until released: one purge a second at most
+        // (sooner after [`RELEASE_EVERY`] entries), never one per entry.
+        let settled = state.settled_entries();
+        if settled != released_through {
+            let at = *release_at.get_or_insert(now + RELEASE_AFTER);
+            if now >= at || settled - released_through >= RELEASE_EVERY {
+                release_at = None;
+                released_through = settled;
+                release(&d).await;
+            }
+        }
         if let Some(deadline) = drain_deadline
             && (d.core.in_flight() == 0 || now >= deadline)
         {
@@ -644,6 +658,9 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
         }
         if let Some(deadline) = drain_deadline {
             wake = wake.min(deadline);
+        }
+        if let Some(at) = release_at {
+            wake = wake.min(at);
         }
         let can_pull = connected && drain_deadline.is_none() && d.core.in_flight() < d.window;
 
@@ -721,6 +738,28 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     }
     state.set_connected(false);
     info!(uplink = %d.labels.uplink, unconfirmed = left, "uplink stopped");
+}
+
+/// Longest an acknowledged entry waits to be released from the buffer.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// Acknowledged entries that release at once.
+const RELEASE_EVERY: u64 = 128;
+
+/// Releases the acknowledged entries of the uplink's buffer ([`release_settled`]); a failure
+/// leaves them for the next release (or the writer's, when the buffer is full).
+async fn release(d: &Driver) {
+    let stream = match d.task.js.get_stream_no_info(&d.task.buffer.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now");
+            return;
+        }
+    };
+    match tokio::time::timeout(RELEASE_AFTER, release_settled(&stream)).await {
+        Ok(Ok(n)) => trace!(uplink = %d.labels.uplink, entries = n, "acknowledged entries released"),
+        Ok(Err(e)) => debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now"),
+        Err(_) => debug!(uplink = %d.labels.uplink, "releasing acknowledged entries timed out"),
+    }
 }
 
 async fn open_messages(d: &mut Driver) -> Result<pull::Stream, UplinkError> {
