@@ -387,7 +387,7 @@ pub struct BufferSpec {
     /// as `10ms` (`0s` to `1s`). Defaults to `0s`: an entry is stored as soon as the one
     /// before it is, with every reading that arrived meanwhile. A longer linger stores fewer,
     /// larger entries, which costs the gateway and nats-server less CPU per reading (each
-    /// entry is a disk write and an fsync, a delivery, an acknowledgement and a delete), and
+    /// entry is a disk write and an fsync, a delivery and an acknowledgement), and
     /// adds up to that much latency. An entry stops waiting early once no reading arrived for
     /// a quarter of the linger (the readings of one poll slot come together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
