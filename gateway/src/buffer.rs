@@ -18,8 +18,9 @@
 //! might have stored it), is dropped and each of its readings counted with the reason.
 //!
 //! `buffer_seq` continues across restarts: after the stream's last entry, or, when the stream
-//! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`] (written
-//! shortly after each stored entry, off the lane's path); only when that record is behind the
+//! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`] (written off
+//! the lane's path once a burst of entries is over, at least once a second while entries keep
+//! coming, and at a graceful stop); only when that record is behind the
 //! stream (a crash right after storing) does the sequence jump forward ([`next_after_empty`]),
 //! never back.
 //!
@@ -396,7 +397,18 @@ async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiv
     let mut written: Option<SeqRecord> = None;
     let mut delays = backoff(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let closed = rx.changed().await.is_err();
+        let mut closed = rx.changed().await.is_err();
+        // One write per burst of entries: once the lane stored nothing for RECORD_QUIET, and
+        // at least every RECORD_EVERY while it keeps storing (each write is a JetStream
+        // write, an fsync and the removal of the previous revision).
+        let burst = Instant::now();
+        while !closed {
+            let at = (Instant::now() + RECORD_QUIET).min(burst + RECORD_EVERY);
+            tokio::select! {
+                changed = rx.changed() => closed = changed.is_err(),
+                () = tokio::time::sleep_until(at) => break,
+            }
+        }
         let mut tries = 0;
         loop {
             let latest = *rx.borrow_and_update();
@@ -426,9 +438,13 @@ async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiv
         if closed {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The sequence record is written once the lane stored nothing for this long...
+const RECORD_QUIET: Duration = Duration::from_millis(200);
+/// ...and at least this often while it keeps storing.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the lane of `b` continues, read from the stream: the `buffer_seq` of its next entry
 /// (right after the stream's last entry, or from the [`SeqRecord`] when the stream holds none),
