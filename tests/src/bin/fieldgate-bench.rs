@@ -434,7 +434,7 @@ async fn main() -> Result<()> {
     let ppr = POINTS_FIXED + u64::from(args.extra_registers);
     println!(
         "fieldgate-bench: {} devices x {} points every {} (throughput), {} devices every {} (latency); \
-         windows {} s after {} s warm-up; encoding {}; {} CPUs",
+         windows {} s after {} s warm-up; encoding {}; machine {}",
         args.devices,
         ppr,
         args.poll_interval,
@@ -443,7 +443,7 @@ async fn main() -> Result<()> {
         args.seconds,
         args.warmup,
         args.encoding,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        machine(),
     );
     let _ = free_port()?;
 
@@ -458,6 +458,7 @@ async fn main() -> Result<()> {
     println!("  delivered           {:>10.0} points/s ({:.0} readings/s)", t.points_per_s, t.readings_per_s);
     println!("  gateway CPU         {:>10.3} CPU-s per 10^6 points", t.cpu_s_per_million);
     println!("  gateway RSS         {:>10.1} MiB (peak {:.1} MiB)", t.rss_mib, t.hwm_mib);
+    println!("  nats-server CPU     {:>10.3} CPU-s per 10^6 points", t.nats_cpu_s_per_million);
 
     let l = run_path(&args, &load(args.latency_devices, &args.latency_poll_interval, true)).await?;
     println!("latency run ({:.0} points/s delivered):", l.points_per_s);
@@ -479,6 +480,7 @@ async fn main() -> Result<()> {
             100.0 * t.readings_per_s / n
         );
     }
+    println!("load average after the runs: {}", machine());
     Ok(())
 }
 
