@@ -450,7 +450,7 @@ fn assert_policy_drops_close(report: &DeliveryReport, m: &str, reason: &str) -> 
 
 /// Delivered entries leave the buffer in one purge now and then (limits retention), so they
 /// take room until released: a buffer smaller than a second of readings (`64Ki`; four
-/// devices of 329 points every 50 ms, ~190 KB/s) with the cloud up releases them when full
+/// devices of 329 points every 50 ms, more than 64 KiB a second) with the cloud up releases them when full
 /// instead of refusing new readings. Nothing is lost or counted dropped, and once drained the
 /// stream holds nothing (nats-server's own count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
