@@ -175,16 +175,26 @@ impl UplinkBuffer {
     }
 }
 
+/// What a release did: entries removed, and the acknowledgement floor it removed up to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Entries removed.
+    pub entries: u64,
+    /// The consumer's acknowledgement floor (stream sequence) at the release.
+    pub floor: u64,
+}
+
 /// Removes the entries the uplink's consumer acknowledged, up to its acknowledgement floor
-/// (every entry at or below it was acked or terminated), in one purge; returns how many
-/// left. Nothing else is touched: an entry above the floor is kept even if acked.
-pub async fn release_settled<I>(stream: &stream::Stream<I>) -> Result<u64, async_nats::Error> {
+/// (every entry at or below it was acked or terminated), in one purge. Nothing else is
+/// touched: an entry above the floor is kept even if acked (an ack nats-server has not
+/// processed yet, or one behind an entry still in flight), for a later release.
+pub async fn release_settled<I>(stream: &stream::Stream<I>) -> Result<Released, async_nats::Error> {
     let info = stream.consumer_info(crate::uplinks::CONSUMER).await?;
     let floor = info.ack_floor.stream_sequence;
     if floor == 0 {
-        return Ok(0);
+        return Ok(Released::default());
     }
-    Ok(stream.purge().sequence(floor + 1).await?.purged)
+    Ok(Released { entries: stream.purge().sequence(floor + 1).await?.purged, floor })
 }
 
 /// Where each device's readings go: the buffers of the uplinks that select it.
@@ -454,8 +464,8 @@ async fn restore(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(stream::S
     let mut stream = js.get_stream(&b.stream).await?;
     // What an earlier run's uplink acknowledged and did not release yet is not buffered.
     match release_settled(&stream).await {
-        Ok(0) => {}
-        Ok(n) => debug!(uplink = %b.uplink, entries = n, "entries acknowledged by an earlier run released"),
+        Ok(r) if r.entries == 0 => {}
+        Ok(r) => debug!(uplink = %b.uplink, entries = r.entries, "entries acknowledged by an earlier run released"),
         Err(e) => debug!(uplink = %b.uplink, error = %e, "nothing released at start (no consumer yet?)"),
     }
     let state = stream.info().await?.state.clone();
@@ -1129,10 +1139,19 @@ impl Lane {
                     self.state.stored(last_stream_seq, first_seq, n, bytes, SystemTime::now());
                     break Ok(());
                 }
-                // Entries delivered and not released yet take room too: release them first.
-                Publish::Full if !released && self.release().await > 0 => {
+                // Entries delivered and not released yet take room too: release them first,
+                // and wait (within the deadline) for acks nats-server has not processed yet.
+                Publish::Full if !released => {
                     released = true;
-                    continue;
+                    let r = self.release().await;
+                    if r.entries > 0 {
+                        continue;
+                    }
+                    if r.floor < self.state.max_settled() && Instant::now() < deadline {
+                        tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
+                        released = false;
+                        continue;
+                    }
                 }
                 Publish::Full if self.b.on_full == OnFull::DropOldest => {
                     match self.remove_oldest(|_| true).await {
@@ -1190,14 +1209,14 @@ impl Lane {
         }
     }
 
-    /// [`release_settled`] on this lane's stream; 0 when nothing could be released.
-    async fn release(&mut self) -> u64 {
-        let Some(stream) = self.stream.as_ref() else { return 0 };
+    /// [`release_settled`] on this lane's stream; nothing released when it failed.
+    async fn release(&mut self) -> Released {
+        let Some(stream) = self.stream.as_ref() else { return Released::default() };
         match release_settled(stream).await {
-            Ok(n) => n,
+            Ok(r) => r,
             Err(e) => {
                 debug!(uplink = %self.b.uplink, error = %e, "acknowledged entries not released now");
-                0
+                Released { entries: 0, floor: u64::MAX }
             }
         }
     }

@@ -235,6 +235,8 @@ pub struct UplinkState {
     /// Entries settled by the uplink (acked or terminated) in this run: the uplink releases
     /// their space once some have ([`crate::buffer::release_settled`]).
     settled_entries: std::sync::atomic::AtomicU64,
+    /// The highest stream sequence settled in this run.
+    max_settled: std::sync::atomic::AtomicU64,
 }
 
 impl UplinkState {
@@ -336,6 +338,13 @@ impl UplinkState {
             l.removed.insert(seq, seq + 1);
         }
         self.settled_entries.fetch_add(1, Ordering::Relaxed);
+        self.max_settled.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// The highest stream sequence settled in this run (0: none): a release that left the
+    /// acknowledgement floor below it has more to release later.
+    pub fn max_settled(&self) -> u64 {
+        self.max_settled.load(Ordering::Relaxed)
     }
 
     /// Entries settled so far in this run.
@@ -516,6 +525,7 @@ impl StateIndex {
             redeliveries: self.redeliveries.get_or_create(&labels).clone(),
             dropped: self.dropped.clone(),
             settled_entries: std::sync::atomic::AtomicU64::new(0),
+            max_settled: std::sync::atomic::AtomicU64::new(0),
         });
         map.insert(name.to_string(), Arc::clone(&s));
         s

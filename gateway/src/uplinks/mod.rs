@@ -598,7 +598,18 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
             if now >= at || settled - released_through >= RELEASE_EVERY {
                 release_at = None;
                 released_through = settled;
-                release(&d).await;
+                // The floor can lag the acks just sent (not processed yet, or behind an entry
+                // still in flight): what it left is released on a later round.
+                if release(&d).await < state.max_settled() {
+                    release_at = Some(Instant::now() + RELEASE_AFTER);
+                }
+            }
+        } else if let Some(at) = release_at
+            && now >= at
+        {
+            release_at = None;
+            if release(&d).await < state.max_settled() {
+                release_at = Some(Instant::now() + RELEASE_AFTER);
             }
         }
         if let Some(deadline) = drain_deadline
@@ -745,20 +756,30 @@ const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Acknowledged entries that release at once.
 const RELEASE_EVERY: u64 = 128;
 
-/// Releases the acknowledged entries of the uplink's buffer ([`release_settled`]); a failure
-/// leaves them for the next release (or the writer's, when the buffer is full).
-async fn release(d: &Driver) {
+/// Releases the acknowledged entries of the uplink's buffer ([`release_settled`]); returns
+/// the acknowledgement floor released up to (0 when the release failed: a later one retries,
+/// and the writer releases too when the buffer is full).
+async fn release(d: &Driver) -> u64 {
     let stream = match d.task.js.get_stream_no_info(&d.task.buffer.stream).await {
         Ok(s) => s,
         Err(e) => {
             debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now");
-            return;
+            return 0;
         }
     };
     match tokio::time::timeout(RELEASE_AFTER, release_settled(&stream)).await {
-        Ok(Ok(n)) => trace!(uplink = %d.labels.uplink, entries = n, "acknowledged entries released"),
-        Ok(Err(e)) => debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now"),
-        Err(_) => debug!(uplink = %d.labels.uplink, "releasing acknowledged entries timed out"),
+        Ok(Ok(r)) => {
+            trace!(uplink = %d.labels.uplink, entries = r.entries, floor = r.floor, "acknowledged entries released");
+            r.floor
+        }
+        Ok(Err(e)) => {
+            debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now");
+            0
+        }
+        Err(_) => {
+            debug!(uplink = %d.labels.uplink, "releasing acknowledged entries timed out");
+            0
+        }
     }
 }
 
