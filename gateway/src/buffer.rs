@@ -1140,16 +1140,16 @@ impl Lane {
                     break Ok(());
                 }
                 // Entries delivered and not released yet take room too: release them first,
-                // and wait (within the deadline) for acks nats-server has not processed yet.
+                // looking once more shortly when an ack sent may not be processed yet (never
+                // longer: a floor held by an entry in flight during an outage stays put).
                 Publish::Full if !released => {
                     released = true;
-                    let r = self.release().await;
-                    if r.entries > 0 {
-                        continue;
+                    let mut r = self.release().await;
+                    if r.entries == 0 && r.floor < self.state.max_settled() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        r = self.release().await;
                     }
-                    if r.floor < self.state.max_settled() && Instant::now() < deadline {
-                        tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
-                        released = false;
+                    if r.entries > 0 {
                         continue;
                     }
                 }
