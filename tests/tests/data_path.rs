@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use fieldgate_crds::{Encoding, GatewayUplink, MqttAuth, MqttTls, OnFull, SecretKeyRef, SecretRef};
+use fieldgate_crds::{Encoding, GatewayDevice, GatewayUplink, MqttAuth, MqttTls, OnFull, SecretKeyRef, SecretRef};
 use fieldgate_sim::Fault;
 use fieldgate_tests::certs::TestPki;
 use fieldgate_tests::cloud::ReadingKey;
@@ -64,11 +64,28 @@ async fn rig_with(
     edit: impl FnOnce(&mut GatewayUplink),
 ) -> Result<Rig> {
     let nats = NatsServer::start().await?;
+    let fleet = SimFleet::start(faults).await?;
+    let devices = fleet.gateway_devices(poll);
+    let url = nats.url();
+    rig_on(test, nats, &url, fleet, devices, broker_options, edit).await
+}
+
+/// A rig around a nats-server and a fleet of the caller's: a broker (`broker_options`), its
+/// cloud subscriber, and a gateway that reaches nats-server at `gateway_nats` (directly or
+/// through a proxy), polling `devices` and delivering to one uplink edited by `edit`.
+async fn rig_on(
+    test: &str,
+    nats: NatsServer,
+    gateway_nats: &str,
+    fleet: SimFleet,
+    devices: Vec<GatewayDevice>,
+    broker_options: MosquittoOptions,
+    edit: impl FnOnce(&mut GatewayUplink),
+) -> Result<Rig> {
     let broker = Mosquitto::start_with(broker_options).await?;
     let cloud = CloudSubscriber::start(&broker.url(), &format!("cloud-{test}"), TELEMETRY).await?;
-    let fleet = SimFleet::start(faults).await?;
-    let config = ConfigBuilder::new().devices(fleet.gateway_devices(poll)).cloud(&broker.url(), edit).yaml()?;
-    let mut gw = Gateway::new(&nats.url())?;
+    let config = ConfigBuilder::new().devices(devices).cloud(&broker.url(), edit).yaml()?;
+    let mut gw = Gateway::new(gateway_nats)?;
     gw.write_config(&config)?;
     gw.start_ready().await?;
     Ok(Rig { nats, broker, cloud, fleet, gw })
@@ -456,17 +473,10 @@ fn assert_policy_drops_close(report: &DeliveryReport, m: &str, reason: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffer_smaller_than_a_second_of_readings_releases_what_was_delivered_and_refuses_nothing() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let broker = Mosquitto::start().await?;
-    let cloud = CloudSubscriber::start(&broker.url(), "cloud-release", TELEMETRY).await?;
     let fleet = SimFleet::start_with(&[Fault::None; 4], 300).await?;
-    let config = ConfigBuilder::new()
-        .devices(fleet.gateway_devices("50ms"))
-        .cloud(&broker.url(), |u| set_buffer(u, "64Ki", OnFull::RejectNew))
-        .yaml()?;
-    let mut gw = Gateway::new(&nats.url())?;
-    gw.write_config(&config)?;
-    gw.start_ready().await?;
-    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    let (url, devices) = (nats.url(), fleet.gateway_devices("50ms"));
+    let edit = |u: &mut GatewayUplink| set_buffer(u, "64Ki", OnFull::RejectNew);
+    let mut rig = rig_on("release", nats, &url, fleet, devices, MosquittoOptions::default(), edit).await?;
     let stream = stream_name(NAMESPACE, UPLINK);
     // 200 readings: several times what the buffer holds went through it.
     let most = std::sync::atomic::AtomicU64::new(0);
@@ -508,14 +518,9 @@ async fn a_buffer_stream_of_an_earlier_version_is_updated_in_place_and_delivers(
     })
     .await
     .map_err(|e| anyhow::anyhow!("creating the old stream: {e}"))?;
-    let broker = Mosquitto::start().await?;
-    let cloud = CloudSubscriber::start(&broker.url(), "cloud-upgrade", TELEMETRY).await?;
     let fleet = SimFleet::start(&[Fault::None; 2]).await?;
-    let config = ConfigBuilder::new().devices(fleet.gateway_devices("100ms")).cloud(&broker.url(), |_| {}).yaml()?;
-    let mut gw = Gateway::new(&nats.url())?;
-    gw.write_config(&config)?;
-    gw.start_ready().await?;
-    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    let (url, devices) = (nats.url(), fleet.gateway_devices("100ms"));
+    let mut rig = rig_on("upgrade", nats, &url, fleet, devices, MosquittoOptions::default(), |_| {}).await?;
     rig.cloud.wait_for_count(20, WAIT).await.with_context(|| rig.gw.log())?;
     let (report, _) = rig.drain_and_stop().await?;
     let mut s = js.get_stream(&stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -805,8 +810,6 @@ async fn a_gateway_restarted_inside_one_poll_interval_loses_nothing() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_too_large_alone_is_dropped_and_counted_while_the_others_arrive() -> Result<()> {
     let nats = NatsServer::start_with(NatsOptions { max_payload: Some(8 * 1024) }).await?;
-    let broker = Mosquitto::start().await?;
-    let cloud = CloudSubscriber::start(&broker.url(), "cloud-too-large", TELEMETRY).await?;
     let fleet = SimFleet::start_with(&[Fault::None; 4], 1000).await?;
     let fixed = fieldgate_sim::simulated_points(0).len();
     let mut devices = fleet.gateway_devices("200ms");
@@ -814,11 +817,8 @@ async fn a_reading_too_large_alone_is_dropped_and_counted_while_the_others_arriv
     for d in &mut devices[1..] {
         d.points.truncate(fixed);
     }
-    let config = ConfigBuilder::new().devices(devices).cloud(&broker.url(), |_| {}).yaml()?;
-    let mut gw = Gateway::new(&nats.url())?;
-    gw.write_config(&config)?;
-    gw.start_ready().await?;
-    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    let url = nats.url();
+    let mut rig = rig_on("too-large", nats, &url, fleet, devices, MosquittoOptions::default(), |_| {}).await?;
     let big = rig.fleet.devices()[0].key();
     let small: Vec<String> = rig.fleet.devices()[1..].iter().map(|d| d.key()).collect();
     let cloud = &rig.cloud;
@@ -859,14 +859,9 @@ async fn a_reading_too_large_alone_is_dropped_and_counted_while_the_others_arriv
 async fn an_ambiguous_publish_is_stored_once_and_delivered_once() -> Result<()> {
     let nats = NatsServer::start().await?;
     let proxy = NatsProxy::start(nats.port()).await?;
-    let broker = Mosquitto::start().await?;
-    let cloud = CloudSubscriber::start(&broker.url(), "cloud-ambiguous", TELEMETRY).await?;
     let fleet = SimFleet::start(&[Fault::None; 3]).await?;
-    let config = ConfigBuilder::new().devices(fleet.gateway_devices("100ms")).cloud(&broker.url(), |_| {}).yaml()?;
-    let mut gw = Gateway::new(&proxy.url())?;
-    gw.write_config(&config)?;
-    gw.start_ready().await?;
-    let mut rig = Rig { nats, broker, cloud, fleet, gw };
+    let devices = fleet.gateway_devices("100ms");
+    let mut rig = rig_on("ambiguous", nats, &proxy.url(), fleet, devices, MosquittoOptions::default(), |_| {}).await?;
     rig.cloud.wait_for_count(15, WAIT).await.with_context(|| rig.gw.log())?;
 
     proxy.drop_next_pub_ack(&stream_name(NAMESPACE, UPLINK));
