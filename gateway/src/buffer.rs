@@ -1140,13 +1140,13 @@ impl Lane {
                     break Ok(());
                 }
                 // Entries delivered and not released yet take room too: release them first,
-                // looking once more shortly when an ack sent may not be processed yet (never
-                // longer: a floor held by an entry in flight during an outage stays put).
+                // and once more when the floor is behind an ack already sent (the first
+                // release's round trips give nats-server time to process it; no longer: a
+                // floor held by an entry in flight during an outage stays put).
                 Publish::Full if !released => {
                     released = true;
                     let mut r = self.release().await;
                     if r.entries == 0 && r.floor < self.state.max_settled() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
                         r = self.release().await;
                     }
                     if r.entries > 0 {
