@@ -594,23 +594,15 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
         // (sooner after [`RELEASE_EVERY`] entries), never one per entry.
         let settled = state.settled_entries();
         if settled != released_through {
-            let at = *release_at.get_or_insert(now + RELEASE_AFTER);
-            if now >= at || settled - released_through >= RELEASE_EVERY {
-                release_at = None;
-                released_through = settled;
-                // The floor can lag the acks just sent (not processed yet, or behind an entry
-                // still in flight): what it left is released on a later round.
-                if release(&d).await < state.max_settled() {
-                    release_at = Some(Instant::now() + RELEASE_AFTER);
-                }
-            }
-        } else if let Some(at) = release_at
-            && now >= at
+            release_at.get_or_insert(now + RELEASE_AFTER);
+        }
+        if let Some(at) = release_at
+            && (now >= at || settled - released_through >= RELEASE_EVERY)
         {
-            release_at = None;
-            if release(&d).await < state.max_settled() {
-                release_at = Some(Instant::now() + RELEASE_AFTER);
-            }
+            released_through = settled;
+            // The floor can lag the acks just sent (not processed yet, or behind an entry
+            // still in flight): what it left is released on a later round.
+            release_at = (release(&d).await < state.max_settled()).then(|| Instant::now() + RELEASE_AFTER);
         }
         if let Some(deadline) = drain_deadline
             && (d.core.in_flight() == 0 || now >= deadline)
@@ -760,14 +752,11 @@ const RELEASE_EVERY: u64 = 128;
 /// the acknowledgement floor released up to (0 when the release failed: a later one retries,
 /// and the writer releases too when the buffer is full).
 async fn release(d: &Driver) -> u64 {
-    let stream = match d.task.js.get_stream_no_info(&d.task.buffer.stream).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(uplink = %d.labels.uplink, error = %e, "acknowledged entries not released now");
-            return 0;
-        }
+    let released = async {
+        let stream = d.task.js.get_stream_no_info(&d.task.buffer.stream).await?;
+        release_settled(&stream).await
     };
-    match tokio::time::timeout(RELEASE_AFTER, release_settled(&stream)).await {
+    match tokio::time::timeout(RELEASE_AFTER, released).await {
         Ok(Ok(r)) => {
             trace!(uplink = %d.labels.uplink, entries = r.entries, floor = r.floor, "acknowledged entries released");
             r.floor
