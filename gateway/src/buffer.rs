@@ -18,18 +18,24 @@
 //! might have stored it), is dropped and each of its readings counted with the reason.
 //!
 //! `buffer_seq` continues across restarts: after the stream's last entry, or, when the stream
-//! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`] (written off
-//! the lane's path once a burst of entries is over, at least once a second while entries keep
-//! coming, and at a graceful stop); only when that record is behind the
-//! stream (a crash right after storing) does the sequence jump forward ([`next_after_empty`]),
-//! never back.
+//! is empty, from the lane's [`SeqRecord`] in the key-value bucket [`SEQ_RECORDS`]. The record
+//! is written off the lane's path right before each release, and entries are released only up
+//! to the entry it describes, so a stream a release left empty continues exactly; besides, it
+//! is written once a burst of entries is over (at least every `RECORD_EVERY`) and at a
+//! graceful stop. Only when the record is behind the stream (the lane itself removed the last
+//! entries, past `maxAge` or for room, and the gateway crashed before writing it) does the
+//! sequence jump forward ([`next_after_empty`]), never back.
 //!
 //! The uplink's consumer acks an entry only after the cloud confirmed or refused each of its
 //! readings. Streams use limits retention, so an ack removes nothing by itself (on an interest
 //! stream every ack is a removal: a write and, with `sync_interval: always`, an fsync per
 //! entry); the uplink releases the acknowledged prefix — every entry up to its consumer's
-//! acknowledgement floor — in one purge at most once a second ([`release_settled`]), and the
-//! lane does the same before it treats the stream as full, and at start.
+//! acknowledgement floor — in one purge at most every few seconds ([`release_settled`]), and
+//! the lane does the same before it treats the stream as full, and at start. The release is
+//! the durable confirmation: the consumer keeps its acknowledgements in nats-server's memory
+//! (no write per ack), and an entry acknowledged and not released yet when nats-server
+//! restarts is delivered again — sent nothing and acked at once when the uplink settled it in
+//! this run, sent again (a duplicate, never a loss) after a restart of both.
 //! `maxBytes`/`maxAge` bound what an outage can pile up. JetStream itself only refuses a write
 //! to a full stream; the lane removes entries past `maxAge` and, with `onFull: dropOldest`,
 //! the oldest entry not being delivered to make room, counting each reading it removes — so
@@ -175,27 +181,32 @@ impl UplinkBuffer {
     }
 }
 
-/// What a release did: entries removed, and the acknowledgement floor it removed up to.
+/// What a release did: entries removed, and the stream sequence it removed up to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Released {
     /// Entries removed.
     pub entries: u64,
-    /// The consumer's acknowledgement floor (stream sequence) at the release.
+    /// Every entry up to this stream sequence is gone: the consumer's acknowledgement floor,
+    /// or `recorded` when that is lower.
     pub floor: u64,
 }
 
 /// Removes the entries the uplink's consumer acknowledged, up to its acknowledgement floor
-/// (every entry at or below it was acked or terminated), in one purge. Nothing else is
-/// touched: an entry above the floor is kept even if acked (an ack nats-server has not
-/// processed yet, or one behind an entry still in flight), for a later release.
-pub async fn release_settled<I>(stream: &stream::Stream<I>) -> Result<Released, async_nats::Error> {
+/// (every entry at or below it was acked or terminated) and no further than `recorded` (the
+/// entry the written [`SeqRecord`] describes), in one purge. Nothing else is touched: an entry
+/// above the floor is kept even if acked (an ack nats-server has not processed yet, or one
+/// behind an entry still in flight), for a later release.
+pub async fn release_settled<I>(stream: &stream::Stream<I>, recorded: u64) -> Result<Released, async_nats::Error> {
     let info = stream.consumer_info(crate::uplinks::CONSUMER).await?;
-    let floor = info.ack_floor.stream_sequence;
+    let floor = info.ack_floor.stream_sequence.min(recorded);
     if floor == 0 {
         return Ok(Released::default());
     }
     Ok(Released { entries: stream.purge().sequence(floor + 1).await?.purged, floor })
 }
+
+/// How long a release waits for the lane's recorder to write the sequence record.
+pub const RECORD_FLUSH_WITHIN: Duration = Duration::from_secs(1);
 
 /// Where each device's readings go: the buffers of the uplinks that select it.
 #[derive(Clone, Debug, Default)]
@@ -399,30 +410,45 @@ async fn seq_records(js: &jetstream::Context) -> Result<jetstream::kv::Store, as
     Ok(js.create_or_update_key_value(config).await?)
 }
 
-/// Writes the latest [`SeqRecord`] of a lane, at most every 50 ms (records are coalesced), and
-/// the last one when the lane is gone. Never in the lane's way: a record that cannot be written
-/// now is written later.
-async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiver<Option<SeqRecord>>) {
+/// Writes the latest [`SeqRecord`] of a lane when a release asks for it ([`UplinkState::flush_record`]),
+/// once a burst of entries is over (at least every [`RECORD_EVERY`] while they keep coming), and
+/// the last one when the lane is gone. Never in the lane's way: a record that cannot be
+/// written now is written later. Each attempt is answered ([`UplinkState::recorded`]).
+async fn run_recorder(
+    js: jetstream::Context,
+    key: String,
+    mut rx: watch::Receiver<Option<SeqRecord>>,
+    state: Arc<UplinkState>,
+) {
     let mut store: Option<jetstream::kv::Store> = None;
     let mut written: Option<SeqRecord> = None;
     let mut delays = backoff(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let mut closed = rx.changed().await.is_err();
+        let mut closed = false;
+        let mut wanted = false;
+        tokio::select! {
+            changed = rx.changed() => closed = changed.is_err(),
+            () = state.record_wanted() => wanted = true,
+        }
         // One write per burst of entries: once the lane stored nothing for RECORD_QUIET, and
         // at least every RECORD_EVERY while it keeps storing (each write is a JetStream
-        // write, an fsync and the removal of the previous revision).
+        // write, an fsync and the removal of the previous revision); at once when asked.
         let burst = Instant::now();
-        while !closed {
+        while !closed && !wanted {
             let at = (Instant::now() + RECORD_QUIET).min(burst + RECORD_EVERY);
             tokio::select! {
                 changed = rx.changed() => closed = changed.is_err(),
+                () = state.record_wanted() => wanted = true,
                 () = tokio::time::sleep_until(at) => break,
             }
         }
         let mut tries = 0;
         loop {
             let latest = *rx.borrow_and_update();
-            let Some(record) = latest.filter(|r| Some(*r) != written) else { break };
+            let Some(record) = latest.filter(|r| Some(*r) != written) else {
+                state.recorded(written.map(|r| r.stream_seq));
+                break;
+            };
             let put = async {
                 if store.is_none() {
                     store = Some(seq_records(&js).await?);
@@ -436,6 +462,7 @@ async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiv
                 Ok(()) => written = Some(record),
                 Err(e) => {
                     debug!(key = %key, error = %e, "buffer sequence record not written; trying again");
+                    state.recorded(None);
                     store = None;
                     tries += 1;
                     if closed && tries >= 3 {
@@ -451,10 +478,11 @@ async fn run_recorder(js: jetstream::Context, key: String, mut rx: watch::Receiv
     }
 }
 
-/// The sequence record is written once the lane stored nothing for this long...
-const RECORD_QUIET: Duration = Duration::from_millis(200);
+/// Besides before each release, the sequence record is written once the lane stored nothing
+/// for this long...
+const RECORD_QUIET: Duration = Duration::from_secs(2);
 /// ...and at least this often while it keeps storing.
-const RECORD_EVERY: Duration = Duration::from_secs(1);
+const RECORD_EVERY: Duration = Duration::from_secs(30);
 
 /// Where the lane of `b` continues, read from the stream: the `buffer_seq` of its next entry
 /// (right after the stream's last entry, or from the [`SeqRecord`] when the stream holds none),
@@ -462,8 +490,19 @@ const RECORD_EVERY: Duration = Duration::from_secs(1);
 /// the entries already in the stream.
 async fn restore(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(stream::Stream, u64, Prior), async_nats::Error> {
     let mut stream = js.get_stream(&b.stream).await?;
-    // What an earlier run's uplink acknowledged and did not release yet is not buffered.
-    match release_settled(&stream).await {
+    // The lane's sequence record; no bucket yet (no record ever written) is no record; any
+    // other failure is retried.
+    let bucket = js.get_stream(format!("KV_{SEQ_RECORDS}")).await;
+    let record = match bucket {
+        Ok(_) => js.get_key_value(SEQ_RECORDS).await?.get(&b.stream).await?.as_deref().and_then(SeqRecord::decode),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // What an earlier run's uplink acknowledged and did not release yet is not buffered
+    // (released up to the entry the record describes, as every release).
+    match release_settled(&stream, record.map_or(0, |r| r.stream_seq)).await {
         Ok(r) if r.entries == 0 => {}
         Ok(r) => debug!(uplink = %b.uplink, entries = r.entries, "entries acknowledged by an earlier run released"),
         Err(e) => debug!(uplink = %b.uplink, error = %e, "nothing released at start (no consumer yet?)"),
@@ -490,15 +529,6 @@ async fn restore(js: &jetstream::Context, b: &UplinkBuffer) -> Result<(stream::S
         prior.oldest = Some(std::time::SystemTime::from(state.first_timestamp));
         return Ok((stream, seq_floor(state.last_sequence), prior));
     }
-    // No bucket yet (no record ever written) is no record; any other failure is retried.
-    let bucket = js.get_stream(format!("KV_{SEQ_RECORDS}")).await;
-    let record = match bucket {
-        Ok(_) => js.get_key_value(SEQ_RECORDS).await?.get(&b.stream).await?.as_deref().and_then(SeqRecord::decode),
-        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
     let next = next_after_empty(state.last_sequence, record);
     if state.last_sequence > 0 {
         let exact = record.is_some_and(|r| r.stream_seq == state.last_sequence);
@@ -877,6 +907,10 @@ impl Lane {
         let (stream, next, prior) = restore(&self.js, &self.b).await?;
         self.stream = Some(stream);
         self.next = Some((next, prior.last_seq));
+        // Where the lane stands, so that the entries stored before it may be released.
+        if prior.last_seq > 0 {
+            self.record.send_replace(Some(SeqRecord { stream_seq: prior.last_seq, next }));
+        }
         self.state.restored(next, prior);
         self.state.set_reachable(true);
         self.expiry_due = Some(Instant::now());
@@ -991,7 +1025,12 @@ impl Lane {
 
     /// Runs the lane until its queue closes (the writer drains) or `abandon` fires.
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>, abandon: tokio_util::sync::CancellationToken) {
-        let recorder = tokio::spawn(run_recorder(self.js.clone(), self.b.stream.clone(), self.record.subscribe()));
+        let recorder = tokio::spawn(run_recorder(
+            self.js.clone(),
+            self.b.stream.clone(),
+            self.record.subscribe(),
+            Arc::clone(&self.state),
+        ));
         let left = self.store_all(&mut rx, &abandon).await;
         // Abandoned: what is held here was not accepted.
         if let Some(mut left) = left {
@@ -1212,7 +1251,8 @@ impl Lane {
     /// [`release_settled`] on this lane's stream; nothing released when it failed.
     async fn release(&mut self) -> Released {
         let Some(stream) = self.stream.as_ref() else { return Released::default() };
-        match release_settled(stream).await {
+        let recorded = self.state.flush_record(RECORD_FLUSH_WITHIN).await;
+        match release_settled(stream, recorded).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(uplink = %self.b.uplink, error = %e, "acknowledged entries not released now");

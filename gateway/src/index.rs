@@ -47,7 +47,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropLabels, DropReason, UplinkLabels};
 use crate::ranges::RangeSet;
@@ -237,6 +237,20 @@ pub struct UplinkState {
     settled_entries: std::sync::atomic::AtomicU64,
     /// The highest stream sequence settled in this run.
     max_settled: std::sync::atomic::AtomicU64,
+    /// What the buffer's sequence record says now ([`RecordMark`]).
+    record: watch::Sender<RecordMark>,
+    /// Asks the lane's recorder to write the record now.
+    record_wanted: Notify,
+}
+
+/// Where the buffer's written sequence record stands: the stream sequence it describes (0:
+/// none written in this run) and how many times the recorder answered so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordMark {
+    /// The stream sequence of the entry the written record describes.
+    pub through: u64,
+    /// Answers given (a flush waits for the next one).
+    pub answers: u64,
 }
 
 impl UplinkState {
@@ -350,6 +364,33 @@ impl UplinkState {
     /// Entries settled so far in this run.
     pub fn settled_entries(&self) -> u64 {
         self.settled_entries.load(Ordering::Relaxed)
+    }
+
+    /// Has the lane's recorder write the buffer's sequence record of the last stored entry
+    /// (waiting up to `within` for its answer); returns the stream sequence the written record
+    /// describes. Entries up to it may be released: were the stream left empty, the record
+    /// says exactly where `bufferSeq` continues.
+    pub async fn flush_record(&self, within: Duration) -> u64 {
+        let mut rx = self.record.subscribe();
+        let asked = rx.borrow_and_update().answers;
+        self.record_wanted.notify_one();
+        let _ = tokio::time::timeout(within, rx.wait_for(|m| m.answers > asked)).await;
+        rx.borrow().through
+    }
+
+    /// Waits until someone wants the sequence record written ([`Self::flush_record`]).
+    pub async fn record_wanted(&self) {
+        self.record_wanted.notified().await;
+    }
+
+    /// The recorder's answer: the record now describes `through` (`None`: unchanged).
+    pub fn recorded(&self, through: Option<u64>) {
+        self.record.send_modify(|m| {
+            if let Some(t) = through {
+                m.through = t;
+            }
+            m.answers += 1;
+        });
     }
 
     /// The writer wants to remove an entry.
@@ -526,6 +567,8 @@ impl StateIndex {
             dropped: self.dropped.clone(),
             settled_entries: std::sync::atomic::AtomicU64::new(0),
             max_settled: std::sync::atomic::AtomicU64::new(0),
+            record: watch::channel(RecordMark::default()).0,
+            record_wanted: Notify::new(),
         });
         map.insert(name.to_string(), Arc::clone(&s));
         s

@@ -502,8 +502,9 @@ async fn a_buffer_smaller_than_a_second_of_readings_releases_what_was_delivered_
 }
 
 /// A buffer stream an earlier version left (interest retention, where each ack removed its
-/// entry) is taken over at start: nats-server reports it under limits retention afterwards,
-/// and every reading still arrives once.
+/// entry, and a consumer keeping its acks on disk) is taken over at start: nats-server reports
+/// the stream under limits retention and the consumer in memory afterwards, and every reading
+/// still arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffer_stream_of_an_earlier_version_is_updated_in_place_and_delivers() -> Result<()> {
     let nats = NatsServer::start().await?;
@@ -517,7 +518,14 @@ async fn a_buffer_stream_of_an_earlier_version_is_updated_in_place_and_delivers(
         ..Default::default()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("creating the old stream: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("creating the old stream: {e}"))?
+    .create_consumer(async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("uplink".to_string()),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating the old consumer: {e}"))?;
     let fleet = SimFleet::start(&[Fault::None; 2]).await?;
     let (url, devices) = (nats.url(), fleet.gateway_devices("100ms"));
     let mut rig = rig_on("upgrade", nats, &url, fleet, devices, MosquittoOptions::default(), |_| {}).await?;
@@ -525,12 +533,14 @@ async fn a_buffer_stream_of_an_earlier_version_is_updated_in_place_and_delivers(
     let (report, _) = rig.drain_and_stop().await?;
     let mut s = js.get_stream(&stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let retention = s.info().await.map_err(|e| anyhow::anyhow!("{e}"))?.config.retention;
-    eprintln!("stream of an earlier version: {report}; retention now {retention:?}");
+    let in_memory = s.consumer_info("uplink").await.map_err(|e| anyhow::anyhow!("{e}"))?.config.memory_storage;
+    eprintln!("stream of an earlier version: {report}; retention now {retention:?}, consumer in memory: {in_memory}");
     report.assert_complete()?;
     ensure!(
         retention == async_nats::jetstream::stream::RetentionPolicy::Limits,
         "the stream kept {retention:?} retention"
     );
+    ensure!(in_memory, "the consumer still keeps its acknowledgements on disk");
     Ok(())
 }
 

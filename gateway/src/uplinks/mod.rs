@@ -33,7 +33,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces, release_settled};
+use crate::buffer::{
+    BufferError, RECORD_FLUSH_WITHIN, UplinkBuffer, entry_range, entry_readings, entry_traces, release_settled,
+};
 use crate::encoding::{Encoder, SessionPlan};
 use crate::index::{Begin, EntryFacts, UplinkState};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
@@ -209,13 +211,27 @@ pub async fn ensure_consumer(
         ack_wait: buffer.redeliver_after,
         deliver_policy: DeliverPolicy::All,
         max_ack_pending: i64::from(window) * 4,
+        // Acknowledgements live in nats-server's memory (no write and fsync per ack): the
+        // durable confirmation is the release of the acknowledged prefix (see `crate::buffer`).
+        memory_storage: true,
         ..Default::default()
     };
-    let consumer = match stream.create_consumer(config).await {
+    let consumer = match stream.create_consumer(config.clone()).await {
         Ok(c) => c,
         Err(e) => {
-            warn!(stream = %buffer.stream, error = %e, "could not update the uplink consumer; using it as it is");
-            stream.get_consumer(CONSUMER).await.map_err(err)?
+            let existing: jetstream::consumer::Consumer<pull::Config> =
+                stream.get_consumer(CONSUMER).await.map_err(err)?;
+            if existing.cached_info().config.memory_storage {
+                warn!(stream = %buffer.stream, error = %e, "could not update the uplink consumer; using it as it is");
+                existing
+            } else {
+                // One of an earlier version keeps its acknowledgements on disk, which nats-server
+                // does not change in place: replaced (what it acknowledged and the buffer did not
+                // release yet is delivered again).
+                info!(stream = %buffer.stream, "the uplink consumer keeps its acknowledgements in memory from now on");
+                stream.delete_consumer(CONSUMER).await.map_err(|e| err(e.into()))?;
+                stream.create_consumer(config).await.map_err(|e| err(e.into()))?
+            }
         }
     };
     Ok(consumer)
@@ -590,7 +606,7 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
 
     loop {
         let now = Instant::now();
-        // Acknowledged entries stay in the stream until released: one purge a second at most
+        // Acknowledged entries stay in the stream until released: one purge every RELEASE_AFTER at most
         // (sooner after [`RELEASE_EVERY`] entries), never one per entry.
         let settled = state.settled_entries();
         if settled != released_through {
@@ -743,8 +759,10 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     info!(uplink = %d.labels.uplink, unconfirmed = left, "uplink stopped");
 }
 
-/// Longest an acknowledged entry waits to be released from the buffer.
-const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// Longest an acknowledged entry waits to be released from the buffer (each release is a
+/// record write and a purge; an entry acknowledged and not released when nats-server and the
+/// gateway both restart is sent again).
+const RELEASE_AFTER: Duration = Duration::from_secs(5);
 /// Acknowledged entries that release at once.
 const RELEASE_EVERY: u64 = 128;
 
@@ -754,7 +772,8 @@ const RELEASE_EVERY: u64 = 128;
 async fn release(d: &Driver) -> u64 {
     let released = async {
         let stream = d.task.js.get_stream_no_info(&d.task.buffer.stream).await?;
-        release_settled(&stream).await
+        let recorded = d.state.flush_record(RECORD_FLUSH_WITHIN).await;
+        release_settled(&stream, recorded).await
     };
     match tokio::time::timeout(RELEASE_AFTER, released).await {
         Ok(Ok(r)) => {
