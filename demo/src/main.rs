@@ -207,7 +207,8 @@ impl Demo {
             ),
         )?;
         let mut cmd = Command::new(&self.args.nats_server);
-        cmd.arg("-c").arg(&conf);
+        // One Go scheduler thread, as the chart runs it (`nats.goMaxProcs`).
+        cmd.arg("-c").arg(&conf).env("GOMAXPROCS", "1");
         self.procs.spawn("nats-server", cmd, &dir.join("log"))?;
         self.wait_port(port, "nats-server").await
     }

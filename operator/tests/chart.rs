@@ -153,6 +153,7 @@ fn default_values_lint_clean_and_render_restricted_least_privilege_objects() {
     assert_eq!(pod["nodeSelector"], json!({"fieldgate.io/gateway": "true"}));
     let nats = pod["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "nats").unwrap();
     assert_eq!(nats["restartPolicy"], json!("Always"), "NATS is a native sidecar");
+    assert_eq!(env_var(nats, "GOMAXPROCS"), Some(json!("1")), "nats-server runs one scheduler thread");
     assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["hostPath"]["path"] == json!("/var/lib/fieldgate")));
     assert_restricted(ds, true);
     let conf = find(o, "ConfigMap", "fg-gateway-nats")["data"]["nats.conf"].as_str().unwrap();
@@ -214,7 +215,7 @@ fn non_default_values_change_what_they_should() {
         "imageRegistry": "registry.example.com/fg/",
         "operator": {"replicas": 3, "failBack": true, "failoverGrace": "90s", "image": {"repository": "fieldgate-operator", "tag": "1.2.3"}},
         "gateway": {"extraArgs": ["--shutdown-grace=5s"]},
-        "nats": {"syncInterval": "2m", "storage": {"type": "emptyDir"}},
+        "nats": {"syncInterval": "2m", "storage": {"type": "emptyDir"}, "goMaxProcs": null},
     });
     let r = helm(&py, values);
     assert_lint_clean(&r);
@@ -233,6 +234,8 @@ fn non_default_values_change_what_they_should() {
     assert!(pod["initContainers"].as_array().unwrap().iter().all(|c| c["name"] != "fix-permissions"));
     assert_restricted(ds, false);
     assert_eq!(pod["containers"][0]["args"], json!(["--shutdown-grace=5s"]));
+    let nats = pod["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "nats").unwrap();
+    assert_eq!(env_var(nats, "GOMAXPROCS"), None, "goMaxProcs null leaves nats-server its default");
     let conf = find(o, "ConfigMap", "fg-gateway-nats")["data"]["nats.conf"].as_str().unwrap();
     assert!(conf.contains("sync_interval: 2m"), "{conf}");
 }
@@ -243,6 +246,7 @@ fn invalid_values_are_refused_by_the_schema() {
     for (values, word) in [
         (json!({"nats": {"syncInterval": "sometimes"}}), "syncInterval"),
         (json!({"nats": {"storage": {"type": "nfs"}}}), "type"),
+        (json!({"nats": {"goMaxProcs": 0}}), "goMaxProcs"),
         (json!({"operator": {"replicas": 0}}), "replicas"),
         (json!({"unknownKey": 1}), "unknownKey"),
     ] {
@@ -262,7 +266,7 @@ fn gateway_container(objects: &[Value]) -> &Value {
 }
 
 fn env_var(container: &Value, name: &str) -> Option<Value> {
-    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
+    container["env"].as_array()?.iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
 }
 
 /// `(name, port, protocol)` of the gateway's containerPorts other than metrics.

@@ -30,7 +30,7 @@ impl BenchNats {
             format!("listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n", store.display());
         std::fs::write(dir.path().join("nats.conf"), config)?;
         let mut cmd = Command::new(nats_server_binary()?);
-        cmd.arg("-c").arg(dir.path().join("nats.conf"));
+        cmd.arg("-c").arg(dir.path().join("nats.conf")).env("GOMAXPROCS", crate::nats::NATS_GOMAXPROCS);
         let proc = Proc::spawn("nats-server", cmd, &dir.path().join("stdout"), &dir.path().join("stderr"))?;
         wait_until("nats-server to listen", Duration::from_secs(30), || async move {
             Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok().then_some(()))
