@@ -34,7 +34,9 @@
 //! restart, which is sent again, or counted if its entry is then removed — or whose entry was
 //! acked out of order, above the consumer's acknowledgement floor, and not released yet (at
 //! most the in-flight window): counted if the writer removes that entry before the floor
-//! passes it.
+//! passes it. The consumer keeps its acks in nats-server's memory, so after a restart of
+//! nats-server *and* the gateway every entry acked and not released yet (at most the last
+//! release interval) is in that case: sent again, or counted if the writer removes it first.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
