@@ -61,8 +61,27 @@ pub use metrics::metric;
 pub use mosquitto::{Mosquitto, MosquittoOptions, MosquittoTls};
 pub use nats::NatsServer;
 
-/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+/// A port on 127.0.0.1 that nothing used (TCP or UDP) a moment ago.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), from a spot that differs
+/// per process and call: a port from `bind(0)` can be handed to another socket's outgoing
+/// connection before the process under test binds it (seen as "Address already in use").
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = nanos
+        ^ std::process::id().wrapping_mul(2_654_435_761)
+        ^ CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919);
+    for i in 0..SPAN {
+        let Ok(port) = u16::try_from(LOW + (start.wrapping_add(i * 7_919)) % SPAN) else { continue };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        if TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .context("binding 127.0.0.1:0 to find a free port")?;
     Ok(listener.local_addr()?.port())
@@ -167,9 +186,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_ports_can_be_bound() {
-        let port = free_port().unwrap();
-        TcpListener::bind(("127.0.0.1", port)).unwrap();
+    fn free_ports_can_be_bound_and_lie_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        for &port in &ports {
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+            assert!((10_000..32_000).contains(&port), "{port}");
+        }
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert!(distinct.len() > 15, "{ports:?}");
     }
 
     #[tokio::test]

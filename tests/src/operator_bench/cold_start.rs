@@ -514,10 +514,6 @@ async fn stop_child(child: &mut tokio::process::Child, pid: u32, grace: Duration
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A file removed on drop.
 struct TempFile(PathBuf);
 
@@ -564,7 +560,7 @@ async fn cold_start(args: &BenchArgs) -> anyhow::Result<String> {
         ),
     )?;
     let log = TempFile(dir.join(format!("fieldgate-bench-{pid}.log")));
-    let metrics_port = free_port()?;
+    let metrics_port = crate::free_port()?;
 
     let started = Instant::now();
     // The operator binary built next to this bench (`cargo build --release --workspace --bins`).
