@@ -420,6 +420,7 @@ async fn run_recorder(
     mut rx: watch::Receiver<Option<SeqRecord>>,
     state: Arc<UplinkState>,
 ) {
+    let _running = state.recorder_started();
     let mut store: Option<jetstream::kv::Store> = None;
     let mut written: Option<SeqRecord> = None;
     let mut delays = backoff(Duration::from_millis(100), Duration::from_secs(5));

@@ -253,6 +253,21 @@ pub struct RecordMark {
     pub through: u64,
     /// Answers given (a flush waits for the next one).
     pub answers: u64,
+    /// Whether the lane's recorder runs (a flush without it returns at once).
+    pub recording: bool,
+}
+
+/// Marks the lane's recorder as running until dropped ([`UplinkState::recorder_started`]).
+#[derive(Debug)]
+pub struct RecorderRunning(Arc<UplinkState>);
+
+impl Drop for RecorderRunning {
+    fn drop(&mut self) {
+        self.0.record.send_modify(|m| {
+            m.recording = false;
+            m.answers += 1;
+        });
+    }
 }
 
 impl UplinkState {
@@ -374,10 +389,22 @@ impl UplinkState {
     /// says exactly where `bufferSeq` continues.
     pub async fn flush_record(&self, within: Duration) -> u64 {
         let mut rx = self.record.subscribe();
-        let asked = rx.borrow_and_update().answers;
+        let (asked, recording) = {
+            let m = rx.borrow_and_update();
+            (m.answers, m.recording)
+        };
+        if !recording {
+            return rx.borrow().through;
+        }
         self.record_wanted.notify_one();
         let _ = tokio::time::timeout(within, rx.wait_for(|m| m.answers > asked)).await;
         rx.borrow().through
+    }
+
+    /// The lane's recorder runs until the returned guard is dropped.
+    pub fn recorder_started(self: &Arc<Self>) -> RecorderRunning {
+        self.record.send_modify(|m| m.recording = true);
+        RecorderRunning(Arc::clone(self))
     }
 
     /// Waits until someone wants the sequence record written ([`Self::flush_record`]).

@@ -752,6 +752,11 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
     }
     let left = d.core.in_flight();
     d.release_all().await;
+    // What was delivered since the last release leaves the buffer now (a restart then finds
+    // only what is still to send).
+    if release_at.is_some() || state.settled_entries() != released_through {
+        let _ = tokio::time::timeout(FINAL_RELEASE_WITHIN, release(&d)).await;
+    }
     if let Some(l) = link {
         l.close().await;
     }
@@ -763,6 +768,8 @@ pub async fn drive<L: Link, F: FnMut(SessionPlan) -> L>(task: UplinkTask, mut op
 /// record write and a purge; an entry acknowledged and not released when nats-server and the
 /// gateway both restart is sent again).
 const RELEASE_AFTER: Duration = Duration::from_secs(5);
+/// Longest the release at the uplink's stop may take.
+const FINAL_RELEASE_WITHIN: Duration = Duration::from_secs(1);
 /// Acknowledged entries that release at once.
 const RELEASE_EVERY: u64 = 128;
 
