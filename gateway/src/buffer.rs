@@ -205,8 +205,18 @@ pub async fn release_settled<I>(stream: &stream::Stream<I>, recorded: u64) -> Re
     Ok(Released { entries: stream.purge().sequence(floor + 1).await?.purged, floor })
 }
 
+/// [`release_settled`] up to the entry the lane's sequence record describes once written now
+/// ([`UplinkState::flush_record`]): how the uplink and the lane release.
+pub async fn release_recorded<I>(
+    stream: &stream::Stream<I>,
+    state: &UplinkState,
+) -> Result<Released, async_nats::Error> {
+    let recorded = state.flush_record(RECORD_FLUSH_WITHIN).await;
+    release_settled(stream, recorded).await
+}
+
 /// How long a release waits for the lane's recorder to write the sequence record.
-pub const RECORD_FLUSH_WITHIN: Duration = Duration::from_secs(1);
+const RECORD_FLUSH_WITHIN: Duration = Duration::from_secs(1);
 
 /// Where each device's readings go: the buffers of the uplinks that select it.
 #[derive(Clone, Debug, Default)]
@@ -1249,11 +1259,10 @@ impl Lane {
         }
     }
 
-    /// [`release_settled`] on this lane's stream; nothing released when it failed.
+    /// [`release_recorded`] on this lane's stream; nothing released when it failed.
     async fn release(&mut self) -> Released {
         let Some(stream) = self.stream.as_ref() else { return Released::default() };
-        let recorded = self.state.flush_record(RECORD_FLUSH_WITHIN).await;
-        match release_settled(stream, recorded).await {
+        match release_recorded(stream, &self.state).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(uplink = %self.b.uplink, error = %e, "acknowledged entries not released now");

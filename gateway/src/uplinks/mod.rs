@@ -33,9 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use crate::buffer::{
-    BufferError, RECORD_FLUSH_WITHIN, UplinkBuffer, entry_range, entry_readings, entry_traces, release_settled,
-};
+use crate::buffer::{BufferError, UplinkBuffer, entry_range, entry_readings, entry_traces, release_recorded};
 use crate::encoding::{Encoder, SessionPlan};
 use crate::index::{Begin, EntryFacts, UplinkState};
 use crate::metrics::{DeliveryLabels, DeliveryOutcome, DropReason, Metrics, UplinkLabels};
@@ -773,14 +771,13 @@ const FINAL_RELEASE_WITHIN: Duration = Duration::from_secs(1);
 /// Acknowledged entries that release at once.
 const RELEASE_EVERY: u64 = 128;
 
-/// Releases the acknowledged entries of the uplink's buffer ([`release_settled`]); returns
+/// Releases the acknowledged entries of the uplink's buffer ([`release_recorded`]); returns
 /// the acknowledgement floor released up to (0 when the release failed: a later one retries,
 /// and the writer releases too when the buffer is full).
 async fn release(d: &Driver) -> u64 {
     let released = async {
         let stream = d.task.js.get_stream_no_info(&d.task.buffer.stream).await?;
-        let recorded = d.state.flush_record(RECORD_FLUSH_WITHIN).await;
-        release_settled(&stream, recorded).await
+        release_recorded(&stream, &d.state).await
     };
     match tokio::time::timeout(RELEASE_AFTER, released).await {
         Ok(Ok(r)) => {
