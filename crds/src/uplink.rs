@@ -384,12 +384,12 @@ pub struct BufferSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redeliver_after: Option<HumanDuration>,
     /// How long a reading may wait for others to be stored with it in one buffer entry, such
-    /// as `10ms` (`0s` to `1s`). Defaults to `0s`: an entry is stored as soon as the one
-    /// before it is, with every reading that arrived meanwhile. A longer linger stores fewer,
-    /// larger entries, which costs the gateway and nats-server less CPU per reading (each
-    /// entry is a disk write and an fsync, a delivery and an acknowledgement), and
-    /// adds up to that much latency. An entry stops waiting early once no reading arrived for
-    /// a quarter of the linger (the readings of one poll slot come together).
+    /// as `10ms` (`0s` to `1s`). Defaults to `2ms`. A longer linger stores fewer, larger
+    /// entries, which costs the gateway and nats-server less CPU per reading (each entry is a
+    /// disk write and an fsync, a delivery and an acknowledgement), and adds up to that much
+    /// latency. An entry stops waiting early once no reading arrived for a quarter of the
+    /// linger (the readings of one poll slot come together). With `0s` an entry is stored as
+    /// soon as the one before it is, with every reading that arrived meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linger: Option<HumanDuration>,
 }
@@ -404,6 +404,10 @@ impl BufferSpec {
     pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(72 * 3600);
     /// Redelivery time when none is set.
     pub const DEFAULT_REDELIVER_AFTER: Duration = Duration::from_secs(30);
+    /// Linger when none is set: long enough for the readings that arrive together (one poll
+    /// slot, a burst of MQTT messages) to share an entry, short against the 10 ms a reading
+    /// may take to reach the cloud.
+    pub const DEFAULT_LINGER: Duration = Duration::from_millis(2);
 
     /// Most bytes kept, default applied.
     pub fn max_bytes(&self) -> u64 {
@@ -425,9 +429,9 @@ impl BufferSpec {
         self.redeliver_after.as_ref().map_or(Self::DEFAULT_REDELIVER_AFTER, HumanDuration::get)
     }
 
-    /// Linger, default (none) applied.
+    /// Linger, default applied.
     pub fn linger(&self) -> Duration {
-        self.linger.as_ref().map_or(Duration::ZERO, HumanDuration::get)
+        self.linger.as_ref().map_or(Self::DEFAULT_LINGER, HumanDuration::get)
     }
 }
 
@@ -487,4 +491,20 @@ pub struct UplinkGatewayStatus {
     /// When the broker last acknowledged a reading (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ack_time: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_unset_linger_is_two_milliseconds_and_an_explicit_zero_stays_zero() {
+        assert_eq!(BufferSpec::default().linger(), Duration::from_millis(2));
+        let none = BufferSpec { linger: Some("0s".parse().unwrap()), ..Default::default() };
+        assert_eq!(none.linger(), Duration::ZERO);
+        let ten = BufferSpec { linger: Some("10ms".parse().unwrap()), ..Default::default() };
+        assert_eq!(ten.linger(), Duration::from_millis(10));
+    }
 }

@@ -5,8 +5,9 @@
 //! then it is only in flight. An entry is one JetStream message holding up to
 //! [`MAX_ENTRY_READINGS`] readings (`BufferEntry` in `proto/fieldgate/v1/reading.proto`): each
 //! uplink's lane stores one entry at a time, and the next carries every reading that arrived
-//! meanwhile (group commit) — and, with the uplink's `buffer.linger`, every reading that arrives
-//! until its first one has waited that long (fewer, larger entries for less CPU). Its headers give
+//! meanwhile (group commit) — and, with the uplink's `buffer.linger` (2 ms unless set), every
+//! reading that arrives until its first one has waited that long, or until none came for a
+//! quarter of it (fewer, larger entries for less CPU). Its headers give
 //! the `buffer_seq` of its first reading and their count, so `buffer_seq` numbers the uplink's
 //! readings without gaps. Its `Nats-Msg-Id` is `{stream}/{first buffer_seq}` ([`entry_id`]), unique
 //! in the stream and the same for every retry, and each publish expects the stream's last sequence

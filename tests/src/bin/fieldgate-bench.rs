@@ -89,7 +89,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     ingest_devices: u16,
     /// The uplink's `buffer.linger` (how long a reading may wait for others to share its
-    /// buffer entry), such as `10ms`; none by default.
+    /// buffer entry), such as `10ms` or `0s`; the gateway's default (2ms) when not given.
     #[arg(long)]
     linger: Option<fieldgate_crds::HumanDuration>,
 }
@@ -104,7 +104,10 @@ fn bench_buffer(u: &mut fieldgate_crds::GatewayUplink, args: &Args) {
 
 /// How the load line names the buffer's linger.
 fn linger_note(args: &Args) -> String {
-    args.linger.as_ref().map(|l| format!(", buffer.linger {}", l.as_str())).unwrap_or_default()
+    match &args.linger {
+        Some(l) => format!(", buffer.linger {}", l.as_str()),
+        None => format!(", buffer.linger {:?} (default)", fieldgate_crds::BufferSpec::DEFAULT_LINGER),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -650,6 +653,8 @@ struct IngestRun {
     cpu_s_per_million: f64,
     nats_cpu_s_per_million: f64,
     hwm_mib: f64,
+    /// Buffer entries stored per second in the window (the gateway only).
+    entries_per_s: Option<f64>,
 }
 
 async fn run_mqtt_ingest(args: &Args) -> Result<()> {
@@ -672,6 +677,12 @@ async fn run_mqtt_ingest(args: &Args) -> Result<()> {
     println!("  mosquitto bridge CPU           {:>10.3} CPU-s per 10^6 messages", bridge.cpu_s_per_million);
     println!("  gateway + nats-server CPU      {:>10.3} CPU-s per 10^6 messages", gateway.cpu_s_per_million);
     println!("    nats-server                  {:>10.3} CPU-s per 10^6 messages", gateway.nats_cpu_s_per_million);
+    if let Some(entries) = gateway.entries_per_s.filter(|e| *e > 0.0) {
+        println!(
+            "    buffer entries               {entries:>10.1} a second ({:.1} messages an entry)",
+            gateway.messages_per_s / entries
+        );
+    }
     println!(
         "  gateway + nats-server / bridge {} x",
         against(gateway.cpu_s_per_million / bridge.cpu_s_per_million, Some(INGEST_TARGET_RATIO), 2)
@@ -685,7 +696,7 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
     let cloud = Mosquitto::start().await?;
     let topics: Vec<String> = (0..args.ingest_devices).map(|i| format!("bench/d{i}/v")).collect();
     // Whichever carries them, the processes whose CPU counts: (carrier, its nats-server).
-    let (_bridge, _nats, _gw, pids, filter) = match carrier {
+    let (_bridge, nats, _gw, pids, filter) = match carrier {
         Carrier::Bridge => {
             let bridges = vec![
                 ("field".to_string(), format!("127.0.0.1:{}", field.port()), "bench/# in 1".to_string()),
@@ -733,6 +744,19 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
         let nats = pids.1.map(proc_stats).transpose()?;
         Ok((carrier.cpu_s, nats.map_or(0.0, |n| n.cpu_s), carrier.hwm_kib))
     };
+    // The gateway's buffer entries: the last sequence of its uplink's stream.
+    let js = match &nats {
+        Some(n) => Some(jetstream::new(async_nats::connect(n.url()).await?)),
+        None => None,
+    };
+    let stream = stream_name(NAMESPACE, UPLINK);
+    let last_seq = || async {
+        match &js {
+            Some(js) => anyhow::Ok(Some(js.get_stream(&stream).await?.cached_info().state.last_sequence)),
+            None => Ok(None),
+        }
+    };
+    let e0 = last_seq().await?;
     let c0 = counter.count.load(Ordering::Relaxed);
     let (carrier0, nats0, _) = cpu(pids)?;
     let t0 = Instant::now();
@@ -754,6 +778,7 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
     let elapsed = t0.elapsed().as_secs_f64();
     let delivered = (counter.count.load(Ordering::Relaxed) - c0) as f64;
     let (carrier1, nats1, hwm_kib) = cpu(pids)?;
+    let e1 = last_seq().await?;
     publisher.abort();
     let per_million = |cpu_s: f64| if delivered > 0.0 { cpu_s / delivered * 1e6 } else { f64::NAN };
     Ok(IngestRun {
@@ -761,6 +786,7 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
         cpu_s_per_million: per_million(carrier1 - carrier0 + nats1 - nats0),
         nats_cpu_s_per_million: per_million(nats1 - nats0),
         hwm_mib: hwm_kib as f64 / 1024.0,
+        entries_per_s: e0.zip(e1).map(|(a, b)| b.saturating_sub(a) as f64 / elapsed),
     })
 }
 
