@@ -696,7 +696,7 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
     let cloud = Mosquitto::start().await?;
     let topics: Vec<String> = (0..args.ingest_devices).map(|i| format!("bench/d{i}/v")).collect();
     // Whichever carries them, the processes whose CPU counts: (carrier, its nats-server).
-    let (_bridge, nats, _gw, pids, filter) = match carrier {
+    let (_bridge, nats, mut gw, pids, filter) = match carrier {
         Carrier::Bridge => {
             let bridges = vec![
                 ("field".to_string(), format!("127.0.0.1:{}", field.port()), "bench/# in 1".to_string()),
@@ -780,6 +780,10 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
     let (carrier1, nats1, hwm_kib) = cpu(pids)?;
     let e1 = last_seq().await?;
     publisher.abort();
+    // A graceful stop, as in the other scenarios (an instrumented build writes its profile).
+    if let Some(g) = gw.as_mut() {
+        let _ = g.terminate_within(Duration::from_secs(10)).await;
+    }
     let per_million = |cpu_s: f64| if delivered > 0.0 { cpu_s / delivered * 1e6 } else { f64::NAN };
     Ok(IngestRun {
         messages_per_s: delivered / elapsed,
