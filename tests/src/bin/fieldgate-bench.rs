@@ -312,9 +312,7 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
 
     let ppr = POINTS_FIXED + u64::from(load.extra);
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
-    let stream = stream_name(NAMESPACE, UPLINK);
-    let last_seq = || async { anyhow::Ok(js.get_stream(&stream).await?.cached_info().state.last_sequence) };
-    let e0 = last_seq().await?;
+    let e0 = buffer_last_seq(&js).await?;
     let c0 = counter.count.load(Ordering::Relaxed);
     let s0 = sample(pid, nats.pid(), mosq.pid())?;
     let t0 = Instant::now();
@@ -325,7 +323,7 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     let elapsed = t0.elapsed().as_secs_f64();
     let c1 = counter.count.load(Ordering::Relaxed);
     let s1 = sample(pid, nats.pid(), mosq.pid())?;
-    let entries = last_seq().await?.saturating_sub(e0) as f64;
+    let entries = buffer_last_seq(&js).await?.saturating_sub(e0) as f64;
 
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -356,6 +354,11 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
         entries_per_s: entries / elapsed,
         nats_us_per_entry: if entries > 0.0 { nats_cpu / entries * 1e6 } else { f64::NAN },
     })
+}
+
+/// The last sequence of the bench uplink's buffer stream (entries stored so far).
+async fn buffer_last_seq(js: &jetstream::Context) -> Result<u64> {
+    Ok(js.get_stream(stream_name(NAMESPACE, UPLINK)).await?.cached_info().state.last_sequence)
 }
 
 /// Ceiling: a native publisher drives mosquitto directly with QoS 1 (same window and payload
@@ -749,10 +752,9 @@ async fn ingest_run(args: &Args, carrier: Carrier) -> Result<IngestRun> {
         Some(n) => Some(jetstream::new(async_nats::connect(n.url()).await?)),
         None => None,
     };
-    let stream = stream_name(NAMESPACE, UPLINK);
     let last_seq = || async {
         match &js {
-            Some(js) => anyhow::Ok(Some(js.get_stream(&stream).await?.cached_info().state.last_sequence)),
+            Some(js) => buffer_last_seq(js).await.map(Some),
             None => Ok(None),
         }
     };
