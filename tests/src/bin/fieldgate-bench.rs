@@ -18,6 +18,10 @@
 //! - `mqtt-ingest`: 1,000 QoS 1 messages/s (one point each) published to a field mosquitto,
 //!   carried to the cloud mosquitto first by a mosquitto bridge, then by the gateway (field
 //!   broker -> gateway -> JetStream -> cloud); CPU per 10^6 messages of each, side by side.
+//!
+//! `--rounds N` repeats a scenario on fresh processes and prints each round and the medians
+//! (for `mqtt-ingest`: the median of each round's gateway / bridge ratio, the two carriers
+//! taking turns at going first).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -92,6 +96,11 @@ struct Args {
     /// buffer entry), such as `10ms` or `0s`; the gateway's default (2ms) when not given.
     #[arg(long)]
     linger: Option<fieldgate_crds::HumanDuration>,
+    /// Rounds of an edge scenario (not `idle`), each on fresh processes; with more than one,
+    /// every round is printed and the figures are their medians. `mqtt-ingest` alternates
+    /// which carrier goes first and takes the median of each round's ratio.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 /// The benchmark's uplink buffer: 1 GiB, `dropOldest`, `args.linger`.
@@ -217,6 +226,17 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
+/// The median of `values` (the mean of the middle two for an even count); NaN when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 struct RunResult {
     /// Gateway + nats-server CPU-s per 10^6 points, and each apart.
     both_cpu_s_per_million: f64,
@@ -240,6 +260,46 @@ struct RunResult {
     /// stream), and nats-server's CPU per entry.
     entries_per_s: f64,
     nats_us_per_entry: f64,
+}
+
+impl RunResult {
+    /// Each figure's median over `rounds` (the latency samples: their sum).
+    fn median(rounds: &[RunResult]) -> RunResult {
+        let m = |f: fn(&RunResult) -> f64| median(rounds.iter().map(f).collect());
+        RunResult {
+            both_cpu_s_per_million: m(|r| r.both_cpu_s_per_million),
+            nats_cpu_s_per_million: m(|r| r.nats_cpu_s_per_million),
+            nats_hwm_mib: m(|r| r.nats_hwm_mib),
+            broker_cpu_s_per_million: m(|r| r.broker_cpu_s_per_million),
+            points_per_s: m(|r| r.points_per_s),
+            readings_per_s: m(|r| r.readings_per_s),
+            cpu_s_per_million: m(|r| r.cpu_s_per_million),
+            rss_mib: m(|r| r.rss_mib),
+            hwm_mib: m(|r| r.hwm_mib),
+            anon_mib: m(|r| r.anon_mib),
+            file_mib: m(|r| r.file_mib),
+            p50_ms: m(|r| r.p50_ms),
+            p99_ms: m(|r| r.p99_ms),
+            latency_samples: rounds.iter().map(|r| r.latency_samples).sum(),
+            entries_per_s: m(|r| r.entries_per_s),
+            nats_us_per_entry: m(|r| r.nats_us_per_entry),
+        }
+    }
+
+    /// One line of a round.
+    fn line(&self) -> String {
+        format!(
+            "{:.0} points/s, gateway + nats-server {:.3} CPU-s per 10^6 points (gateway {:.3}, nats-server {:.3}), \
+             peak RSS {:.1} MiB, p50 / p99 {:.2} / {:.2} ms",
+            self.points_per_s,
+            self.both_cpu_s_per_million,
+            self.cpu_s_per_million,
+            self.nats_cpu_s_per_million,
+            self.hwm_mib,
+            self.p50_ms,
+            self.p99_ms
+        )
+    }
 }
 
 /// CPU of the gateway, its nats-server and the cloud broker at one moment.
@@ -505,6 +565,9 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
     let name = clap::ValueEnum::to_possible_value(&scenario).map(|v| v.get_name().to_string()).unwrap_or_default();
     println!("fieldgate-bench --scenario {name}: machine {}", machine());
     let (load, targets) = match scenario {
+        Scenario::Idle if args.rounds > 1 => {
+            anyhow::bail!("--rounds applies to edge-1k, edge-10k, capacity and mqtt-ingest, not idle")
+        }
         Scenario::Idle => return run_idle(args).await,
         Scenario::MqttIngest => return run_mqtt_ingest(args).await,
         Scenario::Edge1k => (
@@ -529,8 +592,19 @@ async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
         args.seconds,
         args.warmup
     );
-    let r = run_path(args, &load).await?;
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        let r = run_path(args, &load).await?;
+        if args.rounds > 1 {
+            println!("  round {round}/{}: {}; {}", args.rounds, r.line(), machine());
+        }
+        rounds.push(r);
+    }
+    let r = RunResult::median(&rounds);
     println!("  load average after the run: {}", machine());
+    if args.rounds > 1 {
+        println!("  medians of {} rounds:", args.rounds);
+    }
     println!("  delivered (cloud subscriber)   {:>10.0} points/s ({:.0} readings/s)", r.points_per_s, r.readings_per_s);
     println!(
         "  gateway + nats-server CPU      {} CPU-s per 10^6 points",
@@ -663,16 +737,57 @@ struct IngestRun {
 async fn run_mqtt_ingest(args: &Args) -> Result<()> {
     println!(
         "  load: {} QoS 1 messages/s over {} field topics (one point each), {} s window after {} s warm-up; \
-         the same messages through a mosquitto bridge, then through the gateway (JetStream sync_interval: always{})",
+         the same messages through a mosquitto bridge and through the gateway, one after the other (JetStream sync_interval: always{})",
         args.ingest_rate,
         args.ingest_devices,
         args.seconds,
         args.warmup,
         linger_note(args)
     );
-    let bridge = ingest_run(args, Carrier::Bridge).await?;
-    let gateway = ingest_run(args, Carrier::Gateway).await?;
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        // Alternating which goes first, so a drift of the machine's load favours neither.
+        let (bridge, gateway) = if round % 2 == 1 {
+            let b = ingest_run(args, Carrier::Bridge).await?;
+            (b, ingest_run(args, Carrier::Gateway).await?)
+        } else {
+            let g = ingest_run(args, Carrier::Gateway).await?;
+            (ingest_run(args, Carrier::Bridge).await?, g)
+        };
+        if args.rounds > 1 {
+            println!(
+                "  round {round}/{}: bridge {:.3}, gateway + nats-server {:.3} (nats-server {:.3}) CPU-s per 10^6 messages = {:.2} x; {}",
+                args.rounds,
+                bridge.cpu_s_per_million,
+                gateway.cpu_s_per_million,
+                gateway.nats_cpu_s_per_million,
+                gateway.cpu_s_per_million / bridge.cpu_s_per_million,
+                machine()
+            );
+        }
+        rounds.push((bridge, gateway));
+    }
+    let m = |f: fn(&(IngestRun, IngestRun)) -> f64| median(rounds.iter().map(f).collect());
+    let bridge = IngestRun {
+        messages_per_s: m(|r| r.0.messages_per_s),
+        cpu_s_per_million: m(|r| r.0.cpu_s_per_million),
+        nats_cpu_s_per_million: 0.0,
+        hwm_mib: m(|r| r.0.hwm_mib),
+        entries_per_s: None,
+    };
+    let gateway = IngestRun {
+        messages_per_s: m(|r| r.1.messages_per_s),
+        cpu_s_per_million: m(|r| r.1.cpu_s_per_million),
+        nats_cpu_s_per_million: m(|r| r.1.nats_cpu_s_per_million),
+        hwm_mib: m(|r| r.1.hwm_mib),
+        entries_per_s: Some(m(|r| r.1.entries_per_s.unwrap_or(f64::NAN))),
+    };
+    // The ratio of each round (its two runs side by side), then their median.
+    let ratio = m(|r| r.1.cpu_s_per_million / r.0.cpu_s_per_million);
     println!("  load average after the runs: {}", machine());
+    if args.rounds > 1 {
+        println!("  medians of {} rounds:", args.rounds);
+    }
     println!(
         "  delivered (cloud subscriber)   bridge {:.0} msg/s, gateway {:.0} msg/s",
         bridge.messages_per_s, gateway.messages_per_s
@@ -686,10 +801,7 @@ async fn run_mqtt_ingest(args: &Args) -> Result<()> {
             gateway.messages_per_s / entries
         );
     }
-    println!(
-        "  gateway + nats-server / bridge {} x",
-        against(gateway.cpu_s_per_million / bridge.cpu_s_per_million, Some(INGEST_TARGET_RATIO), 2)
-    );
+    println!("  gateway + nats-server / bridge {} x", against(ratio, Some(INGEST_TARGET_RATIO), 2));
     println!("  peak RSS                       bridge {:.1} MiB, gateway {:.1} MiB", bridge.hwm_mib, gateway.hwm_mib);
     Ok(())
 }
