@@ -30,6 +30,11 @@ impl SimProcess {
             .spawn()?;
         Ok(Self(child))
     }
+
+    /// How the simulator ended, if it did.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for SimProcess {

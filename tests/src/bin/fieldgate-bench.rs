@@ -23,7 +23,6 @@
 //! (for `mqtt-ingest`: the median of each round's gateway / bridge ratio, the two carriers
 //! taking turns at going first).
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -342,8 +341,8 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     let mosq = Mosquitto::start().await?;
     let devices = load.devices;
     let base = free_consecutive_ports(devices)?;
-    let sim = SimProcess::start(devices, base, load.extra, &[])?;
-    let gw = Gateway::new(&nats.url())?;
+    let mut sim = SimProcess::start(devices, base, load.extra, &[])?;
+    let mut gw = Gateway::new(&nats.url())?;
     let encoding = match args.encoding.as_str() {
         "protobuf" => fieldgate_crds::Encoding::Protobuf,
         _ => fieldgate_crds::Encoding::Json,
@@ -358,16 +357,22 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     });
     gw.write_config(&cfg.yaml()?)?;
     let counter = Counter::start(mosq.port(), "fieldgate/#").await?;
-    let mut cmd = gw.command();
-    cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = cmd.spawn().context("starting the gateway")?;
-    let pid = child.id();
+    gw.env("RUST_LOG", "warn");
+    gw.start()?;
+    let pid = gw.pid().context("gateway pid")?;
     let started = counter.count.clone();
-    wait_until("first reading at the cloud", Duration::from_secs(60), || {
+    let first = wait_until("first reading at the cloud", Duration::from_secs(60), || {
         let n = started.load(Ordering::Relaxed);
         async move { Ok((n > 0).then_some(())) }
     })
-    .await?;
+    .await;
+    if let Err(e) = first {
+        let sim = match sim.exited() {
+            Some(status) => format!("the simulator exited ({status})"),
+            None => "the simulator runs".to_string(),
+        };
+        return Err(e.context(format!("{sim}; devices on ports {base}..{}\n{}", base + devices, gw.log())));
+    }
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
     let ppr = POINTS_FIXED + u64::from(load.extra);
@@ -385,8 +390,7 @@ async fn run_path(args: &Args, load: &Load) -> Result<RunResult> {
     let s1 = sample(pid, nats.pid(), mosq.pid())?;
     let entries = buffer_last_seq(&js).await?.saturating_sub(e0) as f64;
 
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let _ = gw.terminate_within(Duration::from_secs(10)).await;
     drop(sim);
 
     let readings = (c1 - c0) as f64;
