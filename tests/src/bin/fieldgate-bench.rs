@@ -566,12 +566,12 @@ fn against(value: f64, target: Option<f64>, decimals: usize) -> String {
 }
 
 async fn run_scenario(args: &Args, scenario: Scenario) -> Result<()> {
+    if scenario == Scenario::Idle && args.rounds > 1 {
+        anyhow::bail!("--rounds applies to edge-1k, edge-10k, capacity and mqtt-ingest, not idle");
+    }
     let name = clap::ValueEnum::to_possible_value(&scenario).map(|v| v.get_name().to_string()).unwrap_or_default();
     println!("fieldgate-bench --scenario {name}: machine {}", machine());
     let (load, targets) = match scenario {
-        Scenario::Idle if args.rounds > 1 => {
-            anyhow::bail!("--rounds applies to edge-1k, edge-10k, capacity and mqtt-ingest, not idle")
-        }
         Scenario::Idle => return run_idle(args).await,
         Scenario::MqttIngest => return run_mqtt_ingest(args).await,
         Scenario::Edge1k => (
