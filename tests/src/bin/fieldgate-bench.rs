@@ -738,6 +738,21 @@ struct IngestRun {
     entries_per_s: Option<f64>,
 }
 
+impl IngestRun {
+    /// Each figure's median over the runs of one carrier.
+    fn median<'a>(runs: impl Iterator<Item = &'a IngestRun> + Clone) -> IngestRun {
+        let m = |f: fn(&IngestRun) -> f64| median(runs.clone().map(f).collect());
+        let entries: Vec<f64> = runs.clone().filter_map(|r| r.entries_per_s).collect();
+        IngestRun {
+            messages_per_s: m(|r| r.messages_per_s),
+            cpu_s_per_million: m(|r| r.cpu_s_per_million),
+            nats_cpu_s_per_million: m(|r| r.nats_cpu_s_per_million),
+            hwm_mib: m(|r| r.hwm_mib),
+            entries_per_s: (!entries.is_empty()).then(|| median(entries)),
+        }
+    }
+}
+
 async fn run_mqtt_ingest(args: &Args) -> Result<()> {
     println!(
         "  load: {} QoS 1 messages/s over {} field topics (one point each), {} s window after {} s warm-up; \
@@ -771,23 +786,10 @@ async fn run_mqtt_ingest(args: &Args) -> Result<()> {
         }
         rounds.push((bridge, gateway));
     }
-    let m = |f: fn(&(IngestRun, IngestRun)) -> f64| median(rounds.iter().map(f).collect());
-    let bridge = IngestRun {
-        messages_per_s: m(|r| r.0.messages_per_s),
-        cpu_s_per_million: m(|r| r.0.cpu_s_per_million),
-        nats_cpu_s_per_million: 0.0,
-        hwm_mib: m(|r| r.0.hwm_mib),
-        entries_per_s: None,
-    };
-    let gateway = IngestRun {
-        messages_per_s: m(|r| r.1.messages_per_s),
-        cpu_s_per_million: m(|r| r.1.cpu_s_per_million),
-        nats_cpu_s_per_million: m(|r| r.1.nats_cpu_s_per_million),
-        hwm_mib: m(|r| r.1.hwm_mib),
-        entries_per_s: Some(m(|r| r.1.entries_per_s.unwrap_or(f64::NAN))),
-    };
+    let bridge = IngestRun::median(rounds.iter().map(|r| &r.0));
+    let gateway = IngestRun::median(rounds.iter().map(|r| &r.1));
     // The ratio of each round (its two runs side by side), then their median.
-    let ratio = m(|r| r.1.cpu_s_per_million / r.0.cpu_s_per_million);
+    let ratio = median(rounds.iter().map(|(b, g)| g.cpu_s_per_million / b.cpu_s_per_million).collect());
     println!("  load average after the runs: {}", machine());
     if args.rounds > 1 {
         println!("  medians of {} rounds:", args.rounds);
