@@ -145,7 +145,21 @@ impl Rig {
         let metrics = self.metrics().await?;
         if let Err(e) = r {
             let state = self.nats.stream_state(&stream).await?;
-            bail!("{e:#}\nstream state {state:?}\n{}\n{}", self.report()?, self.gw.log());
+            // What the gateway counted, beside what the judge found lost.
+            let counted: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    ["fieldgate_readings_", "fieldgate_deliveries_total", "fieldgate_device_errors_total"]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .collect();
+            bail!(
+                "{e:#}\nstream state {state:?}\n{}\ngateway counters:\n{}\n{}",
+                self.report()?,
+                counted.join("\n"),
+                self.gw.log()
+            );
         }
         let status = self.gw.terminate().await?;
         ensure!(status.success(), "graceful stop exited with {status}\n{}", self.gw.log());
